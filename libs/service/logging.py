@@ -1,0 +1,111 @@
+"""structlog setup: JSON in services, console in the demo, secrets redacted by a processor."""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import Iterable, MutableMapping
+from typing import Any
+
+import structlog
+
+REDACTED = "[REDACTED]"
+
+# Field names whose values are secret wherever they appear in an event, at any depth.
+_SECRET_FIELD = re.compile(
+    r"(pass(word)?|secret|access_token|request_token|api_key$|authorization|cookie|checksum|enctoken|jwt)",
+    re.IGNORECASE,
+)
+# Values that look like credentials even under an innocent field name.
+_SECRET_VALUE = (
+    re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+"),
+    re.compile(r"(?i)(token\s+)[^\s:]+:[^\s,'\"]+"),
+    re.compile(r"(?i)((?:access_token|api_secret|api_key|password|request_token|checksum)[\"']?\s*[=:]\s*[\"']?)[^\s&,'\"}]+"),
+)
+_known_secrets: dict[str, None] = {}
+_KNOWN_SECRETS_MAX = 10_000
+
+
+def register_secret(value: str | None) -> None:
+    """Remember a plaintext secret so that it is scrubbed from any log line that quotes it."""
+    if value and len(value) >= 6:
+        if len(_known_secrets) >= _KNOWN_SECRETS_MAX:
+            _known_secrets.pop(next(iter(_known_secrets)))
+        _known_secrets[value] = None
+
+
+def scrub(text: str) -> str:
+    """Return text with credential-looking substrings and registered secrets replaced."""
+    for pattern in _SECRET_VALUE:
+        text = pattern.sub(lambda m: m.group(1) + REDACTED, text)
+    for secret in _known_secrets:
+        if secret in text:
+            text = text.replace(secret, REDACTED)
+    return text
+
+
+def _redact(value: Any, depth: int = 0) -> Any:
+    if depth > 6:
+        return value
+    if isinstance(value, str):
+        return scrub(value)
+    if isinstance(value, MutableMapping):
+        return {
+            k: (REDACTED if isinstance(k, str) and _SECRET_FIELD.search(k) else _redact(v, depth + 1))
+            for k, v in value.items()
+        }
+    if isinstance(value, (list, tuple)):
+        return [_redact(v, depth + 1) for v in value]
+    return value
+
+
+def redact_secrets(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """structlog processor: blank secret fields, scrub secret-looking values."""
+    return _redact(event_dict)  # type: ignore[return-value]
+
+
+def _pre_chain() -> list[Any]:
+    return [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+
+
+def configure_logging(level: str = "INFO", fmt: str = "json", stream: Any = None,
+                      quiet_loggers: Iterable[str] = ("urllib3", "autobahn", "twisted", "asyncio")) -> None:
+    """Route structlog and stdlib logging through one redacting renderer."""
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if fmt == "json"
+        else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=_pre_chain(),
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,
+            redact_secrets,
+            renderer,
+        ],
+    )
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for name in quiet_loggers:
+        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
+    structlog.configure(
+        processors=[*_pre_chain(), structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+
+
+def get_logger(name: str | None = None, **bound: Any) -> structlog.stdlib.BoundLogger:
+    """Return a structlog logger with fields bound."""
+    return structlog.get_logger(name).bind(**bound)
