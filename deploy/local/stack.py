@@ -1,0 +1,223 @@
+"""The local stack under `.run/`: private Redis and Postgres, the Kite simulator, the services.
+
+`up` is idempotent (what runs is left running), `down` stops exactly what `up`
+started (pid files) and keeps data; `make clean` wipes `.run/`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from deploy.local.procs import PostgresServer, RedisServer, free_port, pid_alive, port_is_free, stop_pid
+from libs.service.secretbox import generate_key
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """How to run one Python process of the stack."""
+
+    name: str
+    module: str
+    url_var: str | None = None  # written to stack.env, e.g. API_URL
+    port_arg: bool = False  # takes --port instead of TICKWISE_HEALTH_PORT
+    env: dict[str, str] = field(default_factory=dict)
+
+    def present(self) -> bool:
+        return (ROOT / self.module.replace(".", "/") / "__main__.py").exists()
+
+
+SERVICES: tuple[ServiceSpec, ...] = (
+    ServiceSpec("kite_sim", "services.kite_sim", url_var="SIM_URL", port_arg=True),
+    ServiceSpec("api", "services.api", url_var="API_URL"),
+    ServiceSpec("scheduler", "services.scheduler"),
+    ServiceSpec("market_listener", "services.market_listener"),
+    ServiceSpec("executor", "services.executor"),
+)
+
+
+class LocalStack:
+    """Everything under one run directory (default `.run/`)."""
+
+    def __init__(self, run_dir: Path | None = None) -> None:
+        self.run_dir = (run_dir or ROOT / ".run").resolve()
+        self.state_file = self.run_dir / "state.json"
+        self.logs = self.run_dir / "logs"
+        self.pids = self.run_dir / "pids"
+
+    # -- state -----------------------------------------------------------
+    def _state(self) -> dict:
+        if self.state_file.exists():
+            return json.loads(self.state_file.read_text())
+        return {}
+
+    def _save(self, state: dict) -> None:
+        self.state_file.write_text(json.dumps(state, indent=2))
+
+    def _port(self, state: dict, name: str) -> int:
+        """Reuse the port this stack had, if it is free or ours; else pick a new one."""
+        ports = state.setdefault("ports", {})
+        port = ports.get(name)
+        if port is None or (not port_is_free(port) and not self._owns(name)):
+            port = free_port()
+        ports[name] = port
+        return port
+
+    def _owns(self, name: str) -> bool:
+        pid = self._pid(name)
+        return pid is not None and pid_alive(pid)
+
+    def _pid(self, name: str) -> int | None:
+        f = self.pids / f"{name}.pid"
+        try:
+            return int(f.read_text())
+        except (OSError, ValueError):
+            return None
+
+    # -- up --------------------------------------------------------------
+    def up(self, *, services: tuple[str, ...] | None = None) -> dict[str, str]:
+        """Start whatever is not running; return the stack environment."""
+        for d in (self.run_dir, self.logs, self.pids):
+            d.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.run_dir, 0o755)
+        state = self._state()
+        secret = state.setdefault("secret_key", generate_key())
+        redis_srv = RedisServer(self.run_dir / "redis", self._port(state, "redis"))
+        pg = PostgresServer(self.run_dir / "pg", self._port(state, "postgres"))
+        self._save(state)
+        if not self._redis_up(redis_srv):
+            redis_srv.start(appendonly=True)
+            print(f"tickwise: redis      {redis_srv.url}")
+        if not pg.is_running():
+            pg.start()
+            print(f"tickwise: postgres   {pg.url}")
+        from libs.schema.migrate import upgrade_head
+
+        upgrade_head(pg.url)
+        env = {
+            "REDIS_URL": redis_srv.url,
+            "DATABASE_URL": pg.url,
+            "TICKWISE_SECRET_KEY": secret,
+            "TICKWISE_MARKET_CALENDAR": "always_open",
+            "TICKWISE_LOG_FORMAT": "json",
+        }
+        wanted = [s for s in SERVICES if s.present() and (services is None or s.name in services)]
+        for spec in wanted:
+            port = self._port(state, spec.name)
+            self._save(state)
+            if spec.url_var:
+                env[spec.url_var] = f"http://127.0.0.1:{port}"
+            if spec.name == "kite_sim":
+                env["TICKWISE_KITE_ROOT"] = env["SIM_URL"]
+                env["TICKWISE_KITE_WS_ROOT"] = f"ws://127.0.0.1:{port}/ws"
+            if not self._owns(spec.name):
+                self._spawn(spec, port, env)
+                print(f"tickwise: {spec.name:<10} started (port {port})")
+            self._wait_ready(spec.name, port)
+            if spec.name == "kite_sim":
+                env.update(self._market_data_account(state, env["SIM_URL"]))
+                self._save(state)
+        self._write_env(env)
+        return env
+
+    @staticmethod
+    def _redis_up(srv: RedisServer) -> bool:
+        import redis
+
+        try:
+            return bool(redis.Redis(port=srv.port, socket_connect_timeout=0.3).ping())
+        except redis.RedisError:
+            return False
+
+    def _spawn(self, spec: ServiceSpec, port: int, env: dict[str, str]) -> None:
+        cmd = [sys.executable, "-m", spec.module]
+        proc_env = {**os.environ, **env, **spec.env}
+        if spec.port_arg:
+            cmd += ["--port", str(port)]
+        else:
+            proc_env["TICKWISE_HEALTH_PORT"] = str(port)
+        log = open(self.logs / f"{spec.name}.log", "ab")  # noqa: SIM115 - handed to the child
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=proc_env, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        log.close()
+        (self.pids / f"{spec.name}.pid").write_text(str(proc.pid))
+
+    def _wait_ready(self, name: str, port: int, timeout: float = 30.0) -> None:
+        path = "/healthz" if name == "kite_sim" else "/readyz"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pid = self._pid(name)
+            if pid is None or not pid_alive(pid):
+                raise RuntimeError(f"{name} exited during start; see {self.logs / (name + '.log')}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=1) as resp:
+                    if resp.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"{name} not ready after {timeout:.0f}s; see {self.logs / (name + '.log')}")
+
+    def _market_data_account(self, state: dict, sim_url: str) -> dict[str, str]:
+        """Create (once per simulator start) the paper account the listener reads ticks with."""
+        sim_pid = self._pid("kite_sim")
+        acct = state.get("market_data_account")
+        if not acct or acct.get("sim_pid") != sim_pid:
+            req = urllib.request.Request(f"{sim_url}/sim/accounts", data=b'{"user_name": "market-data"}',
+                                         headers={"Content-Type": "application/json"}, method="POST")
+            with urllib.request.urlopen(req, timeout=5) as resp:
+                body = json.loads(resp.read())
+            acct = {"api_key": body["api_key"], "access_token": body["access_token"], "sim_pid": sim_pid}
+            state["market_data_account"] = acct
+        return {"TICKWISE_MARKET_DATA_API_KEY": acct["api_key"],
+                "TICKWISE_MARKET_DATA_ACCESS_TOKEN": acct["access_token"]}
+
+    def _write_env(self, env: dict[str, str]) -> None:
+        lines = [f"{k}={v}" for k, v in env.items()]
+        path = self.run_dir / "stack.env"
+        path.write_text("\n".join(lines) + "\n")
+        os.chmod(path, 0o600)
+
+    # -- down / status ---------------------------------------------------
+    def down(self) -> None:
+        """Stop the services, then Postgres and Redis; keep the data."""
+        state = self._state()
+        for spec in reversed(SERVICES):
+            pid = self._pid(spec.name)
+            if pid is not None and stop_pid(pid, timeout=15):
+                print(f"tickwise: {spec.name:<10} stopped")
+            (self.pids / f"{spec.name}.pid").unlink(missing_ok=True)
+        ports = state.get("ports", {})
+        if "postgres" in ports:
+            pg = PostgresServer(self.run_dir / "pg", ports["postgres"])
+            if pg.is_running():
+                pg.stop()
+                print("tickwise: postgres   stopped")
+        if "redis" in ports:
+            srv = RedisServer(self.run_dir / "redis", ports["redis"])
+            if (srv.data_dir / "redis.pid").exists():
+                srv.stop()
+                (srv.data_dir / "redis.pid").unlink(missing_ok=True)
+                print("tickwise: redis      stopped")
+
+    def status(self) -> dict[str, str]:
+        state = self._state()
+        out: dict[str, str] = {}
+        ports = state.get("ports", {})
+        if "redis" in ports:
+            out["redis"] = "up" if self._redis_up(RedisServer(self.run_dir / "redis", ports["redis"])) else "down"
+        if "postgres" in ports:
+            out["postgres"] = "up" if PostgresServer(self.run_dir / "pg", ports["postgres"]).is_running() else "down"
+        for spec in SERVICES:
+            if spec.present():
+                out[spec.name] = "up" if self._owns(spec.name) else "down"
+        return out

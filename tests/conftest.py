@@ -1,0 +1,77 @@
+"""Session fixtures: a real redis-server and a real Postgres on free ports in temp dirs.
+
+Each test gets clean state: Redis is flushed and every table truncated before it runs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from deploy.local.procs import PostgresServer, RedisServer, free_port
+
+
+@pytest.fixture(scope="session")
+def run_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("tickwise")
+    # Postgres runs as the `postgres` user when tests run as root: it must reach its dirs.
+    for parent in [root, *root.parents]:
+        if str(parent) in ("/", "/tmp"):
+            break
+        os.chmod(parent, 0o755)
+    return root
+
+
+@pytest.fixture(scope="session")
+def redis_server(run_root: Path) -> Iterator[RedisServer]:
+    server = RedisServer(run_root / "redis", free_port())
+    server.start(appendonly=False)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_server: RedisServer) -> str:
+    return redis_server.url
+
+
+@pytest.fixture(scope="session")
+def pg_server(run_root: Path) -> Iterator[PostgresServer]:
+    server = PostgresServer(run_root / "pg", free_port())
+    server.start(fsync=False)
+    yield server
+    server.stop(mode="immediate")
+
+
+@pytest.fixture(scope="session")
+def database_url(pg_server: PostgresServer) -> str:
+    from libs.schema.migrate import upgrade_head
+
+    upgrade_head(pg_server.url)
+    return pg_server.url
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_url)
+    await client.flushall()
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def clean_db(database_url: str) -> str:
+    """Truncate every table; return the database URL."""
+    import psycopg
+
+    from libs.schema.tables import Base
+
+    names = ", ".join(f'"{t.name}"' for t in Base.metadata.sorted_tables)
+    dsn = database_url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f"TRUNCATE {names} CASCADE")
+    return database_url
