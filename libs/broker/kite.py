@@ -1,0 +1,178 @@
+"""One async door to Kite Connect: the official client in a bounded thread pool.
+
+The `kiteconnect` REST client is blocking (`requests`), so every call runs in a
+thread pool owned by the gateway, never on the event loop. Broker errors are
+classified once, here:
+
+- RETRYABLE: nothing happened at the broker (429, 502-504, refused connection
+  before sending, GET timeouts). Safe to try again later.
+- AMBIGUOUS: an order request may or may not have reached the book (timeout or
+  reset after sending, 5xx on POST, unreadable reply). Reconcile by tag first.
+- FINAL: the broker said no (input/order errors, rejection). Retrying is futile.
+- AUTH: the access token is invalid or expired (403 TokenException).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import hashlib
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import requests
+from kiteconnect import KiteConnect
+from kiteconnect import exceptions as kex
+
+T = TypeVar("T")
+
+
+class BrokerErrorKind(enum.StrEnum):
+    RETRYABLE = "retryable"
+    AMBIGUOUS = "ambiguous"
+    FINAL = "final"
+    AUTH = "auth"
+
+
+class BrokerError(Exception):
+    """A classified broker failure; `message` never contains credentials."""
+
+    def __init__(self, kind: BrokerErrorKind, message: str, *, code: int | None = None,
+                 error_type: str | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.code = code
+        self.error_type = error_type
+
+    def as_payload(self) -> dict[str, Any]:
+        return {"error_kind": self.kind.value, "error_type": self.error_type, "code": self.code,
+                "message": self.message}
+
+
+def classify(exc: BaseException, *, sent_order: bool) -> BrokerError:
+    """Map a kiteconnect/requests exception to a BrokerError."""
+    if isinstance(exc, BrokerError):
+        return exc
+    name = type(exc).__name__
+    code = getattr(exc, "code", None)
+    if isinstance(exc, kex.TokenException):
+        return BrokerError(BrokerErrorKind.AUTH, str(exc), code=code, error_type=name)
+    if isinstance(exc, (kex.InputException, kex.OrderException, kex.PermissionException)):
+        return BrokerError(BrokerErrorKind.FINAL, str(exc), code=code, error_type=name)
+    if isinstance(exc, kex.NetworkException):
+        # 429 and gateway errors: Kite rejects before the order reaches the book.
+        return BrokerError(BrokerErrorKind.RETRYABLE, str(exc), code=code, error_type=name)
+    if isinstance(exc, requests.ConnectionError) and not isinstance(exc, requests.ReadTimeout):
+        # A refused or reset connection; on POST the body may have gone out already.
+        kind = BrokerErrorKind.AMBIGUOUS if sent_order else BrokerErrorKind.RETRYABLE
+        return BrokerError(kind, f"connection error: {type(exc).__name__}", error_type=name)
+    if isinstance(exc, requests.Timeout):
+        kind = BrokerErrorKind.AMBIGUOUS if sent_order else BrokerErrorKind.RETRYABLE
+        return BrokerError(kind, "broker did not answer in time", error_type=name)
+    if isinstance(exc, (kex.GeneralException, kex.DataException, kex.KiteException)):
+        kind = BrokerErrorKind.AMBIGUOUS if sent_order else BrokerErrorKind.RETRYABLE
+        return BrokerError(kind, str(exc), code=code, error_type=name)
+    if isinstance(exc, requests.RequestException):
+        kind = BrokerErrorKind.AMBIGUOUS if sent_order else BrokerErrorKind.RETRYABLE
+        return BrokerError(kind, f"request failed: {type(exc).__name__}", error_type=name)
+    return BrokerError(BrokerErrorKind.AMBIGUOUS if sent_order else BrokerErrorKind.RETRYABLE,
+                       f"unexpected error: {type(exc).__name__}", error_type=name)
+
+
+def api_key_fingerprint(api_key: str) -> str:
+    """Return a short, non-reversible id of an api_key (for rate-limit keys and logs)."""
+    return hashlib.sha256(b"tickwise-api-key:" + api_key.encode()).hexdigest()[:16]
+
+
+class KiteGateway:
+    """Async wrapper over `KiteConnect` clients, one per (api_key, access_token)."""
+
+    def __init__(self, root: str | None = None, *, max_workers: int = 16, timeout_s: float = 7.0,
+                 pool_size: int = 32, max_clients: int = 10_000) -> None:
+        self.root = root
+        self.timeout_s = timeout_s
+        self.pool_size = pool_size
+        self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="kite")
+        self._clients: OrderedDict[tuple[str, str], KiteConnect] = OrderedDict()
+        self._lock = threading.Lock()
+        self._max_clients = max_clients
+
+    def client(self, api_key: str, access_token: str | None = None) -> KiteConnect:
+        """Return a cached client; each keeps its own HTTP connection pool."""
+        ident = (api_key, access_token or "")
+        with self._lock:
+            kite = self._clients.get(ident)
+            if kite is not None:
+                self._clients.move_to_end(ident)
+                return kite
+            kwargs: dict[str, Any] = {"timeout": self.timeout_s, "pool": {
+                "pool_connections": 4, "pool_maxsize": self.pool_size, "max_retries": 0, "pool_block": False}}
+            if self.root:
+                kwargs["root"] = self.root
+            kite = KiteConnect(api_key, access_token=access_token, **kwargs)
+            self._clients[ident] = kite
+            while len(self._clients) > self._max_clients:
+                self._clients.popitem(last=False)
+            return kite
+
+    async def _call(self, fn: Callable[[], T], *, sent_order: bool = False) -> T:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, fn)
+        except Exception as exc:  # noqa: BLE001 - classified right here, once
+            raise classify(exc, sent_order=sent_order) from exc
+
+    async def profile(self, api_key: str, access_token: str) -> dict[str, Any]:
+        kite = self.client(api_key, access_token)
+        return await self._call(kite.profile)
+
+    async def generate_session(self, api_key: str, request_token: str, api_secret: str) -> dict[str, Any]:
+        """Exchange a request token for an access token (the daily Kite login)."""
+        kite = KiteConnect(api_key, root=self.root, timeout=self.timeout_s) if self.root else \
+            KiteConnect(api_key, timeout=self.timeout_s)
+        return await self._call(lambda: kite.generate_session(request_token, api_secret=api_secret))
+
+    async def instruments(self, api_key: str, access_token: str, exchange: str = "NSE") -> list[dict[str, Any]]:
+        kite = self.client(api_key, access_token)
+        return await self._call(lambda: kite.instruments(exchange))
+
+    async def place_market_order(self, api_key: str, access_token: str, *, symbol: str, exchange: str,
+                                 transaction_type: str, quantity: int, product: str, tag: str) -> str:
+        """Place a MARKET order; return the broker order id."""
+        kite = self.client(api_key, access_token)
+        return await self._call(lambda: kite.place_order(
+            variety=kite.VARIETY_REGULAR, exchange=exchange, tradingsymbol=symbol,
+            transaction_type=transaction_type, quantity=quantity, product=product,
+            order_type=kite.ORDER_TYPE_MARKET, tag=tag, market_protection=-1,
+        ), sent_order=True)
+
+    async def order_history(self, api_key: str, access_token: str, order_id: str) -> list[dict[str, Any]]:
+        kite = self.client(api_key, access_token)
+        return await self._call(lambda: kite.order_history(order_id))
+
+    async def orders(self, api_key: str, access_token: str) -> list[dict[str, Any]]:
+        kite = self.client(api_key, access_token)
+        return await self._call(kite.orders)
+
+    async def find_order_by_tag(self, api_key: str, access_token: str, tag: str) -> dict[str, Any] | None:
+        """Return the newest order in the day's book carrying `tag`, or None."""
+        found = None
+        for order in await self.orders(api_key, access_token):
+            if order.get("tag") == tag or tag in (order.get("tags") or []):
+                found = order
+        return found
+
+    async def ltp(self, api_key: str, access_token: str, instruments: list[str]) -> dict[str, Any]:
+        kite = self.client(api_key, access_token)
+        return await self._call(lambda: kite.ltp(instruments))
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            for kite in self._clients.values():
+                kite.reqsession.close()
+            self._clients.clear()
