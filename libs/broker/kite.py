@@ -109,11 +109,14 @@ class KiteGateway:
             if kite is not None:
                 self._clients.move_to_end(ident)
                 return kite
-            kwargs: dict[str, Any] = {"timeout": self.timeout_s, "pool": {
-                "pool_connections": 4, "pool_maxsize": self.pool_size, "max_retries": 0, "pool_block": False}}
+            kwargs: dict[str, Any] = {"timeout": self.timeout_s}
             if self.root:
                 kwargs["root"] = self.root
             kite = KiteConnect(api_key, access_token=access_token, **kwargs)
+            # kiteconnect mounts its pool only for https://; the paper broker speaks http.
+            adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=self.pool_size, max_retries=0)
+            kite.reqsession.mount("https://", adapter)
+            kite.reqsession.mount("http://", adapter)
             self._clients[ident] = kite
             while len(self._clients) > self._max_clients:
                 self._clients.popitem(last=False)
