@@ -18,6 +18,7 @@ from libs.schema.models.api import (
     StrategyUpdateRequest,
     TokenOut,
     UserOut,
+    error_details,
 )
 from libs.schema.models.events import (
     AbortEvent,
@@ -98,6 +99,7 @@ __all__ = [
     "TransactionType",
     "UserOut",
     "UtcDatetime",
+    "error_details",
     "event_to_json",
     "format_validation_error",
     "order_log_id",

@@ -13,6 +13,7 @@ from pydantic import (
     EmailStr,
     Field,
     StringConstraints,
+    ValidationError,
     model_validator,
 )
 
@@ -49,6 +50,7 @@ __all__ = [
     "StrategyUpdateRequest",
     "TokenOut",
     "UserOut",
+    "error_details",
 ]
 
 # Emails are stored lower-cased, so both register and login compare that form.
@@ -62,6 +64,12 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class _SecretRequest(_Request):
+    # Keep passwords and broker secrets out of the text of validation errors,
+    # which ends up in logs and tracebacks; error_details() drops inputs too.
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
+
+
 class _Response(BaseModel):
     # Built straight from ORM rows in the API.
     model_config = ConfigDict(from_attributes=True)
@@ -69,7 +77,7 @@ class _Response(BaseModel):
 
 # --- auth ---------------------------------------------------------------------
 
-class RegisterRequest(_Request):
+class RegisterRequest(_SecretRequest):
     """Create an account (SCHEMA 4.1)."""
 
     email: Email
@@ -77,7 +85,7 @@ class RegisterRequest(_Request):
     name: PersonName
 
 
-class LoginRequest(_Request):
+class LoginRequest(_SecretRequest):
     """Exchange email and password for a token (SCHEMA 4.2)."""
 
     email: Email
@@ -104,7 +112,7 @@ class TokenOut(_Response):
 
 # --- broker -------------------------------------------------------------------
 
-class BrokerConnectRequest(_Request):
+class BrokerConnectRequest(_SecretRequest):
     """Store and verify Kite credentials (SCHEMA 4.3)."""
 
     api_key: BrokerToken
@@ -112,7 +120,7 @@ class BrokerConnectRequest(_Request):
     access_token: SecretBrokerToken
 
 
-class BrokerSessionRequest(_Request):
+class BrokerSessionRequest(_SecretRequest):
     """Exchange a Kite login `request_token` for an access token."""
 
     request_token: Annotated[BrokerToken, Field(repr=False)]
@@ -237,3 +245,14 @@ class ErrorResponse(BaseModel):
     """The one JSON error shape of the API: `{"error": {...}}`."""
 
     error: ErrorBody
+
+
+def error_details(error: ValidationError) -> list[dict[str, Any]]:
+    """Return a ValidationError as JSON-safe `details`: loc, msg and type of each problem.
+
+    Inputs are left out on purpose: they may be passwords or broker secrets.
+    """
+    return [
+        {"loc": list(item["loc"]), "msg": item["msg"], "type": item["type"]}
+        for item in error.errors(include_url=False, include_context=False, include_input=False)
+    ]
