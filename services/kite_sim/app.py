@@ -1,0 +1,129 @@
+"""Wire the simulator: market, book, faults, tick hub, REST, admin, WebSocket."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+import structlog
+from aiohttp import web
+
+from services.kite_sim.admin import AdminApi
+from services.kite_sim.book import Book
+from services.kite_sim.faults import Faults
+from services.kite_sim.market import DATA_FILE, Market, load_instruments, load_replay, run_replay, run_walk
+from services.kite_sim.rest import KiteRest
+from services.kite_sim.ticks import TickHub, make_ticker_handler
+
+log = structlog.get_logger("kite_sim")
+
+
+@dataclass(frozen=True, slots=True)
+class SimSettings:
+    """Simulator settings; defaults suit a local paper-trading run."""
+
+    seed: int = 1
+    """Seed of the random walk and of fault draws."""
+    slippage_bps: float = 0.0
+    """MARKET fills: BUY pays last*(1+bps), SELL receives last*(1-bps)."""
+    tick_interval_ms: float = 1000.0
+    """Random walk period; 0 turns the walk off (prices move only via /sim/ticks)."""
+    walk_bps: float = 5.0
+    """Standard deviation of one random-walk step, in basis points."""
+    replay: Path | None = None
+    """CSV (ts_offset_ms,symbol,last_price) replayed instead of the walk."""
+    replay_loop: bool = False
+    """Start the replay over when it ends."""
+    orders_per_second: int = 10
+    """Kite's per-account order rate limit."""
+    daily_order_cap: int = 3000
+    """Default per-account daily order cap."""
+    hold_seconds: float = 60.0
+    """How long timeout-after-accept holds a response (unless faults change)."""
+    instruments_file: Path = DATA_FILE
+    """Instruments dump; its last_price column gives the base prices."""
+
+
+MARKET_KEY = web.AppKey("market", Market)
+BOOK_KEY = web.AppKey("book", Book)
+FAULTS_KEY = web.AppKey("faults", Faults)
+HUB_KEY = web.AppKey("hub", TickHub)
+SETTINGS_KEY = web.AppKey("settings", SimSettings)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Report liveness and a few counters."""
+    app = request.app
+    body = {"status": "ok", "accounts": len(app[BOOK_KEY].accounts), "orders": len(app[BOOK_KEY].orders),
+            "ws_connections": len(app[HUB_KEY].connections)}
+    return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+
+async def not_found_as_kite(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+    """Answer unknown routes in Kite's error envelope, as the real API does."""
+    try:
+        return await handler(request)
+    except web.HTTPNotFound:
+        body = {"status": "error", "error_type": "GeneralException", "message": "Route not found", "data": None}
+        return web.Response(status=404, body=orjson.dumps(body), content_type="application/json")
+
+
+async def background_tasks(app: web.Application) -> AsyncIterator[None]:
+    """Own the price source and heartbeat tasks for the app's lifetime."""
+    settings, market, hub = app[SETTINGS_KEY], app[MARKET_KEY], app[HUB_KEY]
+    tasks = [asyncio.create_task(hub.run_heartbeat(), name="heartbeat")]
+    if settings.replay is not None:
+        steps = load_replay(settings.replay, market)
+        tasks.append(asyncio.create_task(run_replay(market, steps, settings.replay_loop), name="replay"))
+    elif settings.tick_interval_ms > 0:
+        tasks.append(asyncio.create_task(run_walk(market, settings.tick_interval_ms / 1000), name="walk"))
+    yield
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def release_on_shutdown(app: web.Application) -> None:
+    """Let held requests answer and close ticker sockets so shutdown is quick."""
+    app[FAULTS_KEY].release_held()
+    await app[HUB_KEY].close_all()
+
+
+def build_app(settings: SimSettings | None = None) -> web.Application:
+    """Build the simulator application."""
+    settings = settings or SimSettings()
+    market = Market(load_instruments(settings.instruments_file), seed=settings.seed, walk_bps=settings.walk_bps)
+    book = Book(market, slippage_bps=settings.slippage_bps, orders_per_second=settings.orders_per_second,
+                daily_order_cap=settings.daily_order_cap)
+    faults = Faults(seed=settings.seed, hold_seconds=settings.hold_seconds)
+    hub = TickHub(market)
+    app = web.Application(middlewares=[web.middleware(not_found_as_kite)])
+    app[SETTINGS_KEY], app[MARKET_KEY], app[BOOK_KEY], app[FAULTS_KEY], app[HUB_KEY] = (
+        settings, market, book, faults, hub)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/ws", make_ticker_handler(hub, book.authenticate))
+    app.router.add_routes(KiteRest(market, book, faults).routes())
+    app.router.add_routes(AdminApi(market, book, faults, hub).routes())
+    app.cleanup_ctx.append(background_tasks)
+    app.on_shutdown.append(release_on_shutdown)
+    return app
+
+
+async def start_sim(host: str = "127.0.0.1", port: int = 0, **opts: object) -> web.AppRunner:
+    """Start the simulator in this event loop; `await runner.cleanup()` stops it.
+
+    `opts` are SimSettings fields. With port 0 the bound port is in
+    `runner.addresses`.
+    """
+    settings = SimSettings(**opts)  # type: ignore[arg-type]
+    runner = web.AppRunner(build_app(settings), access_log=None, shutdown_timeout=2.0)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    log.info("kite sim started", host=host, port=port, seed=settings.seed)
+    return runner

@@ -1,0 +1,322 @@
+"""Kite Connect v3 REST routes: envelope, token auth, orders, portfolio, quotes.
+
+Error responses carry Kite's `error_type`, which the official client turns
+into its exception class (TokenException, InputException, ...), with the
+HTTP status the real API uses. Fault groups (see faults.py): `user`,
+`session`, `instruments`, `orders`, `portfolio`, `quote`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from services.kite_sim.book import OPEN, Account, Book, LimitExceeded, Order, kite_time
+from services.kite_sim.faults import Faults
+from services.kite_sim.market import Market
+
+VARIETIES = {"regular", "amo"}
+PRODUCTS = {"CNC", "MIS", "NRML"}
+ORDER_TYPES = {"MARKET", "LIMIT"}
+VALIDITIES = {"DAY", "IOC"}
+MAX_TAG_LENGTH = 20
+
+Handler = Callable[["KiteRest", web.Request, Account | None], Awaitable[Any]]
+
+
+class KiteError(Exception):
+    """An error answered in Kite's error envelope."""
+
+    def __init__(self, status: int, error_type: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error_type = error_type
+        self.message = message
+
+    def response(self) -> web.Response:
+        """Render as Kite's error envelope."""
+        body = {"status": "error", "error_type": self.error_type, "message": self.message, "data": None}
+        return web.Response(status=self.status, body=orjson.dumps(body), content_type="application/json")
+
+
+def input_error(message: str) -> KiteError:
+    """Build a 400 InputException."""
+    return KiteError(400, "InputException", message)
+
+
+def token_error(message: str = "Incorrect `api_key` or `access_token`.") -> KiteError:
+    """Build a 403 TokenException."""
+    return KiteError(403, "TokenException", message)
+
+
+def success(data: Any) -> web.Response:
+    """Render data in Kite's success envelope."""
+    return web.Response(body=orjson.dumps({"status": "success", "data": data}), content_type="application/json")
+
+
+def kite_endpoint(group: str, auth: bool = True) -> Callable[[Handler], Callable[[KiteRest, web.Request], Any]]:
+    """Wrap a handler with fault injection, token auth and the envelope."""
+
+    def decorate(fn: Handler) -> Callable[[KiteRest, web.Request], Any]:
+        async def endpoint(self: KiteRest, request: web.Request) -> web.StreamResponse:
+            try:
+                await self.inject_faults(group)
+                account = self.authenticate(request) if auth else None
+                data = await fn(self, request, account)
+            except KiteError as exc:
+                return exc.response()
+            return data if isinstance(data, web.StreamResponse) else success(data)
+
+        endpoint.__doc__ = fn.__doc__
+        return endpoint
+
+    return decorate
+
+
+def profile_of(account: Account) -> dict[str, Any]:
+    """Return Kite's profile payload for an account."""
+    return {
+        "user_id": account.user_id,
+        "user_type": "individual",
+        "email": f"{account.user_id.lower()}@paper.tickwise",
+        "user_name": account.user_name,
+        "user_shortname": account.user_name.split()[0],
+        "broker": "ZERODHA",
+        "exchanges": ["NSE"],
+        "products": sorted(PRODUCTS),
+        "order_types": sorted(ORDER_TYPES),
+        "avatar_url": None,
+        "meta": {"demat_consent": "physical"},
+    }
+
+
+class KiteRest:
+    """Serve the Kite REST surface over a market, a book and a fault plan."""
+
+    def __init__(self, market: Market, book: Book, faults: Faults) -> None:
+        self.market = market
+        self.book = book
+        self.faults = faults
+
+    def routes(self) -> list[web.RouteDef]:
+        """Return the Kite routes."""
+        return [
+            web.get("/user/profile", self.profile),
+            web.post("/session/token", self.session_token),
+            web.delete("/session/token", self.invalidate_token),
+            web.get("/instruments", self.instruments),
+            web.get("/instruments/{exchange}", self.instruments),
+            web.get("/orders", self.orders),
+            web.post("/orders/{variety}", self.place_order),
+            web.get("/orders/{order_id}", self.order_history),
+            web.get("/orders/{order_id}/trades", self.order_trades),
+            web.delete("/orders/{variety}/{order_id}", self.cancel_order),
+            web.get("/trades", self.trades),
+            web.get("/portfolio/positions", self.positions),
+            web.get("/quote/ltp", self.ltp),
+        ]
+
+    async def inject_faults(self, group: str) -> None:
+        """Apply latency, 429 bursts and 5xx before the request is served."""
+        faults = self.faults
+        cfg = faults.config
+        if cfg.latency_ms > 0 and faults.applies(group):
+            await asyncio.sleep(cfg.latency_ms / 1000)
+        if faults.take_429(group):
+            raise KiteError(429, "NetworkException", "Too many requests (injected burst)")
+        if faults.roll(cfg.error_rate, group):
+            raise KiteError(500, "GeneralException", "Internal server error (injected)")
+
+    def authenticate(self, request: web.Request) -> Account:
+        """Resolve `Authorization: token api_key:access_token` to a live account."""
+        header = request.headers.get("Authorization", "")
+        scheme, _, credentials = header.partition(" ")
+        api_key, _, access_token = credentials.partition(":")
+        if scheme.lower() != "token" or not api_key or not access_token:
+            raise token_error()
+        account = self.book.authenticate(api_key, access_token)
+        if account is None:
+            raise token_error()
+        return account
+
+    @kite_endpoint("user")
+    async def profile(self, request: web.Request, account: Account | None) -> Any:
+        """Return the user's profile."""
+        assert account is not None
+        return profile_of(account)
+
+    @kite_endpoint("session", auth=False)
+    async def session_token(self, request: web.Request, account: Account | None) -> Any:
+        """Exchange a request_token for an access_token (checksum = sha256(key+token+secret))."""
+        form = await request.post()
+        api_key, request_token = str(form.get("api_key", "")), str(form.get("request_token", ""))
+        checksum = str(form.get("checksum", ""))
+        account = self.book.accounts.get(api_key)
+        if account is None or request_token not in account.request_tokens:
+            raise token_error("Token is invalid or has expired.")
+        expected = hashlib.sha256((api_key + request_token + account.api_secret).encode()).hexdigest()
+        if not hmac.compare_digest(expected, checksum):
+            raise token_error("Invalid `checksum`.")
+        account.request_tokens.discard(request_token)
+        self.book.start_session(account)
+        return profile_of(account) | {
+            "api_key": account.api_key,
+            "access_token": account.access_token,
+            "public_token": account.access_token[:16],
+            "refresh_token": "",
+            "enctoken": "",
+            "login_time": kite_time(account.login_time),
+        }
+
+    @kite_endpoint("session")
+    async def invalidate_token(self, request: web.Request, account: Account | None) -> Any:
+        """Log the session out."""
+        assert account is not None
+        account.expired = True
+        return True
+
+    @kite_endpoint("instruments")
+    async def instruments(self, request: web.Request, account: Account | None) -> Any:
+        """Serve the instruments dump as CSV."""
+        exchange = request.match_info.get("exchange", "NSE").upper()
+        body = self.market.instruments_csv if exchange == "NSE" else self.market.empty_csv
+        return web.Response(body=body, content_type="text/csv")
+
+    @kite_endpoint("orders")
+    async def orders(self, request: web.Request, account: Account | None) -> Any:
+        """List the account's orders of the day."""
+        assert account is not None
+        return [o.as_kite() for o in account.orders.values()]
+
+    @kite_endpoint("orders")
+    async def place_order(self, request: web.Request, account: Account | None) -> Any:
+        """Place an order; answer with its order_id."""
+        assert account is not None
+        try:
+            self.book.count_order_request(account, time.monotonic())
+        except LimitExceeded as exc:
+            if exc.per_second:
+                raise KiteError(429, "NetworkException", str(exc)) from exc
+            raise input_error(str(exc)) from exc
+        form = await request.post()
+        order = self.book.new_order(account, **self._validated(request.match_info["variety"], form))
+        faults = self.faults
+        if faults.roll(faults.config.reject_rate, "orders"):
+            self.book.reject(order, "RMS:Rule: simulated rejection (fault injection)")
+        else:
+            self.book.execute(order)
+        if faults.roll(faults.config.timeout_after_accept_rate, "orders"):
+            # The order is in the book; the client just never hears back.
+            await faults.hold()
+        return {"order_id": order.order_id}
+
+    def _validated(self, variety: str, form: Any) -> dict[str, Any]:
+        """Check an order form as Kite's OMS would; return new_order kwargs."""
+        if variety not in VARIETIES:
+            raise input_error(f"Invalid or unsupported `variety`: {variety}.")
+        exchange = str(form.get("exchange", ""))
+        symbol = str(form.get("tradingsymbol", ""))
+        ins = self.market.by_symbol.get(symbol)
+        if exchange != "NSE" or ins is None:
+            raise input_error(f"Invalid `tradingsymbol` or `exchange`: {exchange}:{symbol}.")
+        transaction_type = str(form.get("transaction_type", ""))
+        if transaction_type not in ("BUY", "SELL"):
+            raise input_error("Invalid `transaction_type`.")
+        product = str(form.get("product", ""))
+        if product not in PRODUCTS:
+            raise input_error("Invalid `product`.")
+        order_type = str(form.get("order_type", ""))
+        if order_type not in ORDER_TYPES:
+            raise input_error(f"Invalid or unsupported `order_type`: {order_type}.")
+        validity = str(form.get("validity", "DAY"))
+        if validity not in VALIDITIES:
+            raise input_error("Invalid `validity`.")
+        try:
+            quantity = int(str(form.get("quantity", "")))
+        except ValueError:
+            raise input_error("Invalid `quantity`.") from None
+        if quantity <= 0 or quantity % ins.lot_size:
+            raise input_error(f"Quantity should be a positive multiple of lot size {ins.lot_size}.")
+        tag = form.get("tag")
+        tag = str(tag) if tag is not None and str(tag) != "" else None
+        if tag is not None and (len(tag) > MAX_TAG_LENGTH or not tag.replace("_", "").isalnum()):
+            raise input_error("Invalid `tag`: at most 20 alphanumeric characters.")
+        price_paise, protection = 0, 0.0
+        if order_type == "LIMIT":
+            try:
+                price_paise = round(float(str(form.get("price", ""))) * 100)
+            except ValueError:
+                raise input_error("Invalid `price`.") from None
+            if price_paise <= 0:
+                raise input_error("Invalid `price`.")
+            if price_paise % ins.tick_paise:
+                raise input_error(f"Tick size for this script is {ins.tick_paise / 100:.2f}.")
+        else:
+            raw = form.get("market_protection")
+            try:
+                protection = float(str(raw))
+            except ValueError:
+                raise input_error("`market_protection` is required for MARKET orders (-1 or 0-100).") from None
+            if not (protection == -1 or 0 < protection <= 100):
+                raise input_error("Invalid `market_protection`: use -1 (auto) or a percentage in (0, 100].")
+        return {"ins": ins, "variety": variety, "transaction_type": transaction_type, "quantity": quantity,
+                "product": product, "order_type": order_type, "validity": validity,
+                "price_paise": price_paise, "market_protection": protection, "tag": tag}
+
+    def _own_order(self, account: Account, order_id: str) -> Order:
+        order = account.orders.get(order_id)
+        if order is None:
+            raise input_error("Couldn't find that `order_id`.")
+        return order
+
+    @kite_endpoint("orders")
+    async def order_history(self, request: web.Request, account: Account | None) -> Any:
+        """Return every state the order went through, oldest first."""
+        assert account is not None
+        order = self._own_order(account, request.match_info["order_id"])
+        return [order.as_kite(entry) for entry in order.history]
+
+    @kite_endpoint("orders")
+    async def order_trades(self, request: web.Request, account: Account | None) -> Any:
+        """Return the order's fills."""
+        assert account is not None
+        return self._own_order(account, request.match_info["order_id"]).trades_as_kite()
+
+    @kite_endpoint("orders")
+    async def trades(self, request: web.Request, account: Account | None) -> Any:
+        """Return every fill of the day."""
+        assert account is not None
+        return [t for o in account.orders.values() for t in o.trades_as_kite()]
+
+    @kite_endpoint("orders")
+    async def cancel_order(self, request: web.Request, account: Account | None) -> Any:
+        """Cancel an open order."""
+        assert account is not None
+        order = self._own_order(account, request.match_info["order_id"])
+        if order.status != OPEN or not self.book.cancel(order):
+            raise input_error(f"Order cannot be cancelled as it is {order.status}.")
+        return {"order_id": order.order_id}
+
+    @kite_endpoint("portfolio")
+    async def positions(self, request: web.Request, account: Account | None) -> Any:
+        """Return net and day positions (all intraday here, so they agree)."""
+        assert account is not None
+        positions = self.book.positions_of(account)
+        return {"net": positions, "day": [dict(p) for p in positions]}
+
+    @kite_endpoint("quote")
+    async def ltp(self, request: web.Request, account: Account | None) -> Any:
+        """Return last prices of `i=EXCHANGE:SYMBOL` instruments; unknown ones are left out."""
+        out = {}
+        for key in request.query.getall("i", []):
+            ins = self.market.resolve(key) if ":" in key else None
+            if ins is not None:
+                out[key] = {"instrument_token": ins.instrument_token, "last_price": self.market.last_price(ins)}
+        return out
