@@ -1,0 +1,150 @@
+"""Load a started strategy into Redis, and unload it, each in one atomic step.
+
+Start writes `strategy:{id}`, a fresh `runtime:{id}` (position none), the
+symbol-set membership, the BUY and SELL entries in `schedule`, and a `started`
+control message, in one Lua script: a crash midway leaves nothing half-loaded.
+Unload (stop, exit, failure) removes the same keys and members and tells the
+listeners. RETRY entries of an unloaded run may stay in `schedule`; the
+executor skips events whose run is no longer loaded, so they are harmless.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from typing import Any
+
+from redis.asyncio import Redis
+
+from libs.schema import keys
+from libs.schema.codec import dumps
+from libs.schema.models import (
+    BuyEvent,
+    ControlMessage,
+    Event,
+    Position,
+    RuntimeState,
+    SellEvent,
+    StrategyConfig,
+    event_to_json,
+)
+from libs.trading.calendar import MarketCalendar, epoch_ms
+
+CONTROL_MAXLEN = 100_000
+
+_LOAD = """
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('DEL', KEYS[2])
+redis.call('HSET', KEYS[2], unpack(cjson.decode(ARGV[2])))
+redis.call('SADD', KEYS[3], ARGV[3])
+redis.call('ZADD', KEYS[4], ARGV[5], ARGV[4], ARGV[7], ARGV[6])
+redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[9], '*', 'event', ARGV[8])
+redis.call('PUBLISH', ARGV[10], ARGV[5])
+return 1
+"""
+
+_UNLOAD = """
+local existed = redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('SREM', KEYS[3], ARGV[1])
+redis.call('ZREM', KEYS[4], ARGV[2], ARGV[3])
+redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[5], '*', 'event', ARGV[4])
+return existed
+"""
+
+_SCHEDULE = """
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+redis.call('PUBLISH', ARGV[3], ARGV[2])
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """The two scheduled events of one strategy run and when they are due."""
+
+    trading_day: date
+    buy: BuyEvent
+    sell: SellEvent
+
+    @property
+    def buy_due_ms(self) -> int:
+        assert self.buy.trigger_time is not None
+        return epoch_ms(self.buy.trigger_time)
+
+    @property
+    def sell_due_ms(self) -> int:
+        assert self.sell.trigger_time is not None
+        return epoch_ms(self.sell.trigger_time)
+
+
+def run_id_for(started_at: datetime) -> str:
+    """Return the run id of a start: its UTC instant, ISO, microseconds kept."""
+    return started_at.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def plan_run(config: StrategyConfig, calendar: MarketCalendar, started_at: datetime) -> RunPlan:
+    """Return the BUY and SELL of the run started at `started_at` (deterministic)."""
+    day = calendar.next_run_day(config.buy_time, started_at)
+    common = {"strategy_id": config.strategy_id, "run_id": config.run_id, "trading_day": day}
+    buy = BuyEvent(**common, trigger_time=calendar.at(day, config.buy_time))
+    sell = SellEvent(**common, trigger_time=calendar.at(day, config.sell_time))
+    return RunPlan(trading_day=day, buy=buy, sell=sell)
+
+
+def started_message(config: StrategyConfig) -> ControlMessage:
+    return ControlMessage(action="started", strategy_id=config.strategy_id, symbol=config.symbol,
+                          stop_loss=config.stop_loss, run_id=config.run_id)
+
+
+async def load_run(redis: Redis, config: StrategyConfig, plan: RunPlan, *, now: datetime | None = None,
+                   runtime: RuntimeState | None = None) -> None:
+    """Atomically load a running strategy and schedule its BUY and SELL."""
+    state = runtime or RuntimeState(position=Position.none, updated_at=now or datetime.now(UTC))
+    flat: list[str] = [x for pair in state.to_redis_hash().items() for x in pair]
+    sid = str(config.strategy_id)
+    await redis.eval(
+        _LOAD, 5,
+        keys.strategy_key(sid), keys.runtime_key(sid), keys.symbol_strategies_key(config.symbol),
+        keys.SCHEDULE, keys.CONTROL_STREAM,
+        dumps(config), dumps(flat), sid,
+        event_to_json(plan.buy), plan.buy_due_ms, event_to_json(plan.sell), plan.sell_due_ms,
+        dumps(started_message(config)), CONTROL_MAXLEN, keys.SCHEDULE_WAKEUP_CHANNEL,
+    )
+
+
+async def unload_run(redis: Redis, config: StrategyConfig, plan: RunPlan) -> bool:
+    """Atomically unload a strategy run; return True if it was loaded."""
+    sid = str(config.strategy_id)
+    msg = ControlMessage(action="stopped", strategy_id=config.strategy_id, symbol=config.symbol,
+                         run_id=config.run_id)
+    existed = await redis.eval(
+        _UNLOAD, 5,
+        keys.strategy_key(sid), keys.runtime_key(sid), keys.symbol_strategies_key(config.symbol),
+        keys.SCHEDULE, keys.CONTROL_STREAM,
+        sid, event_to_json(plan.buy), event_to_json(plan.sell), dumps(msg), CONTROL_MAXLEN,
+    )
+    return bool(existed)
+
+
+async def schedule_event(redis: Redis, event: Event, due_ms: int) -> None:
+    """Add one event to `schedule` and wake sleeping schedulers."""
+    await redis.eval(_SCHEDULE, 1, keys.SCHEDULE, event_to_json(event), due_ms, keys.SCHEDULE_WAKEUP_CHANNEL)
+
+
+async def loaded_config(redis: Redis, strategy_id: str) -> StrategyConfig | None:
+    """Return the loaded config of a running strategy, or None."""
+    raw = await redis.get(keys.strategy_key(strategy_id))
+    return StrategyConfig.model_validate_json(raw) if raw else None
+
+
+def config_for(strategy: Any, *, api_key_fp: str | None = None, instrument_token: int | None = None) -> StrategyConfig:
+    """Return the `strategy:{id}` config of a started `tables.Strategy` row."""
+    if strategy.started_at is None:
+        raise ValueError("a strategy that never started has no run")
+    return StrategyConfig(
+        strategy_id=strategy.id, user_id=strategy.user_id, symbol=strategy.symbol,
+        buy_time=strategy.buy_time, sell_time=strategy.sell_time, stop_loss=strategy.stop_loss,
+        quantity=strategy.quantity, status="running", run_id=run_id_for(strategy.started_at),
+        exchange=getattr(strategy, "exchange", None) or "NSE", product=getattr(strategy, "product", None) or "MIS",
+        instrument_token=instrument_token, api_key_fp=api_key_fp,
+    )
