@@ -75,3 +75,22 @@ def clean_db(database_url: str) -> str:
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(f"TRUNCATE {names} CASCADE")
     return database_url
+
+
+@pytest.fixture(scope="session")
+def sim_url() -> Iterator[str]:
+    """One Kite simulator subprocess for the session (tests that need a private one start their own)."""
+    from tests.support.kite_sim import run_sim
+
+    with run_sim(tick_interval_ms=0) as url:
+        yield url
+
+
+@pytest.fixture
+def sim(sim_url: str):
+    """The session simulator, reset (accounts, orders, faults, prices) before the test."""
+    from tests.support.kite_sim import SimAdmin
+
+    admin = SimAdmin(sim_url)
+    admin.reset()
+    return admin
