@@ -22,6 +22,7 @@ __all__ = [
     "ORDER_LOGS_STREAM",
     "SCHEDULE",
     "SCHEDULE_WAKEUP_CHANNEL",
+    "broker_credentials_key",
     "instruments_key",
     "lock_key",
     "login_throttle_addr_key",
@@ -148,6 +149,15 @@ def instruments_key(exchange: str, day: date | str) -> str:
     # between days, so the day is in the name and the writer sets a ~2 day TTL.
     day_text = day.isoformat() if isinstance(day, date) else day
     return f"instruments:{exchange.strip().upper()}:{day_text}"
+
+
+def broker_credentials_key(user_id: Id) -> str:
+    """Return `broker:{user_id}`."""
+    # HASH api_key, access_token (AES-GCM ciphertexts copied verbatim from
+    # Postgres), api_key_fp, is_valid ("1"/"0"): the order path's credentials,
+    # written by the API on connect/session/start. No TTL: Postgres is the
+    # source and every start rewrites it.
+    return f"broker:{_id(user_id)}"
 
 
 # --- API login throttling -----------------------------------------------------

@@ -65,3 +65,8 @@ def test_no_two_names_collide() -> None:
 def test_every_public_name_is_exported() -> None:
     public = {name for name in vars(keys) if not name.startswith("_") and (name.isupper() or name.endswith("_key"))} - {"UUID"}
     assert public == set(keys.__all__)
+
+
+def test_broker_credentials_key_is_per_user_and_case_insensitive() -> None:
+    assert keys.broker_credentials_key(SID) == f"broker:{SID_TEXT}"
+    assert keys.broker_credentials_key(SID_TEXT.upper()) == f"broker:{SID_TEXT}"
