@@ -137,9 +137,10 @@ LOG_WRITERS_GROUP = "log-writers"
 
 def order_rate_key(api_key_fp: str) -> str:
     """Return `ratelimit:orders:{fp}` for a Kite api_key fingerprint."""
-    # Token bucket shared by all executors for one Kite api_key. Keyed by the
-    # fingerprint so the key itself never appears in Redis. Short PX TTL set by
-    # the bucket script: an idle bucket is simply full again.
+    # Rate limiter shared by all executors for one Kite api_key: a ZSET log of
+    # order times over a rolling window (Kite counts per rolling second, which a
+    # refilling token bucket overshoots). Keyed by the fingerprint so the key
+    # itself never appears in Redis. PX TTL of one window: idle means empty.
     return f"ratelimit:orders:{api_key_fp}"
 
 

@@ -77,3 +77,9 @@ class OrderLogRow(BaseModel):
     tag: str | None = None
     stream_msg_id: str | None = Field(default=None, description="Id of the queue:orders entry handled.")
     created_at: UtcDatetime
+    # Terminal outcome of the run, applied to `strategies` by the Postgres
+    # writer in the same transaction as the insert (the order path never
+    # writes Postgres). `run_id` scopes it to one start of the strategy.
+    run_id: str | None = None
+    strategy_status: Literal["exited", "failed"] | None = None
+    failure_reason: str | None = None
