@@ -53,6 +53,7 @@ class LocalStack:
         self.state_file = self.run_dir / "state.json"
         self.logs = self.run_dir / "logs"
         self.pids = self.run_dir / "pids"
+        self._children: dict[str, subprocess.Popen[bytes]] = {}
 
     # -- state -----------------------------------------------------------
     def _state(self) -> dict:
@@ -63,11 +64,12 @@ class LocalStack:
     def _save(self, state: dict) -> None:
         self.state_file.write_text(json.dumps(state, indent=2))
 
-    def _port(self, state: dict, name: str) -> int:
+    def _port(self, state: dict, name: str, running: bool | None = None) -> int:
         """Reuse the port this stack had, if it is free or ours; else pick a new one."""
         ports = state.setdefault("ports", {})
         port = ports.get(name)
-        if port is None or (not port_is_free(port) and not self._owns(name)):
+        ours = self._owns(name) if running is None else running
+        if port is None or (not port_is_free(port) and not ours):
             port = free_port()
         ports[name] = port
         return port
@@ -91,8 +93,9 @@ class LocalStack:
         os.chmod(self.run_dir, 0o755)
         state = self._state()
         secret = state.setdefault("secret_key", generate_key())
-        redis_srv = RedisServer(self.run_dir / "redis", self._port(state, "redis"))
-        pg = PostgresServer(self.run_dir / "pg", self._port(state, "postgres"))
+        redis_dir, pg_dir = self.run_dir / "redis", self.run_dir / "pg"
+        redis_srv = RedisServer(redis_dir, self._port(state, "redis", self._redis_pid_alive(redis_dir)))
+        pg = PostgresServer(pg_dir, self._port(state, "postgres", PostgresServer(pg_dir, 0).is_running()))
         self._save(state)
         if not self._redis_up(redis_srv):
             redis_srv.start(appendonly=True)
@@ -130,6 +133,13 @@ class LocalStack:
         return env
 
     @staticmethod
+    def _redis_pid_alive(data_dir: Path) -> bool:
+        try:
+            return pid_alive(int((data_dir / "redis.pid").read_text()))
+        except (OSError, ValueError):
+            return False
+
+    @staticmethod
     def _redis_up(srv: RedisServer) -> bool:
         import redis
 
@@ -138,18 +148,34 @@ class LocalStack:
         except redis.RedisError:
             return False
 
-    def _spawn(self, spec: ServiceSpec, port: int, env: dict[str, str]) -> None:
+    def spawn_replica(self, name: str, replica: int, env: dict[str, str],
+                      extra_env: dict[str, str] | None = None) -> tuple[str, int]:
+        """Start one more instance of a pipeline service; return (instance name, health port)."""
+        spec = next(s for s in SERVICES if s.name == name)
+        instance = f"{name}-{replica}"
+        port = free_port()
+        self._spawn(spec, port, {**env, **(extra_env or {})}, instance=instance)
+        self._wait_ready(instance, port)
+        return instance, port
+
+    def pid_of(self, instance: str) -> int | None:
+        """Return the pid of a running instance (service name or replica name)."""
+        return self._pid(instance)
+
+    def _spawn(self, spec: ServiceSpec, port: int, env: dict[str, str], instance: str | None = None) -> None:
+        instance = instance or spec.name
         cmd = [sys.executable, "-m", spec.module]
         proc_env = {**os.environ, **env, **spec.env}
         if spec.port_arg:
             cmd += ["--port", str(port)]
         else:
             proc_env["TICKWISE_HEALTH_PORT"] = str(port)
-        log = open(self.logs / f"{spec.name}.log", "ab")  # noqa: SIM115 - handed to the child
+        log = open(self.logs / f"{instance}.log", "ab")  # noqa: SIM115 - handed to the child
         proc = subprocess.Popen(cmd, cwd=ROOT, env=proc_env, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
         log.close()
-        (self.pids / f"{spec.name}.pid").write_text(str(proc.pid))
+        self._children[instance] = proc
+        (self.pids / f"{instance}.pid").write_text(str(proc.pid))
 
     def _wait_ready(self, name: str, port: int, timeout: float = 30.0) -> None:
         path = "/healthz" if name == "kite_sim" else "/readyz"
@@ -192,10 +218,15 @@ class LocalStack:
         """Stop the services, then Postgres and Redis; keep the data."""
         state = self._state()
         for spec in reversed(SERVICES):
-            pid = self._pid(spec.name)
-            if pid is not None and stop_pid(pid, timeout=15):
-                print(f"tickwise: {spec.name:<10} stopped")
-            (self.pids / f"{spec.name}.pid").unlink(missing_ok=True)
+            instances = sorted(p.stem for p in self.pids.glob(f"{spec.name}*.pid")) if self.pids.exists() else []
+            for instance in instances:
+                pid = self._pid(instance)
+                if pid is not None and stop_pid(pid, timeout=15):
+                    print(f"tickwise: {instance:<10} stopped")
+                (self.pids / f"{instance}.pid").unlink(missing_ok=True)
+        for proc in self._children.values():
+            proc.poll()  # reap children started by this object (tests), so no zombies linger
+        self._children.clear()
         ports = state.get("ports", {})
         if "postgres" in ports:
             pg = PostgresServer(self.run_dir / "pg", ports["postgres"])
