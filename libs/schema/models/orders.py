@@ -67,7 +67,10 @@ class OrderLogRow(BaseModel):
 
     id: UUID
     strategy_id: UUID
-    user_id: UUID
+    # None when the executor skipped an event of a run no longer loaded (it
+    # cannot know the owner then); the Postgres writer fills it in from
+    # `strategies.user_id`.
+    user_id: UUID | None = None
     event_type: EventType
     request_payload: dict[str, Any] = Field(default_factory=dict)
     response_payload: dict[str, Any] = Field(default_factory=dict)
