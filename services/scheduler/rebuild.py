@@ -1,0 +1,205 @@
+"""Rebuild the schedule of running strategies from Postgres (start, Redis restart).
+
+Postgres holds intent (which strategies run, since when: `started_at` is the
+run), so the BUY/SELL of every running run can be recomputed with `plan_run`.
+Per running strategy:
+
+- not loaded in Redis (lost with a flush or a crash): restore `broker:{user}`
+  if missing, then `load_run` (runtime position none; the executor reconciles
+  positions from the broker by tag). A BUY due less than `grace_s` ago fires at
+  once. A BUY due longer ago is missed: the strategy is failed with the reason,
+  loudly, unless `order_logs` shows the entry order already reached the broker
+  (then the run is loaded without its BUY, so its SELL, even a late one, still
+  gets us out: getting out late beats staying in), or shows the exit order too
+  (the run is over; the order-log writer closes it in Postgres).
+- loaded: re-add (ZADD, idempotent: members are canonical JSON) the members
+  still ahead of now that the position needs (none: BUY and SELL, bought: SELL).
+  A past-due member that is absent was already moved to queue:orders and may be
+  in flight, so it is never re-added: that would enqueue it twice.
+
+`sweep_stale_buys` runs first, on Redis alone: a BUY still in `schedule` more
+than `grace_s` after its due time means no scheduler ran; it is taken out
+(ZREM decides which replica owns it) and its run unloaded, so the Postgres pass
+finds it unloaded and past grace and fails it with the reason.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from prometheus_client import Counter
+from redis.asyncio import Redis
+from sqlalchemy import select, text, update
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from libs.schema import keys
+from libs.schema.codec import dumps, loads
+from libs.schema.models import Position, StrategyStatus, event_to_json
+from libs.schema.tables import BrokerCredential, Strategy
+from libs.service.logging import get_logger
+from libs.trading.calendar import MarketCalendar
+from libs.trading.runs import RunPlan, config_for, load_run, loaded_config, plan_run, unload_run
+from libs.trading.tags import order_tag
+
+log = get_logger("scheduler.rebuild")
+
+MISSED = Counter("scheduler_missed_events_total", "BUY events found past the grace window: strategy failed.")
+
+_RESTORE_BROKER = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], unpack(cjson.decode(ARGV[1])))
+return 1
+"""
+
+_SENT_TAGS = text(
+    "SELECT DISTINCT tag FROM order_logs WHERE strategy_id = :sid AND tag IN (:entry, :exit)"
+    " AND broker_order_id IS NOT NULL"
+)
+
+
+@dataclass
+class RebuildReport:
+    """What one rebuild did."""
+
+    running: int = 0
+    loaded: int = 0
+    readded: int = 0
+    failed: list[str] = field(default_factory=list)
+    broker_restored: int = 0
+
+
+def _ms(moment: datetime) -> int:
+    return int(moment.timestamp() * 1000)
+
+
+async def sweep_stale_buys(redis: Redis, calendar: MarketCalendar, grace_s: float) -> int:
+    """Take BUYs past the grace window out of `schedule` and unload their runs; return how many."""
+    cutoff = int(time.time() * 1000 - grace_s * 1000)
+    stale = await redis.zrangebyscore(keys.SCHEDULE, "-inf", f"({cutoff}", withscores=True)
+    count = 0
+    for member, score in stale:
+        try:
+            event = loads(member)
+        except ValueError:
+            continue
+        if event.get("event_type") != "BUY" or not await redis.zrem(keys.SCHEDULE, member):
+            continue
+        count += 1
+        MISSED.inc()
+        log.error("missed buy taken out of schedule", strategy_id=event.get("strategy_id"), event_type="BUY",
+                  due=datetime.fromtimestamp(score / 1000, UTC).isoformat(), grace_s=grace_s)
+        config = await loaded_config(redis, event["strategy_id"])
+        if config is not None and config.run_id == event.get("run_id"):
+            started_at = datetime.fromisoformat(config.run_id)
+            await unload_run(redis, config, plan_run(config, calendar, started_at))
+    return count
+
+
+async def _restore_broker_hash(redis: Redis, cred: BrokerCredential) -> bool:
+    fields: dict[str, str] = {"api_key": cred.api_key, "api_key_fp": cred.api_key_fp,
+                              "is_valid": "1" if cred.is_valid else "0"}
+    if cred.access_token:
+        fields["access_token"] = cred.access_token
+    flat = [x for pair in fields.items() for x in pair]
+    return bool(await redis.eval(_RESTORE_BROKER, 1, keys.broker_credentials_key(cred.user_id), dumps(flat)))
+
+
+async def fail_missed_run(engine: AsyncEngine, redis: Redis, row: Strategy, plan: RunPlan, config: Any,
+                          reason: str) -> bool:
+    """Mark the run failed in Postgres (only if still this running run) and unload it."""
+    async with engine.begin() as conn:
+        result = await conn.execute(
+            update(Strategy)
+            .where(Strategy.id == row.id, Strategy.status == StrategyStatus.running,
+                   Strategy.started_at == row.started_at)
+            .values(status=StrategyStatus.failed, stopped_at=datetime.now(UTC), failure_reason=reason,
+                    updated_at=datetime.now(UTC))
+        )
+    await unload_run(redis, config, plan)
+    MISSED.inc()
+    log.error("strategy failed: missed event", strategy_id=str(row.id), event_type="BUY", reason=reason,
+              updated=result.rowcount)
+    return bool(result.rowcount)
+
+
+async def rebuild_schedule(engine: AsyncEngine, redis: Redis, calendar: MarketCalendar, *,
+                           grace_s: float) -> RebuildReport:
+    """Bring `schedule` and `strategy:{id}` in line with the running strategies in Postgres."""
+    await sweep_stale_buys(redis, calendar, grace_s)
+    report = RebuildReport()
+    async with engine.connect() as conn:
+        rows = (await conn.execute(
+            select(Strategy, BrokerCredential)
+            .outerjoin(BrokerCredential, BrokerCredential.user_id == Strategy.user_id)
+            .where(Strategy.status == StrategyStatus.running, Strategy.started_at.is_not(None))
+        )).all()
+    report.running = len(rows)
+    for row, cred in rows:
+        config = config_for(row, api_key_fp=cred.api_key_fp if cred else None)
+        plan = plan_run(config, calendar, row.started_at)
+        if cred is not None and await _restore_broker_hash(redis, cred):
+            report.broker_restored += 1
+        current = await loaded_config(redis, str(row.id))
+        if current is None:
+            await _load_missing(engine, redis, row, config, plan, grace_s, report)
+        elif current.run_id != config.run_id:
+            log.warning("loaded run differs from Postgres; left alone", strategy_id=str(row.id),
+                        loaded_run=current.run_id, run_id=config.run_id)
+        else:
+            await _readd_ahead(redis, row, plan, report)
+    log.info("schedule rebuilt", running=report.running, loaded=report.loaded, readded=report.readded,
+             failed=len(report.failed), broker_restored=report.broker_restored)
+    return report
+
+
+async def _load_missing(engine: AsyncEngine, redis: Redis, row: Strategy, config: Any, plan: RunPlan,
+                        grace_s: float, report: RebuildReport) -> None:
+    now_ms = time.time() * 1000
+    sid = str(row.id)
+    if plan.buy_due_ms >= now_ms - grace_s * 1000:
+        await load_run(redis, config, plan)
+        report.loaded += 1
+        if plan.buy_due_ms < now_ms:
+            log.warning("late buy fired within grace", strategy_id=sid, event_type="BUY",
+                        late_s=round((now_ms - plan.buy_due_ms) / 1000, 3))
+        return
+    entry_tag = order_tag(row.id, config.run_id, plan.trading_day, "entry")
+    exit_tag = order_tag(row.id, config.run_id, plan.trading_day, "exit")
+    async with engine.connect() as conn:
+        sent = set((await conn.execute(_SENT_TAGS, {"sid": row.id, "entry": entry_tag, "exit": exit_tag})).scalars())
+    if exit_tag in sent:
+        # The run already exited at the broker; the order-log writer will close it in Postgres.
+        log.warning("run already exited at the broker; not reloaded", strategy_id=sid, tag=exit_tag)
+        return
+    if entry_tag in sent:
+        # The entry reached the broker before Redis lost the run: keep only the exit.
+        await load_run(redis, config, plan)
+        await redis.zrem(keys.SCHEDULE, event_to_json(plan.buy))
+        report.loaded += 1
+        log.warning("run reloaded after its entry; exit scheduled", strategy_id=sid, event_type="SELL",
+                    tag=entry_tag, late=plan.sell_due_ms < now_ms)
+        return
+    due = plan.buy.trigger_time.isoformat() if plan.buy.trigger_time else "?"
+    reason = f"missed buy_time {due}: no scheduler ran within {grace_s:g}s of it"
+    await fail_missed_run(engine, redis, row, plan, config, reason)
+    report.failed.append(sid)
+
+
+async def _readd_ahead(redis: Redis, row: Strategy, plan: RunPlan, report: RebuildReport) -> None:
+    raw = await redis.hget(keys.runtime_key(row.id), "position")
+    position = raw.decode() if raw else Position.none.value
+    wanted = []
+    if position == Position.none.value:
+        wanted = [(plan.buy, plan.buy_due_ms), (plan.sell, plan.sell_due_ms)]
+    elif position == Position.bought.value:
+        wanted = [(plan.sell, plan.sell_due_ms)]
+        if await redis.zscore(keys.SCHEDULE, event_to_json(plan.sell)) is not None and \
+                plan.sell_due_ms < time.time() * 1000:
+            log.warning("missed sell fired late while bought", strategy_id=str(row.id), event_type="SELL")
+    now_ms = time.time() * 1000
+    ahead = {event_to_json(event): due for event, due in wanted if due > now_ms}
+    if ahead:
+        report.readded += await redis.zadd(keys.SCHEDULE, ahead, nx=True)
