@@ -32,8 +32,10 @@ from typing import Any
 
 from prometheus_client import Counter
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 from sqlalchemy import select, text, update
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from libs.schema import keys
 from libs.schema.codec import dumps, loads
@@ -130,29 +132,40 @@ async def rebuild_schedule(engine: AsyncEngine, redis: Redis, calendar: MarketCa
     """Bring `schedule` and `strategy:{id}` in line with the running strategies in Postgres."""
     await sweep_stale_buys(redis, calendar, grace_s)
     report = RebuildReport()
-    async with engine.connect() as conn:
-        rows = (await conn.execute(
+    async with AsyncSession(engine) as session:
+        rows = (await session.execute(
             select(Strategy, BrokerCredential)
             .outerjoin(BrokerCredential, BrokerCredential.user_id == Strategy.user_id)
             .where(Strategy.status == StrategyStatus.running, Strategy.started_at.is_not(None))
         )).all()
     report.running = len(rows)
     for row, cred in rows:
-        config = config_for(row, api_key_fp=cred.api_key_fp if cred else None)
-        plan = plan_run(config, calendar, row.started_at)
-        if cred is not None and await _restore_broker_hash(redis, cred):
-            report.broker_restored += 1
-        current = await loaded_config(redis, str(row.id))
-        if current is None:
-            await _load_missing(engine, redis, row, config, plan, grace_s, report)
-        elif current.run_id != config.run_id:
-            log.warning("loaded run differs from Postgres; left alone", strategy_id=str(row.id),
-                        loaded_run=current.run_id, run_id=config.run_id)
-        else:
-            await _readd_ahead(redis, row, plan, report)
+        try:
+            await _rebuild_one(engine, redis, calendar, row, cred, grace_s, report)
+        except (SQLAlchemyError, RedisError, OSError):
+            raise  # an outage: the caller retries the whole rebuild
+        except Exception:  # noqa: BLE001 - one odd row must not stop the others from being rebuilt
+            log.exception("strategy not rebuilt", strategy_id=str(row.id))
     log.info("schedule rebuilt", running=report.running, loaded=report.loaded, readded=report.readded,
              failed=len(report.failed), broker_restored=report.broker_restored)
     return report
+
+
+async def _rebuild_one(engine: AsyncEngine, redis: Redis, calendar: MarketCalendar, row: Strategy,
+                       cred: BrokerCredential | None, grace_s: float, report: RebuildReport) -> None:
+    """Rebuild one running strategy's Redis state."""
+    config = config_for(row, api_key_fp=cred.api_key_fp if cred else None)
+    plan = plan_run(config, calendar, row.started_at)
+    if cred is not None and await _restore_broker_hash(redis, cred):
+        report.broker_restored += 1
+    current = await loaded_config(redis, str(row.id))
+    if current is None:
+        await _load_missing(engine, redis, row, config, plan, grace_s, report)
+    elif current.run_id != config.run_id:
+        log.warning("loaded run differs from Postgres; left alone", strategy_id=str(row.id),
+                    loaded_run=current.run_id, run_id=config.run_id)
+    else:
+        await _readd_ahead(redis, row, plan, report)
 
 
 async def _load_missing(engine: AsyncEngine, redis: Redis, row: Strategy, config: Any, plan: RunPlan,

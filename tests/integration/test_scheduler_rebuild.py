@@ -1,0 +1,131 @@
+"""The scheduler rebuilds the schedule of running strategies from Postgres."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime, timedelta
+
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from sqlalchemy import select
+
+from libs.schema import keys
+from libs.schema.models import EventType, Position, StrategyStatus, event_to_json
+from libs.schema.tables import Strategy
+from tests.integration.pipeline_support import (
+    engine_for,
+    insert_running_strategy,
+    insert_user,
+    member_strategy,
+    set_position,
+    start_run,
+    stream_events,
+)
+from tests.integration.test_scheduler_moves import running_scheduler
+from tests.support.eventually import eventually
+
+
+async def _status(engine, strategy_id) -> tuple[StrategyStatus, str | None]:  # noqa: ANN001
+    async with engine.connect() as conn:
+        row = (await conn.execute(select(Strategy.status, Strategy.failure_reason)
+                                  .where(Strategy.id == strategy_id))).one()
+    return row.status, row.failure_reason
+
+
+async def test_rebuild_after_flushall_reloads_fires_within_grace_and_fails_missed(
+        redis: Redis, redis_url: str, clean_db: str) -> None:
+    engine = engine_for(clean_db)
+    user = await insert_user(engine)
+    now = datetime.now(UTC)
+    ahead = await start_run(redis, engine, user, buy_at=now + timedelta(seconds=60))
+    within = await insert_running_strategy(engine, user, buy_at=now - timedelta(seconds=5))
+    missed = await insert_running_strategy(engine, user, buy_at=now - timedelta(seconds=300))
+    await redis.flushall()
+
+    async with running_scheduler(redis_url, clean_db, grace_s=30):
+        await eventually(lambda: _has_event(redis, within.id, EventType.BUY), timeout=5)
+        await eventually(lambda: _status_is(engine, missed.row.id, StrategyStatus.failed), timeout=5)
+
+    members = await redis.zrange(keys.SCHEDULE, 0, -1)
+    assert sorted(members) == sorted([event_to_json(ahead.plan.buy), event_to_json(ahead.plan.sell),
+                                      event_to_json(within.plan.sell)])
+    assert await redis.get(keys.strategy_key(ahead.id)) is not None
+    assert await redis.get(keys.strategy_key(missed.id)) is None
+    assert [member_strategy(m) for m in members].count(missed.id) == 0
+    status, reason = await _status(engine, missed.row.id)
+    assert status == StrategyStatus.failed and reason and reason.startswith("missed buy_time")
+    assert (await _status(engine, within.row.id))[0] == StrategyStatus.running
+    assert [e.event_type for e in await stream_events(redis)] == [EventType.BUY]
+    assert await redis.hget(keys.broker_credentials_key(user), "api_key") == f"v1.k.apikey-{user}".encode()
+    await engine.dispose()
+
+
+async def test_rebuild_of_loaded_bought_run_readds_only_its_sell_once(redis: Redis, redis_url: str,
+                                                                      clean_db: str) -> None:
+    engine = engine_for(clean_db)
+    user = await insert_user(engine)
+    now = datetime.now(UTC)
+    bought = await start_run(redis, engine, user, buy_at=now + timedelta(seconds=30),
+                             sell_at=now + timedelta(seconds=90))
+    await set_position(redis, bought.config, Position.bought)
+    await redis.zrem(keys.SCHEDULE, event_to_json(bought.plan.buy), event_to_json(bought.plan.sell))
+    fresh = await start_run(redis, engine, user, buy_at=now + timedelta(seconds=40))
+
+    async with running_scheduler(redis_url, clean_db) as scheduler:
+        await eventually(lambda: scheduler.rebuilds >= 1, timeout=5)
+
+    members = await redis.zrange(keys.SCHEDULE, 0, -1)
+    assert sorted(members) == sorted([event_to_json(bought.plan.sell), event_to_json(fresh.plan.buy),
+                                      event_to_json(fresh.plan.sell)])
+    assert await redis.xlen(keys.ORDERS_STREAM) == 0
+    await engine.dispose()
+
+
+async def test_stale_buy_left_in_schedule_is_not_fired_and_fails_the_strategy(
+        redis: Redis, redis_url: str, clean_db: str) -> None:
+    engine = engine_for(clean_db)
+    user = await insert_user(engine)
+    stale = await start_run(redis, engine, user, buy_at=datetime.now(UTC) - timedelta(seconds=120))
+
+    async with running_scheduler(redis_url, clean_db, grace_s=30):
+        await eventually(lambda: _status_is(engine, stale.row.id, StrategyStatus.failed), timeout=5)
+
+    assert await redis.xlen(keys.ORDERS_STREAM) == 0
+    assert await redis.zcard(keys.SCHEDULE) == 0
+    assert await redis.get(keys.strategy_key(stale.id)) is None
+    await engine.dispose()
+
+
+async def test_redis_restart_triggers_a_rebuild(redis: Redis, redis_url: str, clean_db: str,
+                                                redis_server) -> None:  # noqa: ANN001
+    engine = engine_for(clean_db)
+    user = await insert_user(engine)
+    run = await start_run(redis, engine, user, buy_at=datetime.now(UTC) + timedelta(seconds=60))
+    async with running_scheduler(redis_url, clean_db) as scheduler:
+        await eventually(lambda: scheduler.rebuilds >= 1, timeout=5)
+        redis_server.stop(kill=True)
+        redis_server.start(appendonly=False)
+        started = time.monotonic()
+        await eventually(lambda: scheduler.rebuilds >= 2, timeout=10)
+        assert time.monotonic() - started < 5
+        await eventually(lambda: _zcard_is(redis, 2), timeout=5)
+    assert await redis.get(keys.strategy_key(run.id)) is not None
+    assert sorted(await redis.zrange(keys.SCHEDULE, 0, -1)) == sorted(
+        [event_to_json(run.plan.buy), event_to_json(run.plan.sell)])
+    await engine.dispose()
+
+
+async def _zcard_is(redis: Redis, n: int) -> bool:
+    try:
+        return await redis.zcard(keys.SCHEDULE) == n
+    except RedisConnectionError:
+        return False  # this client's connection died with the restart; the next call reconnects
+
+
+async def _has_event(redis: Redis, strategy_id: str, event_type: EventType) -> bool:
+    return any(str(e.strategy_id) == strategy_id and e.event_type == event_type
+               for e in await stream_events(redis))
+
+
+async def _status_is(engine, strategy_id, status: StrategyStatus) -> bool:  # noqa: ANN001
+    return (await _status(engine, strategy_id))[0] == status
