@@ -1,0 +1,90 @@
+"""Build the aiohttp application: resources owned by cleanup contexts, middlewares, routes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+from redis.asyncio import BlockingConnectionPool, Redis
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+
+from libs.broker.kite import KiteGateway
+from libs.schema.migrate import sync_database_url
+from libs.service.health import HealthServer
+from libs.service.secretbox import SecretBox
+from libs.trading.calendar import MarketCalendar
+from services.api.deps import (
+    BOX,
+    CALENDAR,
+    ENGINE,
+    GATEWAY,
+    PASSWORDS,
+    REDIS,
+    SESSIONS,
+    SETTINGS,
+    THROTTLE,
+    TOKENS,
+)
+from services.api.errors import error_middleware
+from services.api.instruments import INSTRUMENTS_LOCK
+from services.api.metrics import METRICS, ApiMetrics, request_context_middleware
+from services.api.openapi import add_routes
+from services.api.routes import OPENAPI, openapi_document, ops
+from services.api.security import LoginThrottle, Passwords, Tokens, build_secretbox, jwt_secret
+from services.api.settings import ApiSettings
+
+
+def build_app(settings: ApiSettings, *, box: SecretBox | None = None) -> web.Application:
+    """Return the API app; raises MissingSecretKey without a key outside dev mode."""
+    box = box or build_secretbox(settings)
+    app = web.Application(client_max_size=settings.client_max_size,
+                          middlewares=[request_context_middleware, error_middleware])
+    app[SETTINGS] = settings
+    app[BOX] = box
+    app[CALENDAR] = MarketCalendar(settings.market_calendar, sell_safety_margin_s=settings.sell_safety_margin_s)
+    app[TOKENS] = Tokens(jwt_secret(settings, settings.secret_key or None), settings.jwt_lifetime_s)
+    app[INSTRUMENTS_LOCK] = asyncio.Lock()
+    registry = CollectorRegistry()
+    app[METRICS] = ApiMetrics(registry)
+    health = HealthServer(settings.health_host, settings.port, service="api", registry=registry,
+                          checks={"redis": lambda: _ping_redis(app), "postgres": lambda: _ping_postgres(app)})
+    all_ops = ops(health.routes())
+    add_routes(app, all_ops)
+    app[OPENAPI] = openapi_document(all_ops)
+    app.cleanup_ctx.append(_resources)
+    return app
+
+
+async def _resources(app: web.Application) -> AsyncIterator[None]:
+    """Open the pools at startup and close them, in reverse, at shutdown."""
+    settings = app[SETTINGS]
+    engine = create_async_engine(sync_database_url(settings.database_url), pool_size=settings.db_pool_size,
+                                 max_overflow=settings.db_pool_size, pool_pre_ping=True, pool_timeout=5)
+    pool = BlockingConnectionPool.from_url(settings.redis_url, max_connections=settings.redis_max_connections,
+                                           timeout=5, socket_connect_timeout=2, socket_timeout=5)
+    redis = Redis(connection_pool=pool)
+    gateway = KiteGateway(root=settings.kite_root, timeout_s=settings.kite_timeout_s)
+    passwords = Passwords(settings)
+    app[ENGINE], app[SESSIONS], app[REDIS] = engine, async_sessionmaker(engine, expire_on_commit=False), redis
+    app[GATEWAY], app[PASSWORDS] = gateway, passwords
+    app[THROTTLE] = LoginThrottle(redis, settings.login_max_failures, settings.login_window_s)
+    try:
+        yield
+    finally:
+        passwords.close()
+        gateway.close()
+        await redis.aclose()
+        await pool.disconnect()
+        await engine.dispose()
+
+
+async def _ping_redis(app: web.Application) -> None:
+    await app[REDIS].ping()
+
+
+async def _ping_postgres(app: web.Application) -> None:
+    async with app[ENGINE].connect() as conn:
+        await conn.execute(text("SELECT 1"))

@@ -1,0 +1,97 @@
+"""Typed app keys for shared resources, and request helpers (body, path id, caller)."""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+from uuid import UUID
+
+import orjson
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+from redis.asyncio import Redis
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from libs.broker.kite import KiteGateway
+from libs.service.secretbox import SecretBox
+from libs.trading.calendar import MarketCalendar
+from services.api.errors import ApiError, field_error, not_found, validation_error
+from services.api.security import LoginThrottle, Passwords, Tokens, bearer_token
+from services.api.settings import ApiSettings
+
+M = TypeVar("M", bound=BaseModel)
+
+SETTINGS = web.AppKey("settings", ApiSettings)
+ENGINE = web.AppKey("engine", AsyncEngine)
+SESSIONS = web.AppKey("sessions", async_sessionmaker[AsyncSession])
+REDIS = web.AppKey("redis", Redis)
+BOX = web.AppKey("secretbox", SecretBox)
+GATEWAY = web.AppKey("gateway", KiteGateway)
+CALENDAR = web.AppKey("calendar", MarketCalendar)
+PASSWORDS = web.AppKey("passwords", Passwords)
+TOKENS = web.AppKey("tokens", Tokens)
+THROTTLE = web.AppKey("throttle", LoginThrottle)
+
+USER_ID = web.RequestKey("user_id", UUID)
+
+
+async def read_json(request: web.Request) -> Any:
+    """Return the decoded JSON body: 413 if too large, 400 if empty or not JSON."""
+    raw = await request.read()  # raises HTTPRequestEntityTooLarge past client_max_size
+    if not raw.strip():
+        raise ApiError(400, "bad_json", "request body must be a JSON document")
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, "bad_json", "request body is not valid JSON", {"reason": str(exc)[:200]}) from None
+    _reject_nul(data, [])
+    return data
+
+
+def _reject_nul(value: Any, loc: list[str | int]) -> None:
+    # Postgres text cannot hold NUL; refusing it here keeps it a 422, not a 500.
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise field_error(loc, "text must not contain NUL characters", "nul_character")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if "\x00" in key:
+                raise field_error(loc, "keys must not contain NUL characters", "nul_character")
+            _reject_nul(item, [*loc, key])
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _reject_nul(item, [*loc, index])
+
+
+async def read_model(request: web.Request, model: type[M]) -> M:
+    """Return the body validated as `model`; 422 with field paths if it does not fit."""
+    data = await read_json(request)
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+
+
+def path_uuid(request: web.Request, name: str = "id", what: str = "strategy") -> UUID:
+    """Return a UUID path parameter; anything else names no resource: 404."""
+    try:
+        return UUID(request.match_info[name])
+    except ValueError:
+        raise not_found(what) from None
+
+
+def current_user(request: web.Request) -> UUID:
+    """Return the caller's user id from the bearer token; 401 if missing or bad."""
+    cached = request.get(USER_ID)
+    if cached is None:
+        cached = request.app[TOKENS].user_id(bearer_token(request.headers.get("Authorization")))
+        request[USER_ID] = cached
+    return cached
+
+
+def client_addr(request: web.Request) -> str:
+    """Return the client address the login throttle counts against."""
+    if request.app[SETTINGS].trust_forwarded_for:
+        forwarded = request.headers.get("X-Forwarded-For", "").split(",")[0].strip()
+        if forwarded:
+            return forwarded[:64]
+    return request.remote or "unknown"

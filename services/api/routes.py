@@ -1,0 +1,112 @@
+"""The route table: every operation of the API with its models (feeds aiohttp and OpenAPI)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from libs.schema.models import (
+    BrokerConnectOut,
+    BrokerConnectRequest,
+    BrokerSessionRequest,
+    BrokerStatusOut,
+    LoginRequest,
+    OrderLogOut,
+    RegisterRequest,
+    StartStrategyRequest,
+    StatusResponse,
+    StopStrategyRequest,
+    StrategyCreateRequest,
+    StrategyOut,
+    StrategyUpdateRequest,
+    TokenOut,
+    UserOut,
+)
+from services.api import auth, broker, run_control, status, strategies
+from services.api.errors import json_response
+from services.api.openapi import Op, build_openapi
+from services.api.status import ORDERS_DEFAULT_LIMIT, ORDERS_MAX_LIMIT
+
+V1 = "/api/v1"
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+OPENAPI = web.AppKey("openapi", dict)
+
+
+def _static(name: str, content_type: str) -> Any:
+    body = (STATIC_DIR / name).read_bytes()
+
+    async def serve(_request: web.Request) -> web.Response:
+        return web.Response(body=body, content_type=content_type, charset="utf-8",
+                            headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"})
+
+    serve.__name__ = "static_" + name.replace(".", "_")
+    return serve
+
+
+async def openapi_json(request: web.Request) -> web.Response:
+    """Serve the OpenAPI 3.1 document."""
+    return json_response(request.app[OPENAPI])
+
+
+_LIMIT = {"name": "limit", "in": "query", "required": False,
+          "schema": {"type": "integer", "minimum": 1, "maximum": ORDERS_MAX_LIMIT, "default": ORDERS_DEFAULT_LIMIT}}
+
+
+def api_ops() -> list[Op]:
+    """Return the /api/v1 operations."""
+    return [
+        Op("POST", f"{V1}/auth/register", auth.register, "Register an account", "auth", body=RegisterRequest,
+           status=201, response=UserOut, auth=False, errors=(409,)),
+        Op("POST", f"{V1}/auth/login", auth.login, "Log in for a bearer token", "auth", body=LoginRequest,
+           response=TokenOut, auth=False, errors=(401, 429)),
+        Op("GET", f"{V1}/me", auth.me, "The caller", "auth", response=UserOut),
+        Op("POST", f"{V1}/broker/connect", broker.connect, "Store and verify Kite credentials", "broker",
+           body=BrokerConnectRequest, response=BrokerConnectOut, errors=(503,)),
+        Op("POST", f"{V1}/broker/session", broker.new_session, "Exchange a Kite request_token (daily login)",
+           "broker", body=BrokerSessionRequest, response=BrokerConnectOut, errors=(409, 503)),
+        Op("GET", f"{V1}/broker", broker.status, "Broker connection state (no secrets)", "broker",
+           response=BrokerStatusOut),
+        Op("POST", f"{V1}/strategies", strategies.create, "Create a strategy", "strategies",
+           body=StrategyCreateRequest, status=201, response=StrategyOut, errors=(409, 503)),
+        Op("GET", f"{V1}/strategies", strategies.list_all, "List the caller's strategies", "strategies",
+           response=StrategyOut, many=True),
+        Op("GET", f"{V1}/strategies/{{id}}", strategies.get_one, "One strategy", "strategies",
+           response=StrategyOut),
+        Op("PATCH", f"{V1}/strategies/{{id}}", strategies.patch, "Change a strategy that is not running",
+           "strategies", body=StrategyUpdateRequest, response=StrategyOut, errors=(409, 503)),
+        Op("DELETE", f"{V1}/strategies/{{id}}", strategies.delete, "Delete a strategy that is not running",
+           "strategies", status=204, errors=(409,)),
+        Op("POST", f"{V1}/strategies/start", run_control.start, "Start a strategy run", "runs",
+           body=StartStrategyRequest, response=StatusResponse, errors=(404, 409, 503)),
+        Op("POST", f"{V1}/strategies/stop", run_control.stop, "Stop a strategy run (optionally square off)",
+           "runs", body=StopStrategyRequest, response=StatusResponse, errors=(404, 409, 503)),
+        Op("GET", f"{V1}/strategies/{{id}}/status", status.status, "Live status (SCHEMA 4.7)", "runs",
+           response=StatusResponse),
+        Op("GET", f"{V1}/strategies/{{id}}/orders", status.orders, "Order log, newest first", "runs",
+           response=OrderLogOut, many=True, errors=(422,), query=(_LIMIT,)),
+    ]
+
+
+def ops(health_routes: list[web.RouteDef]) -> list[Op]:
+    """Return every operation: the API, the health/metrics routes, the docs and the dashboard."""
+    health = {route.path: route.handler for route in health_routes}
+    probe = {"type": "object", "properties": {"status": {"type": "string"}}}
+    return [
+        *api_ops(),
+        Op("GET", "/openapi.json", openapi_json, "This document", "meta", auth=False),
+        Op("GET", "/healthz", health["/healthz"], "Process is up", "meta", auth=False, raw_schema=probe),
+        Op("GET", "/readyz", health["/readyz"], "Redis and Postgres answer", "meta", auth=False,
+           errors=(503,), raw_schema=probe),
+        Op("GET", "/metrics", health["/metrics"], "Prometheus metrics", "meta", auth=False,
+           media_type="text/plain", raw_schema={"type": "string"}),
+        Op("GET", "/", _static("index.html", "text/html"), "Dashboard", "meta", auth=False,
+           media_type="text/html", raw_schema={"type": "string"}),
+        Op("GET", "/static/app.js", _static("app.js", "application/javascript"), "Dashboard script", "meta",
+           auth=False, media_type="application/javascript", raw_schema={"type": "string"}),
+    ]
+
+
+def openapi_document(all_ops: list[Op]) -> dict:
+    return build_openapi(all_ops)

@@ -1,0 +1,57 @@
+"""Settings of the API process, read once in main() and passed down."""
+
+from __future__ import annotations
+
+from pydantic import AliasChoices, Field
+
+from libs.service.settings import ServiceSettings
+
+
+class ApiSettings(ServiceSettings):
+    """Everything the HTTP API needs: listen address, auth, crypto, broker, limits."""
+
+    api_port: int = 8080
+    """Port of the API when TICKWISE_HEALTH_PORT is not set (the API serves health on its own port)."""
+    jwt_secret: str = Field("", repr=False)
+    """HS256 signing secret; empty = derived from the secret key (HKDF), so one secret suffices."""
+    jwt_lifetime_s: int = Field(12 * 3600, ge=60)
+    """Lifetime of an access token in seconds (default 12 h)."""
+    secret_key: str = Field("", repr=False)
+    """Base64 32-byte AES-256-GCM key for broker secrets; required unless dev_mode."""
+    secret_keys_retired: str = Field("", repr=False)
+    """Comma-separated retired keys: still decrypt, re-encrypted under secret_key on read."""
+    dev_mode: bool = False
+    """Allow starting without secret_key (an ephemeral key is generated, loudly)."""
+    kite_root: str | None = Field(None, validation_alias=AliasChoices("TICKWISE_KITE_ROOT", "KITE_ROOT"))
+    """Kite REST root; None = the real Kite API, else the paper broker's URL."""
+    kite_timeout_s: float = 7.0
+    """Timeout of one broker call."""
+    client_max_size: int = Field(64 * 1024, ge=1024)
+    """Largest accepted request body in bytes (413 above)."""
+    sell_safety_margin_s: int = Field(120, ge=0)
+    """Sell times must be this far before the MIS square-off at 15:20 IST (nse calendar)."""
+    login_max_failures: int = Field(5, ge=1)
+    """Failed logins allowed per email and per client address in a window; then 429."""
+    login_window_s: int = Field(60, ge=1)
+    """Length of the failed-login window in seconds."""
+    trust_forwarded_for: bool = False
+    """Take the client address from X-Forwarded-For (only behind a trusted proxy)."""
+    argon2_time_cost: int = Field(3, ge=1)
+    """argon2id iterations."""
+    argon2_memory_kib: int = Field(65536, ge=1024)
+    """argon2id memory in KiB."""
+    hash_workers: int = Field(4, ge=1)
+    """Threads hashing passwords (CPU-bound, off the event loop)."""
+    db_pool_size: int = Field(10, ge=1)
+    """SQLAlchemy pool size."""
+    redis_max_connections: int = Field(64, ge=1)
+    """Size of the Redis connection pool."""
+    stop_lock_wait_s: float = Field(5.0, ge=0)
+    """How long stop waits for an executor holding the strategy's lock (an order in flight)."""
+    instruments_ttl_s: int = Field(2 * 86400, ge=60)
+    """TTL of the daily instruments cache."""
+
+    @property
+    def port(self) -> int:
+        """Return the one port serving the API, health and metrics."""
+        return self.health_port or self.api_port

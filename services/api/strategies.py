@@ -1,0 +1,138 @@
+"""Strategy CRUD: create (symbol checked against the broker), list, read, patch, delete.
+
+A running strategy cannot be changed or deleted (409): its config is loaded
+in Redis and the executors act on that copy.
+"""
+
+from __future__ import annotations
+
+from datetime import time
+from uuid import UUID
+
+import structlog
+from aiohttp import web
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from libs.schema import keys
+from libs.schema.models import StrategyCreateRequest, StrategyOut, StrategyStatus, StrategyUpdateRequest
+from libs.schema.tables import Strategy
+from libs.trading.calendar import CalendarError
+from services.api.deps import CALENDAR, REDIS, SESSIONS, current_user, path_uuid, read_model
+from services.api.errors import ApiError, field_error, json_response, not_found
+from services.api.instruments import instrument_token
+
+log = structlog.get_logger("api")
+
+
+def strategy_out(row: Strategy) -> dict:
+    return StrategyOut.model_validate(row).model_dump(mode="json")
+
+
+async def own_strategy(session: AsyncSession, user_id: UUID, strategy_id: UUID, *,
+                       for_update: bool = False) -> Strategy:
+    """Return the caller's strategy; another user's id is as unknown as a made-up one (404)."""
+    stmt = select(Strategy).where(Strategy.id == strategy_id, Strategy.user_id == user_id)
+    if for_update:
+        stmt = stmt.with_for_update()
+    row = await session.scalar(stmt.execution_options(populate_existing=True))
+    if row is None:
+        raise not_found("strategy")
+    return row
+
+
+def check_times(app: web.Application, buy_time: time, sell_time: time) -> None:
+    """422 unless buy is before sell and both fit the trading session of the calendar."""
+    if not buy_time < sell_time:
+        raise field_error(["sell_time"], "buy_time must be before sell_time", "buy_before_sell")
+    try:
+        app[CALENDAR].validate_times(buy_time, sell_time)
+    except CalendarError as exc:
+        field = "buy_time" if str(exc).startswith("buy_time") else "sell_time"
+        raise field_error([field], str(exc), "outside_session", code="outside_session") from None
+
+
+def not_while_running(row: Strategy, action: str) -> None:
+    if row.status == StrategyStatus.running:
+        raise ApiError(409, "strategy_running", f"stop the strategy before you {action} it")
+
+
+async def create(request: web.Request) -> web.Response:
+    """Create a strategy in status `created`."""
+    user_id = current_user(request)
+    body = await read_model(request, StrategyCreateRequest)
+    check_times(request.app, body.buy_time, body.sell_time)
+    await instrument_token(request.app, user_id, body.symbol)
+    row = Strategy(user_id=user_id, symbol=body.symbol, buy_time=body.buy_time, sell_time=body.sell_time,
+                   stop_loss=body.stop_loss, quantity=body.quantity, status=StrategyStatus.created)
+    async with request.app[SESSIONS]() as session:
+        session.add(row)
+        try:
+            await session.commit()
+        except IntegrityError:
+            raise ApiError(401, "invalid_token", "the access token's user no longer exists") from None
+        await session.refresh(row)
+    log.info("strategy created", strategy_id=str(row.id), user_id=str(user_id), symbol=row.symbol)
+    return json_response(strategy_out(row), status=201)
+
+
+async def list_all(request: web.Request) -> web.Response:
+    """List the caller's strategies, oldest first."""
+    user_id = current_user(request)
+    async with request.app[SESSIONS]() as session:
+        rows = await session.scalars(select(Strategy).where(Strategy.user_id == user_id)
+                                     .order_by(Strategy.created_at, Strategy.id))
+        return json_response([strategy_out(row) for row in rows])
+
+
+async def get_one(request: web.Request) -> web.Response:
+    """Return one of the caller's strategies."""
+    user_id = current_user(request)
+    strategy_id = path_uuid(request)
+    async with request.app[SESSIONS]() as session:
+        return json_response(strategy_out(await own_strategy(session, user_id, strategy_id)))
+
+
+async def patch(request: web.Request) -> web.Response:
+    """Change given fields of a strategy that is not running."""
+    user_id = current_user(request)
+    strategy_id = path_uuid(request)
+    body = await read_model(request, StrategyUpdateRequest)
+    changes = body.model_dump(exclude_unset=True)
+    for name, value in changes.items():
+        if value is None:
+            raise field_error([name], f"{name} cannot be null; leave it out to keep it", "null_not_allowed")
+    async with request.app[SESSIONS]() as session:
+        row = await own_strategy(session, user_id, strategy_id)
+        not_while_running(row, "change")
+    check_times(request.app, changes.get("buy_time", row.buy_time), changes.get("sell_time", row.sell_time))
+    if "symbol" in changes and changes["symbol"] != row.symbol:
+        await instrument_token(request.app, user_id, changes["symbol"])
+    async with request.app[SESSIONS]() as session:
+        row = await own_strategy(session, user_id, strategy_id, for_update=True)
+        not_while_running(row, "change")
+        merged_buy, merged_sell = changes.get("buy_time", row.buy_time), changes.get("sell_time", row.sell_time)
+        if not merged_buy < merged_sell:  # changed by a concurrent PATCH meanwhile
+            raise field_error(["sell_time"], "buy_time must be before sell_time", "buy_before_sell")
+        for name, value in changes.items():
+            setattr(row, name, value)
+        await session.commit()
+        await session.refresh(row)
+    log.info("strategy updated", strategy_id=str(strategy_id), fields=sorted(changes))
+    return json_response(strategy_out(row))
+
+
+async def delete(request: web.Request) -> web.Response:
+    """Delete a strategy that is not running (its order log goes with it)."""
+    user_id = current_user(request)
+    strategy_id = path_uuid(request)
+    async with request.app[SESSIONS]() as session:
+        row = await own_strategy(session, user_id, strategy_id, for_update=True)
+        not_while_running(row, "delete")
+        if await request.app[REDIS].exists(keys.strategy_key(strategy_id)):
+            raise ApiError(409, "strategy_exiting", "a square-off of this strategy is still in progress")
+        await session.delete(row)
+        await session.commit()
+    log.info("strategy deleted", strategy_id=str(strategy_id))
+    return web.Response(status=204)

@@ -1,0 +1,193 @@
+"""Fixtures and helpers for the API tests: the real app on real Redis, Postgres and the Kite simulator.
+
+Import the fixtures into a test module (`from tests.integration.api_support import api, logs  # noqa: F401`).
+`api` serves `services.api` in-process through aiohttp's test server; `run_api_process` runs
+`python -m services.api` as a real subprocess.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from deploy.local.procs import free_port
+from libs.service.logging import configure_logging
+from libs.service.secretbox import generate_key
+from libs.trading.calendar import IST
+from services.api.app import build_app
+from services.api.settings import ApiSettings
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SECRET_KEY = generate_key()
+PASSWORD = "correct-horse-battery"
+
+
+def make_settings(redis_url: str, database_url: str, sim_url: str, **overrides: Any) -> ApiSettings:
+    """Return test settings: paper broker, always-open calendar, cheap argon2."""
+    values: dict[str, Any] = {
+        "redis_url": redis_url, "database_url": database_url, "secret_key": SECRET_KEY,
+        "market_calendar": "always_open", "kite_root": sim_url, "argon2_time_cost": 1,
+        "argon2_memory_kib": 8192, "kite_timeout_s": 3.0, "stop_lock_wait_s": 1.0,
+    }
+    values.update(overrides)
+    return ApiSettings(**values)
+
+
+def clock(offset_s: int) -> str:
+    """Return IST wall-clock time `offset_s` from now as HH:MM:SS (clamped inside the day)."""
+    moment = datetime.now(IST) + timedelta(seconds=offset_s)
+    if moment.date() != datetime.now(IST).date():
+        moment = datetime.now(IST).replace(hour=23, minute=59, second=59)
+    return moment.strftime("%H:%M:%S")
+
+
+@dataclass
+class User:
+    id: str
+    email: str
+    token: str
+    password: str = PASSWORD
+    broker: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+
+@dataclass
+class Reply:
+    status: int
+    body: Any
+    text: str
+    headers: Any
+
+
+class ApiHarness:
+    """Call the API like a client would; remember every response text for secret scans."""
+
+    def __init__(self, client: TestClient, app: web.Application, sim: Any) -> None:
+        self.client, self.app, self.sim = client, app, sim
+        self.texts: list[str] = []
+
+    async def call(self, method: str, path: str, body: Any = None, *, user: User | None = None,
+                   data: bytes | None = None, headers: dict[str, str] | None = None,
+                   expect: int | None = None) -> Reply:
+        hdrs = dict(headers or {})
+        if user is not None:
+            hdrs.update(user.auth)
+        payload = data if data is not None else (orjson.dumps(body) if body is not None else None)
+        if payload is not None:
+            hdrs.setdefault("Content-Type", "application/json")
+        async with self.client.request(method, path, data=payload, headers=hdrs) as resp:
+            text = await resp.text()
+            self.texts.append(text + "\n" + "\n".join(f"{k}: {v}" for k, v in resp.headers.items()))
+            try:
+                parsed = orjson.loads(text) if text else None
+            except orjson.JSONDecodeError:
+                parsed = None
+            reply = Reply(resp.status, parsed, text, resp.headers)
+        if expect is not None:
+            assert reply.status == expect, f"{method} {path} -> {reply.status} {reply.text[:500]}"
+        return reply
+
+    async def v1(self, method: str, path: str, body: Any = None, **kw: Any) -> Reply:
+        return await self.call(method, "/api/v1" + path, body, **kw)
+
+    async def user(self, name: str = "Trader") -> User:
+        email = f"{name.lower()}-{uuid.uuid4().hex[:8]}@example.com"
+        created = await self.v1("POST", "/auth/register", {"email": email, "password": PASSWORD, "name": name},
+                                expect=201)
+        login = await self.v1("POST", "/auth/login", {"email": email, "password": PASSWORD}, expect=200)
+        return User(id=created.body["id"], email=email, token=login.body["access_token"])
+
+    async def connected_user(self, name: str = "Trader") -> User:
+        user = await self.user(name)
+        await self.connect(user)
+        return user
+
+    async def connect(self, user: User) -> dict[str, str]:
+        account = self.sim.create_account(user_name=user.email)
+        user.broker = account
+        await self.v1("POST", "/broker/connect", {k: account[k] for k in ("api_key", "api_secret", "access_token")},
+                      user=user, expect=200)
+        return account
+
+    async def strategy(self, user: User, **fields: Any) -> dict[str, Any]:
+        body = {"symbol": "INFY", "buy_time": clock(3600), "sell_time": clock(7200), "stop_loss": 1400.5,
+                "quantity": 10} | fields
+        return (await self.v1("POST", "/strategies", body, user=user, expect=201)).body
+
+
+@pytest.fixture
+def logs() -> Iterator[io.StringIO]:
+    """Capture every log line the API writes (JSON, through the redacting processor)."""
+    buffer = io.StringIO()
+    configure_logging("DEBUG", "json", stream=buffer)
+    yield buffer
+
+
+async def start_harness(settings: ApiSettings, sim: Any) -> AsyncIterator[ApiHarness]:
+    app = build_app(settings)
+    async with TestServer(app) as server, TestClient(server) as client:
+        yield ApiHarness(client, app, sim)
+
+
+@pytest.fixture
+async def api(redis: Any, clean_db: str, redis_url: str, sim: Any, logs: io.StringIO) -> AsyncIterator[ApiHarness]:
+    """The API app on a test server, with clean Redis, Postgres and simulator."""
+    settings = make_settings(redis_url, clean_db, sim.base_url)
+    async for harness in start_harness(settings, sim):
+        yield harness
+
+
+@contextmanager
+def run_api_process(env: dict[str, str], port: int | None = None) -> Iterator[tuple[subprocess.Popen, str, Path]]:
+    """Run `python -m services.api` with env; yield (process, base URL, log path) once /readyz is 200."""
+    port = port or free_port()
+    log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"tickwise-api-{port}.log"
+    full_env = {**os.environ, **env, "TICKWISE_HEALTH_PORT": str(port),
+                "PYTHONPATH": str(REPO_ROOT)}
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "services.api"], cwd=REPO_ROOT, env=full_env,
+                                stdout=log_file, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"api exited {proc.returncode}: {log_path.read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(base + "/readyz", timeout=1) as resp:
+                    if resp.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"api not ready: {log_path.read_text()[-2000:]}")
+            time.sleep(0.05)
+        yield proc, base, log_path
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
