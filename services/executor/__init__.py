@@ -1,0 +1,46 @@
+"""Executor: turn `queue:orders` events into broker orders, exactly once at the broker.
+
+Delivery contract. The stream delivers at least once (XREADGROUP in group
+`executors`; entries of a dead consumer are XAUTOCLAIMed after an idle
+timeout; redelivery after any crash). The broker sees each order intent at
+most once, because:
+
+1. Lock: `lock_state:{id}` (SET NX PX with an owner token, renewed while held,
+   released by compare-and-delete) serialises all work on one strategy across
+   every executor replica.
+2. State machine: `runtime:{id}.position` admits BUY only from `none` and
+   SELL/STOPLOSS only from `bought`; a duplicate or late event is acked as
+   `skipped` with a log row and never reaches the broker.
+3. Deterministic tags: every order carries `order_tag(strategy, run, day,
+   entry|exit)`; SELL, STOPLOSS and square-off share the exit tag, so one run
+   has at most one live exit order.
+4. Tag lookup when in doubt: before any entry order, on every retry or
+   redelivered entry, and after any ambiguous failure (timeout, 5xx, reset)
+   the day's order book is searched for the tag; a live or filled order found
+   there is confirmed instead of placing another. An exit that finds position
+   `none` asks the broker for a filled entry before skipping (runtime may have
+   been lost with Redis).
+5. Fill before state: order history is polled until COMPLETE / REJECTED /
+   CANCELLED before `position` changes; an unconfirmed fill is ambiguous and
+   retried through the tag lookup.
+6. Ack last: the runtime update, its control message, the order-log row and
+   any follow-up ABORT are one Lua commit; the entry is acked in that commit,
+   or (when the run ended) right after the run is unloaded. A crash anywhere
+   before the ack redelivers the entry, and 1-5 make the redelivery harmless;
+   the row id is derived from the entry, so the Postgres writer keeps one.
+
+Failures: RETRYABLE/AMBIGUOUS broker errors (after the tag lookup) become a
+RETRY event in `schedule` with exponential backoff and jitter; past
+`retry_max_attempts` an ABORT event fails the run. A rejected BUY fails the
+run at once; a rejected exit retries, then aborts loudly (the position stays
+open, and the log says what a human must do). A refused token (AUTH) aborts.
+Malformed entries and entries delivered more than `max_deliveries` times go
+to `queue:orders:dead` with their reason before they are acked.
+
+Redis is rebuilt from the broker: at start and whenever Redis lost state (its
+run_id changed, or the consumer group vanished) runtime is reconciled from
+the order book by tag before consuming again. The order-log writer (group
+`log-writers`) runs in this process as its own task and is the only part that
+touches Postgres; Postgres down never stops trading. Per Kite api_key, orders
+are rate-limited across replicas by a shared Redis window.
+"""

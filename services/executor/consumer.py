@@ -1,0 +1,183 @@
+"""Consume `queue:orders` in group `executors`: read, claim, bound, drain.
+
+New entries come from XREADGROUP (`>`), at most `max_in_flight` at a time;
+entries a dead consumer left pending are taken over with XAUTOCLAIM once idle
+longer than `claim_idle_ms`, with their delivery count from XPENDING so that
+an entry that keeps failing ends in the dead-letter stream. A handler error
+leaves the entry pending (never acked), so it is retried by a later claim.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from libs.schema import keys
+from libs.service.logging import get_logger
+from services.executor import metrics
+from services.executor.handler import OrderHandler
+from services.executor.settings import ExecutorSettings
+from services.executor.state import LockTimeout
+
+
+async def ensure_group(redis: Redis, stream: str, group: str) -> None:
+    """Create the consumer group (and the stream) unless it exists."""
+    try:
+        # From 0, not $: events queued while no executor ran must still be handled.
+        await redis.xgroup_create(stream, group, id="0", mkstream=True)
+    except ResponseError as error:
+        if "BUSYGROUP" not in str(error):
+            raise
+
+
+def is_nogroup(error: BaseException) -> bool:
+    return isinstance(error, ResponseError) and "NOGROUP" in str(error)
+
+
+class OrderConsumer:
+    """Feed stream entries to the handler with bounded concurrency."""
+
+    def __init__(self, settings: ExecutorSettings, redis: Redis, handler: OrderHandler, name: str,
+                 on_state_lost: Callable[[str], Awaitable[None]]) -> None:
+        self.settings, self.redis, self.handler, self.name = settings, redis, handler, name
+        self.on_state_lost = on_state_lost
+        self.log = get_logger("executor.consumer", consumer=name)
+        self.resume = asyncio.Event()
+        self.resume.set()
+        self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._slot_freed = asyncio.Event()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Read and handle entries until `stop`; then drain within the grace period."""
+        claimer = asyncio.create_task(self._claim_loop(stop), name="orders-claimer")
+        try:
+            while not stop.is_set():
+                if not self.resume.is_set():
+                    await _wait_any(self.resume.wait(), stop.wait())
+                    continue
+                free = self.settings.max_in_flight - len(self._inflight)
+                if free <= 0:
+                    self._slot_freed.clear()
+                    await _wait_any(self._slot_freed.wait(), stop.wait())
+                    continue
+                try:
+                    reply = await self.redis.xreadgroup(keys.EXECUTORS_GROUP, self.name, {keys.ORDERS_STREAM: ">"},
+                                                        count=free, block=self.settings.read_block_ms)
+                except ResponseError as error:
+                    if not is_nogroup(error) and "no longer exists" not in str(error):
+                        raise
+                    await self.on_state_lost("consumer group missing")
+                    continue
+                except (RedisConnectionError, RedisTimeoutError) as error:
+                    self.log.warning("redis unavailable; retrying", error=str(error))
+                    await _sleep_unless(stop, 0.5)
+                    continue
+                for _stream, entries in reply or []:
+                    for msg_id, fields in entries:
+                        self._start(_text(msg_id), fields, 1)
+        finally:
+            await self._drain()
+            claimer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await claimer
+
+    def _start(self, msg_id: str, fields: dict[bytes, bytes], deliveries: int) -> None:
+        if msg_id in self._inflight:
+            return
+        self._inflight[msg_id] = asyncio.create_task(self._handle(msg_id, fields, deliveries), name=f"order-{msg_id}")
+        metrics.IN_FLIGHT.set(len(self._inflight))
+
+    async def _handle(self, msg_id: str, fields: dict[bytes, bytes], deliveries: int) -> None:
+        try:
+            await self.handler.handle_entry(msg_id, fields, deliveries)
+        except LockTimeout as error:
+            self.log.warning("strategy lock busy; entry left pending", msg_id=msg_id, error=str(error))
+        except RedisError as error:
+            self.log.error("redis failed mid-event; entry left pending", msg_id=msg_id, error=str(error))
+        except Exception:  # noqa: BLE001 - one bad event must not stop the consumer; it stays pending
+            self.log.exception("event handling crashed; entry left pending", msg_id=msg_id)
+        finally:
+            self._inflight.pop(msg_id, None)
+            metrics.IN_FLIGHT.set(len(self._inflight))
+            self._slot_freed.set()
+
+    async def _claim_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            if self.resume.is_set():
+                try:
+                    await self.claim_abandoned()
+                except ResponseError as error:
+                    if not is_nogroup(error):
+                        self.log.error("claim failed", error=str(error))
+                except RedisError as error:
+                    self.log.warning("claim failed; redis unavailable", error=str(error))
+            await _sleep_unless(stop, self.settings.claim_interval_s)
+
+    async def claim_abandoned(self) -> int:
+        """Take over entries pending too long elsewhere; return how many were started."""
+        started, cursor = 0, "0-0"
+        while True:
+            free = self.settings.max_in_flight - len(self._inflight)
+            if free <= 0:
+                return started
+            reply: Any = await self.redis.xautoclaim(keys.ORDERS_STREAM, keys.EXECUTORS_GROUP, self.name,
+                                                     min_idle_time=self.settings.claim_idle_ms,
+                                                     start_id=cursor, count=free)
+            cursor, entries = _text(reply[0]), [(_text(i), f) for i, f in reply[1] if f is not None]
+            if entries:
+                counts = await self._delivery_counts([i for i, _ in entries])
+                for msg_id, fields in entries:
+                    self.log.warning("claimed abandoned entry", msg_id=msg_id, deliveries=counts.get(msg_id, 2))
+                    self._start(msg_id, fields, counts.get(msg_id, 2))
+                    started += 1
+            if cursor == "0-0" or not entries:
+                return started
+
+    async def _delivery_counts(self, ids: list[str]) -> dict[str, int]:
+        pending = await self.redis.xpending_range(keys.ORDERS_STREAM, keys.EXECUTORS_GROUP, min=ids[0],
+                                                  max=ids[-1], count=len(ids) * 4 + 10, consumername=self.name)
+        return {_text(p["message_id"]): int(p["times_delivered"]) for p in pending}
+
+    async def _drain(self) -> None:
+        if not self._inflight:
+            return
+        tasks = list(self._inflight.values())
+        self.log.info("draining in-flight events", count=len(tasks))
+        _done, pending = await asyncio.wait(tasks, timeout=self.settings.shutdown_grace_s)
+        for task in pending:
+            task.cancel()
+        if pending:
+            self.log.warning("cancelled events still in flight after the grace period; they stay pending",
+                             count=len(pending))
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    async def wait_idle(self) -> None:
+        """Wait until no event is in flight (used before reconciling)."""
+        while self._inflight:
+            await asyncio.gather(*self._inflight.values(), return_exceptions=True)
+
+
+async def _wait_any(*aws: Awaitable[Any]) -> None:
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -1,0 +1,281 @@
+"""Handle one `queue:orders` entry: lock, state machine, broker, one commit.
+
+Per entry: dead-letter it if malformed or delivered too often; otherwise take
+the strategy's lock, decide (skip, place/confirm, retry, fail, abort), write
+the outcome with one commit script (runtime + control + log row + ack), and
+for a run that ended, unload it before acking. See `services.executor` for
+the delivery contract this implements.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from redis.asyncio import Redis
+
+from libs.broker.kite import BrokerError, BrokerErrorKind
+from libs.schema import keys
+from libs.schema.codec import dumps
+from libs.schema.models import (
+    AbortEvent,
+    BrokerOrder,
+    ControlMessage,
+    Event,
+    EventType,
+    MalformedEvent,
+    OrderLogStatus,
+    Position,
+    RetryEvent,
+    RuntimeState,
+    StrategyConfig,
+    TransactionType,
+    event_to_json,
+    parse_event,
+)
+from libs.service.logging import get_logger
+from libs.trading.calendar import MarketCalendar
+from libs.trading.runs import loaded_config, plan_run, schedule_event, unload_run
+from libs.trading.tags import intent_of, order_tag
+from services.executor import metrics
+from services.executor.credentials import CredentialStore, CredentialsUnavailable
+from services.executor.outcome import Outcome, skipped
+from services.executor.placement import COMPLETE, OrderPlacer, OrderResult
+from services.executor.ratelimit import RateLimitTimeout
+from services.executor.settings import ExecutorSettings
+from services.executor.state import OrderState
+
+EXIT_POSITIONS = frozenset({Position.sold, Position.exited_by_sl})
+
+
+class OrderHandler:
+    """Turn one stream entry into at most one broker order and exactly one log row."""
+
+    def __init__(self, settings: ExecutorSettings, redis: Redis, state: OrderState, credentials: CredentialStore,
+                 placer: OrderPlacer, calendar: MarketCalendar) -> None:
+        self.settings, self.redis, self.state = settings, redis, state
+        self.credentials, self.placer, self.calendar = credentials, placer, calendar
+        self.log = get_logger("executor")
+        self.processed = 0
+        self.failed = 0
+
+    async def handle_entry(self, msg_id: str, fields: dict[bytes, bytes], deliveries: int) -> bool:
+        """Handle one entry; return True once it is acked (False leaves it pending)."""
+        raw = fields.get(b"event")
+        if deliveries > self.settings.max_deliveries:
+            return await self._dead(msg_id, raw or b"", f"delivered {deliveries} times "
+                                    f"(limit {self.settings.max_deliveries})", deliveries)
+        if raw is None:
+            return await self._dead(msg_id, b"", "entry has no `event` field", deliveries)
+        try:
+            event = parse_event(raw)
+        except MalformedEvent as error:
+            return await self._dead(msg_id, raw, f"malformed event: {error.reason}", deliveries)
+        log = self.log.bind(strategy_id=str(event.strategy_id), event_type=event.event_type.value,
+                            attempt=event.attempt, msg_id=msg_id)
+        async with self.state.strategy_lock(str(event.strategy_id)):
+            outcome, config = await self.decide(event, deliveries, log)
+            await self.finish(event, msg_id, outcome, config, log)
+        return True
+
+    async def _dead(self, msg_id: str, raw: bytes, reason: str, deliveries: int) -> bool:
+        await self.state.dead_letter(msg_id, raw, reason, deliveries)
+        metrics.DEAD_LETTERS.labels(stream=keys.ORDERS_DEAD_STREAM).inc()
+        self.log.error("entry dead-lettered", msg_id=msg_id, reason=reason, deliveries=deliveries)
+        return True
+
+    async def decide(self, event: Event, deliveries: int, log: Any) -> tuple[Outcome, StrategyConfig | None]:
+        """Return what to do with the event and the loaded config of its run (if any)."""
+        sid = str(event.strategy_id)
+        config = await loaded_config(self.redis, sid)
+        if isinstance(event, AbortEvent):
+            return self.abort_run(event, config, await self._position(sid), log), config
+        if config is None or config.run_id != event.run_id:
+            return skipped(event, "run not loaded", loaded_run_id=config.run_id if config else None), config
+        kind = event.retry_of if isinstance(event, RetryEvent) else event.event_type
+        position = await self._position(sid)
+        lookup = kind == EventType.BUY or event.attempt > 1 or deliveries > 1
+        if kind == EventType.BUY and position != Position.none:
+            return skipped(event, f"BUY needs position none, found {position.value}"), config
+        if kind != EventType.BUY and position in EXIT_POSITIONS:
+            # Already exited; if the run is still loaded a crash came between the
+            # exit's commit and its unload, so finish that unload now.
+            out = skipped(event, f"{kind.value} needs position bought, found {position.value}")
+            out.unload = config
+            return out, config
+        if kind != EventType.BUY and position == Position.none:
+            out = await self._exit_without_position(event, kind, config, log)
+            if out is not None:
+                return out, config
+            lookup = True
+        return await self.place(event, kind, config, lookup, log), config
+
+    async def _position(self, sid: str) -> Position:
+        return RuntimeState.from_redis_hash(await self.redis.hgetall(keys.runtime_key(sid))).position
+
+    async def _exit_without_position(self, event: Event, kind: EventType, config: StrategyConfig,
+                                     log: Any) -> Outcome | None:
+        """Ask the broker before skipping an exit: runtime may have been lost with Redis."""
+        try:
+            creds = await self.credentials.get(str(config.user_id))
+            entry_tag = order_tag(config.strategy_id, config.run_id, event.trading_day, "entry")
+            entry = await self.placer.find_by_tag(creds, entry_tag, accept_dead=False)
+        except (BrokerError, CredentialsUnavailable) as error:
+            return self.retry_or_abort(event, kind, {"event": event.model_dump(mode="json")},
+                                       {"error": str(error), "while": "checking the entry order"}, None, log)
+        if entry is not None and entry.get("status") == COMPLETE:
+            log.warning("runtime lost a filled entry; exiting per the broker", entry_order=entry.get("order_id"))
+            return None
+        out = skipped(event, f"{kind.value} needs position bought, found none (no filled entry at the broker)")
+        if kind == EventType.SELL:
+            # Sell time came with nothing bought: the run is over. Unloading also
+            # stops a late BUY retry from opening a position with no SELL left.
+            out.unload = config
+            if not event.metadata.get("square_off"):
+                out.strategy_status, out.failure_reason = "failed", "no position at sell time (entry never filled)"
+        return out
+
+    async def place(self, event: Event, kind: EventType, config: StrategyConfig, lookup: bool, log: Any) -> Outcome:
+        """Place (or find) the order of this event and turn the result into an outcome."""
+        tag = order_tag(config.strategy_id, config.run_id, event.trading_day, intent_of(kind.value))
+        side = TransactionType.BUY if kind == EventType.BUY else TransactionType.SELL
+        order = BrokerOrder(symbol=config.symbol, quantity=config.quantity, transaction_type=side,
+                            exchange=config.exchange, product=config.product, tag=tag)
+        request = {"order": order.model_dump(mode="json"), "attempt": event.attempt, "retry_of": kind.value}
+        log = log.bind(tag=tag)
+        try:
+            creds = await self.credentials.get(str(config.user_id))
+            result = await self.placer.execute(creds, order, lookup_first=lookup, accept_dead=kind == EventType.BUY)
+        except CredentialsUnavailable as error:
+            return self.abort_now(event, request, {"error": str(error)}, tag, "credentials", log)
+        except BrokerError as error:
+            if error.kind == BrokerErrorKind.AUTH:
+                return self.abort_now(event, request, error.as_payload(), tag, "auth", log)
+            if error.kind == BrokerErrorKind.FINAL and kind == EventType.BUY:
+                return self.fail_run(event, config, request, error.as_payload(), tag, None,
+                                     f"entry order refused: {error.message}", log)
+            log.warning("order attempt failed", error_kind=error.kind.value, error=error.message)
+            return self.retry_or_abort(event, kind, request, error.as_payload(), tag, log)
+        except RateLimitTimeout as error:
+            return self.retry_or_abort(event, kind, request, {"error": str(error)}, tag, log)
+        log = log.bind(order_id=result.order_id)
+        if result.filled:
+            return self.filled(event, kind, config, request, result, log)
+        if kind == EventType.BUY:
+            return self.fail_run(event, config, request, result.payload(), tag, result.order_id,
+                                 f"entry order {result.status}: {result.status_message}", log)
+        log.error("exit order not filled; position still open, retrying", status=result.status,
+                  status_message=result.status_message)
+        return self.retry_or_abort(event, kind, request, result.payload(), tag, log)
+
+    def filled(self, event: Event, kind: EventType, config: StrategyConfig, request: dict[str, Any],
+               result: OrderResult, log: Any) -> Outcome:
+        """Record a confirmed fill: new position, control message, and the run's end on an exit."""
+        now = datetime.now(UTC)
+        if kind == EventType.BUY:
+            position = Position.bought
+            fields = RuntimeState.hash_fields(position=position, last_buy_order=result.order_id,
+                                              last_price=result.average_price, last_action="BUY", updated_at=now)
+        else:
+            position = Position.exited_by_sl if kind == EventType.STOPLOSS else Position.sold
+            fields = RuntimeState.hash_fields(position=position, last_sell_order=result.order_id,
+                                              last_price=result.average_price, last_action=kind.value,
+                                              updated_at=now)
+        control = ControlMessage(action="position", strategy_id=config.strategy_id, symbol=config.symbol,
+                                 stop_loss=config.stop_loss, position=position, run_id=config.run_id)
+        out = Outcome(OrderLogStatus.success, request, result.payload(), tag=result.broker_order.get("tag")
+                      or request["order"]["tag"], order_id=result.order_id, runtime=fields, control=control)
+        if kind != EventType.BUY:
+            out.unload = config
+            # A square-off exits a strategy the user already stopped: it stays stopped.
+            out.strategy_status = None if event.metadata.get("square_off") else "exited"
+        log.info("order filled", position=position.value, price=result.average_price,
+                 found_by_tag=result.found_by_tag)
+        return out
+
+    def fail_run(self, event: Event, config: StrategyConfig, request: dict[str, Any], response: dict[str, Any],
+                 tag: str | None, order_id: str | None, reason: str, log: Any) -> Outcome:
+        """End the run as failed now (a refused entry: nothing is held)."""
+        metrics.ABORTS.labels(kind="entry_rejected").inc()
+        log.error("strategy failed", reason=reason)
+        return Outcome(OrderLogStatus.failed, request, response, tag=tag, order_id=order_id,
+                       strategy_status="failed", failure_reason=reason, unload=config)
+
+    def abort_now(self, event: Event, request: dict[str, Any], response: dict[str, Any], tag: str | None,
+                  kind: str, log: Any) -> Outcome:
+        """Queue an ABORT for the run (credentials or token refused): retrying cannot help."""
+        reason = f"broker refused the credentials: {response.get('message') or response.get('error')}"
+        log.error("broker credentials refused; aborting the run", reason=reason)
+        return Outcome(OrderLogStatus.failed, request, response, tag=tag, abort=self._abort_event(event, reason))
+
+    def retry_or_abort(self, event: Event, kind: EventType, request: dict[str, Any], response: dict[str, Any],
+                       tag: str | None, log: Any) -> Outcome:
+        """Schedule a RETRY with backoff and jitter, or past the limit queue an ABORT."""
+        attempt = event.attempt + 1
+        if attempt > self.settings.retry_max_attempts:
+            reason = f"{kind.value} failed after {event.attempt} attempts: " \
+                     f"{response.get('message') or response.get('error') or response.get('status')}"
+            log.error("retries exhausted; aborting the run", reason=reason)
+            return Outcome(OrderLogStatus.failed, request, {**response, "aborting": True}, tag=tag,
+                           abort=self._abort_event(event, reason))
+        ceiling = min(self.settings.retry_cap_s, self.settings.retry_base_s * 2 ** (event.attempt - 1))
+        delay = random.uniform(ceiling / 2, ceiling)
+        metadata = dict(event.metadata)
+        if event.event_type == EventType.STOPLOSS:
+            metadata["trigger_price"] = event.trigger_price  # type: ignore[union-attr]
+        retry = RetryEvent(strategy_id=event.strategy_id, run_id=event.run_id, trading_day=event.trading_day,
+                           attempt=attempt, retry_of=kind, price=event.price, trigger_time=event.trigger_time,
+                           metadata=metadata)
+        metrics.RETRIES.labels(event_type=kind.value).inc()
+        log.warning("retry scheduled", next_attempt=attempt, delay_s=round(delay, 3))
+        return Outcome(OrderLogStatus.failed, request, {**response, "retry_attempt": attempt,
+                       "retry_in_s": round(delay, 3)}, tag=tag,
+                       retry=(retry, int(time.time() * 1000 + delay * 1000)))
+
+    def _abort_event(self, event: Event, reason: str) -> AbortEvent:
+        metadata = {k: v for k, v in event.metadata.items() if k == "square_off"}
+        return AbortEvent(strategy_id=event.strategy_id, run_id=event.run_id, trading_day=event.trading_day,
+                          attempt=event.attempt, reason=reason[:500], metadata=metadata)
+
+    def abort_run(self, event: AbortEvent, config: StrategyConfig | None, position: Position, log: Any) -> Outcome:
+        """Fail the run: unload it (if still loaded) and record why, loudly."""
+        metrics.ABORTS.labels(kind="abort_event").inc()
+        out = Outcome(OrderLogStatus.failed, {"event": event.model_dump(mode="json")}, {"aborted": event.reason},
+                      failure_reason=event.reason,
+                      strategy_status=None if event.metadata.get("square_off") else "failed")
+        if config is not None and config.run_id == event.run_id:
+            out.unload = config
+            if position == Position.bought:
+                log.error("run aborted with the position still open: a human must square it off in Kite",
+                          symbol=config.symbol, quantity=config.quantity, reason=event.reason)
+        log.error("strategy run aborted", reason=event.reason)
+        return out
+
+    async def finish(self, event: Event, msg_id: str, outcome: Outcome, config: StrategyConfig | None,
+                     log: Any) -> None:
+        """Write the outcome (one commit), unload an ended run, then ack."""
+        user_id = config.user_id if config is not None and config.run_id == event.run_id else None
+        row = outcome.row(event, user_id, msg_id)
+        if outcome.retry is not None:
+            # Before the commit: a crash in between redelivers the entry, which
+            # schedules the same (deterministic) member again instead of losing it.
+            await schedule_event(self.redis, *outcome.retry)
+        ended = outcome.unload
+        await self.state.commit(
+            strategy_id=str(event.strategy_id), run_id=event.run_id, row=dumps(row), runtime_fields=outcome.runtime,
+            control=dumps(outcome.control) if outcome.control else None,
+            abort_event=event_to_json(outcome.abort) if outcome.abort else None,
+            ack_msg_id=None if ended is not None else msg_id)
+        if ended is not None:
+            plan = plan_run(ended, self.calendar, datetime.fromisoformat(ended.run_id))
+            await unload_run(self.redis, ended, plan)
+            await self.state.ack(msg_id)
+        self.processed += 1
+        if outcome.status == OrderLogStatus.failed:
+            self.failed += 1
+        metrics.EVENTS.labels(event_type=event.event_type.value, outcome=outcome.outcome_label).inc()
+        log.info("event handled", status=outcome.status.value, order_id=outcome.order_id,
+                 strategy_status=outcome.strategy_status, **({"skipped": outcome.response.get("skipped")}
+                                                             if outcome.status == OrderLogStatus.skipped else {}))

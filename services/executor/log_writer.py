@@ -1,0 +1,195 @@
+"""Copy order-log rows from `queue:order_logs` into Postgres, exactly once per row.
+
+Group `log-writers`, one consumer per process. Rows are inserted in batches
+with `ON CONFLICT (id) DO NOTHING` (the id is derived from the stream entry,
+so a row delivered twice is inserted once), and in the same transaction a
+row's terminal outcome is applied: `UPDATE strategies SET status=exited|failed
+... WHERE id=.. AND status='running' AND started_at=<the row's run>`, so a stop
+or a newer run is never overwritten. Entries are acked (and deleted: the
+stream is a buffer, Postgres the record) only after the commit. While Postgres
+is down the batch is retried with capped backoff, forever: rows wait in the
+stream, nothing is acked or lost, and trading goes on (the order path never
+touches Postgres). A row Postgres refuses for good goes to
+`queue:order_logs:dead`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from pydantic import ValidationError
+from redis.asyncio import Redis
+from redis.exceptions import RedisError, ResponseError
+from sqlalchemy import and_, select, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.exc import DataError, IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.sql import func
+
+from libs.schema import keys
+from libs.schema.models import OrderLogRow, StrategyStatus
+from libs.schema.tables import OrderLog, Strategy
+from libs.service.logging import get_logger
+from services.executor import metrics
+from services.executor.consumer import ensure_group, is_nogroup
+
+DEAD_MAXLEN = 100_000
+_PERMANENT = (IntegrityError, DataError)
+
+
+class OrderLogWriter:
+    """Batch rows from the stream into `order_logs` and apply terminal statuses."""
+
+    def __init__(self, redis: Redis, engine: AsyncEngine, name: str, *, batch: int, block_ms: int,
+                 claim_idle_ms: int, backoff_max_s: float) -> None:
+        self.redis, self.engine, self.name = redis, engine, name
+        self.batch, self.block_ms, self.claim_idle_ms, self.backoff_max_s = batch, block_ms, claim_idle_ms, backoff_max_s
+        self.log = get_logger("executor.log_writer", consumer=name)
+        self.written = 0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Write rows until `stop`; a batch being retried is left pending for the next writer."""
+        await ensure_group(self.redis, keys.ORDER_LOGS_STREAM, keys.LOG_WRITERS_GROUP)
+        claim_at = 0.0
+        loop = asyncio.get_running_loop()
+        while not stop.is_set():
+            try:
+                if loop.time() >= claim_at:
+                    claim_at = loop.time() + max(1.0, self.claim_idle_ms / 4000)
+                    entries = await self._claimed()
+                else:
+                    entries = []
+                if not entries:
+                    reply = await self.redis.xreadgroup(keys.LOG_WRITERS_GROUP, self.name,
+                                                        {keys.ORDER_LOGS_STREAM: ">"}, count=self.batch,
+                                                        block=self.block_ms)
+                    entries = [(_text(i), f) for _s, es in reply or [] for i, f in es]
+                if entries:
+                    await self.write(entries, stop)
+                await self._update_lag()
+            except ResponseError as error:
+                if not is_nogroup(error):
+                    raise
+                await ensure_group(self.redis, keys.ORDER_LOGS_STREAM, keys.LOG_WRITERS_GROUP)
+            except RedisError as error:
+                self.log.warning("redis unavailable; retrying", error=str(error))
+                await _sleep_unless(stop, 0.5)
+
+    async def _claimed(self) -> list[tuple[str, dict[bytes, bytes]]]:
+        reply: Any = await self.redis.xautoclaim(keys.ORDER_LOGS_STREAM, keys.LOG_WRITERS_GROUP, self.name,
+                                                 min_idle_time=self.claim_idle_ms, start_id="0-0", count=self.batch)
+        return [(_text(i), f) for i, f in reply[1] if f is not None]
+
+    async def write(self, entries: list[tuple[str, dict[bytes, bytes]]], stop: asyncio.Event) -> None:
+        """Commit a batch (retrying through outages), then ack and delete it."""
+        rows: list[tuple[str, OrderLogRow]] = []
+        for msg_id, fields in entries:
+            try:
+                rows.append((msg_id, OrderLogRow.model_validate_json(fields[b"row"])))
+            except (KeyError, ValidationError, ValueError) as error:
+                await self._dead(msg_id, fields.get(b"row", b""), f"malformed row: {error}")
+        delay = 0.1
+        while rows:
+            try:
+                refused = await self._commit(rows)
+                metrics.WRITER_UP.set(1)
+                break
+            except _PERMANENT as error:
+                # One bad row must not block the rest: fall back to one row per transaction.
+                self.log.warning("batch refused; writing rows one by one", error=str(error.orig))
+                refused = await self._commit_each(rows)
+                break
+            except Exception as error:  # noqa: BLE001 - Postgres unreachable: wait it out, lose nothing
+                metrics.WRITER_UP.set(0)
+                self.log.warning("postgres unavailable; order-log rows wait in the stream",
+                                 rows=len(rows), retry_in_s=round(delay, 2), error=f"{type(error).__name__}")
+                if stop.is_set():
+                    return
+                await _sleep_unless(stop, delay)
+                if stop.is_set():
+                    return
+                delay = min(delay * 2, self.backoff_max_s)
+        else:
+            refused = {}
+        for msg_id, reason in refused.items():
+            raw = next(f.get(b"row", b"") for i, f in entries if i == msg_id)
+            await self._dead(msg_id, raw, reason)
+        done = [msg_id for msg_id, _ in rows if msg_id not in refused]
+        if done:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.xack(keys.ORDER_LOGS_STREAM, keys.LOG_WRITERS_GROUP, *done)
+                pipe.xdel(keys.ORDER_LOGS_STREAM, *done)
+                await pipe.execute()
+            self.written += len(done)
+            metrics.WRITER_ROWS.inc(len(done))
+
+    async def _commit(self, rows: list[tuple[str, OrderLogRow]]) -> dict[str, str]:
+        """Insert the batch in one transaction; return rows refused (unknown strategy) by msg id."""
+        async with self.engine.begin() as conn:
+            return await self._insert(conn, rows)
+
+    async def _commit_each(self, rows: list[tuple[str, OrderLogRow]]) -> dict[str, str]:
+        refused: dict[str, str] = {}
+        for msg_id, row in rows:
+            try:
+                async with self.engine.begin() as conn:
+                    refused.update(await self._insert(conn, [(msg_id, row)]))
+            except _PERMANENT as error:
+                refused[msg_id] = f"postgres refused the row: {type(error.orig).__name__}: {error.orig}"[:500]
+        return refused
+
+    async def _insert(self, conn: AsyncConnection, rows: list[tuple[str, OrderLogRow]]) -> dict[str, str]:
+        ids = list({row.strategy_id for _, row in rows})
+        owners: dict[UUID, UUID] = dict((await conn.execute(
+            select(Strategy.id, Strategy.user_id).where(Strategy.id.in_(ids)))).all())
+        refused = {m: f"unknown strategy {r.strategy_id}" for m, r in rows if r.strategy_id not in owners}
+        values = [_values(row, owners[row.strategy_id]) for m, row in rows if m not in refused]
+        if values:
+            await conn.execute(insert(OrderLog).values(values).on_conflict_do_nothing(index_elements=["id"]))
+        for m, row in rows:
+            if m in refused or row.strategy_status is None or row.run_id is None:
+                continue
+            await conn.execute(
+                update(Strategy)
+                .where(and_(Strategy.id == row.strategy_id, Strategy.status == StrategyStatus.running,
+                            Strategy.started_at == datetime.fromisoformat(row.run_id)))
+                .values(status=StrategyStatus(row.strategy_status), stopped_at=func.now(),
+                        failure_reason=row.failure_reason, updated_at=func.now()))
+        return refused
+
+    async def _dead(self, msg_id: str, raw: bytes, reason: str) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(keys.ORDER_LOGS_DEAD_STREAM, {"row": raw, "reason": reason, "msg_id": msg_id},
+                      maxlen=DEAD_MAXLEN, approximate=True)
+            pipe.xack(keys.ORDER_LOGS_STREAM, keys.LOG_WRITERS_GROUP, msg_id)
+            pipe.xdel(keys.ORDER_LOGS_STREAM, msg_id)
+            await pipe.execute()
+        metrics.DEAD_LETTERS.labels(stream=keys.ORDER_LOGS_DEAD_STREAM).inc()
+        self.log.error("order-log row dead-lettered", msg_id=msg_id, reason=reason)
+
+    async def _update_lag(self) -> None:
+        with contextlib.suppress(RedisError):
+            for group in await self.redis.xinfo_groups(keys.ORDER_LOGS_STREAM):
+                if _text(group["name"]) == keys.LOG_WRITERS_GROUP:
+                    metrics.WRITER_LAG.set(int(group.get("pending") or 0) + int(group.get("lag") or 0))
+
+
+def _values(row: OrderLogRow, owner: UUID) -> dict[str, Any]:
+    return {"id": row.id, "strategy_id": row.strategy_id, "user_id": row.user_id or owner,
+            "event_type": row.event_type, "request_payload": row.request_payload,
+            "response_payload": row.response_payload, "status": row.status, "created_at": row.created_at,
+            "trading_day": row.trading_day, "broker_order_id": row.broker_order_id, "tag": row.tag,
+            "stream_msg_id": row.stream_msg_id}
+
+
+async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

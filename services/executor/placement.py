@@ -1,0 +1,117 @@
+"""Place one order intent at the broker at most once, and confirm how it ended.
+
+The tag is the idempotency key: when in doubt (an entry order, a retry, a
+redelivered entry, any ambiguous failure) the day's order book is searched
+for it first, and a live or filled order carrying it is confirmed instead of
+placing another. Order history is polled until COMPLETE, REJECTED or
+CANCELLED; a fill that cannot be confirmed in time is an AMBIGUOUS error, so
+the retry that follows looks the tag up again rather than placing twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from libs.broker.kite import BrokerError, BrokerErrorKind, KiteGateway
+from libs.schema.models import BrokerOrder
+from services.executor import metrics
+from services.executor.credentials import KiteCredentials
+from services.executor.ratelimit import OrderRateLimiter
+
+COMPLETE, REJECTED, CANCELLED = "COMPLETE", "REJECTED", "CANCELLED"
+TERMINAL = frozenset({COMPLETE, REJECTED, CANCELLED})
+DEAD = frozenset({REJECTED, CANCELLED})
+
+
+@dataclass(frozen=True)
+class OrderResult:
+    """How an order ended at the broker."""
+
+    order_id: str
+    status: str
+    average_price: float | None
+    status_message: str | None
+    found_by_tag: bool
+    broker_order: dict[str, Any]
+
+    @property
+    def filled(self) -> bool:
+        return self.status == COMPLETE
+
+    def payload(self) -> dict[str, Any]:
+        """Return the broker's reply as stored in order_logs (no credentials in it)."""
+        return {"order_id": self.order_id, "status": self.status, "average_price": self.average_price,
+                "status_message": self.status_message, "found_by_tag": self.found_by_tag,
+                "filled_quantity": self.broker_order.get("filled_quantity"),
+                "order_timestamp": str(self.broker_order.get("order_timestamp") or "") or None}
+
+
+class OrderPlacer:
+    """Tag lookup, rate-limited placement and fill confirmation against one gateway."""
+
+    def __init__(self, gateway: KiteGateway, limiter: OrderRateLimiter, *, fill_timeout_s: float,
+                 fill_poll_s: float) -> None:
+        self.gateway, self.limiter = gateway, limiter
+        self.fill_timeout_s, self.fill_poll_s = fill_timeout_s, fill_poll_s
+
+    async def find_by_tag(self, creds: KiteCredentials, tag: str, *, accept_dead: bool) -> dict[str, Any] | None:
+        """Return the order carrying `tag` that counts, or None.
+
+        A live or filled order always counts. A rejected or cancelled one only
+        if `accept_dead` (an entry: its rejection is the answer); an exit that
+        was rejected may be placed again under the same tag.
+        """
+        tagged = [o for o in await self.gateway.orders(creds.api_key, creds.access_token)
+                  if o.get("tag") == tag or tag in (o.get("tags") or [])]
+        live = [o for o in tagged if o.get("status") not in DEAD]
+        if live:
+            return live[-1]
+        return tagged[-1] if tagged and accept_dead else None
+
+    async def execute(self, creds: KiteCredentials, order: BrokerOrder, *, lookup_first: bool,
+                      accept_dead: bool) -> OrderResult:
+        """Return the confirmed result of the order intent, placing it only if the book lacks it."""
+        started = time.perf_counter()
+        existing = await self.find_by_tag(creds, order.tag, accept_dead=accept_dead) if lookup_first else None
+        if existing is not None:
+            order_id, found = str(existing["order_id"]), True
+        else:
+            await self.limiter.acquire(creds.api_key_fp)
+            try:
+                order_id = await self.gateway.place_market_order(
+                    creds.api_key, creds.access_token, symbol=order.symbol, exchange=order.exchange,
+                    transaction_type=order.transaction_type.value, quantity=order.quantity,
+                    product=order.product, tag=order.tag)
+                found = False
+            except BrokerError as error:
+                if error.kind not in (BrokerErrorKind.RETRYABLE, BrokerErrorKind.AMBIGUOUS):
+                    raise
+                # The order may be in the book although we never heard back.
+                existing = await self.find_by_tag(creds, order.tag, accept_dead=accept_dead)
+                if existing is None:
+                    raise
+                order_id, found = str(existing["order_id"]), True
+        result = await self.confirm(creds, order_id, found_by_tag=found)
+        metrics.ORDER_LATENCY.observe(time.perf_counter() - started)
+        return result
+
+    async def confirm(self, creds: KiteCredentials, order_id: str, *, found_by_tag: bool) -> OrderResult:
+        """Poll order history until the order is COMPLETE, REJECTED or CANCELLED."""
+        deadline = time.monotonic() + self.fill_timeout_s
+        while True:
+            history = await self.gateway.order_history(creds.api_key, creds.access_token, order_id)
+            last = history[-1] if history else {}
+            status = str(last.get("status") or "")
+            if status in TERMINAL:
+                price = last.get("average_price")
+                return OrderResult(order_id=order_id, status=status,
+                                   average_price=float(price) if price else None,
+                                   status_message=last.get("status_message"), found_by_tag=found_by_tag,
+                                   broker_order=last)
+            if time.monotonic() >= deadline:
+                raise BrokerError(BrokerErrorKind.AMBIGUOUS,
+                                  f"order {order_id} not confirmed within {self.fill_timeout_s}s (status {status})")
+            await asyncio.sleep(self.fill_poll_s)

@@ -1,0 +1,66 @@
+"""Keep each Kite api_key under its order rate, across every executor replica.
+
+One Lua script per attempt over a ZSET log of order times at
+`keys.order_rate_key(fp)`: drop times older than the window, and take a slot
+if fewer than `limit` remain, else answer how long until the oldest leaves.
+A rolling window rather than a refilling token bucket, because Kite counts
+orders per rolling second: a bucket of 10 refilled at 10/s lets 19 orders
+into one second and the broker answers 429. The window is a little longer
+than a second (setting) to absorb network skew between here and the broker.
+Redis' clock (TIME) is used, so replicas on different hosts agree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+from redis.asyncio import Redis
+
+from libs.schema import keys
+from services.executor import metrics
+
+_TAKE_SLOT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local limit = tonumber(ARGV[1])
+local window = tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+if redis.call('ZCARD', KEYS[1]) < limit then
+  redis.call('ZADD', KEYS[1], now, now .. ':' .. ARGV[3])
+  redis.call('PEXPIRE', KEYS[1], window)
+  return 0
+end
+local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+return math.max(1, tonumber(oldest[2]) + window - now)
+"""
+
+
+class RateLimitTimeout(Exception):
+    """No order slot came free within the allowed wait."""
+
+
+class OrderRateLimiter:
+    """Wait for an order slot of one api_key fingerprint."""
+
+    def __init__(self, redis: Redis, *, limit: int, window_ms: int, max_wait_s: float) -> None:
+        self._redis = redis
+        self._script = redis.register_script(_TAKE_SLOT)
+        self.limit, self.window_ms, self.max_wait_s = limit, window_ms, max_wait_s
+
+    async def acquire(self, api_key_fp: str) -> float:
+        """Take one slot, waiting as needed; return the seconds waited."""
+        started = time.monotonic()
+        deadline = started + self.max_wait_s
+        key = keys.order_rate_key(api_key_fp)
+        while True:
+            wait_ms = int(await self._script(keys=[key], args=[self.limit, self.window_ms, uuid.uuid4().hex]))
+            now = time.monotonic()
+            if wait_ms == 0:
+                waited = now - started
+                metrics.RATE_WAIT.observe(waited)
+                return waited
+            if now + wait_ms / 1000 > deadline:
+                raise RateLimitTimeout(f"no order slot for {api_key_fp} within {self.max_wait_s}s")
+            await asyncio.sleep(wait_ms / 1000)

@@ -1,0 +1,198 @@
+"""Rebuild `runtime:{id}` of running strategies from the broker's order book.
+
+Redis is not the last guard (appendfsync everysec can lose a second of
+writes, a flush loses everything), so at start and whenever Redis lost state
+the executor asks the broker, the truth about execution, before consuming:
+entry COMPLETE -> bought; exit COMPLETE -> exited_by_sl/sold and the run is
+unloaded with an `exited` log row; nothing filled -> none. Running strategies
+come from Postgres when it answers, otherwise from the loaded `strategy:*`
+configs (Postgres down must not stop trading). Each strategy is rebuilt under
+its lock, so no event of it is half-handled meanwhile. If `broker:{user_id}`
+was lost too, it is restored from Postgres (same ciphertexts), since without
+it no order can be placed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from datetime import UTC, datetime
+from typing import Any
+
+from redis.asyncio import Redis
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from libs.broker.kite import BrokerError
+from libs.schema import keys
+from libs.schema.codec import dumps
+from libs.schema.models import (
+    EventType,
+    OrderLogRow,
+    OrderLogStatus,
+    Position,
+    RuntimeState,
+    StrategyConfig,
+    StrategyStatus,
+    order_log_id,
+)
+from libs.schema.tables import BrokerCredential, Strategy
+from libs.service.logging import get_logger
+from libs.trading.calendar import IST, MarketCalendar
+from libs.trading.runs import config_for, plan_run, unload_run
+from libs.trading.tags import order_tag
+from services.executor import metrics
+from services.executor.credentials import CredentialStore, CredentialsUnavailable
+from services.executor.placement import COMPLETE
+from services.executor.state import LockTimeout, OrderState
+
+RECONCILE_STREAM = "reconcile"  # namespace of row ids written by reconciliation
+
+
+class Reconciler:
+    """Rebuild runtime state of running strategies from the broker."""
+
+    def __init__(self, redis: Redis, engine: AsyncEngine | None, credentials: CredentialStore, gateway: Any,
+                 state: OrderState, calendar: MarketCalendar, *, pg_timeout_s: float) -> None:
+        self.redis, self.engine, self.credentials, self.gateway = redis, engine, credentials, gateway
+        self.state, self.calendar, self.pg_timeout_s = state, calendar, pg_timeout_s
+        self.log = get_logger("executor.reconcile")
+
+    async def run(self, trigger: str) -> int:
+        """Reconcile every running strategy; return how many were rebuilt."""
+        metrics.RECONCILES.labels(trigger=trigger).inc()
+        configs = await self._running_configs()
+        by_user: dict[str, list[StrategyConfig]] = defaultdict(list)
+        for config in configs.values():
+            by_user[str(config.user_id)].append(config)
+        results = await asyncio.gather(*(self._user(uid, cs) for uid, cs in by_user.items()))
+        rebuilt = sum(results)
+        self.log.info("runtime reconciled from the broker", trigger=trigger, strategies=len(configs),
+                      rebuilt=rebuilt)
+        return rebuilt
+
+    async def _running_configs(self) -> dict[str, StrategyConfig]:
+        configs: dict[str, StrategyConfig] = {}
+        try:
+            configs.update(await asyncio.wait_for(self._from_postgres(), self.pg_timeout_s))
+        except Exception as error:  # noqa: BLE001 - Postgres down: fall back to Redis
+            self.log.warning("postgres unavailable for reconciliation; using loaded configs",
+                             error=f"{type(error).__name__}: {error}")
+        async for key in self.redis.scan_iter(match=keys.strategy_key("*"), count=1000):
+            raw = await self.redis.get(key)
+            if raw:
+                loaded = StrategyConfig.model_validate_json(raw)
+                configs[str(loaded.strategy_id)] = loaded
+        return configs
+
+    async def _from_postgres(self) -> dict[str, StrategyConfig]:
+        if self.engine is None:
+            return {}
+        query = (
+            select(Strategy.id, Strategy.user_id, Strategy.symbol, Strategy.buy_time, Strategy.sell_time,
+                   Strategy.stop_loss, Strategy.quantity, Strategy.exchange, Strategy.product, Strategy.started_at,
+                   BrokerCredential.api_key.label("cred_api_key"),
+                   BrokerCredential.access_token.label("cred_access_token"),
+                   BrokerCredential.api_key_fp, BrokerCredential.is_valid)
+            .join(BrokerCredential, BrokerCredential.user_id == Strategy.user_id)
+            .where(Strategy.status == StrategyStatus.running, Strategy.started_at.is_not(None)))
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        configs: dict[str, StrategyConfig] = {}
+        for row in rows:
+            await self._restore_credentials(row)
+            configs[str(row.id)] = config_for(row, api_key_fp=row.api_key_fp)
+        return configs
+
+    async def _restore_credentials(self, cred: Any) -> None:
+        if not cred.cred_access_token:
+            return
+        key = keys.broker_credentials_key(cred.user_id)
+        if not await self.redis.exists(key):
+            await self.redis.hset(key, mapping={"api_key": cred.cred_api_key, "access_token": cred.cred_access_token,
+                                                "api_key_fp": cred.api_key_fp, "is_valid": "1" if cred.is_valid else "0"})
+
+    async def _user(self, user_id: str, configs: list[StrategyConfig]) -> int:
+        try:
+            creds = await self.credentials.get(user_id)
+            book = await self.gateway.orders(creds.api_key, creds.access_token)
+        except (BrokerError, CredentialsUnavailable) as error:
+            self.log.error("cannot read the broker's book; runtime left as is", user_id=user_id, error=str(error))
+            return 0
+        by_tag: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for order in book:
+            if order.get("tag"):
+                by_tag[order["tag"]].append(order)
+        rebuilt = 0
+        for config in configs:
+            try:
+                async with self.state.strategy_lock(str(config.strategy_id)):
+                    rebuilt += await self._strategy(config, by_tag)
+            except LockTimeout:
+                self.log.warning("strategy busy; not reconciled", strategy_id=str(config.strategy_id))
+        return rebuilt
+
+    async def _strategy(self, config: StrategyConfig, by_tag: dict[str, list[dict[str, Any]]]) -> int:
+        sid = str(config.strategy_id)
+        plan = plan_run(config, self.calendar, datetime.fromisoformat(config.run_id))
+        entry = _filled(by_tag.get(order_tag(sid, config.run_id, plan.trading_day, "entry"), []))
+        exit_ = _filled(by_tag.get(order_tag(sid, config.run_id, plan.trading_day, "exit"), []))
+        current = RuntimeState.from_redis_hash(await self.redis.hgetall(keys.runtime_key(sid)))
+        now = datetime.now(UTC)
+        if exit_ is not None:
+            # The exit tag is shared, so the book cannot say SELL or STOPLOSS: the
+            # listener's marker can, and failing that, an exit before sell time.
+            placed = _placed_at(exit_)
+            by_sl = bool(await self.redis.exists(keys.stoploss_marker_key(sid, config.run_id))) or (
+                placed is not None and placed < plan.sell.trigger_time)
+            position = Position.exited_by_sl if by_sl else Position.sold
+            await self._exited(config, plan, exit_, position, now)
+            return 1
+        if entry is not None:
+            if current.position == Position.bought and current.last_buy_order == entry["order_id"]:
+                return 0
+            fields = RuntimeState.hash_fields(position=Position.bought, last_buy_order=entry["order_id"],
+                                              last_price=entry.get("average_price") or None, last_action="BUY",
+                                              updated_at=now)
+        else:
+            if current.position == Position.none:
+                return 0
+            fields = RuntimeState.hash_fields(position=Position.none, updated_at=now)
+        await self.redis.hset(keys.runtime_key(sid), mapping=fields)
+        self.log.warning("runtime rebuilt from the broker", strategy_id=sid, position=fields["position"],
+                         was=current.position.value)
+        return 1
+
+    async def _exited(self, config: StrategyConfig, plan: Any, order: dict[str, Any], position: Position,
+                      now: datetime) -> None:
+        sid = str(config.strategy_id)
+        kind = EventType.STOPLOSS if position == Position.exited_by_sl else EventType.SELL
+        row = OrderLogRow(
+            id=order_log_id(RECONCILE_STREAM, str(order["order_id"])), strategy_id=config.strategy_id,
+            user_id=config.user_id, event_type=kind, request_payload={"reconciled": True},
+            response_payload={"order_id": order["order_id"], "status": COMPLETE,
+                              "average_price": order.get("average_price"), "found_by_tag": True},
+            status=OrderLogStatus.success, trading_day=plan.trading_day, broker_order_id=str(order["order_id"]),
+            tag=order.get("tag"), created_at=now, run_id=config.run_id, strategy_status="exited")
+        await self.redis.xadd(keys.ORDER_LOGS_STREAM, {"row": dumps(row)})
+        await unload_run(self.redis, config, plan)
+        self.log.warning("run found exited at the broker; unloaded", strategy_id=sid, position=position.value)
+
+
+def _placed_at(order: dict[str, Any]) -> datetime | None:
+    # kiteconnect parses timestamps into naive datetimes of exchange time (IST).
+    value = order.get("order_timestamp")
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError:
+            return None
+    if not isinstance(value, datetime):
+        return None
+    return value.replace(tzinfo=IST) if value.tzinfo is None else value
+
+
+def _filled(orders: list[dict[str, Any]]) -> dict[str, Any] | None:
+    done = [o for o in orders if o.get("status") == COMPLETE]
+    return done[-1] if done else None
+

@@ -1,0 +1,152 @@
+"""Wire the executor: Redis, broker gateway, handler, consumer, writer, reconciler, health."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import uuid
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from libs.broker.kite import KiteGateway
+from libs.schema import keys
+from libs.service.health import HealthServer
+from libs.service.logging import get_logger
+from libs.service.secretbox import SecretBox
+from libs.trading.calendar import MarketCalendar
+from services.executor.consumer import OrderConsumer, ensure_group
+from services.executor.credentials import CredentialStore
+from services.executor.handler import OrderHandler
+from services.executor.log_writer import OrderLogWriter
+from services.executor.placement import OrderPlacer
+from services.executor.ratelimit import OrderRateLimiter
+from services.executor.reconcile import Reconciler
+from services.executor.settings import ExecutorSettings
+from services.executor.state import OrderState
+
+
+def consumer_name() -> str:
+    """Return a consumer name unique to this process: hostname-pid-random."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+class ExecutorService:
+    """One executor process: order consumer + order-log writer + reconciliation."""
+
+    def __init__(self, settings: ExecutorSettings) -> None:
+        self.settings = settings
+        self.name = settings.consumer_name or consumer_name()
+        self.log = get_logger("executor", consumer=self.name)
+        self.redis = Redis.from_url(settings.redis_url, max_connections=settings.max_in_flight * 2 + 16,
+                                    health_check_interval=30)
+        self.engine: AsyncEngine = create_async_engine(settings.database_url, pool_pre_ping=True, pool_size=2,
+                                                       max_overflow=2, pool_timeout=settings.reconcile_pg_timeout_s)
+        self.gateway = KiteGateway(settings.kite_root, max_workers=settings.broker_workers,
+                                   timeout_s=settings.broker_timeout_s, pool_size=8)
+        box = SecretBox.from_b64(settings.secret_key, settings.secret_keys_retired)
+        self.credentials = CredentialStore(self.redis, box, ttl_s=settings.credentials_cache_s)
+        self.state = OrderState(self.redis, lock_ttl_ms=settings.lock_ttl_ms, lock_wait_s=settings.lock_wait_s)
+        limiter = OrderRateLimiter(self.redis, limit=settings.orders_per_s, window_ms=settings.rate_window_ms,
+                                   max_wait_s=settings.rate_wait_max_s)
+        placer = OrderPlacer(self.gateway, limiter, fill_timeout_s=settings.fill_timeout_s,
+                             fill_poll_s=settings.fill_poll_s)
+        calendar = MarketCalendar(settings.market_calendar)
+        self.handler = OrderHandler(settings, self.redis, self.state, self.credentials, placer, calendar)
+        self.reconciler = Reconciler(self.redis, self.engine, self.credentials, self.gateway, self.state, calendar,
+                                     pg_timeout_s=settings.reconcile_pg_timeout_s)
+        self.consumer = OrderConsumer(settings, self.redis, self.handler, self.name, self.on_state_lost)
+        self.writer = OrderLogWriter(self.redis, self.engine, self.name, batch=settings.writer_batch,
+                                     block_ms=settings.read_block_ms, claim_idle_ms=settings.claim_idle_ms,
+                                     backoff_max_s=settings.writer_backoff_max_s)
+        self.health = HealthServer(settings.health_host, settings.health_port, service="executor",
+                                   checks={"redis": self._ping_redis})
+        self._redis_run_id: str | None = None
+        self._reconcile_lock = asyncio.Lock()
+        self.ready = asyncio.Event()
+
+    async def _ping_redis(self) -> None:
+        await self.redis.ping()
+
+    async def _server_run_id(self) -> str:
+        info = await self.redis.info("server")
+        return str(info.get("run_id"))
+
+    async def recover(self, trigger: str) -> None:
+        """Pause consuming, create the groups, rebuild runtime from the broker, resume."""
+        async with self._reconcile_lock:
+            self.consumer.resume.clear()
+            try:
+                await ensure_group(self.redis, keys.ORDERS_STREAM, keys.EXECUTORS_GROUP)
+                await ensure_group(self.redis, keys.ORDER_LOGS_STREAM, keys.LOG_WRITERS_GROUP)
+                await self.reconciler.run(trigger)
+            finally:
+                self.consumer.resume.set()
+
+    async def on_state_lost(self, reason: str) -> None:
+        self.log.warning("redis lost state; reconciling before consuming again", reason=reason)
+        await self.recover("state_lost")
+
+    async def _watch_redis(self, stop: asyncio.Event) -> None:
+        """Poll `INFO server` run_id; a new one means Redis restarted and may have lost writes."""
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.settings.redis_watch_interval_s)
+            if stop.is_set():
+                return
+            try:
+                run_id = await self._server_run_id()
+            except RedisError:
+                continue
+            if run_id != self._redis_run_id:
+                self.log.warning("redis restarted; reconciling", old_run_id=self._redis_run_id, run_id=run_id)
+                self._redis_run_id = run_id
+                try:
+                    await self.recover("redis_restart")
+                except RedisError as error:
+                    self._redis_run_id = None
+                    self.log.error("reconciliation failed; will retry", error=str(error))
+
+    async def _wait_for_redis(self, stop: asyncio.Event) -> bool:
+        while not stop.is_set():
+            try:
+                self._redis_run_id = await self._server_run_id()
+                return True
+            except RedisError as error:
+                self.log.warning("waiting for redis", error=str(error))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 0.5)
+        return False
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run until `stop` is set, then drain and close everything."""
+        self.settings_port = await self.health.start()
+        try:
+            if not await self._wait_for_redis(stop):
+                return
+            await self.recover("start")
+            self.ready.set()
+            self.log.info("executor consuming", stream=keys.ORDERS_STREAM, group=keys.EXECUTORS_GROUP,
+                          health_port=self.settings_port)
+            writer_stop = asyncio.Event()
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self._watch_redis(stop), name="redis-watch")
+                writer = tasks.create_task(self.writer.run(writer_stop), name="order-log-writer")
+                await self.consumer.run(stop)
+                # The writer outlives the consumer so that the rows of drained
+                # events are flushed when Postgres is up (otherwise they wait).
+                writer_stop.set()
+                await writer
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        await self.health.stop()
+        self.gateway.close()
+        await self.engine.dispose()
+        await self.redis.aclose()
+        self.log.info(f"executor stopped processed={self.handler.processed} failed={self.handler.failed}",
+                      processed=self.handler.processed, failed=self.handler.failed, rows_written=self.writer.written)

@@ -1,0 +1,263 @@
+"""Helpers for the executor's integration tests: accounts, runs, events, executors.
+
+Everything is real: a simulator account, rows in Postgres (via libs/schema/tables),
+the `broker:{user_id}` hash with AES-GCM ciphertexts, the run loaded with
+libs.trading.runs, events XADDed to `queue:orders`. `move_due_events` stands in
+for the scheduler (moving due `schedule` members to the stream) so that RETRY
+events flow without the scheduler service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from redis.asyncio import Redis
+from sqlalchemy import func, insert, select
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from deploy.local.procs import free_port
+from libs.broker.kite import api_key_fingerprint
+from libs.schema import keys
+from libs.schema.models import (
+    BuyEvent,
+    Event,
+    RuntimeState,
+    SellEvent,
+    StoplossEvent,
+    StrategyConfig,
+    event_to_json,
+)
+from libs.schema.tables import BrokerCredential, OrderLog, Strategy, User
+from libs.service.secretbox import SecretBox, generate_key
+from libs.trading.calendar import MarketCalendar
+from libs.trading.runs import RunPlan, config_for, load_run, plan_run
+from libs.trading.tags import order_tag
+from services.executor.service import ExecutorService
+from services.executor.settings import ExecutorSettings
+from tests.support.kite_sim import SimAdmin
+
+SECRET_KEY = generate_key()
+BOX = SecretBox.from_b64(SECRET_KEY)
+CALENDAR = MarketCalendar("always_open")
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def executor_settings(redis_url: str, database_url: str, sim_url: str, **overrides: Any) -> ExecutorSettings:
+    """Return settings tuned for fast tests (short claim idle, quick retries)."""
+    values: dict[str, Any] = dict(
+        redis_url=redis_url, database_url=database_url, kite_root=sim_url, secret_key=SECRET_KEY,
+        market_calendar="always_open", health_port=0, read_block_ms=200, claim_idle_ms=1500,
+        claim_interval_s=0.3, max_deliveries=3, lock_wait_s=3.0, broker_timeout_s=2.0, fill_timeout_s=2.0,
+        retry_base_s=0.05, retry_cap_s=0.2, retry_max_attempts=3, shutdown_grace_s=5.0,
+        redis_watch_interval_s=0.2, reconcile_pg_timeout_s=2.0, writer_backoff_max_s=0.5,
+    )
+    values.update(overrides)
+    return ExecutorSettings(**values)
+
+
+def executor_env(settings: ExecutorSettings, health_port: int) -> dict[str, str]:
+    """Return the environment of an executor subprocess with these settings."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    for name, value in settings.model_dump().items():
+        if value is not None:
+            env[f"TICKWISE_{name.upper()}"] = str(value)
+    env["TICKWISE_HEALTH_PORT"] = str(health_port)
+    env.pop("TICKWISE_CONSUMER_NAME", None)
+    return env
+
+
+@dataclass
+class Account:
+    user_id: uuid.UUID
+    api_key: str
+    access_token: str
+    api_key_fp: str
+
+
+@dataclass
+class Run:
+    config: StrategyConfig
+    plan: RunPlan
+    account: Account
+
+    @property
+    def sid(self) -> str:
+        return str(self.config.strategy_id)
+
+    def tag(self, intent: str) -> str:
+        return order_tag(self.config.strategy_id, self.config.run_id, self.plan.trading_day, intent)  # type: ignore[arg-type]
+
+    def buy(self, **extra: Any) -> BuyEvent:
+        return self.plan.buy.model_copy(update=extra)
+
+    def sell(self, **extra: Any) -> SellEvent:
+        return self.plan.sell.model_copy(update=extra)
+
+    def stoploss(self, price: float = 1.0) -> StoplossEvent:
+        return StoplossEvent(strategy_id=self.config.strategy_id, run_id=self.config.run_id,
+                             trading_day=self.plan.trading_day, trigger_price=price)
+
+
+def engine_for(database_url: str) -> AsyncEngine:
+    return create_async_engine(database_url, pool_size=2)
+
+
+async def write_broker_hash(redis: Redis, user_id: uuid.UUID, api_key: str, access_token: str) -> None:
+    """Write `broker:{user_id}` as the API does: ciphertexts, fingerprint, validity."""
+    await redis.hset(keys.broker_credentials_key(user_id), mapping={
+        "api_key": BOX.encrypt(api_key, f"broker_credentials:{user_id}:api_key"),
+        "access_token": BOX.encrypt(access_token, f"broker_credentials:{user_id}:access_token"),
+        "api_key_fp": api_key_fingerprint(api_key), "is_valid": "1"})
+
+
+async def new_account(sim: SimAdmin, engine: AsyncEngine, redis: Redis) -> Account:
+    """Open a simulator account and register its owner in Postgres and Redis."""
+    sim_account = await asyncio.to_thread(sim.create_account)
+    user_id = uuid.uuid4()
+    api_key, token = sim_account["api_key"], sim_account["access_token"]
+    fp = api_key_fingerprint(api_key)
+    async with engine.begin() as conn:
+        await conn.execute(insert(User).values(id=user_id, name="Test User", email=f"{user_id}@example.com",
+                                               password_hash="x"))
+        await conn.execute(insert(BrokerCredential).values(
+            user_id=user_id, api_key=BOX.encrypt(api_key, f"broker_credentials:{user_id}:api_key"),
+            api_secret=BOX.encrypt(sim_account["api_secret"], f"broker_credentials:{user_id}:api_secret"),
+            access_token=BOX.encrypt(token, f"broker_credentials:{user_id}:access_token"), is_valid=True,
+            key_id=BOX.current_key_id, api_key_hint=api_key[-4:], api_key_fp=fp))
+    await write_broker_hash(redis, user_id, api_key, token)
+    return Account(user_id, api_key, token, fp)
+
+
+async def start_run(engine: AsyncEngine, redis: Redis, account: Account, *, symbol: str = "INFY",
+                    quantity: int = 1, stop_loss: float = 1.0, square_off: bool = False) -> Run:
+    """Insert a running strategy and load its run into Redis, as the API's start does."""
+    # Far in the (IST) day, so the run's trading day is today and no scheduler would fire it.
+    started_at = datetime.now(UTC)
+    sid = uuid.uuid4()
+    async with engine.begin() as conn:
+        await conn.execute(insert(Strategy).values(
+            id=sid, user_id=account.user_id, symbol=symbol, buy_time=datetime.strptime("23:59:57", "%H:%M:%S").time(),
+            sell_time=datetime.strptime("23:59:58", "%H:%M:%S").time(), stop_loss=stop_loss, quantity=quantity,
+            status="running", started_at=started_at))
+        row = (await conn.execute(select(Strategy).where(Strategy.id == sid))).one()
+    config = config_for(row, api_key_fp=account.api_key_fp)
+    plan = plan_run(config, CALENDAR, started_at)
+    await load_run(redis, config, plan)
+    return Run(config, plan, account)
+
+
+async def enqueue(redis: Redis, event: Event | bytes) -> str:
+    """XADD an event (or raw bytes) to `queue:orders`; return the entry id."""
+    raw = event if isinstance(event, bytes) else event_to_json(event)
+    return (await redis.xadd(keys.ORDERS_STREAM, {"event": raw})).decode()
+
+
+async def runtime(redis: Redis, run: Run) -> RuntimeState:
+    return RuntimeState.from_redis_hash(await redis.hgetall(keys.runtime_key(run.sid)))
+
+
+async def order_logs(engine: AsyncEngine, run: Run) -> list[Any]:
+    async with engine.connect() as conn:
+        return (await conn.execute(select(OrderLog).where(OrderLog.strategy_id == run.config.strategy_id)
+                                   .order_by(OrderLog.stream_msg_id))).all()
+
+
+async def strategy_row(engine: AsyncEngine, run: Run) -> Any:
+    async with engine.connect() as conn:
+        return (await conn.execute(select(Strategy).where(Strategy.id == run.config.strategy_id))).one()
+
+
+async def count_logs(engine: AsyncEngine) -> int:
+    async with engine.connect() as conn:
+        return int((await conn.execute(select(func.count()).select_from(OrderLog))).scalar_one())
+
+
+def broker_orders(sim: SimAdmin, tag: str) -> list[dict[str, Any]]:
+    return sim.orders(tag=tag)
+
+
+async def move_due_events(redis: Redis, stop: asyncio.Event) -> None:
+    """Stand in for the scheduler: move due `schedule` members to `queue:orders`."""
+    while not stop.is_set():
+        now_ms = int(time.time() * 1000)
+        for member in await redis.zrangebyscore(keys.SCHEDULE, "-inf", now_ms):
+            if await redis.zrem(keys.SCHEDULE, member):
+                await redis.xadd(keys.ORDERS_STREAM, {"event": member})
+        await asyncio.sleep(0.02)
+
+
+@contextlib.asynccontextmanager
+async def fake_scheduler(redis: Redis) -> AsyncIterator[None]:
+    stop = asyncio.Event()
+    task = asyncio.create_task(move_due_events(redis, stop))
+    try:
+        yield
+    finally:
+        stop.set()
+        await task
+
+
+@contextlib.asynccontextmanager
+async def running_executor(settings: ExecutorSettings) -> AsyncIterator[ExecutorService]:
+    """Run an executor in this process until the block ends (then drain it)."""
+    service = ExecutorService(settings)
+    stop = asyncio.Event()
+    task = asyncio.create_task(service.run(stop))
+    ready = asyncio.create_task(service.ready.wait())
+    await asyncio.wait([task, ready], timeout=15, return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        ready.cancel()
+        task.result()
+    try:
+        yield service
+    finally:
+        stop.set()
+        ready.cancel()
+        await asyncio.wait_for(task, 20)
+
+
+@contextlib.contextmanager
+def executor_process(settings: ExecutorSettings, log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """Run `python -m services.executor` as a real subprocess, ready on /readyz."""
+    port = free_port()
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "services.executor"], cwd=REPO_ROOT,
+                                env=executor_env(settings, port), stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"executor exited {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as resp:
+                    if resp.status == 200 and b'"ready"' in resp.read() and "executor consuming" in log_path.read_text():
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"executor not ready:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.05)
+        proc.health_port = port  # type: ignore[attr-defined]
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL if getattr(proc, "kill_on_exit", False) else signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
