@@ -190,3 +190,19 @@ def run_service(module: str, env: dict[str, str], log_dir: Path, name: str | Non
         yield service
     finally:
         service.stop()
+
+
+def listener_env(redis_url: str, sim_url: str, account: dict[str, Any], **extra: str) -> dict[str, str]:
+    """Return the environment of a market listener reading ticks with `account` from the simulator."""
+    from tests.support.kite_sim import ws_root
+
+    return {"REDIS_URL": redis_url, "TICKWISE_KITE_ROOT": sim_url, "TICKWISE_KITE_WS_ROOT": ws_root(sim_url),
+            "TICKWISE_MARKET_DATA_API_KEY": account["api_key"],
+            "TICKWISE_MARKET_DATA_ACCESS_TOKEN": account["access_token"],
+            # The session simulator's random walk is off: only pushed ticks arrive, so silence is normal.
+            "TICKWISE_WATCHDOG_SILENCE_S": "3600", **extra}
+
+
+def health_field(service: Service, name: str) -> Any:
+    """Return one field of the service's /healthz body."""
+    return service.get("/healthz")[1].get(name)

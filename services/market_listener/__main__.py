@@ -1,0 +1,105 @@
+"""Run the market listener: `python -m services.market_listener`.
+
+Contract: while a strategy is `bought`, the first tick at or below its
+stop_loss emits exactly one STOPLOSS (per strategy run, across any number of
+replicas) on `queue:orders`, carrying `trigger_price` and the run's
+`trading_day` (so it shares the SELL's exit tag at the broker).
+
+How the stop-loss index stays in sync: through the `control:strategies`
+stream, not keyspace notifications. The executor XADDs a `position` message in
+the same MULTI as its HSET of runtime position, and load_run/unload_run add
+`started`/`stopped` in their Lua scripts, so every change arrives once, in
+order, with the fields needed (symbol, stop_loss, run_id) and nothing to read
+back. Notifications are fire-and-forget (lost while disconnected), would need
+a server config change, and would force a read per change. At start the
+listener notes the stream's last id, scans `symbol:*:strategies`,
+`strategy:{id}` and `runtime:{id}`, then reads control messages from that id:
+a change made during the scan is applied again, which is harmless (every
+message is idempotent), and none is missed.
+
+Hot path: the KiteTicker thread queues each tick batch and wakes the loop
+(`call_soon_threadsafe`, once per burst); the loop updates the latest prices
+and checks each symbol's highest stop-loss (one comparison when nothing fires)
+and pops triggered watches with one bisect. Only a trigger costs a Redis round
+trip (marker + XADD in one script, triggers pipelined); `price:{SYM}` is
+written by a separate task, pipelined, at most every price_write_interval_s.
+
+The feed: one market-data account's KiteTicker in LTP mode. A watchdog
+reconnects when no tick arrives for watchdog_silence_s while the market is
+open, and exits non-zero after watchdog_max_attempts reconnects in a row
+(the supervisor restarts the process). An expired token (403) is logged as
+critical and reported by /healthz as `{"ok": false, "feed": "token_expired"}`
+(503); the process stays up so the state is visible.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+
+from redis.asyncio import Redis
+
+from libs.broker.kite import KiteGateway
+from libs.service.health import HealthServer
+from libs.service.lifecycle import Shutdown
+from libs.service.logging import configure_logging, get_logger, register_secret
+from libs.trading.calendar import MarketCalendar
+from services.market_listener.service import FeedLost, MarketListener
+from services.market_listener.settings import ListenerSettings
+
+
+async def serve(settings: ListenerSettings) -> int:
+    """Run until SIGTERM (0) or a lost feed (2); return the exit code."""
+    log = get_logger("market_listener")
+    register_secret(settings.market_data_access_token)
+    shutdown = Shutdown()
+    shutdown.install()
+    redis = Redis.from_url(settings.redis_url, health_check_interval=5)
+    gateway = KiteGateway(root=settings.kite_root, max_workers=2)
+    listener = MarketListener(settings, redis, gateway, MarketCalendar(settings.market_calendar))
+
+    async def redis_ready() -> None:
+        await redis.ping()
+
+    health = HealthServer(settings.health_host, settings.health_port, service="market_listener",
+                          checks={"redis": redis_ready}, probe=listener.health)
+    port = await health.start()
+    log.info("market listener started", health_port=port, ws_root=settings.kite_ws_root)
+    runner = asyncio.create_task(listener.run(), name="listener")
+    stop_wait = asyncio.create_task(shutdown.wait(), name="shutdown")
+    code = 0
+    try:
+        await asyncio.wait({runner, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+        listener.stop()
+        try:
+            await asyncio.wait_for(runner, settings.shutdown_grace_s)
+        except* TimeoutError:
+            log.error("listener did not stop in time; cancelled")
+        except* FeedLost as group:
+            log.critical("feed lost; exiting for the supervisor to restart", reason=str(group.exceptions[0]))
+            code = 2
+        except* Exception:
+            log.exception("listener crashed")
+            code = 1
+    finally:
+        stop_wait.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await stop_wait
+        await health.stop()
+        await redis.aclose()
+        gateway.close()
+    log.info("market listener stopped", fired=listener.fired_total, watched=len(listener.index),
+             symbols=len(listener.members), signal=shutdown.signal_name, exit_code=code)
+    return code
+
+
+def main() -> None:
+    """Read settings once, configure logging, run."""
+    settings = ListenerSettings()
+    configure_logging(settings.log_level, settings.log_format)
+    sys.exit(asyncio.run(serve(settings)))
+
+
+if __name__ == "__main__":
+    main()
