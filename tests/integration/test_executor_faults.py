@@ -1,0 +1,191 @@
+"""Executor under broker faults and bad entries: retries, tag lookup, aborts, dead letters."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+from redis.asyncio import Redis
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from libs.schema import keys
+from libs.schema.models import Position, StrategyStatus
+from services.executor.consumer import ensure_group
+from tests.integration.executor_support import (
+    Run,
+    broker_orders,
+    engine_for,
+    enqueue,
+    executor_settings,
+    fake_scheduler,
+    new_account,
+    order_logs,
+    running_executor,
+    runtime,
+    start_run,
+    strategy_row,
+)
+from tests.support.eventually import eventually
+from tests.support.kite_sim import SimAdmin
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+async def engine(clean_db: str) -> AsyncIterator[AsyncEngine]:
+    engine = engine_for(clean_db)
+    yield engine
+    await engine.dispose()
+
+
+@pytest.fixture
+def settings(redis_url: str, clean_db: str, sim: SimAdmin):  # type: ignore[no-untyped-def]
+    yield executor_settings(redis_url, clean_db, sim.base_url)
+    sim.set_faults()  # release any request the simulator still holds
+
+
+async def new_run(sim: SimAdmin, engine: AsyncEngine, redis: Redis) -> Run:
+    return await start_run(engine, redis, await new_account(sim, engine, redis))
+
+
+async def rows_of(engine: AsyncEngine, run: Run, count: int, timeout: float = 10) -> list:
+    async def check() -> list:
+        rows = await order_logs(engine, run)
+        assert len(rows) >= count, rows
+        return rows
+    return await eventually(check, timeout=timeout)
+
+
+async def bought(redis: Redis, run: Run) -> bool:
+    return (await runtime(redis, run)).position == Position.bought
+
+
+async def test_malformed_entries_are_dead_lettered_and_consuming_goes_on(redis: Redis, engine: AsyncEngine,
+                                                                         sim: SimAdmin, settings) -> None:
+    async with running_executor(settings):
+        run = await new_run(sim, engine, redis)
+        no_event = (await redis.xadd(keys.ORDERS_STREAM, {"something": "else"})).decode()
+        bad_json = await enqueue(redis, b"{not json")
+        invalid = await enqueue(redis, b'{"event_type": "BUY", "strategy_id": "nope"}')
+        await enqueue(redis, run.buy())
+        await eventually(lambda: bought(redis, run))
+        dead = await eventually(lambda: _dead(redis, 3))
+        by_id = {fields[b"msg_id"].decode(): fields[b"reason"].decode() for _, fields in dead}
+        assert set(by_id) == {no_event, bad_json, invalid}
+        assert "no `event` field" in by_id[no_event] and "JSON" in by_id[bad_json] and "strategy_id" in by_id[invalid]
+        pending = await redis.xpending(keys.ORDERS_STREAM, keys.EXECUTORS_GROUP)
+        assert pending["pending"] == 0
+
+
+async def test_entry_delivered_too_often_goes_to_dead_letters(redis: Redis, engine: AsyncEngine, sim: SimAdmin,
+                                                              settings) -> None:
+    run = await new_run(sim, engine, redis)
+    await ensure_group(redis, keys.ORDERS_STREAM, keys.EXECUTORS_GROUP)
+    msg_id = await enqueue(redis, run.buy())
+    # A consumer that keeps crashing on it: delivered, then claimed again and again.
+    await redis.xreadgroup(keys.EXECUTORS_GROUP, "ghost", {keys.ORDERS_STREAM: ">"})
+    for _ in range(settings.max_deliveries):
+        await redis.xclaim(keys.ORDERS_STREAM, keys.EXECUTORS_GROUP, "ghost", 0, [msg_id])
+    async with running_executor(settings):
+        dead = await eventually(lambda: _dead(redis, 1), timeout=10)
+    assert dead[0][1][b"msg_id"].decode() == msg_id and b"delivered" in dead[0][1][b"reason"]
+    assert broker_orders(sim, run.tag("entry")) == []
+    assert (await redis.xpending(keys.ORDERS_STREAM, keys.EXECUTORS_GROUP))["pending"] == 0
+
+
+async def test_dead_consumers_pending_entry_is_claimed_and_placed_once(redis: Redis, engine: AsyncEngine,
+                                                                       sim: SimAdmin, settings) -> None:
+    run = await new_run(sim, engine, redis)
+    await ensure_group(redis, keys.ORDERS_STREAM, keys.EXECUTORS_GROUP)
+    await enqueue(redis, run.buy())
+    await redis.xreadgroup(keys.EXECUTORS_GROUP, "crashed-executor", {keys.ORDERS_STREAM: ">"})
+    async with running_executor(settings):
+        await eventually(lambda: bought(redis, run), timeout=10)
+    assert len(broker_orders(sim, run.tag("entry"))) == 1
+    assert (await redis.xpending(keys.ORDERS_STREAM, keys.EXECUTORS_GROUP))["pending"] == 0
+
+
+async def test_server_error_is_retried_and_then_succeeds(redis: Redis, engine: AsyncEngine, sim: SimAdmin,
+                                                         settings) -> None:
+    run = await new_run(sim, engine, redis)
+    sim.set_faults(error_rate=1.0, routes=["orders"])
+    async with running_executor(settings), fake_scheduler(redis):
+        await enqueue(redis, run.buy())
+        await rows_of(engine, run, 1)
+        sim.set_faults()
+        await eventually(lambda: bought(redis, run), timeout=10)
+        rows = await rows_of(engine, run, 2)
+    assert [(r.event_type.value, r.status.value) for r in rows] == [("BUY", "failed"), ("RETRY", "success")]
+    assert rows[0].response_payload["retry_attempt"] == 2
+    assert len(broker_orders(sim, run.tag("entry"))) == 1
+
+
+async def test_timeout_after_accept_finds_the_order_by_tag(redis: Redis, engine: AsyncEngine, sim: SimAdmin,
+                                                           settings) -> None:
+    run = await new_run(sim, engine, redis)
+    async with running_executor(settings):
+        await enqueue(redis, run.buy())
+        await eventually(lambda: bought(redis, run))
+        sim.set_faults(timeout_after_accept_rate=1.0, routes=["orders"])
+        await enqueue(redis, run.sell())
+        rows = await rows_of(engine, run, 2)
+    assert rows[1].status.value == "success" and rows[1].response_payload["found_by_tag"] is True
+    assert len(broker_orders(sim, run.tag("exit"))) == 1
+    assert len(broker_orders(sim, run.tag("entry"))) == 1
+
+
+async def test_rate_limit_429_is_retried(redis: Redis, engine: AsyncEngine, sim: SimAdmin, settings) -> None:
+    run = await new_run(sim, engine, redis)
+    async with running_executor(settings), fake_scheduler(redis):
+        await enqueue(redis, run.buy())
+        await eventually(lambda: bought(redis, run))
+        sim.set_faults(burst_429=1, routes=["orders"])
+        await enqueue(redis, run.sell())
+        rows = await rows_of(engine, run, 3)
+    assert [(r.event_type.value, r.status.value) for r in rows] == [
+        ("BUY", "success"), ("SELL", "failed"), ("RETRY", "success")]
+    assert rows[1].response_payload["code"] == 429
+    assert len(broker_orders(sim, run.tag("exit"))) == 1
+
+
+async def test_expired_token_aborts_the_run(redis: Redis, engine: AsyncEngine, sim: SimAdmin, settings) -> None:
+    run = await new_run(sim, engine, redis)
+    sim.expire(run.account.api_key)
+    async with running_executor(settings):
+        await enqueue(redis, run.buy())
+        rows = await rows_of(engine, run, 2)
+        await eventually(lambda: _status(engine, run, StrategyStatus.failed))
+    assert [(r.event_type.value, r.status.value) for r in rows] == [("BUY", "failed"), ("ABORT", "failed")]
+    assert "credentials" in (await strategy_row(engine, run)).failure_reason
+    assert not await redis.exists(keys.strategy_key(run.sid))
+    assert sim.orders(api_key=run.account.api_key) == []
+
+
+async def test_rejected_exit_retries_then_aborts_with_the_position_open(redis: Redis, engine: AsyncEngine,
+                                                                       sim: SimAdmin, settings) -> None:
+    run = await new_run(sim, engine, redis)
+    async with running_executor(settings), fake_scheduler(redis):
+        await enqueue(redis, run.buy())
+        await eventually(lambda: bought(redis, run))
+        sim.set_faults(reject_rate=1.0)
+        await enqueue(redis, run.stoploss(1400.0))
+        await eventually(lambda: _status(engine, run, StrategyStatus.failed), timeout=15)
+        rows = await rows_of(engine, run, 5)
+    kinds = [(r.event_type.value, r.status.value) for r in rows]
+    assert kinds == [("BUY", "success"), ("STOPLOSS", "failed"), ("RETRY", "failed"), ("RETRY", "failed"),
+                     ("ABORT", "failed")]
+    exits = broker_orders(sim, run.tag("exit"))
+    assert len(exits) == settings.retry_max_attempts and {o["status"] for o in exits} == {"REJECTED"}
+    assert "STOPLOSS failed after 3 attempts" in (await strategy_row(engine, run)).failure_reason
+
+
+async def _dead(redis: Redis, count: int) -> list:
+    entries = await redis.xrange(keys.ORDERS_DEAD_STREAM)
+    assert len(entries) >= count, entries
+    return entries
+
+
+async def _status(engine: AsyncEngine, run: Run, status: StrategyStatus) -> bool:
+    return (await strategy_row(engine, run)).status == status
+
+
