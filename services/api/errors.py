@@ -74,11 +74,13 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
         headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
         message = exc.reason if exc.status != 413 else "request body is too large"
         return error_response(exc.status, _HTTP_CODES.get(exc.status, "http_error"), message, None, headers)
-    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-        log.warning("redis unavailable", error=type(exc).__name__)
+    except redis.exceptions.RedisError as exc:
+        log.warning("redis unavailable", error=type(exc).__name__, reason=str(exc)[:200])
         return error_response(503, "redis_unavailable", "the runtime store is unavailable; retry shortly")
-    except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, sqlalchemy.exc.TimeoutError) as exc:
-        log.warning("database unavailable", error=type(exc).__name__)
+    except (sqlalchemy.exc.DBAPIError, sqlalchemy.exc.TimeoutError) as exc:
+        # Client-caused database errors are caught where they happen (409/422); what reaches
+        # here is the server's side (down, failover, a failed commit): retryable, not a bug.
+        log.warning("database unavailable", error=type(exc).__name__, reason=str(exc.__cause__ or exc)[:200])
         return error_response(503, "database_unavailable", "the database is unavailable; retry shortly")
     except Exception:
         # Last resort: tests and fuzzing must never get here.

@@ -1,12 +1,13 @@
 """Fixtures and helpers for the API tests: the real app on real Redis, Postgres and the Kite simulator.
 
-Import the fixtures into a test module (`from tests.integration.api_support import api, logs  # noqa: F401`).
+Use them with `pytest_plugins = ["tests.integration.api_support"]` in a test module.
 `api` serves `services.api` in-process through aiohttp's test server; `run_api_process` runs
 `python -m services.api` as a real subprocess.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import subprocess
@@ -15,7 +16,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -143,18 +144,25 @@ def logs() -> Iterator[io.StringIO]:
     yield buffer
 
 
-async def start_harness(settings: ApiSettings, sim: Any) -> AsyncIterator[ApiHarness]:
-    app = build_app(settings)
-    async with TestServer(app) as server, TestClient(server) as client:
-        yield ApiHarness(client, app, sim)
+@pytest.fixture
+async def api_factory(redis: Any, clean_db: str, redis_url: str, sim: Any,
+                      logs: io.StringIO) -> AsyncIterator[Callable[..., Awaitable[ApiHarness]]]:
+    """Build API apps with setting overrides, on clean Redis, Postgres and simulator."""
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def make(**overrides: Any) -> ApiHarness:
+            settings = make_settings(redis_url, clean_db, sim.base_url, **overrides)
+            server = await stack.enter_async_context(TestServer(build_app(settings)))
+            client = await stack.enter_async_context(TestClient(server))
+            return ApiHarness(client, server.app, sim)
+
+        yield make
 
 
 @pytest.fixture
-async def api(redis: Any, clean_db: str, redis_url: str, sim: Any, logs: io.StringIO) -> AsyncIterator[ApiHarness]:
+async def api(api_factory: Callable[..., Awaitable[ApiHarness]]) -> ApiHarness:
     """The API app on a test server, with clean Redis, Postgres and simulator."""
-    settings = make_settings(redis_url, clean_db, sim.base_url)
-    async for harness in start_harness(settings, sim):
-        yield harness
+    return await api_factory()
 
 
 @contextmanager
