@@ -1,0 +1,144 @@
+"""The order-log writer: idempotent inserts, terminal statuses, Postgres outages, bad rows."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import pytest
+from redis.asyncio import Redis
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from deploy.local.procs import PostgresServer
+from libs.schema import keys
+from libs.schema.codec import dumps
+from libs.schema.models import OrderLogRow, Position, StrategyStatus, order_log_id
+from tests.integration.executor_support import (
+    Run,
+    engine_for,
+    enqueue,
+    executor_settings,
+    new_account,
+    order_logs,
+    running_executor,
+    runtime,
+    start_run,
+    strategy_row,
+)
+from tests.support.eventually import eventually
+from tests.support.kite_sim import SimAdmin
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.fixture
+async def engine(clean_db: str) -> AsyncIterator[AsyncEngine]:
+    engine = engine_for(clean_db)
+    yield engine
+    await engine.dispose()
+
+
+@pytest.fixture
+def settings(redis_url: str, clean_db: str, sim: SimAdmin):  # type: ignore[no-untyped-def]
+    return executor_settings(redis_url, clean_db, sim.base_url)
+
+
+def row_for(run: Run, msg_id: str, **extra: object) -> OrderLogRow:
+    return OrderLogRow(id=order_log_id(keys.ORDERS_STREAM, msg_id), strategy_id=run.config.strategy_id,
+                       event_type="SELL", status="success", trading_day=run.plan.trading_day,
+                       stream_msg_id=msg_id, created_at=datetime.now(UTC), run_id=run.config.run_id,
+                       **extra)  # type: ignore[arg-type]
+
+
+async def test_a_row_delivered_twice_is_inserted_once_and_applies_its_status(
+        redis: Redis, engine: AsyncEngine, sim: SimAdmin, settings) -> None:
+    run = await start_run(engine, redis, await new_account(sim, engine, redis))
+    row = dumps(row_for(run, "1700000000000-0", strategy_status="exited"))
+    async with running_executor(settings) as service:
+        await redis.xadd(keys.ORDER_LOGS_STREAM, {"row": row})
+        await redis.xadd(keys.ORDER_LOGS_STREAM, {"row": row})
+        await eventually(lambda: service.writer.written == 2)
+    rows = await order_logs(engine, run)
+    assert len(rows) == 1 and rows[0].user_id == run.account.user_id  # filled in from strategies
+    assert (await strategy_row(engine, run)).status == StrategyStatus.exited
+    assert await redis.xlen(keys.ORDER_LOGS_STREAM) == 0
+
+
+async def test_status_of_an_older_run_does_not_touch_a_newer_one(redis: Redis, engine: AsyncEngine, sim: SimAdmin,
+                                                                 settings) -> None:
+    run = await start_run(engine, redis, await new_account(sim, engine, redis))
+    stale = row_for(run, "1700000000001-0", strategy_status="failed").model_copy(
+        update={"run_id": "2020-01-01T00:00:00.000000+00:00"})
+    async with running_executor(settings) as service:
+        await redis.xadd(keys.ORDER_LOGS_STREAM, {"row": dumps(stale)})
+        await eventually(lambda: service.writer.written == 1)
+    assert (await strategy_row(engine, run)).status == StrategyStatus.running
+
+
+async def test_malformed_and_orphan_rows_go_to_dead_letters(redis: Redis, engine: AsyncEngine, sim: SimAdmin,
+                                                            settings) -> None:
+    run = await start_run(engine, redis, await new_account(sim, engine, redis))
+    orphan = row_for(run, "1700000000002-0").model_copy(update={"strategy_id": run.account.user_id})
+    async with running_executor(settings) as service:
+        await redis.xadd(keys.ORDER_LOGS_STREAM, {"row": b"{broken"})
+        await redis.xadd(keys.ORDER_LOGS_STREAM, {"row": dumps(orphan)})
+        await redis.xadd(keys.ORDER_LOGS_STREAM, {"row": dumps(row_for(run, "1700000000003-0"))})
+        await eventually(lambda: service.writer.written == 1)
+        dead = await eventually(lambda: _entries(redis, keys.ORDER_LOGS_DEAD_STREAM, 2))
+    reasons = sorted(fields[b"reason"].decode() for _, fields in dead)
+    assert reasons[0].startswith("malformed row") and reasons[1].startswith("unknown strategy")
+    assert len(await order_logs(engine, run)) == 1
+
+
+async def test_rows_wait_out_a_postgres_outage_while_trading_goes_on(
+        redis: Redis, engine: AsyncEngine, sim: SimAdmin, settings, pg_server: PostgresServer) -> None:
+    run = await start_run(engine, redis, await new_account(sim, engine, redis))
+    async with engine.connect() as conn:
+        # The session server runs with synchronous_commit=off; an immediate stop
+        # would otherwise lose the rows this test just wrote.
+        await conn.execute(text("CHECKPOINT"))
+    await engine.dispose()
+    async with running_executor(settings) as service:
+        await asyncio.to_thread(pg_server.stop, mode="immediate")
+        try:
+            await enqueue(redis, run.buy())
+            await eventually(lambda: _position(redis, run, Position.bought), timeout=10)
+            await enqueue(redis, run.sell())
+            await eventually(lambda: _unloaded(redis, run), timeout=10)
+            pending = await redis.xpending(keys.ORDER_LOGS_STREAM, keys.LOG_WRITERS_GROUP)
+            assert service.writer.written == 0 and pending["pending"] + await _unread(redis) >= 1
+        finally:
+            await asyncio.to_thread(pg_server.start, fsync=False)
+        rows = await eventually(lambda: _logs(engine, run, 2), timeout=30)
+    assert [(r.event_type.value, r.status.value) for r in rows] == [("BUY", "success"), ("SELL", "success")]
+    assert (await strategy_row(engine, run)).status == StrategyStatus.exited
+
+
+async def _logs(engine: AsyncEngine, run: Run, count: int) -> list:
+    try:
+        rows = await order_logs(engine, run)
+    except Exception as error:  # noqa: BLE001 - Postgres may still be recovering
+        raise AssertionError(str(error)) from error
+    assert len(rows) == count, rows
+    return rows
+
+
+async def _unread(redis: Redis) -> int:
+    groups = await redis.xinfo_groups(keys.ORDER_LOGS_STREAM)
+    return sum(int(g.get("lag") or 0) for g in groups)
+
+
+async def _entries(redis: Redis, stream: str, count: int) -> list:
+    entries = await redis.xrange(stream)
+    assert len(entries) >= count, entries
+    return entries
+
+
+async def _position(redis: Redis, run: Run, position: Position) -> bool:
+    return (await runtime(redis, run)).position == position
+
+
+async def _unloaded(redis: Redis, run: Run) -> bool:
+    return not await redis.exists(keys.strategy_key(run.sid))
