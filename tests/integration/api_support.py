@@ -151,7 +151,8 @@ async def api_factory(redis: Any, clean_db: str, redis_url: str, sim: Any,
     async with contextlib.AsyncExitStack() as stack:
 
         async def make(**overrides: Any) -> ApiHarness:
-            settings = make_settings(redis_url, clean_db, sim.base_url, **overrides)
+            overrides.setdefault("redis_url", redis_url)
+            settings = make_settings(overrides.pop("redis_url"), clean_db, sim.base_url, **overrides)
             server = await stack.enter_async_context(TestServer(build_app(settings)))
             client = await stack.enter_async_context(TestClient(server))
             return ApiHarness(client, server.app, sim)
