@@ -71,9 +71,11 @@ class OrderConsumer:
                     reply = await self.redis.xreadgroup(keys.EXECUTORS_GROUP, self.name, {keys.ORDERS_STREAM: ">"},
                                                         count=free, block=self.settings.read_block_ms)
                 except ResponseError as error:
-                    if not is_nogroup(error) and "no longer exists" not in str(error):
-                        raise
-                    await self.on_state_lost("consumer group missing")
+                    if is_nogroup(error) or "no longer exists" in str(error):
+                        await self.on_state_lost("consumer group missing")
+                    else:
+                        self.log.error("redis refused XREADGROUP; retrying", error=str(error))
+                        await _sleep_unless(stop, 0.5)
                     continue
                 except (RedisConnectionError, RedisTimeoutError) as error:
                     self.log.warning("redis unavailable; retrying", error=str(error))

@@ -72,12 +72,19 @@ class OrderLogWriter:
                     await self.write(entries, stop)
                 await self._update_lag()
             except ResponseError as error:
-                if not is_nogroup(error):
-                    raise
-                await ensure_group(self.redis, keys.ORDER_LOGS_STREAM, keys.LOG_WRITERS_GROUP)
+                if is_nogroup(error) or "no longer exists" in str(error):
+                    # Redis lost the stream (flush or restart): recreate and go on.
+                    with contextlib.suppress(RedisError):
+                        await ensure_group(self.redis, keys.ORDER_LOGS_STREAM, keys.LOG_WRITERS_GROUP)
+                    continue
+                self.log.error("redis refused a command; retrying", error=str(error))
+                await _sleep_unless(stop, 0.5)
             except RedisError as error:
                 self.log.warning("redis unavailable; retrying", error=str(error))
                 await _sleep_unless(stop, 0.5)
+            except Exception:  # noqa: BLE001 - the writer must outlive any one bad batch
+                self.log.exception("order-log writer loop failed; retrying")
+                await _sleep_unless(stop, 1.0)
 
     async def _claimed(self) -> list[tuple[str, dict[bytes, bytes]]]:
         reply: Any = await self.redis.xautoclaim(keys.ORDER_LOGS_STREAM, keys.LOG_WRITERS_GROUP, self.name,

@@ -88,7 +88,11 @@ class ExecutorService:
 
     async def on_state_lost(self, reason: str) -> None:
         self.log.warning("redis lost state; reconciling before consuming again", reason=reason)
-        await self.recover("state_lost")
+        try:
+            await self.recover("state_lost")
+        except Exception as error:  # noqa: BLE001 - the next read hits NOGROUP again and retries
+            self.log.error("reconciliation failed; will retry", error=f"{type(error).__name__}: {error}")
+            await asyncio.sleep(0.5)
 
     async def _watch_redis(self, stop: asyncio.Event) -> None:
         """Poll `INFO server` run_id; a new one means Redis restarted and may have lost writes."""
@@ -106,7 +110,7 @@ class ExecutorService:
                 self._redis_run_id = run_id
                 try:
                     await self.recover("redis_restart")
-                except RedisError as error:
+                except Exception as error:  # noqa: BLE001 - keep watching; the next poll retries
                     self._redis_run_id = None
                     self.log.error("reconciliation failed; will retry", error=str(error))
 

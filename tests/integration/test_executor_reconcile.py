@@ -1,0 +1,154 @@
+"""Runtime rebuilt from the broker (start, FLUSHALL, restart) and the shared order-rate limit."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+from redis.asyncio import Redis
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from deploy.local.procs import RedisServer
+from libs.broker.kite import KiteGateway
+from libs.schema import keys
+from libs.schema.models import Position, StrategyStatus
+from libs.trading.runs import load_run
+from tests.integration.executor_support import (
+    Run,
+    broker_orders,
+    engine_for,
+    enqueue,
+    executor_settings,
+    new_account,
+    order_logs,
+    running_executor,
+    runtime,
+    start_run,
+    strategy_row,
+)
+from tests.support.eventually import eventually
+from tests.support.kite_sim import SimAdmin
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+async def engine(clean_db: str) -> AsyncIterator[AsyncEngine]:
+    engine = engine_for(clean_db)
+    yield engine
+    await engine.dispose()
+
+
+@pytest.fixture
+def settings(redis_url: str, clean_db: str, sim: SimAdmin):  # type: ignore[no-untyped-def]
+    return executor_settings(redis_url, clean_db, sim.base_url)
+
+
+async def place_at_broker(sim: SimAdmin, run: Run, intent: str, side: str) -> str:
+    """Place an order with the run's tag directly, as an executor that then lost Redis would have."""
+    gateway = KiteGateway(sim.base_url, max_workers=2)
+    try:
+        return await gateway.place_market_order(run.account.api_key, run.account.access_token, symbol="INFY",
+                                                exchange="NSE", transaction_type=side, quantity=1, product="MIS",
+                                                tag=run.tag(intent))
+    finally:
+        gateway.close()
+
+
+async def position_is(redis: Redis, run: Run, position: Position) -> bool:
+    return (await runtime(redis, run)).position == position
+
+
+async def test_start_rebuilds_runtime_and_ends_runs_already_exited(redis: Redis, engine: AsyncEngine,
+                                                                   sim: SimAdmin, settings) -> None:
+    account = await new_account(sim, engine, redis)
+    holding = await start_run(engine, redis, account)
+    exited = await start_run(engine, redis, account)
+    entry_id = await place_at_broker(sim, holding, "entry", "BUY")
+    await place_at_broker(sim, exited, "entry", "BUY")
+    await place_at_broker(sim, exited, "exit", "SELL")
+    async with running_executor(settings):
+        state = await runtime(redis, holding)
+        assert state.position == Position.bought and state.last_buy_order == entry_id
+        assert not await redis.exists(keys.strategy_key(exited.sid))
+        await eventually(lambda: _status(engine, exited, StrategyStatus.exited))
+        await enqueue(redis, holding.buy())
+        await eventually(lambda: _logs(engine, holding, 1))
+    assert len(broker_orders(sim, holding.tag("entry"))) == 1
+    assert (await order_logs(engine, holding))[0].status.value == "skipped"
+
+
+async def test_flushall_rebuilds_runtime_from_the_broker_without_a_second_buy(
+        redis: Redis, engine: AsyncEngine, sim: SimAdmin, settings) -> None:
+    run = await start_run(engine, redis, await new_account(sim, engine, redis))
+    async with running_executor(settings):
+        await enqueue(redis, run.buy())
+        await eventually(lambda: position_is(redis, run, Position.bought))
+        await eventually(lambda: _logs(engine, run, 1))
+        await redis.flushall()
+        # Runtime and the credential hash come back from the broker and Postgres.
+        await eventually(lambda: position_is(redis, run, Position.bought), timeout=10)
+        assert await redis.exists(keys.broker_credentials_key(run.account.user_id))
+        # The scheduler reloads the run with a fresh runtime and fires BUY again:
+        # the tag lookup finds the filled entry, nothing new reaches the broker.
+        await load_run(redis, run.config, run.plan)
+        await enqueue(redis, run.buy())
+        await eventually(lambda: position_is(redis, run, Position.bought))
+        rows = await eventually(lambda: _logs(engine, run, 2))
+        assert rows[1].response_payload["found_by_tag"] is True
+        await enqueue(redis, run.sell())
+        await eventually(lambda: _status(engine, run, StrategyStatus.exited))
+    assert len(broker_orders(sim, run.tag("entry"))) == 1
+    assert len(broker_orders(sim, run.tag("exit"))) == 1
+
+
+async def test_redis_restart_triggers_reconciliation(redis: Redis, engine: AsyncEngine, sim: SimAdmin,
+                                                     settings, redis_server: RedisServer) -> None:
+    run = await start_run(engine, redis, await new_account(sim, engine, redis))
+    async with running_executor(settings):
+        await enqueue(redis, run.buy())
+        await eventually(lambda: position_is(redis, run, Position.bought))
+        await eventually(lambda: _logs(engine, run, 1))
+        await asyncio.to_thread(redis_server.stop, kill=True)
+        await asyncio.to_thread(redis_server.start, appendonly=False)
+        await eventually(lambda: _safe(position_is(redis, run, Position.bought)), timeout=15)
+        await load_run(redis, run.config, run.plan, runtime=await runtime(redis, run))
+        await enqueue(redis, run.sell())
+        await eventually(lambda: _status(engine, run, StrategyStatus.exited), timeout=10)
+    assert len(broker_orders(sim, run.tag("entry"))) == 1
+    assert len(broker_orders(sim, run.tag("exit"))) == 1
+
+
+async def test_one_account_stays_under_ten_orders_per_second(redis: Redis, engine: AsyncEngine, sim: SimAdmin,
+                                                             settings) -> None:
+    account = await new_account(sim, engine, redis)
+    runs = [await start_run(engine, redis, account) for _ in range(25)]
+    async with running_executor(settings), running_executor(settings):
+        for run in runs:
+            await enqueue(redis, run.buy())
+        for run in runs:
+            await eventually(lambda run=run: position_is(redis, run, Position.bought), timeout=15)
+    orders = sim.orders(api_key=account.api_key)
+    assert len(orders) == 25
+    times = sorted(o["received_at_monotonic"] for o in orders)
+    busiest = max(sum(1 for t in times if start <= t < start + 1.0) for start in times)
+    assert busiest <= 10
+    assert times[-1] - times[0] >= 2.0  # 25 orders at 10/s need at least two full windows
+
+
+async def _safe(check: object) -> bool:
+    try:
+        return await check  # type: ignore[misc]
+    except Exception as error:  # noqa: BLE001 - Redis is restarting
+        raise AssertionError(str(error)) from error
+
+
+async def _logs(engine: AsyncEngine, run: Run, count: int) -> list:
+    rows = await order_logs(engine, run)
+    assert len(rows) == count, rows
+    return rows
+
+
+async def _status(engine: AsyncEngine, run: Run, status: StrategyStatus) -> bool:
+    return (await strategy_row(engine, run)).status == status
