@@ -13,12 +13,13 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+import structlog
 from kiteconnect import KiteTicker
 from twisted.internet import reactor
 
-from libs.service.logging import get_logger
-
-log = get_logger("market_listener.feed")
+# A lazy proxy: configure_logging() runs in main(), after this module is imported, and a
+# bound logger made now would keep structlog's default (console) configuration.
+log = structlog.get_logger("market_listener.feed")
 
 TicksSink = Callable[[list[dict[str, Any]]], None]
 

@@ -9,6 +9,7 @@ from collections import deque
 from datetime import UTC, date, datetime
 from typing import Any
 
+import structlog
 from prometheus_client import Counter, Gauge, Histogram
 from pydantic import ValidationError
 from redis.asyncio import Redis
@@ -17,7 +18,6 @@ from redis.exceptions import RedisError
 from libs.broker.kite import BrokerError, KiteGateway
 from libs.schema import keys
 from libs.schema.models import ControlMessage, Position, StrategyConfig
-from libs.service.logging import get_logger
 from libs.trading.calendar import IST, SESSION_CLOSE, SESSION_OPEN, MarketCalendar
 from libs.trading.runs import plan_run
 from services.market_listener.feed import TOKEN_EXPIRED, TickerFeed
@@ -25,7 +25,9 @@ from services.market_listener.index import StopLossIndex, Watch
 from services.market_listener.settings import ListenerSettings
 from services.market_listener.trigger import StoplossEmitter
 
-log = get_logger("market_listener")
+# A lazy proxy: configure_logging() runs in main(), after this module is imported, and a
+# bound logger made now would keep structlog's default (console) configuration.
+log = structlog.get_logger("market_listener")
 
 TICKS = Counter("listener_ticks_total", "Ticks received from the feed.")
 TICKS_PER_S = Gauge("listener_ticks_per_second", "Ticks received during the last second.")

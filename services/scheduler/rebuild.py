@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import structlog
 from prometheus_client import Counter
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -41,12 +42,13 @@ from libs.schema import keys
 from libs.schema.codec import dumps, loads
 from libs.schema.models import Position, StrategyStatus, event_to_json
 from libs.schema.tables import BrokerCredential, Strategy
-from libs.service.logging import get_logger
 from libs.trading.calendar import MarketCalendar
 from libs.trading.runs import RunPlan, config_for, load_run, loaded_config, plan_run, unload_run
 from libs.trading.tags import order_tag
 
-log = get_logger("scheduler.rebuild")
+# A lazy proxy: configure_logging() runs in main(), after this module is imported, and a
+# bound logger made now would keep structlog's default (console) configuration.
+log = structlog.get_logger("scheduler.rebuild")
 
 MISSED = Counter("scheduler_missed_events_total", "BUY events found past the grace window: strategy failed.")
 

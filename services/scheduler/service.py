@@ -5,19 +5,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from libs.schema import keys
-from libs.service.logging import get_logger
 from libs.trading.calendar import MarketCalendar
 from services.scheduler.mover import DueMover
 from services.scheduler.rebuild import rebuild_schedule, sweep_stale_buys
 from services.scheduler.settings import SchedulerSettings
 
-log = get_logger("scheduler")
+# A lazy proxy: configure_logging() runs in main(), after this module is imported, and a
+# bound logger made now would keep structlog's default (console) configuration.
+log = structlog.get_logger("scheduler")
 
 
 class Scheduler:
