@@ -15,7 +15,6 @@ from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
 from libs.schema import keys
-from libs.schema.codec import loads
 
 _MOVE_DUE = """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[2]))
@@ -37,6 +36,18 @@ LATENESS = Histogram(
 MOVED = Counter("scheduler_events_moved_total", "Events moved from schedule to queue:orders.", ["event_type"])
 
 
+_TYPE_MARK = b'"event_type":"'
+
+
+def event_type_of(member: bytes) -> str:
+    """Return the event_type of a canonical event JSON without parsing it all."""
+    start = member.find(_TYPE_MARK)
+    if start < 0:
+        return "?"
+    start += len(_TYPE_MARK)
+    return member[start:member.find(b'"', start)].decode()
+
+
 @dataclass(frozen=True, slots=True)
 class MovedEvent:
     """One event this scheduler enqueued, with how late it was."""
@@ -47,10 +58,7 @@ class MovedEvent:
 
     @property
     def event_type(self) -> str:
-        try:
-            return str(loads(self.member).get("event_type", "?"))
-        except ValueError:
-            return "?"
+        return event_type_of(self.member)
 
 
 class DueMover:
@@ -72,30 +80,34 @@ class DueMover:
         self._sha = await self.redis.script_load(_MOVE_DUE)
         return await self.redis.evalsha(self._sha, *args)
 
-    async def move_batch(self) -> list[MovedEvent]:
-        """Move one batch of due events; return them."""
-        reply = await self._eval(int(time.time() * 1000))
-        if not reply:
-            return []
-        done_ms = time.time() * 1000
-        moved = []
-        for i in range(0, len(reply), 2):
-            due_ms = int(float(reply[i + 1]))
-            event = MovedEvent(reply[i], due_ms, max(0.0, (done_ms - due_ms) / 1000))
-            LATENESS.observe(event.lateness_s)
-            MOVED.labels(event.event_type).inc()
-            moved.append(event)
+    async def move_all_due(self) -> list[MovedEvent]:
+        """Move every due event, batch after batch; return them.
+
+        Bookkeeping (lateness histogram, counters) waits until every batch is
+        moved, so a burst of due events reaches the stream as fast as Redis
+        can take it.
+        """
+        replies: list[tuple[list[bytes], float]] = []
+        while True:
+            reply = await self._eval(int(time.time() * 1000))
+            if reply:
+                replies.append((reply, time.time() * 1000))
+            if len(reply) < 2 * self.batch_size:
+                break
+        moved: list[MovedEvent] = []
+        per_type: dict[str, int] = {}
+        for reply, done_ms in replies:
+            for i in range(0, len(reply), 2):
+                due_ms = int(float(reply[i + 1]))
+                event = MovedEvent(reply[i], due_ms, max(0.0, (done_ms - due_ms) / 1000))
+                LATENESS.observe(event.lateness_s)
+                kind = event.event_type
+                per_type[kind] = per_type.get(kind, 0) + 1
+                moved.append(event)
+        for kind, count in per_type.items():
+            MOVED.labels(kind).inc(count)
         self.moved_total += len(moved)
         return moved
-
-    async def move_all_due(self) -> list[MovedEvent]:
-        """Move every due event, batch after batch; return them."""
-        moved: list[MovedEvent] = []
-        while True:
-            batch = await self.move_batch()
-            moved.extend(batch)
-            if len(batch) < self.batch_size:
-                return moved
 
     async def seconds_until_next_due(self) -> float | None:
         """Return how long until the earliest member is due, or None if `schedule` is empty."""
