@@ -165,7 +165,8 @@ async def run_demo(env: dict[str, str]) -> int:
             print(f"  {s.label} {s.symbol:<9} status={st['status']:<8} position={st['position']:<13} "
                   f"last_action={st.get('last_action') or '-'}")
             for row in reversed(rows):
-                print(f"      {row['created_at'][11:23]}  {row['event_type']:<9} {row['status']:<8} "
+                at = datetime.fromisoformat(row["created_at"]).astimezone(IST).strftime("%H:%M:%S.%f")[:-3]
+                print(f"      {at}  {row['event_type']:<9} {row['status']:<8} "
                       f"order={row.get('broker_order_id') or '-':<12} tag={row.get('tag') or '-'}")
         async with session.get(f"{sim_url}/sim/orders") as r:
             orders = _items(await r.json())
