@@ -114,6 +114,7 @@ class OrderConsumer:
         while not stop.is_set():
             if self.resume.is_set():
                 try:
+                    await self._touch_inflight()
                     await self.claim_abandoned()
                 except ResponseError as error:
                     if not is_nogroup(error):
@@ -121,6 +122,14 @@ class OrderConsumer:
                 except RedisError as error:
                     self.log.warning("claim failed; redis unavailable", error=str(error))
             await _sleep_unless(stop, self.settings.claim_interval_s)
+
+    async def _touch_inflight(self) -> None:
+        # An event waiting on its lock or the rate limit is not abandoned: reset
+        # its idle time (JUSTID does not count a delivery) so that no claimer,
+        # this one included, takes it and inflates its delivery count.
+        ids = list(self._inflight)
+        if ids:
+            await self.redis.xclaim(keys.ORDERS_STREAM, keys.EXECUTORS_GROUP, self.name, 0, ids, justid=True)
 
     async def claim_abandoned(self) -> int:
         """Take over entries pending too long elsewhere; return how many were started."""

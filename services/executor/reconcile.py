@@ -38,7 +38,7 @@ from libs.schema.models import (
 )
 from libs.schema.tables import BrokerCredential, Strategy
 from libs.service.logging import get_logger
-from libs.trading.calendar import IST, MarketCalendar
+from libs.trading.calendar import MarketCalendar
 from libs.trading.runs import config_for, plan_run, unload_run
 from libs.trading.tags import order_tag
 from services.executor import metrics
@@ -140,11 +140,9 @@ class Reconciler:
         current = RuntimeState.from_redis_hash(await self.redis.hgetall(keys.runtime_key(sid)))
         now = datetime.now(UTC)
         if exit_ is not None:
-            # The exit tag is shared, so the book cannot say SELL or STOPLOSS: the
-            # listener's marker can, and failing that, an exit before sell time.
-            placed = _placed_at(exit_)
-            by_sl = bool(await self.redis.exists(keys.stoploss_marker_key(sid, config.run_id))) or (
-                placed is not None and placed < plan.sell.trigger_time)
+            # The exit tag is shared, so the book cannot say SELL or STOPLOSS; the
+            # listener's marker can (a guess by time would mislabel square-offs).
+            by_sl = bool(await self.redis.exists(keys.stoploss_marker_key(sid, config.run_id)))
             position = Position.exited_by_sl if by_sl else Position.sold
             await self._exited(config, plan, exit_, position, now)
             return 1
@@ -177,19 +175,6 @@ class Reconciler:
         await self.redis.xadd(keys.ORDER_LOGS_STREAM, {"row": dumps(row)})
         await unload_run(self.redis, config, plan)
         self.log.warning("run found exited at the broker; unloaded", strategy_id=sid, position=position.value)
-
-
-def _placed_at(order: dict[str, Any]) -> datetime | None:
-    # kiteconnect parses timestamps into naive datetimes of exchange time (IST).
-    value = order.get("order_timestamp")
-    if isinstance(value, str):
-        try:
-            value = datetime.fromisoformat(value)
-        except ValueError:
-            return None
-    if not isinstance(value, datetime):
-        return None
-    return value.replace(tzinfo=IST) if value.tzinfo is None else value
 
 
 def _filled(orders: list[dict[str, Any]]) -> dict[str, Any] | None:

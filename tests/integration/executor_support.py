@@ -60,7 +60,7 @@ def executor_settings(redis_url: str, database_url: str, sim_url: str, **overrid
     values: dict[str, Any] = dict(
         redis_url=redis_url, database_url=database_url, kite_root=sim_url, secret_key=SECRET_KEY,
         market_calendar="always_open", health_port=0, read_block_ms=200, claim_idle_ms=1500,
-        claim_interval_s=0.3, max_deliveries=3, lock_wait_s=3.0, broker_timeout_s=2.0, fill_timeout_s=2.0,
+        claim_interval_s=0.3, max_deliveries=3, lock_ttl_ms=1500, lock_wait_s=3.0, broker_timeout_s=2.0, fill_timeout_s=2.0,
         retry_base_s=0.05, retry_cap_s=0.2, retry_max_attempts=3, shutdown_grace_s=5.0,
         redis_watch_interval_s=0.2, reconcile_pg_timeout_s=2.0, writer_backoff_max_s=0.5,
     )
