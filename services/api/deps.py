@@ -49,17 +49,20 @@ async def read_json(request: web.Request) -> Any:
 
 def _reject_nul(value: Any, loc: list[str | int]) -> None:
     # Postgres text cannot hold NUL; refusing it here keeps it a 422, not a 500.
-    if isinstance(value, str):
-        if "\x00" in value:
-            raise field_error(loc, "text must not contain NUL characters", "nul_character")
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            if "\x00" in key:
-                raise field_error(loc, "keys must not contain NUL characters", "nul_character")
-            _reject_nul(item, [*loc, key])
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            _reject_nul(item, [*loc, index])
+    # Iterative: orjson accepts nesting deeper than Python's recursion limit.
+    pending: list[tuple[Any, list[str | int]]] = [(value, loc)]
+    while pending:
+        item, where = pending.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                raise field_error(where, "text must not contain NUL characters", "nul_character")
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                if "\x00" in key:
+                    raise field_error(where, "keys must not contain NUL characters", "nul_character")
+                pending.append((child, [*where, key]))
+        elif isinstance(item, list):
+            pending.extend((child, [*where, index]) for index, child in enumerate(item))
 
 
 async def read_model(request: web.Request, model: type[M]) -> M:

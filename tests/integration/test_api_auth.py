@@ -64,6 +64,14 @@ async def test_bad_json_is_400(api, data) -> None:
     assert_error(await api.v1("POST", "/auth/register", data=data), 400, "bad_json")
 
 
+async def test_deeply_nested_json_is_a_4xx_not_a_crash(api) -> None:
+    for depth in (900, 1000, 1023, 5000):
+        reply = await api.v1("POST", "/auth/register", data=b"[" * depth + b"]" * depth)
+        assert reply.status in (400, 422), (depth, reply.status)
+        body = b'{"name": ' * depth + b'"x\\u0000"' + b"}" * depth
+        assert (await api.v1("POST", "/auth/register", data=body)).status in (400, 422), depth
+
+
 async def test_oversized_body_is_413(api) -> None:
     body = b'{"name": "' + b"x" * (70 * 1024) + b'"}'
     assert_error(await api.v1("POST", "/auth/register", data=body), 413, "payload_too_large")
