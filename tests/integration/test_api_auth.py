@@ -201,3 +201,28 @@ async def test_dashboard_is_served(api) -> None:
     assert "<title>Tickwise</title>" in page.text and page.headers["Content-Type"].startswith("text/html")
     script = await api.call("GET", "/static/app.js", expect=200)
     assert "/strategies/start" in script.text
+
+
+@pytest.mark.parametrize("body, loc", [
+    ({"email": "nope", "password": "x"}, ["email"]),
+    ({"email": "a@example.com", "password": ""}, ["password"]),
+    ({"email": "a@example.com"}, ["password"]),
+    ({"email": "a@example.com", "password": "x", "remember": True}, ["remember"]),
+])
+async def test_login_validation(api, body, loc) -> None:
+    error = assert_error(await api.v1("POST", "/auth/login", body), 422)
+    assert loc in [d["loc"] for d in error["details"]]
+
+
+async def test_forwarded_address_is_throttled_only_behind_a_trusted_proxy(api_factory, redis) -> None:
+    trusting = await api_factory(trust_forwarded_for=True)
+    for i in range(5):
+        await trusting.v1("POST", "/auth/login", {"email": f"p{i}@example.com", "password": "guess-guess"},
+                          headers={"X-Forwarded-For": "203.0.113.7, 10.0.0.1"}, expect=401)
+    blocked = await trusting.v1("POST", "/auth/login", {"email": "q@example.com", "password": "guess"},
+                                headers={"X-Forwarded-For": "203.0.113.7"})
+    assert_error(blocked, 429)
+    other = await trusting.v1("POST", "/auth/login", {"email": "q@example.com", "password": "guess"},
+                              headers={"X-Forwarded-For": "203.0.113.8"})
+    assert_error(other, 401)
+    assert await redis.get(keys.login_throttle_addr_key("127.0.0.1")) is None

@@ -203,3 +203,21 @@ async def test_no_response_or_log_line_contains_a_secret(api, logs) -> None:
     responses = "\n".join(api.texts)
     for secret in secrets:  # (the bearer token is, of course, in the login response)
         assert secret not in responses, "a secret reached a response"
+
+
+@pytest.mark.parametrize("body, loc", [
+    ({}, ["request_token"]), ({"request_token": ""}, ["request_token"]),
+    ({"request_token": "a b"}, ["request_token"]), ({"request_token": "tökén"}, ["request_token"]),
+    ({"request_token": "abc", "api_secret": "x"}, ["api_secret"]),
+])
+async def test_session_validation(api, body, loc) -> None:
+    user = await api.connected_user("Max")
+    reply = await api.v1("POST", "/broker/session", body, user=user)
+    assert reply.status == 422
+    assert loc in [d["loc"] for d in reply.body["error"]["details"]]
+
+
+async def test_one_users_broker_state_is_invisible_to_another(api) -> None:
+    ann, bob = await api.connected_user("Ann"), await api.user("Bob")
+    assert (await api.v1("GET", "/broker", user=bob)).body["connected"] is False
+    assert (await api.v1("GET", "/broker", user=ann)).body["connected"] is True
