@@ -80,7 +80,9 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
     except (sqlalchemy.exc.DBAPIError, sqlalchemy.exc.TimeoutError) as exc:
         # Client-caused database errors are caught where they happen (409/422); what reaches
         # here is the server's side (down, failover, a failed commit): retryable, not a bug.
-        log.warning("database unavailable", error=type(exc).__name__, reason=str(exc.__cause__ or exc)[:200])
+        # Only the class and SQLSTATE: a Postgres message can quote a failing row (hashes, ciphertexts).
+        log.warning("database unavailable", error=type(exc).__name__,
+                    sqlstate=getattr(getattr(exc, "orig", None), "sqlstate", None))
         return error_response(503, "database_unavailable", "the database is unavailable; retry shortly")
     except Exception:
         # Last resort: tests and fuzzing must never get here.
