@@ -1,0 +1,167 @@
+"""Real kills and outages: no order lost, none duplicated.
+
+Each test trades on its own symbol and account through the public API, breaks
+one part of the running stack (kill -9 a process, stop Postgres, crash Redis),
+and then counts what the paper broker received, by tag.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import psycopg
+import redis.asyncio as aioredis
+
+from deploy.local.procs import PostgresServer, RedisServer
+from libs.schema import keys
+from tests.e2e.harness import Stack, Trader
+from tests.support.eventually import eventually
+
+
+async def _position(trader: Trader, sid: str, position: str) -> bool:
+    return (await trader.status(sid))["position"] == position
+
+
+async def _status(trader: Trader, sid: str, status: str) -> bool:
+    return (await trader.strategy_row(sid))["status"] == status
+
+
+def _orders_by_side(orders: list[dict]) -> dict[str, int]:
+    sides: dict[str, int] = {}
+    for order in orders:
+        sides[order["transaction_type"]] = sides.get(order["transaction_type"], 0) + 1
+    return sides
+
+
+async def _pending_consumer(stack_redis: aioredis.Redis) -> str:
+    """Return the executor consumer holding an unacked queue:orders entry."""
+
+    async def holder() -> str | None:
+        pending = await stack_redis.xpending_range(keys.ORDERS_STREAM, keys.EXECUTORS_GROUP, "-", "+", 10)
+        return pending[0]["consumer"].decode() if pending else None
+
+    return await eventually(holder, timeout=15, interval=0.02, message="no executor picked the BUY up")
+
+
+async def test_executor_killed_with_an_order_in_flight_is_finished_by_another(
+        fault_stack: Stack, trader: Trader, stack_redis: aioredis.Redis) -> None:
+    # The broker books the order but never answers: the executor is stuck mid-order.
+    await trader.sim("POST", "faults", {"timeout_after_accept_rate": 1.0, "routes": ["orders"]})
+    await trader.tick("WIPRO", 450)
+    sid = await trader.strategy("WIPRO", buy_in_s=2, sell_in_s=90, stop_loss=400, quantity=7)
+    consumer = await _pending_consumer(stack_redis)
+    await eventually(lambda: _booked(trader), timeout=10, message="the BUY never reached the broker")
+    pid = int(consumer.split("-")[-2])
+    os.kill(pid, signal.SIGKILL)
+    await trader.sim("POST", "faults", {})
+
+    await eventually(lambda: _position(trader, sid, "bought"), timeout=30, interval=0.2)
+    await asyncio.sleep(1.5)  # room for a wrong second BUY to show up
+    orders = await trader.broker_orders()
+    assert _orders_by_side(orders) == {"BUY": 1}
+    fault_stack.restart("executor")
+
+
+async def _booked(trader: Trader) -> bool:
+    return len(await trader.broker_orders()) >= 1
+
+
+async def test_broker_accepting_then_timing_out_gives_no_duplicate(trader: Trader) -> None:
+    await trader.sim("POST", "faults", {"timeout_after_accept_rate": 1.0, "routes": ["orders"]})
+    await trader.tick("BHARTIARTL", 1200)
+    sid = await trader.strategy("BHARTIARTL", buy_in_s=2, sell_in_s=8, stop_loss=1100, quantity=4)
+    await eventually(lambda: _booked(trader), timeout=10)
+    await eventually(lambda: _position(trader, sid, "bought"), timeout=20, interval=0.2)
+    await trader.sim("POST", "faults", {})
+    await eventually(lambda: _status(trader, sid, "exited"), timeout=25, interval=0.2)
+    orders = await trader.broker_orders()
+    assert _orders_by_side(orders) == {"BUY": 1, "SELL": 1}
+    assert len({o["tag"] for o in orders}) == 2
+
+
+async def test_postgres_outage_mid_trading_loses_no_order_log(fault_stack: Stack, trader: Trader) -> None:
+    await trader.tick("AXISBANK", 1100)
+    sid = await trader.strategy("AXISBANK", buy_in_s=2, sell_in_s=6, stop_loss=1000, quantity=2)
+    pg = _postgres(fault_stack)
+    pg.stop(mode="immediate")
+    outage_started = time.monotonic()
+    try:
+        # Trading goes on without Postgres: both orders reach the broker.
+        async def both_sides() -> bool:
+            return _orders_by_side(await trader.broker_orders()) == {"BUY": 1, "SELL": 1}
+
+        await eventually(both_sides, timeout=20, interval=0.2)
+        await asyncio.sleep(max(0.0, 10 - (time.monotonic() - outage_started)))  # a 10 s outage
+    finally:
+        pg.start()
+    await eventually(lambda: _logged(trader, sid, 2), timeout=30, interval=0.3)
+    assert await _status(trader, sid, "exited")
+    with psycopg.connect(pg.dsn) as conn:
+        rows = conn.execute("SELECT event_type::text, status::text FROM order_logs WHERE strategy_id = %s "
+                            "ORDER BY created_at", (sid,)).fetchall()
+    assert rows == [("BUY", "success"), ("SELL", "success")]
+
+
+async def _logged(trader: Trader, sid: str, count: int) -> bool:
+    try:
+        return len(await trader.logs(sid)) >= count
+    except AssertionError:
+        return False  # the API answers 5xx/503 until its pool reconnects
+
+
+def _postgres(stack: Stack) -> PostgresServer:
+    port = int(stack.env["DATABASE_URL"].rsplit(":", 1)[1].split("/")[0])
+    return PostgresServer(stack.local.run_dir / "pg", port)
+
+
+def _redis(stack: Stack) -> RedisServer:
+    port = int(stack.redis_url.rsplit(":", 1)[1].split("/")[0])
+    return RedisServer(stack.local.run_dir / "redis", port)
+
+
+async def test_redis_crash_while_holding_still_exits_once(fault_stack: Stack, trader: Trader) -> None:
+    await trader.tick("LT", 3500)
+    sid = await trader.strategy("LT", buy_in_s=2, sell_in_s=120, stop_loss=3400, quantity=1)
+    await eventually(lambda: _position(trader, sid, "bought"), timeout=15, interval=0.2)
+    await asyncio.sleep(1.5)  # past appendfsync everysec: the bought state is on disk
+    server = _redis(fault_stack)
+    server.stop(kill=True)
+    server.start(appendonly=True)
+
+    # Every service reconnects; the stop-loss still fires, exactly once.
+    await eventually(lambda: _position(trader, sid, "bought"), timeout=20, interval=0.3)
+    await asyncio.sleep(2)  # listeners resubscribe and re-index after the restart
+    await trader.tick("LT", 3390)
+    await eventually(lambda: _status(trader, sid, "exited"), timeout=30, interval=0.3)
+    orders = await trader.broker_orders()
+    assert _orders_by_side(orders) == {"BUY": 1, "SELL": 1}
+
+
+async def test_scheduler_killed_before_buy_time_buys_once_after_restart(fault_stack: Stack,
+                                                                        trader: Trader) -> None:
+    await trader.tick("MARUTI", 11000)
+    fault_stack.kill("scheduler")
+    sid = await trader.strategy("MARUTI", buy_in_s=2, sell_in_s=60, stop_loss=10000, quantity=1)
+    await asyncio.sleep(3)  # the buy time passes with no scheduler running
+    assert await trader.broker_orders() == []
+    fault_stack.restart("scheduler")  # within the grace window: the BUY still goes out, once
+    await eventually(lambda: _position(trader, sid, "bought"), timeout=20, interval=0.2)
+    await asyncio.sleep(1)
+    assert _orders_by_side(await trader.broker_orders()) == {"BUY": 1}
+
+
+async def test_listener_killed_while_holding_still_stops_out_after_restart(fault_stack: Stack,
+                                                                           trader: Trader) -> None:
+    await trader.tick("SUNPHARMA", 1700)
+    sid = await trader.strategy("SUNPHARMA", buy_in_s=2, sell_in_s=120, stop_loss=1650, quantity=3)
+    await eventually(lambda: _position(trader, sid, "bought"), timeout=15, interval=0.2)
+    fault_stack.kill("market_listener")
+    fault_stack.restart("market_listener")
+    await asyncio.sleep(1)
+    await trader.tick("SUNPHARMA", 1640)
+    await eventually(lambda: _status(trader, sid, "exited"), timeout=20, interval=0.2)
+    assert (await trader.status(sid))["position"] == "exited_by_sl"
+    assert _orders_by_side(await trader.broker_orders()) == {"BUY": 1, "SELL": 1}
