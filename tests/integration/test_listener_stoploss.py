@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import urllib.request
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -56,6 +57,10 @@ async def test_stoploss_fires_once_when_price_crosses_and_keeps_falling(
         sim.ticks(("INFY", 1390.0))
         sim.ticks(("INFY", 1380.0))
         await eventually(lambda: _price_is(redis, "INFY", 1380.0))
+        metrics = _metrics(listener)
+        assert "listener_tick_to_trigger_seconds_count 1.0" in metrics
+        assert "listener_stoploss_fired_total 1.0" in metrics
+        assert "listener_ticks_per_second" in metrics
         assert listener.stop() == 0
     events = await _stoplosses(redis)
     assert len(events) == 1
@@ -125,6 +130,11 @@ async def test_listener_unsubscribes_when_the_last_strategy_of_a_symbol_stops(
 async def _ticks_until_price(sim: SimAdmin, redis: Redis, ticks: list[tuple[str, float]], symbol: str) -> bool:
     sim.ticks(*ticks)
     return await _price_is(redis, symbol, dict(ticks)[symbol])
+
+
+def _metrics(service) -> str:  # noqa: ANN001
+    with urllib.request.urlopen(f"http://127.0.0.1:{service.port}/metrics", timeout=2) as resp:
+        return resp.read().decode()
 
 
 def _url(redis: Redis) -> str:

@@ -123,3 +123,14 @@ async def test_future_event_is_not_moved_early(redis: Redis, redis_url: str, cle
         await asyncio.sleep(0.3)  # several wake-ups have passed; nothing may move before due
         assert await redis.xlen(keys.ORDERS_STREAM) == 0
         assert await redis.zcard(keys.SCHEDULE) == 1
+
+
+async def test_due_events_keep_moving_while_postgres_is_down(redis: Redis, redis_url: str) -> None:
+    from deploy.local.procs import free_port
+
+    dead_db = f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/tickwise"
+    async with running_scheduler(redis_url, dead_db, rebuild_retry_max_s=0.5) as scheduler:
+        due_ms = int(time.time() * 1000) + 100
+        await schedule_event(redis, buy_event(due_ms), due_ms)
+        await eventually(_stream_len_is(redis, 1), timeout=3)
+        assert scheduler.rebuilds == 0  # still retrying the rebuild, yet the BUY went out on time
