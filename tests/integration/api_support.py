@@ -3,6 +3,9 @@
 Use them with `pytest_plugins = ["tests.integration.api_support"]` in a test module.
 `api` serves `services.api` in-process through aiohttp's test server; `run_api_process` runs
 `python -m services.api` as a real subprocess.
+
+PYTEST_DONT_REWRITE: test modules import helpers from here before pytest registers
+it as a plugin, so its asserts carry their own messages instead.
 """
 
 from __future__ import annotations
