@@ -173,10 +173,14 @@ class MarketListener:
                 log.warning("control stream unavailable; retrying", error=str(exc))
                 await self._pause(0.5)
                 continue
-            for _stream, entries in reply or ():
-                for msg_id, fields in entries:
-                    last_id = msg_id
-                    await self._apply_control(fields.get(b"event"), msg_id)
+            try:
+                for _stream, entries in reply or ():
+                    for msg_id, fields in entries:
+                        await self._apply_control(fields.get(b"event"), msg_id)
+                        last_id = msg_id  # only once applied: a failed one is read again
+            except (RedisError, OSError) as exc:
+                log.warning("control message not applied; retrying", error=str(exc))
+                await self._pause(0.5)
             self._publish_tokens()
 
     async def _load_state(self) -> bytes | str:
@@ -208,7 +212,11 @@ class MarketListener:
                 raw, position = replies[2 * i], replies[2 * i + 1]
                 if raw is None:
                     continue
-                config = StrategyConfig.model_validate_json(raw)
+                try:
+                    config = StrategyConfig.model_validate_json(raw)
+                except ValidationError:
+                    log.error("unreadable strategy config skipped", strategy_id=sid)
+                    continue
                 self._track(sid, config.symbol, config.run_id, self._trading_day(config), config.instrument_token)
                 if position == Position.bought.value.encode():
                     self._watch(sid, config.stop_loss)
