@@ -9,7 +9,7 @@ from typing import Any
 
 import structlog
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from services.api.deps import USER_ID
 from services.api.errors import error_response
@@ -29,6 +29,8 @@ class ApiMetrics:
                                 ["method", "route", "status"], registry=registry)
         self.latency = Histogram("tickwise_api_request_duration_seconds", "HTTP request latency",
                                  ["method", "route"], buckets=LATENCY_BUCKETS, registry=registry)
+        self.in_progress = Gauge("tickwise_api_requests_in_progress", "HTTP requests being handled",
+                                 ["route"], registry=registry)
 
 
 METRICS = web.AppKey("metrics", ApiMetrics)
@@ -54,7 +56,10 @@ async def request_context_middleware(request: web.Request, handler: Any) -> web.
     """Bind a request id, time the request, count it, and write one access-log line."""
     request_id = request_id_of(request)
     started = time.perf_counter()
-    with structlog.contextvars.bound_contextvars(request_id=request_id):
+    metrics = request.app[METRICS]
+    route, method = route_label(request), request.method
+    with (structlog.contextvars.bound_contextvars(request_id=request_id),
+          metrics.in_progress.labels(route).track_inprogress()):
         try:
             response = await handler(request)
         except web.HTTPException as exc:
@@ -66,8 +71,6 @@ async def request_context_middleware(request: web.Request, handler: Any) -> web.
             log.exception("unhandled error outside the error middleware")
             response = error_response(500, "internal_error", "internal server error")
         elapsed = time.perf_counter() - started
-        route, method = route_label(request), request.method
-        metrics = request.app[METRICS]
         metrics.requests.labels(method, route, str(response.status)).inc()
         metrics.latency.labels(method, route).observe(elapsed)
         if not response.prepared:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import orjson
 
@@ -90,3 +91,35 @@ def test_refuses_to_start_without_a_secret_key(redis_url, database_url) -> None:
                           timeout=30)
     assert done.returncode == 2
     assert b"TICKWISE_SECRET_KEY is required" in done.stderr
+
+
+def test_sigterm_drains_a_request_in_flight(redis_url, clean_db, sim) -> None:
+    with run_api_process(base_env(redis_url, clean_db, sim.base_url)) as (proc, base, _log):
+        http("POST", base + "/api/v1/auth/register",
+             {"email": "drain@example.com", "password": "long-enough-pw", "name": "Drain"})
+        _, token = http("POST", base + "/api/v1/auth/login",
+                        {"email": "drain@example.com", "password": "long-enough-pw"})
+        account = sim.create_account()
+        sim.set_faults(latency_ms=1500, routes=["user"])  # the broker's profile call takes 1.5 s
+        try:
+            with ThreadPoolExecutor(1) as pool:
+                pending = pool.submit(http, "POST", base + "/api/v1/broker/connect",
+                                      {k: account[k] for k in ("api_key", "api_secret", "access_token")},
+                                      {"Authorization": f"Bearer {token['access_token']}"})
+                eventually_sync(lambda: _in_flight(base), timeout=5)
+                proc.send_signal(signal.SIGTERM)
+                status, body = pending.result(timeout=15)
+            assert status == 200 and body["is_valid"] is True
+            assert proc.wait(timeout=15) == 0
+        finally:
+            sim.set_faults()
+
+
+
+def _in_flight(base: str) -> bool:
+    try:
+        with urllib.request.urlopen(base + "/metrics", timeout=2) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return False
+    return 'tickwise_api_requests_in_progress{route="/api/v1/broker/connect"} 1.0' in text
