@@ -37,7 +37,7 @@ from libs.schema.models import (
 )
 from libs.service.logging import get_logger
 from libs.trading.calendar import MarketCalendar
-from libs.trading.runs import loaded_config, plan_run, schedule_event, unload_run
+from libs.trading.runs import plan_run, schedule_event, unload_run
 from libs.trading.tags import intent_of, order_tag
 from services.executor import metrics
 from services.executor.credentials import CredentialStore, CredentialsUnavailable
@@ -89,13 +89,18 @@ class OrderHandler:
     async def decide(self, event: Event, deliveries: int, log: Any) -> tuple[Outcome, StrategyConfig | None]:
         """Return what to do with the event and the loaded config of its run (if any)."""
         sid = str(event.strategy_id)
-        config = await loaded_config(self.redis, sid)
+        # One round trip for both reads; the lock keeps them consistent.
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.get(keys.strategy_key(sid))
+            pipe.hgetall(keys.runtime_key(sid))
+            raw_config, raw_runtime = await pipe.execute()
+        config = StrategyConfig.model_validate_json(raw_config) if raw_config else None
+        position = RuntimeState.from_redis_hash(raw_runtime).position
         if isinstance(event, AbortEvent):
-            return self.abort_run(event, config, await self._position(sid), log), config
+            return self.abort_run(event, config, position, log), config
         if config is None or config.run_id != event.run_id:
             return skipped(event, "run not loaded", loaded_run_id=config.run_id if config else None), config
         kind = event.retry_of if isinstance(event, RetryEvent) else event.event_type
-        position = await self._position(sid)
         lookup = kind == EventType.BUY or event.attempt > 1 or deliveries > 1
         if kind == EventType.BUY and position != Position.none:
             return skipped(event, f"BUY needs position none, found {position.value}"), config
@@ -111,9 +116,6 @@ class OrderHandler:
                 return out, config
             lookup = True
         return await self.place(event, kind, config, lookup, log), config
-
-    async def _position(self, sid: str) -> Position:
-        return RuntimeState.from_redis_hash(await self.redis.hgetall(keys.runtime_key(sid))).position
 
     async def _exit_without_position(self, event: Event, kind: EventType, config: StrategyConfig,
                                      log: Any) -> Outcome | None:
@@ -191,8 +193,9 @@ class OrderHandler:
             out.unload = config
             # A square-off exits a strategy the user already stopped: it stays stopped.
             out.strategy_status = None if event.metadata.get("square_off") else "exited"
-        log.info("order filled", position=position.value, price=result.average_price,
-                 found_by_tag=result.found_by_tag)
+        # Logged once, with the outcome, by finish() ("event handled"): one line per event.
+        out.extra_log = {"position": position.value, "price": result.average_price,
+                         "found_by_tag": result.found_by_tag}
         return out
 
     def fail_run(self, event: Event, config: StrategyConfig, request: dict[str, Any], response: dict[str, Any],
@@ -276,6 +279,6 @@ class OrderHandler:
         if outcome.status == OrderLogStatus.failed:
             self.failed += 1
         metrics.EVENTS.labels(event_type=event.event_type.value, outcome=outcome.outcome_label).inc()
-        log.info("event handled", status=outcome.status.value, order_id=outcome.order_id,
-                 strategy_status=outcome.strategy_status, **({"skipped": outcome.response.get("skipped")}
-                                                             if outcome.status == OrderLogStatus.skipped else {}))
+        skip = {"skipped": outcome.response.get("skipped")} if outcome.status == OrderLogStatus.skipped else {}
+        log.info("event handled", status=outcome.status.value, order_id=outcome.order_id, tag=outcome.tag,
+                 strategy_status=outcome.strategy_status, **skip, **outcome.extra_log)
