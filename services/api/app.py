@@ -22,6 +22,7 @@ from services.api.deps import (
     ENGINE,
     GATEWAY,
     PASSWORDS,
+    READS,
     REDIS,
     SESSIONS,
     SETTINGS,
@@ -69,6 +70,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     gateway = KiteGateway(root=settings.kite_root, timeout_s=settings.kite_timeout_s)
     passwords = Passwords(settings)
     app[ENGINE], app[SESSIONS], app[REDIS] = engine, async_sessionmaker(engine, expire_on_commit=False), redis
+    app[READS] = async_sessionmaker(engine.execution_options(isolation_level="AUTOCOMMIT"), expire_on_commit=False)
     app[GATEWAY], app[PASSWORDS] = gateway, passwords
     app[THROTTLE] = LoginThrottle(redis, settings.login_max_failures, settings.login_window_s)
     try:

@@ -9,7 +9,16 @@ from sqlalchemy.exc import IntegrityError
 
 from libs.schema.models import LoginRequest, RegisterRequest, TokenOut, UserOut
 from libs.schema.tables import User
-from services.api.deps import PASSWORDS, SESSIONS, THROTTLE, TOKENS, client_addr, current_user, read_model
+from services.api.deps import (
+    PASSWORDS,
+    READS,
+    SESSIONS,
+    THROTTLE,
+    TOKENS,
+    client_addr,
+    current_user,
+    read_model,
+)
 from services.api.errors import ApiError, json_response
 
 log = structlog.get_logger("api")
@@ -61,7 +70,7 @@ async def login(request: web.Request) -> web.Response:
 async def me(request: web.Request) -> web.Response:
     """Return the caller."""
     user_id = current_user(request)
-    async with request.app[SESSIONS]() as session:
+    async with request.app[READS]() as session:
         user = await session.get(User, user_id)
     if user is None:
         raise ApiError(401, "invalid_token", "the access token's user no longer exists")

@@ -28,7 +28,7 @@ from libs.schema.models import BrokerConnectOut, BrokerConnectRequest, BrokerSes
 from libs.schema.tables import BrokerCredential
 from libs.service.logging import register_secret, scrub
 from libs.service.secretbox import SecretBox, SecretBoxError
-from services.api.deps import BOX, GATEWAY, REDIS, SESSIONS, current_user, read_model
+from services.api.deps import BOX, GATEWAY, READS, REDIS, SESSIONS, current_user, read_model
 from services.api.errors import ApiError, field_error, json_response
 
 log = structlog.get_logger("api")
@@ -222,7 +222,7 @@ async def new_session(request: web.Request) -> web.Response:
 async def status(request: web.Request) -> web.Response:
     """Say whether credentials are stored and valid; never a secret."""
     user_id = current_user(request)
-    async with request.app[SESSIONS]() as session:
+    async with request.app[READS]() as session:
         row = await session.get(BrokerCredential, user_id)
     if row is None:
         out = BrokerStatusOut(connected=False, is_valid=False)

@@ -23,6 +23,8 @@ M = TypeVar("M", bound=BaseModel)
 SETTINGS = web.AppKey("settings", ApiSettings)
 ENGINE = web.AppKey("engine", AsyncEngine)
 SESSIONS = web.AppKey("sessions", async_sessionmaker[AsyncSession])
+# Autocommit sessions for single-statement reads: no BEGIN/ROLLBACK round trips.
+READS = web.AppKey("reads", async_sessionmaker[AsyncSession])
 REDIS = web.AppKey("redis", Redis)
 BOX = web.AppKey("secretbox", SecretBox)
 GATEWAY = web.AppKey("gateway", KiteGateway)

@@ -25,7 +25,7 @@ from libs.schema.models import (
     StatusResponse,
 )
 from libs.schema.tables import OrderLog, Strategy
-from services.api.deps import REDIS, SESSIONS, current_user, path_uuid
+from services.api.deps import READS, REDIS, current_user, path_uuid
 from services.api.errors import field_error, json_response
 from services.api.strategies import own_strategy
 
@@ -82,7 +82,7 @@ async def _last_fill(app: web.Application, row: Strategy) -> OrderLog | None:
             .where(OrderLog.strategy_id == row.id, OrderLog.status == OrderLogStatus.success,
                    OrderLog.event_type.in_(list(_POSITION_AFTER)), OrderLog.created_at >= row.started_at)
             .order_by(OrderLog.created_at.desc()).limit(1))
-    async with app[SESSIONS]() as session:
+    async with app[READS]() as session:
         return await session.scalar(stmt)
 
 
@@ -90,7 +90,7 @@ async def status(request: web.Request) -> web.Response:
     """Return the live status of one of the caller's strategies."""
     user_id = current_user(request)
     strategy_id = path_uuid(request)
-    async with request.app[SESSIONS]() as session:
+    async with request.app[READS]() as session:
         row = await own_strategy(session, user_id, strategy_id)
     return json_response(await build_status(request.app, row))
 
@@ -103,7 +103,7 @@ async def orders(request: web.Request) -> web.Response:
     if not (text.isascii() and text.isdigit() and len(text) <= 6) or not 1 <= int(text) <= ORDERS_MAX_LIMIT:
         raise field_error(["query", "limit"], f"limit must be an integer from 1 to {ORDERS_MAX_LIMIT}",
                           "limit_range")
-    async with request.app[SESSIONS]() as session:
+    async with request.app[READS]() as session:
         await own_strategy(session, user_id, strategy_id)
         rows = await session.scalars(select(OrderLog).where(OrderLog.strategy_id == strategy_id)
                                      .order_by(OrderLog.created_at.desc(), OrderLog.id).limit(int(text)))

@@ -19,7 +19,7 @@ from libs.schema import keys
 from libs.schema.models import StrategyCreateRequest, StrategyOut, StrategyStatus, StrategyUpdateRequest
 from libs.schema.tables import Strategy
 from libs.trading.calendar import CalendarError
-from services.api.deps import CALENDAR, REDIS, SESSIONS, current_user, path_uuid, read_model
+from services.api.deps import CALENDAR, READS, REDIS, SESSIONS, current_user, path_uuid, read_model
 from services.api.errors import ApiError, field_error, json_response, not_found
 from services.api.instruments import instrument_token
 
@@ -80,7 +80,7 @@ async def create(request: web.Request) -> web.Response:
 async def list_all(request: web.Request) -> web.Response:
     """List the caller's strategies, oldest first."""
     user_id = current_user(request)
-    async with request.app[SESSIONS]() as session:
+    async with request.app[READS]() as session:
         rows = await session.scalars(select(Strategy).where(Strategy.user_id == user_id)
                                      .order_by(Strategy.created_at, Strategy.id))
         return json_response([strategy_out(row) for row in rows])
@@ -90,7 +90,7 @@ async def get_one(request: web.Request) -> web.Response:
     """Return one of the caller's strategies."""
     user_id = current_user(request)
     strategy_id = path_uuid(request)
-    async with request.app[SESSIONS]() as session:
+    async with request.app[READS]() as session:
         return json_response(strategy_out(await own_strategy(session, user_id, strategy_id)))
 
 
