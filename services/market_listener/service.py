@@ -238,15 +238,16 @@ class MarketListener:
             await self._resolve_tokens()
         elif msg.action == "stopped":
             self._untrack(sid)
-        elif msg.position == Position.bought and msg.stop_loss is not None:
-            known = self.runs.get(sid)
-            if known is None or (msg.run_id and known[1] != msg.run_id):
+        elif msg.position == Position.bought:
+            known, stop_loss = self.runs.get(sid), msg.stop_loss
+            if known is None or stop_loss is None or (msg.run_id and known[1] != msg.run_id):
                 config = await self._config(sid)
                 if config is None or (msg.run_id and config.run_id != msg.run_id):
                     return  # a stale message of a run no longer loaded
+                stop_loss = stop_loss if stop_loss is not None else config.stop_loss
                 self._track(sid, config.symbol, config.run_id, self._trading_day(config), config.instrument_token)
                 await self._resolve_tokens()
-            self._watch(sid, msg.stop_loss)
+            self._watch(sid, stop_loss)
         else:
             self.index.remove(sid)
         WATCHED.set(len(self.index))
