@@ -56,7 +56,11 @@ class OrderLogWriter:
         await ensure_group(self.redis, keys.ORDER_LOGS_STREAM, keys.LOG_WRITERS_GROUP)
         claim_at = 0.0
         loop = asyncio.get_running_loop()
-        while not stop.is_set():
+        drained = False
+        # On stop, keep going until a read comes back empty, so the rows of the
+        # last drained events reach Postgres now rather than after a claim.
+        while not (stop.is_set() and drained):
+            drained = False
             try:
                 if loop.time() >= claim_at:
                     claim_at = loop.time() + max(1.0, self.claim_idle_ms / 4000)
@@ -68,8 +72,9 @@ class OrderLogWriter:
                                                         {keys.ORDER_LOGS_STREAM: ">"}, count=self.batch,
                                                         block=self.block_ms)
                     entries = [(_text(i), f) for _s, es in reply or [] for i, f in es]
-                if entries:
-                    await self.write(entries, stop)
+                if entries and not await self.write(entries, stop):
+                    return  # stopping while Postgres is down: the rows wait in the stream for the next writer
+                drained = not entries
                 await self._update_lag()
             except ResponseError as error:
                 if is_nogroup(error) or "no longer exists" in str(error):
@@ -78,12 +83,15 @@ class OrderLogWriter:
                         await ensure_group(self.redis, keys.ORDER_LOGS_STREAM, keys.LOG_WRITERS_GROUP)
                     continue
                 self.log.error("redis refused a command; retrying", error=str(error))
+                drained = stop.is_set()
                 await _sleep_unless(stop, 0.5)
             except RedisError as error:
                 self.log.warning("redis unavailable; retrying", error=str(error))
+                drained = stop.is_set()
                 await _sleep_unless(stop, 0.5)
             except Exception:  # noqa: BLE001 - the writer must outlive any one bad batch
                 self.log.exception("order-log writer loop failed; retrying")
+                drained = stop.is_set()
                 await _sleep_unless(stop, 1.0)
 
     async def _claimed(self) -> list[tuple[str, dict[bytes, bytes]]]:
@@ -91,8 +99,8 @@ class OrderLogWriter:
                                                  min_idle_time=self.claim_idle_ms, start_id="0-0", count=self.batch)
         return [(_text(i), f) for i, f in reply[1] if f is not None]
 
-    async def write(self, entries: list[tuple[str, dict[bytes, bytes]]], stop: asyncio.Event) -> None:
-        """Commit a batch (retrying through outages), then ack and delete it."""
+    async def write(self, entries: list[tuple[str, dict[bytes, bytes]]], stop: asyncio.Event) -> bool:
+        """Commit a batch (retrying through outages), then ack and delete it; False if stopped first."""
         rows: list[tuple[str, OrderLogRow]] = []
         for msg_id, fields in entries:
             try:
@@ -115,10 +123,10 @@ class OrderLogWriter:
                 self.log.warning("postgres unavailable; order-log rows wait in the stream",
                                  rows=len(rows), retry_in_s=round(delay, 2), error=f"{type(error).__name__}")
                 if stop.is_set():
-                    return
+                    return False
                 await _sleep_unless(stop, delay)
                 if stop.is_set():
-                    return
+                    return False
                 delay = min(delay * 2, self.backoff_max_s)
         else:
             refused = {}
@@ -133,6 +141,7 @@ class OrderLogWriter:
                 await pipe.execute()
             self.written += len(done)
             metrics.WRITER_ROWS.inc(len(done))
+        return True
 
     async def _commit(self, rows: list[tuple[str, OrderLogRow]]) -> dict[str, str]:
         """Insert the batch in one transaction; return rows refused (unknown strategy) by msg id."""

@@ -63,13 +63,19 @@ class ExecutorService:
                                      block_ms=settings.read_block_ms, claim_idle_ms=settings.claim_idle_ms,
                                      backoff_max_s=settings.writer_backoff_max_s)
         self.health = HealthServer(settings.health_host, settings.health_port, service="executor",
-                                   checks={"redis": self._ping_redis})
+                                   checks={"redis": self._ping_redis, "consuming": self._consuming})
         self._redis_run_id: str | None = None
         self._reconcile_lock = asyncio.Lock()
         self.ready = asyncio.Event()
 
     async def _ping_redis(self) -> None:
         await self.redis.ping()
+
+    async def _consuming(self) -> None:
+        # Ready once the start-up reconciliation is done and entries are being read
+        # (Postgres is deliberately not a readiness condition: trading goes on without it).
+        if not self.ready.is_set() or not self.consumer.resume.is_set():
+            raise RuntimeError("not consuming (starting or reconciling)")
 
     async def _server_run_id(self) -> str:
         info = await self.redis.info("server")
@@ -127,14 +133,14 @@ class ExecutorService:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run until `stop` is set, then drain and close everything."""
-        self.settings_port = await self.health.start()
+        self.health_port = await self.health.start()
         try:
             if not await self._wait_for_redis(stop):
                 return
             await self.recover("start")
             self.ready.set()
             self.log.info("executor consuming", stream=keys.ORDERS_STREAM, group=keys.EXECUTORS_GROUP,
-                          health_port=self.settings_port)
+                          health_port=self.health_port)
             writer_stop = asyncio.Event()
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(self._watch_redis(stop), name="redis-watch")

@@ -69,6 +69,28 @@ async def test_subprocess_trades_reports_health_and_drains_on_sigterm(
     assert len(broker_orders(sim, run.tag("entry"))) == len(broker_orders(sim, run.tag("exit"))) == 1
 
 
+async def test_sigterm_finishes_the_order_in_flight_before_exiting(
+        redis: Redis, engine: AsyncEngine, sim: SimAdmin, redis_url: str, clean_db: str, tmp_path: Path) -> None:
+    run = await start_run(engine, redis, await new_account(sim, engine, redis))
+    settings = executor_settings(redis_url, clean_db, sim.base_url)
+    log_path = tmp_path / "executor.log"
+    try:
+        with executor_process(settings, log_path) as proc:
+            sim.set_faults(latency_ms=700, routes=["orders"])
+            await enqueue(redis, run.buy())
+            await eventually(lambda: _pending(redis, 1), timeout=5)
+            proc.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(proc.wait, 20) == 0
+    finally:
+        sim.set_faults()
+    assert (await runtime(redis, run)).position == Position.bought
+    assert await _pending(redis, 0)
+    assert len(broker_orders(sim, run.tag("entry"))) == 1
+    assert "executor stopped processed=1 failed=0" in log_path.read_text()
+    rows = await _rows(engine, run, 1)  # flushed to Postgres before the process exited
+    assert rows[0].status.value == "success"
+
+
 async def test_killed_executor_mid_order_is_finished_by_another_with_one_broker_order(
         redis: Redis, engine: AsyncEngine, sim: SimAdmin, redis_url: str, clean_db: str, tmp_path: Path) -> None:
     run = await start_run(engine, redis, await new_account(sim, engine, redis))
