@@ -106,6 +106,10 @@ def configure_logging(level: str = "INFO", fmt: str = "json", stream: Any = None
     )
 
 
-def get_logger(name: str | None = None, **bound: Any) -> structlog.stdlib.BoundLogger:
-    """Return a structlog logger with fields bound."""
-    return structlog.get_logger(name).bind(**bound)
+def get_logger(name: str | None = None, **bound: Any) -> Any:
+    """Return a lazy structlog logger with fields bound.
+
+    Lazy: the logger takes its configuration on first use, so a module-level
+    logger made before `configure_logging` still logs through it.
+    """
+    return structlog.get_logger(name, **bound)
