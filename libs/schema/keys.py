@@ -23,6 +23,7 @@ __all__ = [
     "SCHEDULE",
     "SCHEDULE_WAKEUP_CHANNEL",
     "broker_credentials_key",
+    "exit_attempt_key",
     "instruments_key",
     "lock_key",
     "login_throttle_addr_key",
@@ -92,6 +93,14 @@ def stoploss_marker_key(strategy_id: Id, run_id: str) -> str:
     # STRING set NX when a listener fires STOPLOSS: one per strategy run. Given
     # a TTL of a day or more by the writer; the run_id already scopes it.
     return f"stoploss:fired:{_id(strategy_id)}:{run_id}"
+
+
+def exit_attempt_key(strategy_id: Id, run_id: str) -> str:
+    """Return `exit:attempted:{id}:{run_id}`."""
+    # STRING set by the executor just before it sends a run's exit order, so any
+    # later exit event (another executor, after a crash) looks the exit tag up
+    # at the broker before placing. EX of two days; the run_id scopes it.
+    return f"exit:attempted:{_id(strategy_id)}:{run_id}"
 
 
 # --- scheduling ---------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -48,6 +49,7 @@ from services.executor.settings import ExecutorSettings
 from services.executor.state import OrderState
 
 EXIT_POSITIONS = frozenset({Position.sold, Position.exited_by_sl})
+EXIT_ATTEMPT_TTL_S = 172_800  # two days: longer than any run, and the run_id scopes it
 
 
 class OrderHandler:
@@ -93,7 +95,8 @@ class OrderHandler:
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.get(keys.strategy_key(sid))
             pipe.hgetall(keys.runtime_key(sid))
-            raw_config, raw_runtime = await pipe.execute()
+            pipe.exists(keys.exit_attempt_key(sid, event.run_id))
+            raw_config, raw_runtime, exit_attempted = await pipe.execute()
         config = StrategyConfig.model_validate_json(raw_config) if raw_config else None
         position = RuntimeState.from_redis_hash(raw_runtime).position
         if isinstance(event, AbortEvent):
@@ -101,7 +104,10 @@ class OrderHandler:
         if config is None or config.run_id != event.run_id:
             return skipped(event, "run not loaded", loaded_run_id=config.run_id if config else None), config
         kind = event.retry_of if isinstance(event, RetryEvent) else event.event_type
-        lookup = kind == EventType.BUY or event.attempt > 1 or deliveries > 1
+        # An exit is looked up first whenever one may already have been sent for
+        # this run (by this event earlier, or by another exit event): SELL,
+        # STOPLOSS and square-off share the exit tag and must not both fill.
+        lookup = kind == EventType.BUY or event.attempt > 1 or deliveries > 1 or bool(exit_attempted)
         if kind == EventType.BUY and position != Position.none:
             return skipped(event, f"BUY needs position none, found {position.value}"), config
         if kind != EventType.BUY and position in EXIT_POSITIONS:
@@ -149,7 +155,9 @@ class OrderHandler:
         log = log.bind(tag=tag)
         try:
             creds = await self.credentials.get(str(config.user_id))
-            result = await self.placer.execute(creds, order, lookup_first=lookup, accept_dead=kind == EventType.BUY)
+            mark = None if kind == EventType.BUY else self._mark_exit_attempt(config)
+            result = await self.placer.execute(creds, order, lookup_first=lookup, accept_dead=kind == EventType.BUY,
+                                               before_place=mark)
         except CredentialsUnavailable as error:
             return self.abort_now(event, request, {"error": str(error)}, tag, "credentials", log)
         except BrokerError as error:
@@ -171,6 +179,10 @@ class OrderHandler:
         log.error("exit order not filled; position still open, retrying", status=result.status,
                   status_message=result.status_message)
         return self.retry_or_abort(event, kind, request, result.payload(), tag, log)
+
+    def _mark_exit_attempt(self, config: StrategyConfig) -> Callable[[], Awaitable[Any]]:
+        key = keys.exit_attempt_key(config.strategy_id, config.run_id)
+        return lambda: self.redis.set(key, "1", ex=EXIT_ATTEMPT_TTL_S)
 
     def filled(self, event: Event, kind: EventType, config: StrategyConfig, request: dict[str, Any],
                result: OrderResult, log: Any) -> Outcome:

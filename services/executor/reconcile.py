@@ -43,6 +43,7 @@ from libs.trading.runs import config_for, plan_run, unload_run
 from libs.trading.tags import order_tag
 from services.executor import metrics
 from services.executor.credentials import CredentialStore, CredentialsUnavailable
+from services.executor.handler import EXIT_ATTEMPT_TTL_S
 from services.executor.placement import COMPLETE
 from services.executor.state import LockTimeout, OrderState
 
@@ -136,7 +137,11 @@ class Reconciler:
         sid = str(config.strategy_id)
         plan = plan_run(config, self.calendar, datetime.fromisoformat(config.run_id))
         entry = _filled(by_tag.get(order_tag(sid, config.run_id, plan.trading_day, "entry"), []))
-        exit_ = _filled(by_tag.get(order_tag(sid, config.run_id, plan.trading_day, "exit"), []))
+        exits = by_tag.get(order_tag(sid, config.run_id, plan.trading_day, "exit"), [])
+        exit_ = _filled(exits)
+        if exits and exit_ is None:
+            # An exit was sent but has not filled: whoever exits next must look it up first.
+            await self.redis.set(keys.exit_attempt_key(sid, config.run_id), "1", ex=EXIT_ATTEMPT_TTL_S)
         current = RuntimeState.from_redis_hash(await self.redis.hgetall(keys.runtime_key(sid)))
         now = datetime.now(UTC)
         if exit_ is not None:

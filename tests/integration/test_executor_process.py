@@ -139,3 +139,34 @@ async def _position(redis: Redis, run, position: Position) -> bool:  # type: ign
 
 async def _status(engine: AsyncEngine, run, status: StrategyStatus) -> bool:  # type: ignore[no-untyped-def]
     return (await strategy_row(engine, run)).status == status
+
+
+async def test_stoploss_after_a_crashed_sell_does_not_send_a_second_exit(
+        redis: Redis, engine: AsyncEngine, sim: SimAdmin, redis_url: str, clean_db: str, tmp_path: Path) -> None:
+    run = await start_run(engine, redis, await new_account(sim, engine, redis))
+    settings = executor_settings(redis_url, clean_db, sim.base_url)
+    try:
+        # The victim waits long on the broker's reply, so it still holds the SELL when killed.
+        with executor_process(settings.model_copy(update={"broker_timeout_s": 15.0}),
+                              tmp_path / "victim.log") as victim:
+            await enqueue(redis, run.buy())
+            await eventually(lambda: _position(redis, run, Position.bought), timeout=10)
+            sim.set_faults(timeout_after_accept_rate=1.0, routes=["orders"])
+            await enqueue(redis, run.sell())
+            await eventually(lambda: len(broker_orders(sim, run.tag("exit"))) == 1, timeout=5)
+            async with running_executor(settings):
+                victim.kill()
+                victim.wait(5)
+                sim.set_faults()
+                # The listener fires before anyone reclaims the SELL: the runtime still says bought.
+                assert (await runtime(redis, run)).position == Position.bought
+                await enqueue(redis, run.stoploss(1400.0))
+                await eventually(lambda: _status(engine, run, StrategyStatus.exited), timeout=15)
+                await eventually(lambda: _pending(redis, 0), timeout=10)
+    finally:
+        sim.set_faults()
+    assert len(broker_orders(sim, run.tag("exit"))) == 1
+    rows = await _rows(engine, run, 3)
+    by_type = {r.event_type.value: r for r in rows}
+    assert by_type["STOPLOSS"].status.value == "success" and by_type["STOPLOSS"].response_payload["found_by_tag"]
+    assert by_type["SELL"].status.value == "skipped"
