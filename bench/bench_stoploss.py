@@ -3,8 +3,8 @@
 Run: `python -m bench.bench_stoploss`. Prints one JSON line per figure and
 writes `bench/out/stoploss.png`; numbers are reported, never asserted.
 
-Set-up per scenario: N running strategies, all `bought`, over every symbol the
-simulator lists (stops 10-20 % below the base price, distinct per symbol), a
+Set-up per scenario: N running strategies, all `bought`, spread over 500 symbols
+the simulator lists (stops 10-20 % below the base price, distinct per symbol), a
 real market listener subprocess on a private Redis, and background ticks at
 R ticks/s pushed through POST /sim/ticks (prices within 3 % of base, so they
 never cross). A probe then pushes one tick at the highest remaining stop of a
@@ -18,7 +18,8 @@ accounts and were bought at the simulator with their entry tags, and the
 figure is from the POST to the simulator's `received_at` of the exit order
 (GET /sim/orders?tag=). A bare loopback Redis round trip and a bare HTTP round
 trip to the simulator are measured in the same run and printed with ratios.
-The simulator lists fewer than 500 symbols; every listed one is used.
+The symbols are the first 500 NSE equities of the simulator's instruments list
+priced at Rs 50 or more.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT_PNG = ROOT / "bench" / "out" / "stoploss.png"
 DATA = ROOT / "services" / "kite_sim" / "data" / "nse_equities.csv"
 PROBES = 150
+SYMBOLS = 500
 SCENARIOS = tuple((int(a), int(b)) for a, b in (s.split(":") for s in os.environ.get("BENCH_SCENARIOS", "1000:1000,1000:5000,10000:1000,10000:5000").split(",")))
 CALENDAR = MarketCalendar("always_open")
 
@@ -82,10 +84,12 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def instruments(limit: int = 500) -> list[tuple[str, float]]:
+def instruments(limit: int = SYMBOLS) -> list[tuple[str, float]]:
     with DATA.open() as f:
         rows = [(r["tradingsymbol"], float(r["last_price"])) for r in csv.DictReader(f)
                 if r["segment"] == "NSE" and float(r["last_price"]) >= 50]
+    if len(rows) < limit:
+        raise RuntimeError(f"{DATA} lists {len(rows)} NSE equities priced >= 50, the bench needs {limit}")
     return rows[:limit]
 
 
