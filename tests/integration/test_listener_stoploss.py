@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import urllib.request
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -120,16 +121,21 @@ async def test_listener_unsubscribes_when_the_last_strategy_of_a_symbol_stops(
         await eventually(lambda: _price_is(redis, "TCS", 3800.0))
         await unload_run(redis, tcs.config, tcs.plan)
         await eventually(lambda: health_field(listener, "subscribed") == 1)
-        # One frame carries both ticks: once INFY's price lands, TCS's would have too, had the
-        # listener still been subscribed to it (the unsubscribe message went out before).
-        await eventually(lambda: _ticks_until_price(sim, redis, [("TCS", 3700.0), ("INFY", 1490.0)], "INFY"))
-        assert float(await redis.get(keys.price_key("TCS"))) == 3800.0
+        # The unsubscribe reaches the broker asynchronously after the listener's own state
+        # changes, so probe until it has: one frame carries a TCS and an INFY tick; once INFY's
+        # price lands (and the 100 ms price throttle has passed), TCS's must not have. If the
+        # listener never unsubscribed, every probe overwrites TCS and this times out.
+        probe = iter(range(1, 1000))
+        await eventually(lambda: _tcs_ignored(sim, redis, 1490.0 + next(probe)), timeout=10, interval=0.05)
         assert health_field(listener, "subscribed") == 1 and infy.id
 
 
-async def _ticks_until_price(sim: SimAdmin, redis: Redis, ticks: list[tuple[str, float]], symbol: str) -> bool:
-    sim.ticks(*ticks)
-    return await _price_is(redis, symbol, dict(ticks)[symbol])
+async def _tcs_ignored(sim: SimAdmin, redis: Redis, infy_price: float) -> bool:
+    await redis.set(keys.price_key("TCS"), "3800.0")
+    sim.ticks(("TCS", 3700.0), ("INFY", infy_price))
+    await eventually(lambda: _price_is(redis, "INFY", infy_price), timeout=5)
+    await asyncio.sleep(0.25)  # a throttled TCS write, had one been due, lands within 100 ms
+    return await _price_is(redis, "TCS", 3800.0)
 
 
 def _metrics(service) -> str:  # noqa: ANN001
