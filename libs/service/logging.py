@@ -23,23 +23,46 @@ _SECRET_VALUE = (
     re.compile(r"(?i)(token\s+)[^\s:]+:[^\s,'\"]+"),
     re.compile(r"(?i)((?:access_token|api_secret|api_key|password|request_token|checksum)[\"']?\s*[=:]\s*[\"']?)[^\s&,'\"}]+"),
 )
-_known_secrets: dict[str, None] = {}
-_KNOWN_SECRETS_MAX = 10_000
+# Registered plaintext secrets. Token-shaped ones (Kite keys and tokens) sit in a
+# set matched against the token-shaped runs of a string: one regex pass plus set
+# look-ups, whatever the number of users. Others are checked by substring.
+_TOKEN_RUN = re.compile(r"[A-Za-z0-9_.~+/=-]{6,}")
+_token_secrets: dict[str, None] = {}
+_other_secrets: dict[str, None] = {}
+_KNOWN_SECRETS_MAX = 20_000
 
 
 def register_secret(value: str | None) -> None:
     """Remember a plaintext secret so that it is scrubbed from any log line that quotes it."""
-    if value and len(value) >= 6:
-        if len(_known_secrets) >= _KNOWN_SECRETS_MAX:
-            _known_secrets.pop(next(iter(_known_secrets)))
-        _known_secrets[value] = None
+    if not value or len(value) < 6:
+        return
+    store = _token_secrets if _TOKEN_RUN.fullmatch(value) else _other_secrets
+    if value in store:
+        return
+    if len(store) >= _KNOWN_SECRETS_MAX:
+        store.pop(next(iter(store)))  # oldest first: dicts keep insertion order
+    store[value] = None
+
+
+def _scrub_token(match: re.Match[str]) -> str:
+    run = match.group(0)
+    if run in _token_secrets:
+        return REDACTED
+    # A secret glued to separators that the run pattern allows (e.g. "k:v" split
+    # differently, or a trailing "="): fall back to a direct check of the run.
+    for part in re.split(r"[/=+~.]", run):
+        if part in _token_secrets:
+            return run.replace(part, REDACTED)
+    return run
 
 
 def scrub(text: str) -> str:
     """Return text with credential-looking substrings and registered secrets replaced."""
     for pattern in _SECRET_VALUE:
         text = pattern.sub(lambda m: m.group(1) + REDACTED, text)
-    for secret in _known_secrets:
+    if _token_secrets and len(text) >= 6:
+        text = _TOKEN_RUN.sub(_scrub_token, text)
+    for secret in _other_secrets:
         if secret in text:
             text = text.replace(secret, REDACTED)
     return text
