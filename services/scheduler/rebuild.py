@@ -36,7 +36,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from sqlalchemy import select, text, update
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from libs.schema import keys
 from libs.schema.codec import dumps, loads
@@ -111,17 +111,19 @@ async def _restore_broker_hash(redis: Redis, cred: BrokerCredential) -> bool:
     return bool(await redis.eval(_RESTORE_BROKER, 1, keys.broker_credentials_key(cred.user_id), dumps(flat)))
 
 
-async def fail_missed_run(engine: AsyncEngine, redis: Redis, row: Strategy, plan: RunPlan, config: Any,
+async def fail_missed_run(conn: AsyncConnection, redis: Redis, row: Strategy, plan: RunPlan, config: Any,
                           reason: str) -> bool:
-    """Mark the run failed in Postgres (only if still this running run) and unload it."""
-    async with engine.begin() as conn:
-        result = await conn.execute(
-            update(Strategy)
-            .where(Strategy.id == row.id, Strategy.status == StrategyStatus.running,
-                   Strategy.started_at == row.started_at)
-            .values(status=StrategyStatus.failed, stopped_at=datetime.now(UTC), failure_reason=reason,
-                    updated_at=datetime.now(UTC))
-        )
+    """Mark the run failed in Postgres (only if still this running run) and unload it.
+
+    `conn` is the caller's transaction holding the row lock; it commits the update.
+    """
+    result = await conn.execute(
+        update(Strategy)
+        .where(Strategy.id == row.id, Strategy.status == StrategyStatus.running,
+               Strategy.started_at == row.started_at)
+        .values(status=StrategyStatus.failed, stopped_at=datetime.now(UTC), failure_reason=reason,
+                updated_at=datetime.now(UTC))
+    )
     await unload_run(redis, config, plan)
     MISSED.inc()
     log.error("strategy failed: missed event", strategy_id=str(row.id), event_type="BUY", reason=reason,
@@ -155,23 +157,37 @@ async def rebuild_schedule(engine: AsyncEngine, redis: Redis, calendar: MarketCa
 
 async def _rebuild_one(engine: AsyncEngine, redis: Redis, calendar: MarketCalendar, row: Strategy,
                        cred: BrokerCredential | None, grace_s: float, report: RebuildReport) -> None:
-    """Rebuild one running strategy's Redis state."""
+    """Rebuild one running strategy's Redis state, holding its row lock.
+
+    The rows were read in one snapshot, possibly long before this one's turn:
+    a stop (or a stop and a new start) may have come since. The API stops and
+    starts under the same row lock, so re-checking the run under it means a
+    stopped run is never loaded back (its BUY would reach the broker).
+    """
     config = config_for(row, api_key_fp=cred.api_key_fp if cred else None)
     plan = plan_run(config, calendar, row.started_at)
-    if cred is not None and await _restore_broker_hash(redis, cred):
-        report.broker_restored += 1
-    current = await loaded_config(redis, str(row.id))
-    if current is None:
-        await _load_missing(engine, redis, row, config, plan, grace_s, report)
-    elif current.run_id != config.run_id:
-        log.warning("loaded run differs from Postgres; left alone", strategy_id=str(row.id),
-                    loaded_run=current.run_id, run_id=config.run_id)
-    else:
-        await _readd_ahead(redis, row, plan, report)
+    async with engine.begin() as conn:
+        still = await conn.scalar(
+            select(Strategy.id).where(Strategy.id == row.id, Strategy.status == StrategyStatus.running,
+                                      Strategy.started_at == row.started_at).with_for_update())
+        if still is None:
+            log.info("run stopped or restarted since the snapshot; not rebuilt", strategy_id=str(row.id),
+                     run_id=config.run_id)
+            return
+        if cred is not None and await _restore_broker_hash(redis, cred):
+            report.broker_restored += 1
+        current = await loaded_config(redis, str(row.id))
+        if current is None:
+            await _load_missing(conn, redis, row, config, plan, grace_s, report)
+        elif current.run_id != config.run_id:
+            log.warning("loaded run differs from Postgres; left alone", strategy_id=str(row.id),
+                        loaded_run=current.run_id, run_id=config.run_id)
+        else:
+            await _readd_ahead(redis, row, plan, report)
 
 
-async def _load_missing(engine: AsyncEngine, redis: Redis, row: Strategy, config: Any, plan: RunPlan,
-                        grace_s: float, report: RebuildReport) -> None:
+async def _load_missing(conn: AsyncConnection, redis: Redis, row: Strategy, config: Any,
+                        plan: RunPlan, grace_s: float, report: RebuildReport) -> None:
     now_ms = time.time() * 1000
     sid = str(row.id)
     if plan.buy_due_ms >= now_ms - grace_s * 1000:
@@ -183,8 +199,7 @@ async def _load_missing(engine: AsyncEngine, redis: Redis, row: Strategy, config
         return
     entry_tag = order_tag(row.id, config.run_id, plan.trading_day, "entry")
     exit_tag = order_tag(row.id, config.run_id, plan.trading_day, "exit")
-    async with engine.connect() as conn:
-        sent = set((await conn.execute(_SENT_TAGS, {"sid": row.id, "entry": entry_tag, "exit": exit_tag})).scalars())
+    sent = set((await conn.execute(_SENT_TAGS, {"sid": row.id, "entry": entry_tag, "exit": exit_tag})).scalars())
     if exit_tag in sent:
         # The run already exited at the broker; the order-log writer will close it in Postgres.
         log.warning("run already exited at the broker; not reloaded", strategy_id=sid, tag=exit_tag)
@@ -199,7 +214,7 @@ async def _load_missing(engine: AsyncEngine, redis: Redis, row: Strategy, config
         return
     due = plan.buy.trigger_time.isoformat() if plan.buy.trigger_time else "?"
     reason = f"missed buy_time {due}: no scheduler ran within {grace_s:g}s of it"
-    await fail_missed_run(engine, redis, row, plan, config, reason)
+    await fail_missed_run(conn, redis, row, plan, config, reason)
     report.failed.append(sid)
 
 

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from datetime import UTC, datetime, timedelta
 
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from sqlalchemy import select
+from sqlalchemy import select, text, update
 
 from libs.schema import keys
 from libs.schema.models import EventType, Position, StrategyStatus, event_to_json
 from libs.schema.tables import Strategy
+from services.scheduler.rebuild import rebuild_schedule
 from tests.integration.pipeline_support import (
+    ALWAYS_OPEN,
     engine_for,
     insert_running_strategy,
     insert_user,
@@ -129,3 +132,31 @@ async def _has_event(redis: Redis, strategy_id: str, event_type: EventType) -> b
 
 async def _status_is(engine, strategy_id, status: StrategyStatus) -> bool:  # noqa: ANN001
     return (await _status(engine, strategy_id))[0] == status
+
+
+async def _waiting_on_a_lock(engine) -> bool:  # noqa: ANN001
+    async with engine.connect() as conn:
+        waiting = await conn.scalar(text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                                         " AND datname = current_database()"))
+    return bool(waiting)
+
+
+async def test_rebuild_never_loads_a_run_stopped_after_its_snapshot(redis: Redis, clean_db: str) -> None:
+    """A stop landing between the rebuild's snapshot and its load must win: no BUY for a stopped run."""
+    engine, stopper = engine_for(clean_db), engine_for(clean_db)
+    user = await insert_user(engine)
+    run = await insert_running_strategy(engine, user, buy_at=datetime.now(UTC) + timedelta(seconds=60))
+    async with stopper.connect() as conn:
+        await conn.begin()
+        # The API's stop holds the row lock while it unloads Redis and commits `stopped`.
+        await conn.execute(select(Strategy.id).where(Strategy.id == run.row.id).with_for_update())
+        rebuild = asyncio.create_task(rebuild_schedule(engine, redis, ALWAYS_OPEN, grace_s=30))
+        await eventually(lambda: _waiting_on_a_lock(stopper) if not rebuild.done() else True, timeout=5)
+        await conn.execute(update(Strategy).where(Strategy.id == run.row.id)
+                           .values(status=StrategyStatus.stopped, stopped_at=datetime.now(UTC)))
+        await conn.commit()
+    await rebuild
+    assert await redis.get(keys.strategy_key(run.id)) is None
+    assert await redis.zcard(keys.SCHEDULE) == 0
+    await engine.dispose()
+    await stopper.dispose()
