@@ -17,15 +17,21 @@ from uuid import UUID
 import structlog
 from aiohttp import web
 from redis.asyncio import Redis
-from sqlalchemy import func, update
+from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from libs.broker.kite import BrokerError, BrokerErrorKind, api_key_fingerprint
 from libs.schema import keys
-from libs.schema.models import BrokerConnectOut, BrokerConnectRequest, BrokerSessionRequest, BrokerStatusOut
-from libs.schema.tables import BrokerCredential
+from libs.schema.models import (
+    BrokerConnectOut,
+    BrokerConnectRequest,
+    BrokerSessionRequest,
+    BrokerStatusOut,
+    StrategyStatus,
+)
+from libs.schema.tables import BrokerCredential, Strategy
 from libs.service.logging import register_secret, scrub
 from libs.service.secretbox import SecretBox, SecretBoxError
 from services.api.deps import BOX, GATEWAY, READS, REDIS, SESSIONS, current_user, read_model
@@ -162,6 +168,30 @@ async def _store(app: web.Application, user_id: UUID, *, api_key: str, api_secre
     return row
 
 
+async def _refuse_account_switch_while_trading(app: web.Application, user_id: UUID, new_fp: str) -> None:
+    """409 if a different Kite account would replace the one running strategies trade in.
+
+    The order path reads `broker:{user_id}`: switching it mid-run would send the
+    exit of a position held in the old account to the new one (a short sale
+    there, the real position left open) and look its tags up in the wrong book.
+    """
+    async with app[READS]() as session:
+        current_fp = await session.scalar(select(BrokerCredential.api_key_fp)
+                                          .where(BrokerCredential.user_id == user_id))
+        if current_fp is None or current_fp == new_fp:
+            return
+        rows = (await session.execute(select(Strategy.id, Strategy.status)
+                                      .where(Strategy.user_id == user_id))).all()
+    busy = any(status == StrategyStatus.running for _, status in rows)
+    if not busy and rows:
+        # A stopped strategy squaring off keeps its run loaded until the exit fills.
+        busy = bool(await app[REDIS].exists(*(keys.strategy_key(sid) for sid, _ in rows)))
+    if busy:
+        raise ApiError(409, "broker_account_in_use",
+                       "strategies are running on the connected Kite account; stop them (and let any "
+                       "square-off finish) before connecting a different account")
+
+
 async def connect(request: web.Request) -> web.Response:
     """Store credentials after checking them with the broker's profile call."""
     user_id = current_user(request)
@@ -171,6 +201,7 @@ async def connect(request: web.Request) -> web.Response:
     for value in (api_key, api_secret, access_token):
         register_secret(value)
     check_printable(api_key=api_key, api_secret=api_secret, access_token=access_token)
+    await _refuse_account_switch_while_trading(request.app, user_id, api_key_fingerprint(api_key))
     profile: dict[str, Any] | None = None
     reason: BrokerError | None = None
     try:

@@ -63,7 +63,7 @@ def api_ops() -> list[Op]:
            response=TokenOut, auth=False, errors=(401, 429)),
         Op("GET", f"{V1}/me", auth.me, "The caller", "auth", response=UserOut),
         Op("POST", f"{V1}/broker/connect", broker.connect, "Store and verify Kite credentials", "broker",
-           body=BrokerConnectRequest, response=BrokerConnectOut, errors=(503,)),
+           body=BrokerConnectRequest, response=BrokerConnectOut, errors=(409, 503)),
         Op("POST", f"{V1}/broker/session", broker.new_session, "Exchange a Kite request_token (daily login)",
            "broker", body=BrokerSessionRequest, response=BrokerConnectOut, errors=(409, 503)),
         Op("GET", f"{V1}/broker", broker.status, "Broker connection state (no secrets)", "broker",

@@ -221,3 +221,22 @@ async def test_one_users_broker_state_is_invisible_to_another(api) -> None:
     ann, bob = await api.connected_user("Ann"), await api.user("Bob")
     assert (await api.v1("GET", "/broker", user=bob)).body["connected"] is False
     assert (await api.v1("GET", "/broker", user=ann)).body["connected"] is True
+
+
+async def test_connecting_another_account_while_a_strategy_runs_is_409(api, redis) -> None:
+    """Exits go through `broker:{user}`: a new account mid-run would sell what it never bought."""
+    user = await api.connected_user()
+    old = user.broker
+    strategy = await api.strategy(user)
+    await api.v1("POST", "/strategies/start", {"strategy_id": strategy["id"]}, user=user, expect=200)
+    before = await redis.hgetall(keys.broker_credentials_key(user.id))
+    other = api.sim.create_account(user_name="Other")
+    reply = await api.v1("POST", "/broker/connect", {k: other[k] for k in SECRETS}, user=user, expect=409)
+    assert reply.body["error"]["code"] == "broker_account_in_use"
+    assert await redis.hgetall(keys.broker_credentials_key(user.id)) == before
+    # The same account with a fresh token is fine mid-run; another account once stopped too.
+    await api.v1("POST", "/broker/connect", {k: old[k] for k in SECRETS}, user=user, expect=200)
+    await api.v1("POST", "/strategies/stop", {"strategy_id": strategy["id"]}, user=user, expect=200)
+    await api.v1("POST", "/broker/connect", {k: other[k] for k in SECRETS}, user=user, expect=200)
+    assert (await redis.hget(keys.broker_credentials_key(user.id), "api_key_fp")).decode() == \
+        api_key_fingerprint(other["api_key"])
