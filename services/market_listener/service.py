@@ -232,10 +232,19 @@ class MarketListener:
             return
         sid = str(msg.strategy_id)
         if msg.action == "started":
-            config = await self._config(sid)
-            day = self._trading_day(config) if config and config.run_id == msg.run_id else None
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.get(keys.strategy_key(sid))
+                pipe.hget(keys.runtime_key(sid), "position")
+                raw, position = await pipe.execute()
+            config = StrategyConfig.model_validate_json(raw) if raw else None
+            current = config is not None and config.run_id == msg.run_id
+            day = self._trading_day(config) if current else None
             self._track(sid, msg.symbol, msg.run_id or "", day, config.instrument_token if config else None)
             await self._resolve_tokens()
+            if current and position == Position.bought.value.encode():
+                # A run loaded back already bought (a rebuild after Redis lost it keeps the
+                # runtime the executor reconciled from the broker): no `position` message follows.
+                self._watch(sid, config.stop_loss)
         elif msg.action == "stopped":
             self._untrack(sid)
         elif msg.position == Position.bought:

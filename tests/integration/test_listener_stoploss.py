@@ -11,11 +11,12 @@ from pathlib import Path
 from redis.asyncio import Redis
 
 from libs.schema import keys
-from libs.schema.models import EventType, Position
-from libs.trading.runs import unload_run
+from libs.schema.models import EventType, Position, RuntimeState
+from libs.trading.runs import load_run, unload_run
 from tests.integration.pipeline_support import (
     engine_for,
     health_field,
+    insert_running_strategy,
     insert_user,
     listener_env,
     run_service,
@@ -155,3 +156,23 @@ async def _price_is(redis: Redis, symbol: str, price: float) -> bool:
 
 async def _count_is(redis: Redis, n: int) -> bool:
     return len(await _stoplosses(redis)) == n
+
+
+async def test_a_run_loaded_back_already_bought_is_watched(
+        redis: Redis, clean_db: str, sim: SimAdmin, tmp_path: Path) -> None:
+    """A rebuild reloads a lost run with the runtime reconciled from the broker: no `position` message."""
+    (anchor,), user = await _runs(redis, clean_db, [1000.0])
+    account = sim.create_account("market-data")
+    with run_service(LISTENER, listener_env(_url(redis), sim.base_url, account), tmp_path) as listener:
+        await eventually(lambda: health_field(listener, "subscribed") == 1, timeout=10)
+        engine = engine_for(clean_db)
+        run = await insert_running_strategy(engine, user, buy_at=datetime.now(UTC) + timedelta(minutes=10),
+                                            stop_loss=1400.0)
+        await engine.dispose()
+        await load_run(redis, run.config, run.plan,
+                       runtime=RuntimeState(position=Position.bought, updated_at=datetime.now(UTC)))
+        await eventually(lambda: health_field(listener, "watched") == 1)
+        sim.ticks(("INFY", 1399.0))
+        await eventually(lambda: _count_is(redis, 1))
+    assert [str(e.strategy_id) for e in await _stoplosses(redis)] == [run.id] and anchor.id
+
