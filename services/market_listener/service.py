@@ -297,6 +297,13 @@ class MarketListener:
         symbol, run_id, day = self.runs[sid]
         day = day or self.calendar.trading_day_of(datetime.now(UTC))
         self.index.add(Watch(float(stop_loss), sid, run_id, day, symbol))
+        last = self.latest.get(symbol)
+        if last is not None and last <= stop_loss:
+            # Already through the stop when the watch begins (the entry filled below it, or
+            # the price fell while the fill was confirmed): the next tick may be long coming.
+            for watch in self.index.pop_triggered(symbol, last):
+                self._triggers.append((watch, last, time.perf_counter()))
+            self._trigger_ready.set()
 
     # --- instruments and subscriptions ----------------------------------------------------------------
 

@@ -176,3 +176,22 @@ async def test_a_run_loaded_back_already_bought_is_watched(
         await eventually(lambda: _count_is(redis, 1))
     assert [str(e.strategy_id) for e in await _stoplosses(redis)] == [run.id] and anchor.id
 
+
+async def test_a_watch_starting_below_its_stop_fires_without_waiting_for_a_tick(
+        redis: Redis, clean_db: str, sim: SimAdmin, tmp_path: Path) -> None:
+    """The entry filled under the stop-loss: the last price already crossed it; the next tick may never come."""
+    (run,), _ = await _runs(redis, clean_db, [1400.0])
+    account = sim.create_account("market-data")
+    with run_service(LISTENER, listener_env(_url(redis), sim.base_url, account), tmp_path):
+        await eventually(lambda: _price_after_tick(sim, redis, 1390.0), timeout=10, interval=0.2)
+        sim.ticks(("INFY", 1395.0))  # once its price lands, no earlier tick is still on the way
+        await eventually(lambda: _price_is(redis, "INFY", 1395.0))
+        await set_position(redis, run.config, Position.bought)
+        await eventually(lambda: _count_is(redis, 1))
+    (event,) = await _stoplosses(redis)
+    assert str(event.strategy_id) == run.id and event.trigger_price == 1395.0
+
+
+async def _price_after_tick(sim: SimAdmin, redis: Redis, price: float) -> bool:
+    sim.ticks(("INFY", price))  # again until subscribed: ticks before the subscription are not seen
+    return await _price_is(redis, "INFY", price)
