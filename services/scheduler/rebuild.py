@@ -32,6 +32,7 @@ from typing import Any
 
 import structlog
 from prometheus_client import Counter
+from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from sqlalchemy import select, text, update
@@ -40,7 +41,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from libs.schema import keys
 from libs.schema.codec import dumps, loads
-from libs.schema.models import Position, StrategyStatus, event_to_json
+from libs.schema.models import Position, RuntimeState, StrategyStatus, event_to_json
 from libs.schema.tables import BrokerCredential, Strategy
 from libs.trading.calendar import MarketCalendar
 from libs.trading.runs import RunPlan, config_for, load_run, loaded_config, plan_run, unload_run
@@ -205,8 +206,10 @@ async def _load_missing(conn: AsyncConnection, redis: Redis, row: Strategy, conf
         log.warning("run already exited at the broker; not reloaded", strategy_id=sid, tag=exit_tag)
         return
     if entry_tag in sent:
-        # The entry reached the broker before Redis lost the run: keep only the exit.
-        await load_run(redis, config, plan)
+        # The entry reached the broker before Redis lost the run: keep only the exit. Keep the
+        # runtime too if the executor already rebuilt it from the broker's book (bought): a fresh
+        # `none` would hide the position from the listener, and its stop-loss would go unwatched.
+        await load_run(redis, config, plan, runtime=await _surviving_runtime(redis, sid))
         await redis.zrem(keys.SCHEDULE, event_to_json(plan.buy))
         report.loaded += 1
         log.warning("run reloaded after its entry; exit scheduled", strategy_id=sid, event_type="SELL",
@@ -216,6 +219,15 @@ async def _load_missing(conn: AsyncConnection, redis: Redis, row: Strategy, conf
     reason = f"missed buy_time {due}: no scheduler ran within {grace_s:g}s of it"
     await fail_missed_run(conn, redis, row, plan, config, reason)
     report.failed.append(sid)
+
+
+async def _surviving_runtime(redis: Redis, sid: str) -> RuntimeState | None:
+    raw = await redis.hgetall(keys.runtime_key(sid))
+    try:
+        return RuntimeState.from_redis_hash(raw) if raw else None
+    except ValidationError:
+        log.warning("unreadable runtime replaced", strategy_id=sid)
+        return None
 
 
 async def _readd_ahead(redis: Redis, row: Strategy, plan: RunPlan, report: RebuildReport) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from datetime import UTC, datetime, timedelta
 
 from redis.asyncio import Redis
@@ -11,8 +12,16 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from sqlalchemy import select, text, update
 
 from libs.schema import keys
-from libs.schema.models import EventType, Position, StrategyStatus, event_to_json
-from libs.schema.tables import Strategy
+from libs.schema.models import (
+    EventType,
+    OrderLogStatus,
+    Position,
+    RuntimeState,
+    StrategyStatus,
+    event_to_json,
+)
+from libs.schema.tables import OrderLog, Strategy
+from libs.trading.tags import order_tag
 from services.scheduler.rebuild import rebuild_schedule
 from tests.integration.pipeline_support import (
     ALWAYS_OPEN,
@@ -160,3 +169,27 @@ async def test_rebuild_never_loads_a_run_stopped_after_its_snapshot(redis: Redis
     assert await redis.zcard(keys.SCHEDULE) == 0
     await engine.dispose()
     await stopper.dispose()
+
+
+async def test_rebuild_after_the_entry_keeps_the_runtime_reconciled_from_the_broker(
+        redis: Redis, clean_db: str) -> None:
+    """Redis lost the run after its entry filled; the executor already rebuilt runtime `bought`."""
+    engine = engine_for(clean_db)
+    user = await insert_user(engine)
+    run = await insert_running_strategy(engine, user, buy_at=datetime.now(UTC) - timedelta(seconds=300),
+                                        sell_at=datetime.now(UTC) + timedelta(seconds=300))
+    entry_tag = order_tag(run.row.id, run.config.run_id, run.plan.trading_day, "entry")
+    async with engine.begin() as conn:
+        await conn.execute(OrderLog.__table__.insert().values(
+            id=uuid.uuid4(), strategy_id=run.row.id, user_id=user, event_type=EventType.BUY,
+            request_payload={}, status=OrderLogStatus.success, trading_day=run.plan.trading_day,
+            broker_order_id="order-1", tag=entry_tag))
+    await redis.hset(keys.runtime_key(run.id), mapping=RuntimeState.hash_fields(
+        position=Position.bought, last_buy_order="order-1", updated_at=datetime.now(UTC)))
+
+    await rebuild_schedule(engine, redis, ALWAYS_OPEN, grace_s=30)
+
+    assert await redis.get(keys.strategy_key(run.id)) is not None
+    assert await redis.hget(keys.runtime_key(run.id), "position") == b"bought"
+    assert await redis.zrange(keys.SCHEDULE, 0, -1) == [event_to_json(run.plan.sell)]
+    await engine.dispose()
