@@ -48,19 +48,18 @@ async def login(request: web.Request) -> web.Response:
     """Exchange email and password for a bearer token; the same 401 for any mismatch."""
     body = await read_model(request, LoginRequest)
     throttle, addr = request.app[THROTTLE], client_addr(request)
-    await throttle.check(body.email, addr)
+    await throttle.reserve(body.email, addr)
     async with request.app[SESSIONS]() as session:
         user = await session.scalar(select(User).where(User.email == body.email))
         passwords = request.app[PASSWORDS]
         ok = await passwords.verify(user.password_hash if user else None, body.password)
         if not ok or user is None:
-            await throttle.failed(body.email, addr)
             log.info("login failed")
             raise ApiError(401, "invalid_credentials", "email or password is incorrect")
         if passwords.needs_rehash(user.password_hash):
             user.password_hash = await passwords.hash(body.password)
             await session.commit()
-    await throttle.succeeded(body.email)
+    await throttle.succeeded(body.email, addr)
     tokens = request.app[TOKENS]
     out = TokenOut(access_token=tokens.issue(user.id), expires_in=tokens.lifetime_s)
     log.info("user logged in", user_id=str(user.id))

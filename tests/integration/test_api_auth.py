@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import statistics
 import time
 import uuid
@@ -132,6 +133,16 @@ async def test_five_failed_logins_per_email_then_429_even_with_the_right_passwor
     assert 0 < int(blocked.headers["Retry-After"]) <= 60 and error["details"]["retry_after_s"] > 0
     assert int(await redis.get(keys.login_throttle_email_key(email_digest(user.email)))) == 5
     assert 0 < await redis.ttl(keys.login_throttle_email_key(email_digest(user.email))) <= 60
+
+
+async def test_parallel_guesses_cannot_outrun_the_throttle(api, redis) -> None:
+    """A burst of guesses sent at once gets no more password checks than the limit allows."""
+    user = await api.user("Hal")
+    replies = await asyncio.gather(*(api.v1("POST", "/auth/login", {"email": user.email, "password": f"guess-{i}"})
+                                     for i in range(15)))
+    statuses = sorted(r.status for r in replies)
+    assert statuses.count(401) == 5 and statuses.count(429) == 10, statuses
+    assert int(await redis.get(keys.login_throttle_email_key(email_digest(user.email)))) == 5
 
 
 async def test_failed_logins_are_also_counted_per_client_address(api, redis) -> None:
