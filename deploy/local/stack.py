@@ -22,6 +22,14 @@ from libs.service.secretbox import generate_key
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def _write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read, from the first byte (it holds the secret key)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        os.fchmod(fd, 0o600)  # an existing file keeps its old mode through O_CREAT
+        out.write(text)
+
+
 @dataclass(frozen=True)
 class ServiceSpec:
     """How to run one Python process of the stack."""
@@ -62,7 +70,7 @@ class LocalStack:
         return {}
 
     def _save(self, state: dict) -> None:
-        self.state_file.write_text(json.dumps(state, indent=2))
+        _write_private(self.state_file, json.dumps(state, indent=2))
 
     def _port(self, state: dict, name: str, running: bool | None = None) -> int:
         """Reuse the port this stack had, if it is free or ours; else pick a new one."""
@@ -209,9 +217,7 @@ class LocalStack:
 
     def _write_env(self, env: dict[str, str]) -> None:
         lines = [f"{k}={v}" for k, v in env.items()]
-        path = self.run_dir / "stack.env"
-        path.write_text("\n".join(lines) + "\n")
-        os.chmod(path, 0o600)
+        _write_private(self.run_dir / "stack.env", "\n".join(lines) + "\n")
 
     # -- down / status ---------------------------------------------------
     def down(self) -> None:

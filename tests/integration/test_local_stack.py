@@ -36,3 +36,15 @@ def test_up_is_idempotent_and_down_stops_everything(tmp_path: Path) -> None:
     assert status["redis"] == status["postgres"] == status["kite_sim"] == "down"
     stack.down()  # a second down is harmless
     assert (stack.run_dir / "pg" / "PG_VERSION").exists(), "down must keep the data"
+
+
+def test_state_and_env_files_are_private(tmp_path: Path) -> None:
+    """Both files hold TICKWISE_SECRET_KEY (the key of every stored broker secret)."""
+    stack = LocalStack(tmp_path / "run")
+    stack.run_dir.mkdir(parents=True)
+    stack.state_file.write_text("{}")
+    os.chmod(stack.state_file, 0o644)  # left by an older `make up`
+    stack._save({"secret_key": "k"})
+    stack._write_env({"TICKWISE_SECRET_KEY": "k"})
+    for path in (stack.state_file, stack.run_dir / "stack.env"):
+        assert path.stat().st_mode & 0o777 == 0o600, path
