@@ -96,7 +96,10 @@ def current_user(request: web.Request) -> UUID:
 def client_addr(request: web.Request) -> str:
     """Return the client address the login throttle counts against."""
     if request.app[SETTINGS].trust_forwarded_for:
-        forwarded = request.headers.get("X-Forwarded-For", "").split(",")[0].strip()
+        # The trusted proxy appends the address it saw: the last entry. Entries before it
+        # are whatever the client sent, so taking the first let anyone pick their own
+        # address and step around the per-address login throttle.
+        forwarded = request.headers.get("X-Forwarded-For", "").split(",")[-1].strip()
         if forwarded:
             return forwarded[:64]
     return request.remote or "unknown"

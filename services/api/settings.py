@@ -35,7 +35,7 @@ class ApiSettings(ServiceSettings):
     login_window_s: int = Field(60, ge=1)
     """Length of the failed-login window in seconds."""
     trust_forwarded_for: bool = False
-    """Take the client address from X-Forwarded-For (only behind a trusted proxy)."""
+    """Take the client address from the last X-Forwarded-For entry (only behind one trusted proxy that appends it)."""
     argon2_time_cost: int = Field(3, ge=1)
     """argon2id iterations."""
     argon2_memory_kib: int = Field(65536, ge=1024)
