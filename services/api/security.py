@@ -126,39 +126,12 @@ def email_digest(email: str) -> str:
     return hashlib.sha256(b"tickwise-login:" + email.lower().encode()).hexdigest()[:32]
 
 
-# Reserve one attempt on both counters, or report how long until a blocked one frees.
-# Atomic, so concurrent logins cannot all pass a check made before any failure is counted.
-_RESERVE = """
-local limit, window = tonumber(ARGV[1]), tonumber(ARGV[2])
-local blocked = false
-for i = 1, #KEYS do
-  if tonumber(redis.call('GET', KEYS[i]) or '0') >= limit then blocked = true end
-end
-if blocked then
-  local retry = 0
-  for i = 1, #KEYS do retry = math.max(retry, redis.call('TTL', KEYS[i])) end
-  if retry <= 0 then retry = window end
-  return retry
-end
-for i = 1, #KEYS do
-  redis.call('INCR', KEYS[i])
-  redis.call('EXPIRE', KEYS[i], window, 'NX')
-end
-return 0
-"""
-
-_RELEASE_ADDR = """
-if tonumber(redis.call('GET', KEYS[1]) or '0') > 0 then return redis.call('DECR', KEYS[1]) end
-return 0
-"""
-
-
 class LoginThrottle:
     """Count failed logins per email and per client address in Redis (fixed window).
 
-    Each attempt is counted as a failure before the password is checked, and
-    given back on success: checking first and counting after let a burst of
-    parallel guesses all pass the check.
+    Each attempt is counted (INCR, atomically with the window's EXPIRE) before
+    the password is checked and given back on success or refusal: checking
+    first and counting after let a burst of parallel guesses all pass the check.
     """
 
     def __init__(self, redis: Redis, max_failures: int, window_s: int) -> None:
@@ -168,15 +141,29 @@ class LoginThrottle:
         return keys.login_throttle_email_key(email_digest(email)), keys.login_throttle_addr_key(addr)
 
     async def reserve(self, email: str, addr: str) -> None:
-        """Count this attempt against both counters; raise 429 if either has reached the limit."""
-        retry = int(await self.redis.eval(_RESERVE, 2, *self._keys(email, addr), self.max_failures, self.window_s))
-        if retry > 0:
-            raise ApiError(429, "too_many_login_attempts",
-                           f"too many failed logins; retry in {retry} s", {"retry_after_s": retry},
-                           headers={"Retry-After": str(retry)})
+        """Count this attempt against both counters; raise 429 (and give it back) past the limit."""
+        email_key, addr_key = self._keys(email, addr)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for key in (email_key, addr_key):
+                pipe.incr(key)
+                pipe.expire(key, self.window_s, nx=True)
+            counts = (await pipe.execute())[0::2]
+        if all(count <= self.max_failures for count in counts):
+            return
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.decr(email_key)
+            pipe.decr(addr_key)
+            pipe.ttl(email_key)
+            pipe.ttl(addr_key)
+            ttls = [t for t in (await pipe.execute())[2:] if t > 0]
+        retry = max(ttls) if ttls else self.window_s
+        raise ApiError(429, "too_many_login_attempts",
+                       f"too many failed logins; retry in {retry} s", {"retry_after_s": retry},
+                       headers={"Retry-After": str(retry)})
 
     async def succeeded(self, email: str, addr: str) -> None:
         """Reset the email's counter and give the address back the attempt it reserved."""
         email_key, addr_key = self._keys(email, addr)
         await self.redis.delete(email_key)
-        await self.redis.eval(_RELEASE_ADDR, 1, addr_key)
+        if await self.redis.decr(addr_key) <= 0:
+            await self.redis.delete(addr_key)
