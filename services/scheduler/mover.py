@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from prometheus_client import Counter, Histogram
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
 from libs.schema import keys
 
@@ -115,3 +115,38 @@ class DueMover:
         if not head:
             return None
         return max(0.0, head[0][1] / 1000 - time.time())
+
+
+def _stream_id(raw: bytes | str) -> tuple[int, int]:
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
+
+
+async def trim_acked_orders(redis: Redis) -> int:
+    """Delete `queue:orders` entries every consumer group has delivered and acked; return how many.
+
+    Nothing else trims the stream (executors only ack), so it would grow by every event
+    ever scheduled until Redis ran out of memory. A MAXLEN on XADD could cut entries still
+    waiting for an executor; this keeps everything from the oldest pending entry (or, with
+    none pending, from the last delivered one) on. With no group yet, nothing is trimmed:
+    the executors' group starts at 0 and must still see every entry.
+    """
+    try:
+        groups = await redis.xinfo_groups(keys.ORDERS_STREAM)
+    except ResponseError:
+        return 0  # no stream yet
+    if not groups:
+        return 0
+    floor: tuple[int, int] | None = None
+    for group in groups:
+        name = group["name"]
+        bound = _stream_id(group["last-delivered-id"])
+        if group["pending"]:
+            summary = await redis.xpending(keys.ORDERS_STREAM, name)
+            if summary.get("min"):
+                bound = min(bound, _stream_id(summary["min"]))
+        floor = bound if floor is None else min(floor, bound)
+    if floor is None or floor == (0, 0):
+        return 0
+    return int(await redis.xtrim(keys.ORDERS_STREAM, minid=f"{floor[0]}-{floor[1]}", approximate=False))

@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from libs.schema import keys
 from libs.trading.calendar import MarketCalendar
-from services.scheduler.mover import DueMover
+from services.scheduler.mover import DueMover, trim_acked_orders
 from services.scheduler.rebuild import rebuild_schedule, sweep_stale_buys
 from services.scheduler.settings import SchedulerSettings
 
@@ -52,6 +52,7 @@ class Scheduler:
             tasks.create_task(self.follow_wakeups(), name="wakeups")
             tasks.create_task(self.watch_redis_restarts(), name="redis-watch")
             tasks.create_task(self.rebuild_when_needed(), name="rebuild")
+            tasks.create_task(self.trim_orders_forever(), name="trim")
 
     async def _sweep_before_moving(self) -> None:
         delay = 0.2
@@ -88,6 +89,18 @@ class Scheduler:
             if sleep > 0:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.wakeup.wait(), sleep)
+
+    async def trim_orders_forever(self) -> None:
+        """Trim delivered-and-acked entries from queue:orders every trim_interval_s."""
+        while not self.stopping.is_set():
+            await self._pause(self.settings.trim_interval_s)
+            try:
+                trimmed = await trim_acked_orders(self.redis)
+            except (RedisError, OSError) as exc:
+                log.warning("queue:orders not trimmed", error=str(exc))
+                continue
+            if trimmed:
+                log.info("acked events trimmed", stream=keys.ORDERS_STREAM, count=trimmed)
 
     async def follow_wakeups(self) -> None:
         """Wake the mover whenever `schedule` gains an earlier member."""

@@ -18,3 +18,5 @@ class SchedulerSettings(ServiceSettings):
     """How often `INFO server` run_id is compared to detect a Redis restart."""
     rebuild_retry_max_s: float = 30.0
     """Longest backoff between attempts to rebuild from Postgres while it is down."""
+    trim_interval_s: float = 60.0
+    """How often acked entries are trimmed from queue:orders (nothing else trims it)."""

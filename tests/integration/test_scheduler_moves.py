@@ -17,6 +17,7 @@ from libs.schema import keys
 from libs.schema.models import BuyEvent, event_to_json
 from libs.trading.calendar import MarketCalendar
 from libs.trading.runs import schedule_event
+from services.scheduler.mover import trim_acked_orders
 from services.scheduler.service import Scheduler
 from services.scheduler.settings import SchedulerSettings
 from tests.integration.pipeline_support import engine_for, run_service, stream_members
@@ -134,3 +135,28 @@ async def test_due_events_keep_moving_while_postgres_is_down(redis: Redis, redis
         await schedule_event(redis, buy_event(due_ms), due_ms)
         await eventually(_stream_len_is(redis, 1), timeout=3)
         assert scheduler.rebuilds == 0  # still retrying the rebuild, yet the BUY went out on time
+
+
+async def test_acked_events_are_trimmed_from_the_queue_and_nothing_else(redis: Redis, redis_url: str,
+                                                                        clean_db: str) -> None:
+    """queue:orders would otherwise keep every event ever scheduled."""
+    await redis.xgroup_create(keys.ORDERS_STREAM, keys.EXECUTORS_GROUP, id="0", mkstream=True)
+    ids = [await redis.xadd(keys.ORDERS_STREAM, {"event": f"e{i}"}) for i in range(5)]
+    await redis.xreadgroup(keys.EXECUTORS_GROUP, "c1", {keys.ORDERS_STREAM: ">"}, count=3)
+    await redis.xack(keys.ORDERS_STREAM, keys.EXECUTORS_GROUP, ids[0], ids[2])  # ids[1] still pending
+    async with running_scheduler(redis_url, clean_db, trim_interval_s=0.05):
+        await eventually(lambda: _stream_ids(redis, ids[1:]))
+        await redis.xack(keys.ORDERS_STREAM, keys.EXECUTORS_GROUP, ids[1])
+        await eventually(lambda: _stream_ids(redis, ids[2:]))  # ids[3:] were never delivered: kept
+
+
+async def test_without_a_consumer_group_nothing_is_trimmed(redis: Redis, redis_url: str, clean_db: str) -> None:
+    ids = [await redis.xadd(keys.ORDERS_STREAM, {"event": f"e{i}"}) for i in range(3)]
+    async with running_scheduler(redis_url, clean_db, trim_interval_s=0.01) as scheduler:
+        await eventually(lambda: scheduler.rebuilds >= 1)
+        assert await trim_acked_orders(redis) == 0
+    assert [i for i, _ in await redis.xrange(keys.ORDERS_STREAM)] == ids
+
+
+async def _stream_ids(redis: Redis, expected: list[bytes]) -> bool:
+    return [i for i, _ in await redis.xrange(keys.ORDERS_STREAM)] == expected
