@@ -40,9 +40,14 @@ class CredentialStore:
         self._redis, self._box, self._ttl_s, self._max = redis, box, ttl_s, max_entries
         self._cache: dict[tuple[str, bytes, bytes], tuple[float, KiteCredentials]] = {}
 
-    async def get(self, user_id: str) -> KiteCredentials:
-        """Return the user's credentials; raise CredentialsUnavailable if there are none."""
-        fields = await self._redis.hgetall(keys.broker_credentials_key(user_id))
+    async def get(self, user_id: str, fields: dict[bytes, bytes] | None = None) -> KiteCredentials:
+        """Return the user's credentials; raise CredentialsUnavailable if there are none.
+
+        `fields`: the `broker:{user_id}` hash when the caller already read it (under
+        the strategy lock, in the same round trip); otherwise it is read here.
+        """
+        if fields is None:
+            fields = await self._redis.hgetall(keys.broker_credentials_key(user_id))
         api_key_ct, token_ct = fields.get(b"api_key"), fields.get(b"access_token")
         if not api_key_ct or not token_ct:
             raise CredentialsUnavailable("no broker credentials or access token in Redis for this user")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -41,15 +40,16 @@ from libs.trading.calendar import MarketCalendar
 from libs.trading.runs import plan_run, schedule_event, unload_run
 from libs.trading.tags import intent_of, order_tag
 from services.executor import metrics
-from services.executor.credentials import CredentialStore, CredentialsUnavailable
+from services.executor.credentials import CredentialStore, CredentialsUnavailable, KiteCredentials
 from services.executor.outcome import Outcome, skipped
 from services.executor.placement import COMPLETE, OrderPlacer, OrderResult
 from services.executor.ratelimit import RateLimitTimeout
 from services.executor.settings import ExecutorSettings
-from services.executor.state import OrderState
+from services.executor.state import Held, OrderState
 
 EXIT_POSITIONS = frozenset({Position.sold, Position.exited_by_sl})
 EXIT_ATTEMPT_TTL_S = 172_800  # two days: longer than any run, and the run_id scopes it
+CONFIG_CACHE_MAX = 100_000
 
 
 class OrderHandler:
@@ -62,6 +62,10 @@ class OrderHandler:
         self.log = get_logger("executor")
         self.processed = 0
         self.failed = 0
+        # Parsed `strategy:{id}` by its bytes, and each strategy's owner (to read
+        # the credentials together with the lock); bounded, cleared when full.
+        self._configs: dict[str, tuple[bytes, StrategyConfig]] = {}
+        self._owners: dict[str, str] = {}
 
     async def handle_entry(self, msg_id: str, fields: dict[bytes, bytes], deliveries: int) -> bool:
         """Handle one entry; return True once it is acked (False leaves it pending)."""
@@ -75,11 +79,13 @@ class OrderHandler:
             event = parse_event(raw)
         except MalformedEvent as error:
             return await self._dead(msg_id, raw, f"malformed event: {error.reason}", deliveries)
-        log = self.log.bind(strategy_id=str(event.strategy_id), event_type=event.event_type.value,
-                            attempt=event.attempt, msg_id=msg_id)
-        async with self.state.strategy_lock(str(event.strategy_id)):
-            outcome, config = await self.decide(event, deliveries, log)
-            await self.finish(event, msg_id, outcome, config, log)
+        sid = str(event.strategy_id)
+        log = self.log.bind(strategy_id=sid, event_type=event.event_type.value, attempt=event.attempt, msg_id=msg_id)
+        # One round trip takes the lock and reads all the state machine needs,
+        # the owner's credentials included when an earlier event named the owner.
+        async with self.state.locked_read(sid, event.run_id, self._owners.get(sid)) as held:
+            outcome, config = await self.decide(event, deliveries, log, held)
+            await self.finish(event, msg_id, outcome, config, log, held)
         return True
 
     async def _dead(self, msg_id: str, raw: bytes, reason: str, deliveries: int) -> bool:
@@ -88,17 +94,36 @@ class OrderHandler:
         self.log.error("entry dead-lettered", msg_id=msg_id, reason=reason, deliveries=deliveries)
         return True
 
-    async def decide(self, event: Event, deliveries: int, log: Any) -> tuple[Outcome, StrategyConfig | None]:
-        """Return what to do with the event and the loaded config of its run (if any)."""
+    def _config(self, sid: str, raw: bytes | None) -> StrategyConfig | None:
+        """Parse `strategy:{id}`, reusing the last parse while the stored bytes are unchanged."""
+        if not raw:
+            return None
+        hit = self._configs.get(sid)
+        if hit is not None and hit[0] == raw:
+            return hit[1]
+        config = StrategyConfig.model_validate_json(raw)
+        if len(self._configs) >= CONFIG_CACHE_MAX:
+            self._configs.clear()
+            self._owners.clear()
+        self._configs[sid] = (raw, config)
+        self._owners[sid] = str(config.user_id)
+        return config
+
+    async def _credentials(self, config: StrategyConfig, held: Held | None) -> KiteCredentials:
+        user_id = str(config.user_id)
+        fields = held.credentials if held is not None and held.credentials_user == user_id else None
+        return await self.credentials.get(user_id, fields)
+
+    async def decide(self, event: Event, deliveries: int, log: Any,
+                     held: Held) -> tuple[Outcome, StrategyConfig | None]:
+        """Return what to do with the event and the loaded config of its run (if any).
+
+        `held` carries what was read when the lock was taken (the lock keeps it current).
+        """
         sid = str(event.strategy_id)
-        # One round trip for both reads; the lock keeps them consistent.
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.get(keys.strategy_key(sid))
-            pipe.hgetall(keys.runtime_key(sid))
-            pipe.exists(keys.exit_attempt_key(sid, event.run_id))
-            raw_config, raw_runtime, exit_attempted = await pipe.execute()
-        config = StrategyConfig.model_validate_json(raw_config) if raw_config else None
-        position = RuntimeState.from_redis_hash(raw_runtime).position
+        config = self._config(sid, held.raw_config)
+        exit_attempted = held.exit_attempted
+        position = RuntimeState.from_redis_hash(held.runtime).position
         if isinstance(event, AbortEvent):
             return self.abort_run(event, config, position, log), config
         if config is None or config.run_id != event.run_id:
@@ -117,17 +142,17 @@ class OrderHandler:
             out.unload = config
             return out, config
         if kind != EventType.BUY and position == Position.none:
-            out = await self._exit_without_position(event, kind, config, log)
+            out = await self._exit_without_position(event, kind, config, log, held)
             if out is not None:
                 return out, config
             lookup = True
-        return await self.place(event, kind, config, lookup, log), config
+        return await self.place(event, kind, config, lookup, log, held), config
 
     async def _exit_without_position(self, event: Event, kind: EventType, config: StrategyConfig,
-                                     log: Any) -> Outcome | None:
+                                     log: Any, held: Held | None = None) -> Outcome | None:
         """Ask the broker before skipping an exit: runtime may have been lost with Redis."""
         try:
-            creds = await self.credentials.get(str(config.user_id))
+            creds = await self._credentials(config, held)
             entry_tag = order_tag(config.strategy_id, config.run_id, event.trading_day, "entry")
             entry = await self.placer.find_by_tag(creds, entry_tag, accept_dead=False)
         except (BrokerError, CredentialsUnavailable) as error:
@@ -145,7 +170,8 @@ class OrderHandler:
                 out.strategy_status, out.failure_reason = "failed", "no position at sell time (entry never filled)"
         return out
 
-    async def place(self, event: Event, kind: EventType, config: StrategyConfig, lookup: bool, log: Any) -> Outcome:
+    async def place(self, event: Event, kind: EventType, config: StrategyConfig, lookup: bool, log: Any,
+                    held: Held | None = None) -> Outcome:
         """Place (or find) the order of this event and turn the result into an outcome."""
         tag = order_tag(config.strategy_id, config.run_id, event.trading_day, intent_of(kind.value))
         side = TransactionType.BUY if kind == EventType.BUY else TransactionType.SELL
@@ -154,10 +180,12 @@ class OrderHandler:
         request = {"order": order.model_dump(mode="json"), "attempt": event.attempt, "retry_of": kind.value}
         log = log.bind(tag=tag)
         try:
-            creds = await self.credentials.get(str(config.user_id))
-            mark = None if kind == EventType.BUY else self._mark_exit_attempt(config)
+            creds = await self._credentials(config, held)
+            # An exit marks its attempt (with its rate-limit slot, right before sending).
+            mark = None if kind == EventType.BUY else \
+                (keys.exit_attempt_key(config.strategy_id, config.run_id), EXIT_ATTEMPT_TTL_S)
             result = await self.placer.execute(creds, order, lookup_first=lookup, accept_dead=kind == EventType.BUY,
-                                               before_place=mark)
+                                               mark=mark)
         except CredentialsUnavailable as error:
             return self.abort_now(event, request, {"error": str(error)}, tag, "credentials", log)
         except BrokerError as error:
@@ -179,10 +207,6 @@ class OrderHandler:
         log.error("exit order not filled; position still open, retrying", status=result.status,
                   status_message=result.status_message)
         return self.retry_or_abort(event, kind, request, result.payload(), tag, log)
-
-    def _mark_exit_attempt(self, config: StrategyConfig) -> Callable[[], Awaitable[Any]]:
-        key = keys.exit_attempt_key(config.strategy_id, config.run_id)
-        return lambda: self.redis.set(key, "1", ex=EXIT_ATTEMPT_TTL_S)
 
     def filled(self, event: Event, kind: EventType, config: StrategyConfig, request: dict[str, Any],
                result: OrderResult, log: Any) -> Outcome:
@@ -269,8 +293,8 @@ class OrderHandler:
         return out
 
     async def finish(self, event: Event, msg_id: str, outcome: Outcome, config: StrategyConfig | None,
-                     log: Any) -> None:
-        """Write the outcome (one commit), unload an ended run, then ack."""
+                     log: Any, held: Held | None = None) -> None:
+        """Write the outcome (one commit), unload an ended run, then ack (releasing `held` with the ack)."""
         user_id = config.user_id if config is not None and config.run_id == event.run_id else None
         row = outcome.row(event, user_id, msg_id)
         if outcome.retry is not None:
@@ -282,11 +306,11 @@ class OrderHandler:
             strategy_id=str(event.strategy_id), run_id=event.run_id, row=dumps(row), runtime_fields=outcome.runtime,
             control=dumps(outcome.control) if outcome.control else None,
             abort_event=event_to_json(outcome.abort) if outcome.abort else None,
-            ack_msg_id=None if ended is not None else msg_id)
+            ack_msg_id=None if ended is not None else msg_id, held=held)
         if ended is not None:
             plan = plan_run(ended, self.calendar, datetime.fromisoformat(ended.run_id))
             await unload_run(self.redis, ended, plan)
-            await self.state.ack(msg_id)
+            await self.state.ack(msg_id, held)
         self.processed += 1
         if outcome.status == OrderLogStatus.failed:
             self.failed += 1

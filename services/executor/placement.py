@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,16 +72,17 @@ class OrderPlacer:
         return tagged[-1] if tagged and accept_dead else None
 
     async def execute(self, creds: KiteCredentials, order: BrokerOrder, *, lookup_first: bool,
-                      accept_dead: bool, before_place: Callable[[], Awaitable[Any]] | None = None) -> OrderResult:
-        """Return the confirmed result of the order intent, placing it only if the book lacks it."""
+                      accept_dead: bool, mark: tuple[str, int] | None = None) -> OrderResult:
+        """Return the confirmed result of the order intent, placing it only if the book lacks it.
+
+        `mark` = (key, ttl_s) is SET right before the order is sent (with its rate-limit slot).
+        """
         started = time.perf_counter()
         existing = await self.find_by_tag(creds, order.tag, accept_dead=accept_dead) if lookup_first else None
         if existing is not None:
             order_id, found = str(existing["order_id"]), True
         else:
-            await self.limiter.acquire(creds.api_key_fp)
-            if before_place is not None:
-                await before_place()
+            await self.limiter.acquire(creds.api_key_fp, mark=mark)
             try:
                 order_id = await self.gateway.place_market_order(
                     creds.api_key, creds.access_token, symbol=order.symbol, exchange=order.exchange,

@@ -8,13 +8,18 @@ orders per rolling second: a bucket of 10 refilled at 10/s lets 19 orders
 into one second and the broker answers 429. The window is a little longer
 than a second (setting) to absorb network skew between here and the broker.
 Redis' clock (TIME) is used, so replicas on different hosts agree.
+
+An exit passes the key of its exit-attempt marker: the script sets it in the
+same step as it grants the slot, i.e. right before the order is sent, so a
+later exit event looks the shared exit tag up first (one round trip, not two).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import secrets
 import time
-import uuid
 
 from redis.asyncio import Redis
 
@@ -30,6 +35,7 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
 if redis.call('ZCARD', KEYS[1]) < limit then
   redis.call('ZADD', KEYS[1], now, now .. ':' .. ARGV[3])
   redis.call('PEXPIRE', KEYS[1], window)
+  if KEYS[2] then redis.call('SET', KEYS[2], '1', 'EX', ARGV[4]) end
   return 0
 end
 local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
@@ -48,14 +54,25 @@ class OrderRateLimiter:
         self._redis = redis
         self._script = redis.register_script(_TAKE_SLOT)
         self.limit, self.window_ms, self.max_wait_s = limit, window_ms, max_wait_s
+        # Slot members only need to be unique: a random per-process prefix and a counter.
+        self._prefix = secrets.token_hex(8)
+        self._seq = itertools.count()
 
-    async def acquire(self, api_key_fp: str) -> float:
-        """Take one slot, waiting as needed; return the seconds waited."""
+    async def acquire(self, api_key_fp: str, *, mark: tuple[str, int] | None = None) -> float:
+        """Take one slot, waiting as needed; return the seconds waited.
+
+        `mark` = (key, ttl_s): SET that key in the same step as the slot is granted.
+        """
         started = time.monotonic()
         deadline = started + self.max_wait_s
-        key = keys.order_rate_key(api_key_fp)
+        script_keys = [keys.order_rate_key(api_key_fp)]
+        ttl = 0
+        if mark is not None:
+            script_keys.append(mark[0])
+            ttl = mark[1]
         while True:
-            wait_ms = int(await self._script(keys=[key], args=[self.limit, self.window_ms, uuid.uuid4().hex]))
+            member = f"{self._prefix}{next(self._seq)}"
+            wait_ms = int(await self._script(keys=script_keys, args=[self.limit, self.window_ms, member, ttl]))
             now = time.monotonic()
             if wait_ms == 0:
                 waited = now - started

@@ -5,14 +5,23 @@ update, its control message, the order-log row, a follow-up ABORT event and
 (when nothing else follows) the XACK are one step, so an entry is never acked
 without its runtime state and log row, and a crash between steps leaves the
 entry pending for another executor instead of half-written state.
+
+Round trips are what the order path waits on, so the scripts also carry the
+reads and the release: taking the lock returns, in the same step, everything
+the state machine reads under it (config, runtime, the exit-attempt marker and,
+when the owner is known, the credential ciphertexts), and the commit that acks
+also releases the lock (compare-and-delete, as before).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import uuid
+import itertools
+import secrets
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
 
 from redis.asyncio import Redis
 
@@ -30,6 +39,16 @@ end
 return 0
 """
 
+# KEYS: lock, runtime, strategy, exit marker[, credentials]; ARGV: token, ttl ms
+# Returns nil if the lock is taken, else {config or nil, runtime hash, marker 0/1, credentials hash or nil}.
+_LOCK_READ = """
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return nil end
+if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('HSET', KEYS[2], 'lock_state', 'locked') end
+local creds = false
+if KEYS[5] then creds = redis.call('HGETALL', KEYS[5]) end
+return {redis.call('GET', KEYS[3]), redis.call('HGETALL', KEYS[2]), redis.call('EXISTS', KEYS[4]), creds}
+"""
+
 _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 0
@@ -44,12 +63,23 @@ end
 return 0
 """
 
-# KEYS: runtime, strategy, order_logs, control, orders
+# Release (compare-and-delete) as in _UNLOCK; KEYS[n] lock, KEYS[n+1] runtime, ARGV[m] token or ''.
+_RELEASE = """
+local function release(lock, runtime, token)
+  if token ~= '' and redis.call('GET', lock) == token then
+    redis.call('DEL', lock)
+    if redis.call('EXISTS', runtime) == 1 then redis.call('HSET', runtime, 'lock_state', 'free') end
+  end
+end
+"""
+
+# KEYS: runtime, strategy, order_logs, control, orders, lock
 # ARGV: run_id, runtime fields (JSON flat list or ''), control JSON or '', row JSON,
-#       control maxlen, abort event JSON or '', group, msg id to ack or ''
+#       control maxlen, abort event JSON or '', group, msg id to ack or '', lock token to release or ''
 # Runtime is only written while the same run is loaded: a late event must not
-# resurrect the hash of an unloaded run.
-_COMMIT = """
+# resurrect the hash of an unloaded run. The lock is released only with the ack
+# (an entry acked is done; one not acked yet is still being worked on).
+_COMMIT = _RELEASE + """
 if ARGV[2] ~= '' then
   local raw = redis.call('GET', KEYS[2])
   if raw and cjson.decode(raw)['run_id'] == ARGV[1] then
@@ -61,7 +91,17 @@ if ARGV[2] ~= '' then
 end
 redis.call('XADD', KEYS[3], '*', 'row', ARGV[4])
 if ARGV[6] ~= '' then redis.call('XADD', KEYS[5], '*', 'event', ARGV[6]) end
-if ARGV[8] ~= '' then redis.call('XACK', KEYS[5], ARGV[7], ARGV[8]) end
+if ARGV[8] ~= '' then
+  redis.call('XACK', KEYS[5], ARGV[7], ARGV[8])
+  release(KEYS[6], KEYS[1], ARGV[9])
+end
+return 1
+"""
+
+# KEYS: orders, lock, runtime; ARGV: group, msg id, token
+_ACK_RELEASE = _RELEASE + """
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+release(KEYS[2], KEYS[3], ARGV[3])
 return 1
 """
 
@@ -77,6 +117,25 @@ class LockTimeout(Exception):
     """The strategy's lock stayed taken for longer than the wait bound."""
 
 
+@dataclass
+class Held:
+    """A held strategy lock and what was read under it when it was taken."""
+
+    strategy_id: str
+    token: str
+    raw_config: bytes | None = None
+    runtime: dict[bytes, bytes] = field(default_factory=dict)
+    exit_attempted: bool = False
+    credentials: dict[bytes, bytes] | None = None
+    credentials_user: str | None = None
+    released: bool = False
+
+
+def _pairs(flat: list[bytes] | None) -> dict[bytes, bytes]:
+    it = iter(flat or ())
+    return dict(zip(it, it, strict=True))
+
+
 class OrderState:
     """The executor's Redis writes, each one script."""
 
@@ -84,34 +143,75 @@ class OrderState:
         self.redis = redis
         self.lock_ttl_ms, self.lock_wait_s = lock_ttl_ms, lock_wait_s
         self._lock = redis.register_script(_LOCK)
+        self._lock_read = redis.register_script(_LOCK_READ)
         self._renew = redis.register_script(_RENEW)
         self._unlock = redis.register_script(_UNLOCK)
         self._commit = redis.register_script(_COMMIT)
+        self._ack_release = redis.register_script(_ACK_RELEASE)
         self._dead = redis.register_script(_DEAD_LETTER)
+        # Owner tokens: a random per-process prefix and a counter (unique across
+        # replicas without an os.urandom call per lock).
+        self._token_prefix = secrets.token_hex(8)
+        self._token_seq = itertools.count()
+
+    def _token(self) -> str:
+        return f"{self._token_prefix}{next(self._token_seq)}"
 
     @contextlib.asynccontextmanager
     async def strategy_lock(self, strategy_id: str) -> AsyncIterator[None]:
         """Hold `lock_state:{id}` (renewed while held); raise LockTimeout if it never frees."""
         lock, runtime = keys.lock_key(strategy_id), keys.runtime_key(strategy_id)
-        token = uuid.uuid4().hex
+        token = self._token()
+        await self._acquire(strategy_id, lambda: self._lock(keys=[lock, runtime], args=[token, self.lock_ttl_ms]))
+        async with self._holding(Held(strategy_id, token)):
+            yield
+
+    @contextlib.asynccontextmanager
+    async def locked_read(self, strategy_id: str, run_id: str, credentials_user: str | None) -> AsyncIterator[Held]:
+        """Hold the strategy's lock; the Held carries config, runtime, exit marker and credentials read with it.
+
+        `credentials_user` is a guess (the owner seen in an earlier event); the
+        caller checks it against the config's user_id before using the hash.
+        """
+        lock, runtime = keys.lock_key(strategy_id), keys.runtime_key(strategy_id)
+        script_keys = [lock, runtime, keys.strategy_key(strategy_id), keys.exit_attempt_key(strategy_id, run_id)]
+        if credentials_user is not None:
+            script_keys.append(keys.broker_credentials_key(credentials_user))
+        token = self._token()
+        reply = await self._acquire(strategy_id, lambda: self._lock_read(keys=script_keys,
+                                                                          args=[token, self.lock_ttl_ms]))
+        raw_config, runtime_flat, marker, creds = reply
+        held = Held(strategy_id, token, raw_config=raw_config, runtime=_pairs(runtime_flat),
+                    exit_attempted=bool(marker), credentials=_pairs(creds) if creds is not None else None,
+                    credentials_user=credentials_user)
+        async with self._holding(held):
+            yield held
+
+    async def _acquire(self, strategy_id: str, attempt: Any) -> Any:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.lock_wait_s
         pause = 0.005
-        while not await self._lock(keys=[lock, runtime], args=[token, self.lock_ttl_ms]):
+        while not (reply := await attempt()):
             if loop.time() >= deadline:
                 raise LockTimeout(f"lock of {strategy_id} still taken after {self.lock_wait_s}s")
             await asyncio.sleep(pause)
             pause = min(pause * 2, 0.2)
-        renewer = asyncio.create_task(self._keep_lock(lock, token), name=f"lock-renew-{strategy_id}")
+        return reply
+
+    @contextlib.asynccontextmanager
+    async def _holding(self, held: Held) -> AsyncIterator[None]:
+        lock, runtime = keys.lock_key(held.strategy_id), keys.runtime_key(held.strategy_id)
+        renewer = asyncio.create_task(self._keep_lock(lock, held.token), name=f"lock-renew-{held.strategy_id}")
         try:
             yield
         finally:
             renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await renewer
-            # Compare-and-delete: a lock that expired and was taken by another
-            # executor is not ours to release.
-            await self._unlock(keys=[lock, runtime], args=[token])
+            if not held.released:
+                # Compare-and-delete: a lock that expired and was taken by another
+                # executor is not ours to release.
+                await self._unlock(keys=[lock, runtime], args=[held.token])
 
     async def _keep_lock(self, lock: str, token: str) -> None:
         while True:
@@ -119,18 +219,32 @@ class OrderState:
             await self._renew(keys=[lock], args=[token, self.lock_ttl_ms])
 
     async def commit(self, *, strategy_id: str, run_id: str, row: bytes, runtime_fields: dict[str, str] | None,
-                     control: bytes | None, abort_event: bytes | None, ack_msg_id: str | None) -> None:
-        """Write runtime, control message, log row and follow-up event; ack if asked, all at once."""
+                     control: bytes | None, abort_event: bytes | None, ack_msg_id: str | None,
+                     held: Held | None = None) -> None:
+        """Write runtime, control message, log row and follow-up event; ack if asked, all at once.
+
+        With an ack and a `held` lock, the lock is released in the same step.
+        """
         flat = [x for pair in (runtime_fields or {}).items() for x in pair]
+        release = held is not None and ack_msg_id is not None
         await self._commit(
             keys=[keys.runtime_key(strategy_id), keys.strategy_key(strategy_id), keys.ORDER_LOGS_STREAM,
-                  keys.CONTROL_STREAM, keys.ORDERS_STREAM],
+                  keys.CONTROL_STREAM, keys.ORDERS_STREAM, keys.lock_key(strategy_id)],
             args=[run_id, dumps(flat) if flat else b"", control or b"", row, CONTROL_MAXLEN,
-                  abort_event or b"", keys.EXECUTORS_GROUP, ack_msg_id or b""],
+                  abort_event or b"", keys.EXECUTORS_GROUP, ack_msg_id or b"", held.token if release else b""],
         )
+        if release:
+            held.released = True
 
-    async def ack(self, msg_id: str) -> None:
-        await self.redis.xack(keys.ORDERS_STREAM, keys.EXECUTORS_GROUP, msg_id)
+    async def ack(self, msg_id: str, held: Held | None = None) -> None:
+        """Ack the entry (and release `held` in the same step)."""
+        if held is None:
+            await self.redis.xack(keys.ORDERS_STREAM, keys.EXECUTORS_GROUP, msg_id)
+            return
+        sid = held.strategy_id
+        await self._ack_release(keys=[keys.ORDERS_STREAM, keys.lock_key(sid), keys.runtime_key(sid)],
+                                args=[keys.EXECUTORS_GROUP, msg_id, held.token])
+        held.released = True
 
     async def dead_letter(self, msg_id: str, raw: bytes, reason: str, deliveries: int) -> None:
         """Move an entry to `queue:orders:dead` with its reason and ack it, atomically."""
