@@ -115,20 +115,25 @@ class MarketListener:
             self._trigger_ready.clear()
             batch = list(self._triggers)
             self._triggers.clear()
-            if batch:
-                await self._emit(batch)
+            if batch and not await self._emit(batch):
+                # Retry on the last price too, not only on the next crossing tick: the price
+                # may sit below the stop without ticking (an illiquid symbol, a quiet feed).
+                await self._pause(self.settings.trigger_retry_s)
+                for symbol in {watch.symbol for watch, _, _ in batch}:
+                    self._fire_at_last_price(symbol)
             if self.stopping.is_set():
                 return  # after emitting what had already triggered
 
-    async def _emit(self, batch: list[tuple[Watch, float, float]]) -> None:
+    async def _emit(self, batch: list[tuple[Watch, float, float]]) -> bool:
         try:
             results = await self.emitter.fire([(watch, price) for watch, price, _ in batch])
         except (RedisError, OSError) as exc:
-            # Put them back: the next crossing tick retries, and the marker keeps it to one event.
+            # Put them back: they fire again (the marker keeps it to one event) on the next
+            # crossing tick or, after trigger_retry_s, at the last price.
             for watch, _, _ in batch:
                 self.index.add(watch)
-            log.error("stoploss not emitted; will retry on the next tick", error=str(exc), count=len(batch))
-            return
+            log.error("stoploss not emitted; will retry", error=str(exc), count=len(batch))
+            return False
         done = time.perf_counter()
         for (watch, price, received), msg_id in zip(batch, results, strict=True):
             if msg_id is None:
@@ -140,6 +145,7 @@ class MarketListener:
             log.info("stoploss fired", strategy_id=watch.strategy_id, event_type="STOPLOSS", price=price,
                      stop_loss=watch.stop_loss, msg_id=msg_id.decode() if isinstance(msg_id, bytes) else msg_id)
         WATCHED.set(len(self.index))
+        return True
 
     # --- prices ---------------------------------------------------------------------------------------
 
@@ -297,12 +303,19 @@ class MarketListener:
         symbol, run_id, day = self.runs[sid]
         day = day or self.calendar.trading_day_of(datetime.now(UTC))
         self.index.add(Watch(float(stop_loss), sid, run_id, day, symbol))
+        # Already through the stop when the watch begins (the entry filled below it, or
+        # the price fell while the fill was confirmed): the next tick may be long coming.
+        self._fire_at_last_price(symbol)
+
+    def _fire_at_last_price(self, symbol: str) -> None:
+        """Trigger the watches of `symbol` that its last seen price has already crossed."""
         last = self.latest.get(symbol)
-        if last is not None and last <= stop_loss:
-            # Already through the stop when the watch begins (the entry filled below it, or
-            # the price fell while the fill was confirmed): the next tick may be long coming.
-            for watch in self.index.pop_triggered(symbol, last):
-                self._triggers.append((watch, last, time.perf_counter()))
+        if last is None:
+            return
+        fired = self.index.pop_triggered(symbol, last)
+        for watch in fired:
+            self._triggers.append((watch, last, time.perf_counter()))
+        if fired:
             self._trigger_ready.set()
 
     # --- instruments and subscriptions ----------------------------------------------------------------

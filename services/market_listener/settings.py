@@ -28,3 +28,5 @@ class ListenerSettings(ServiceSettings):
     """XREAD BLOCK on control:strategies; bounds how long shutdown waits for the reader."""
     stoploss_marker_ttl_s: int = 172_800
     """TTL of the one-STOPLOSS-per-run marker (two days: outlives any trading day)."""
+    trigger_retry_s: float = 0.5
+    """After a STOPLOSS could not be written to Redis, retry at the last price this soon."""

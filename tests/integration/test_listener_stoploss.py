@@ -195,3 +195,30 @@ async def test_a_watch_starting_below_its_stop_fires_without_waiting_for_a_tick(
 async def _price_after_tick(sim: SimAdmin, redis: Redis, price: float) -> bool:
     sim.ticks(("INFY", price))  # again until subscribed: ticks before the subscription are not seen
     return await _price_is(redis, "INFY", price)
+
+
+async def test_a_stoploss_redis_refused_is_retried_without_another_tick(
+        redis: Redis, clean_db: str, sim: SimAdmin, tmp_path: Path) -> None:
+    """The crossing tick came while Redis refused the trigger; the price then sat still below the stop."""
+    (run,), _ = await _runs(redis, clean_db, [1400.0])
+    await set_position(redis, run.config, Position.bought)
+    # A listener user that may do everything but run the trigger script (a stand-in for a Redis blip).
+    await redis.acl_setuser("nofire", enabled=True, passwords=["+pw-nofire"], keys=["*"], channels=["*"],
+                            commands=["+@all", "-eval", "-evalsha", "-script"])
+    try:
+        limited = _url(redis).replace("redis://", "redis://nofire:pw-nofire@")
+        account = sim.create_account("market-data")
+        with run_service(LISTENER, listener_env(limited, sim.base_url, account), tmp_path) as listener:
+            await eventually(lambda: health_field(listener, "watched") == 1, timeout=10)
+            await eventually(lambda: _price_after_tick(sim, redis, 1390.0), timeout=10, interval=0.2)
+            # Once a last, distinct tick has been refused too, no tick is left on the way.
+            refused = listener.log_text().count("stoploss not emitted")
+            sim.ticks(("INFY", 1395.0))
+            await eventually(lambda: _price_is(redis, "INFY", 1395.0))
+            await eventually(lambda: listener.log_text().count("stoploss not emitted") > refused)
+            await redis.acl_setuser("nofire", commands=["+eval", "+evalsha", "+script"])
+            await eventually(lambda: _count_is(redis, 1))
+    finally:
+        await redis.acl_deluser("nofire")
+    (event,) = await _stoplosses(redis)
+    assert str(event.strategy_id) == run.id and event.trigger_price == 1395.0
