@@ -34,12 +34,19 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 OPENAPI = web.AppKey("openapi", dict)
 
 
+# The dashboard's policy, sent as headers: frame-ancestors (clickjacking of the
+# square-off button) cannot be set from the page's own <meta> tag.
+DASHBOARD_CSP = ("default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; connect-src 'self'; "
+                 "img-src 'self' data:; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+STATIC_HEADERS = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY",
+                  "Referrer-Policy": "no-referrer", "Content-Security-Policy": DASHBOARD_CSP}
+
+
 def _static(name: str, content_type: str) -> Any:
     body = (STATIC_DIR / name).read_bytes()
 
     async def serve(_request: web.Request) -> web.Response:
-        return web.Response(body=body, content_type=content_type, charset="utf-8",
-                            headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"})
+        return web.Response(body=body, content_type=content_type, charset="utf-8", headers=STATIC_HEADERS)
 
     serve.__name__ = "static_" + name.replace(".", "_")
     return serve

@@ -210,6 +210,8 @@ async def test_health_readiness_and_metrics(api) -> None:
 async def test_dashboard_is_served(api) -> None:
     page = await api.call("GET", "/", expect=200)
     assert "<title>Tickwise</title>" in page.text and page.headers["Content-Type"].startswith("text/html")
+    assert "frame-ancestors 'none'" in page.headers["Content-Security-Policy"]
+    assert page.headers["X-Frame-Options"] == "DENY" and page.headers["Referrer-Policy"] == "no-referrer"
     script = await api.call("GET", "/static/app.js", expect=200)
     assert "/strategies/start" in script.text
 
