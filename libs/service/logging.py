@@ -68,19 +68,28 @@ def scrub(text: str) -> str:
     return text
 
 
+_MAX_DEPTH = 12
+
+
 def _redact(value: Any, depth: int = 0) -> Any:
-    if depth > 6:
+    if value is None or isinstance(value, (bool, int, float)):
         return value
+    if depth > _MAX_DEPTH:
+        return "[TRUNCATED]"  # never hand an unscrubbed structure to the renderer
     if isinstance(value, str):
         return scrub(value)
+    if isinstance(value, (bytes, bytearray)):
+        return scrub(bytes(value).decode(errors="replace"))
     if isinstance(value, MutableMapping):
         return {
             k: (REDACTED if isinstance(k, str) and _SECRET_FIELD.search(k) else _redact(v, depth + 1))
             for k, v in value.items()
         }
-    if isinstance(value, (list, tuple)):
+    if isinstance(value, (list, tuple, set, frozenset)):
         return [_redact(v, depth + 1) for v in value]
-    return value
+    # Exceptions, models, UUIDs, datetimes...: render as text here, so that what
+    # the JSON renderer would otherwise repr() is scrubbed too.
+    return scrub(str(value))
 
 
 def redact_secrets(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:

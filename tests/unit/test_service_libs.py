@@ -77,3 +77,16 @@ def test_scrubbing_stays_fast_with_many_registered_secrets() -> None:
         scrub(line)
     per_call_ms = (time.perf_counter() - started)  # 1,000 calls: seconds == ms per call
     assert per_call_ms < 0.5, f"scrub took {per_call_ms:.3f} ms per line with 10k secrets"
+
+
+def test_objects_and_deep_structures_are_scrubbed_too() -> None:
+    out = io.StringIO()
+    configure_logging(stream=out)
+    register_secret("deep-secret-token-42")
+    deep: dict = {"x": "deep-secret-token-42"}
+    for _ in range(20):
+        deep = {"next": deep}
+    get_logger("t").error("broker call failed", error=RuntimeError("token k:deep-secret-token-42 refused"),
+                          payload=deep, raw=b"access_token=deep-secret-token-42")
+    assert "deep-secret-token-42" not in out.getvalue()
+    assert json.loads(out.getvalue())["event"] == "broker call failed"
