@@ -39,6 +39,10 @@ from services.executor.consumer import ensure_group, is_nogroup
 
 DEAD_MAXLEN = 100_000
 _PERMANENT = (IntegrityError, DataError)
+# One statement for every batch, executed with a list of rows: SQLAlchemy caches
+# its compiled form and sends the rows as multi-row VALUES pages
+# ("insertmanyvalues"), instead of compiling a new N-row statement per batch.
+_INSERT_ROWS = insert(OrderLog).on_conflict_do_nothing(index_elements=["id"])
 
 
 class OrderLogWriter:
@@ -165,7 +169,7 @@ class OrderLogWriter:
         refused = {m: f"unknown strategy {r.strategy_id}" for m, r in rows if r.strategy_id not in owners}
         values = [_values(row, owners[row.strategy_id]) for m, row in rows if m not in refused]
         if values:
-            await conn.execute(insert(OrderLog).values(values).on_conflict_do_nothing(index_elements=["id"]))
+            await conn.execute(_INSERT_ROWS, values)
         for m, row in rows:
             if m in refused or row.strategy_status is None or row.run_id is None:
                 continue
