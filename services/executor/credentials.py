@@ -39,6 +39,11 @@ class CredentialStore:
     def __init__(self, redis: Redis, box: SecretBox, *, ttl_s: float, max_entries: int = 50_000) -> None:
         self._redis, self._box, self._ttl_s, self._max = redis, box, ttl_s, max_entries
         self._cache: dict[tuple[str, bytes, bytes], tuple[float, KiteCredentials]] = {}
+        self._fps: dict[str, str] = {}  # user_id -> api_key_fp last seen (a hint, never a credential)
+
+    def fingerprint_hint(self, user_id: str) -> str | None:
+        """Return the api_key fingerprint last seen for the user, if any (may be stale: a hint)."""
+        return self._fps.get(user_id)
 
     async def get(self, user_id: str, fields: dict[bytes, bytes] | None = None) -> KiteCredentials:
         """Return the user's credentials; raise CredentialsUnavailable if there are none.
@@ -55,6 +60,7 @@ class CredentialStore:
         now = time.monotonic()
         hit = self._cache.get(ident)
         if hit is not None and hit[0] > now:
+            self._fps[user_id] = hit[1].api_key_fp
             return hit[1]
         try:
             api_key = self._box.decrypt(api_key_ct.decode(), f"broker_credentials:{user_id}:api_key")
@@ -68,7 +74,9 @@ class CredentialStore:
         creds = KiteCredentials(api_key, token, fp.decode() if fp else api_key_fingerprint(api_key))
         if len(self._cache) >= self._max:
             self._cache.clear()
+            self._fps.clear()
         self._cache[ident] = (now + self._ttl_s, creds)
+        self._fps[user_id] = creds.api_key_fp
         return creds
 
 

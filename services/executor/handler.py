@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -83,7 +84,9 @@ class OrderHandler:
         log = self.log.bind(strategy_id=sid, event_type=event.event_type.value, attempt=event.attempt, msg_id=msg_id)
         # One round trip takes the lock and reads all the state machine needs,
         # the owner's credentials included when an earlier event named the owner.
-        async with self.state.locked_read(sid, event.run_id, self._owners.get(sid)) as held:
+        owner = self._owners.get(sid)
+        async with self.state.locked_read(sid, event.run_id, owner, self._exit_slot(event, deliveries, owner),
+                                          EXIT_ATTEMPT_TTL_S) as held:
             outcome, config = await self.decide(event, deliveries, log, held)
             await self.finish(event, msg_id, outcome, config, log, held)
         return True
@@ -93,6 +96,26 @@ class OrderHandler:
         metrics.DEAD_LETTERS.labels(stream=keys.ORDERS_DEAD_STREAM).inc()
         self.log.error("entry dead-lettered", msg_id=msg_id, reason=reason, deliveries=deliveries)
         return True
+
+    def _exit_slot(self, event: Event, deliveries: int, owner: str | None) -> tuple[str, str, list[Any]] | None:
+        """For a plain exit (first attempt, first delivery), ask for its order slot with the lock.
+
+        The stop-loss path then sends right after the one round trip that locks
+        and reads; the script takes the slot only in the case that sends without
+        a tag lookup (see services.executor.state).
+        """
+        if event.event_type not in (EventType.SELL, EventType.STOPLOSS) or event.attempt > 1 or deliveries > 1:
+            return None
+        fp = self.credentials.fingerprint_hint(owner) if owner is not None else None
+        if fp is None:
+            return None
+        key, args = self.placer.limiter.slot_request(fp)
+        return fp, key, args
+
+    def remember(self, configs: Iterable[StrategyConfig]) -> None:
+        """Note the owners of loaded runs (from reconciliation), so their first event reads credentials with the lock."""
+        for config in configs:
+            self._owners[str(config.strategy_id)] = str(config.user_id)
 
     def _config(self, sid: str, raw: bytes | None) -> StrategyConfig | None:
         """Parse `strategy:{id}`, reusing the last parse while the stored bytes are unchanged."""
@@ -185,7 +208,8 @@ class OrderHandler:
             mark = None if kind == EventType.BUY else \
                 (keys.exit_attempt_key(config.strategy_id, config.run_id), EXIT_ATTEMPT_TTL_S)
             result = await self.placer.execute(creds, order, lookup_first=lookup, accept_dead=kind == EventType.BUY,
-                                               mark=mark)
+                                               mark=mark, slot_taken=held is not None
+                                               and held.slot_fp == creds.api_key_fp)
         except CredentialsUnavailable as error:
             return self.abort_now(event, request, {"error": str(error)}, tag, "credentials", log)
         except BrokerError as error:

@@ -72,17 +72,23 @@ class OrderPlacer:
         return tagged[-1] if tagged and accept_dead else None
 
     async def execute(self, creds: KiteCredentials, order: BrokerOrder, *, lookup_first: bool,
-                      accept_dead: bool, mark: tuple[str, int] | None = None) -> OrderResult:
+                      accept_dead: bool, mark: tuple[str, int] | None = None,
+                      slot_taken: bool = False) -> OrderResult:
         """Return the confirmed result of the order intent, placing it only if the book lacks it.
 
         `mark` = (key, ttl_s) is SET right before the order is sent (with its rate-limit slot).
+        `slot_taken`: the slot was already taken and the mark set (with the strategy
+        lock); it is used only if the order is sent without a tag lookup first.
         """
         started = time.perf_counter()
         existing = await self.find_by_tag(creds, order.tag, accept_dead=accept_dead) if lookup_first else None
         if existing is not None:
             order_id, found = str(existing["order_id"]), True
         else:
-            await self.limiter.acquire(creds.api_key_fp, mark=mark)
+            if slot_taken and not lookup_first:
+                metrics.RATE_WAIT.observe(0.0)
+            else:
+                await self.limiter.acquire(creds.api_key_fp, mark=mark)
             try:
                 order_id = await self.gateway.place_market_order(
                     creds.api_key, creds.access_token, symbol=order.symbol, exchange=order.exchange,

@@ -26,20 +26,28 @@ from redis.asyncio import Redis
 from libs.schema import keys
 from services.executor import metrics
 
-_TAKE_SLOT = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local limit = tonumber(ARGV[1])
-local window = tonumber(ARGV[2])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
-if redis.call('ZCARD', KEYS[1]) < limit then
-  redis.call('ZADD', KEYS[1], now, now .. ':' .. ARGV[3])
-  redis.call('PEXPIRE', KEYS[1], window)
-  if KEYS[2] then redis.call('SET', KEYS[2], '1', 'EX', ARGV[4]) end
-  return 0
+# take_slot(key, limit, window_ms, member) -> 0 if a slot was taken, else ms until one frees.
+# Also used by the strategy-lock script (services.executor.state) for the exit fast path.
+TAKE_SLOT_FN = """
+local function take_slot(key, limit, window, member)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
+  if redis.call('ZCARD', key) < limit then
+    redis.call('ZADD', key, now, now .. ':' .. member)
+    redis.call('PEXPIRE', key, window)
+    return 0
+  end
+  local oldest = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+  return math.max(1, tonumber(oldest[2]) + window - now)
 end
-local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-return math.max(1, tonumber(oldest[2]) + window - now)
+"""
+
+# KEYS: rate key[, marker]; ARGV: limit, window ms, member, marker ttl s
+_TAKE_SLOT = TAKE_SLOT_FN + """
+local wait = take_slot(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3])
+if wait == 0 and KEYS[2] then redis.call('SET', KEYS[2], '1', 'EX', ARGV[4]) end
+return wait
 """
 
 
@@ -58,6 +66,14 @@ class OrderRateLimiter:
         self._prefix = secrets.token_hex(8)
         self._seq = itertools.count()
 
+    def member(self) -> str:
+        """Return a new unique slot member."""
+        return f"{self._prefix}{next(self._seq)}"
+
+    def slot_request(self, api_key_fp: str) -> tuple[str, list[str | int]]:
+        """Return (rate key, [limit, window ms, member]) for a slot taken inside another script."""
+        return keys.order_rate_key(api_key_fp), [self.limit, self.window_ms, self.member()]
+
     async def acquire(self, api_key_fp: str, *, mark: tuple[str, int] | None = None) -> float:
         """Take one slot, waiting as needed; return the seconds waited.
 
@@ -71,8 +87,7 @@ class OrderRateLimiter:
             script_keys.append(mark[0])
             ttl = mark[1]
         while True:
-            member = f"{self._prefix}{next(self._seq)}"
-            wait_ms = int(await self._script(keys=script_keys, args=[self.limit, self.window_ms, member, ttl]))
+            wait_ms = int(await self._script(keys=script_keys, args=[self.limit, self.window_ms, self.member(), ttl]))
             now = time.monotonic()
             if wait_ms == 0:
                 waited = now - started

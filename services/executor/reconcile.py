@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -54,15 +55,19 @@ class Reconciler:
     """Rebuild runtime state of running strategies from the broker."""
 
     def __init__(self, redis: Redis, engine: AsyncEngine | None, credentials: CredentialStore, gateway: Any,
-                 state: OrderState, calendar: MarketCalendar, *, pg_timeout_s: float) -> None:
+                 state: OrderState, calendar: MarketCalendar, *, pg_timeout_s: float,
+                 on_configs: Callable[[Iterable[StrategyConfig]], None] | None = None) -> None:
         self.redis, self.engine, self.credentials, self.gateway = redis, engine, credentials, gateway
         self.state, self.calendar, self.pg_timeout_s = state, calendar, pg_timeout_s
+        self.on_configs = on_configs  # told the running configs (the handler learns owners from them)
         self.log = get_logger("executor.reconcile")
 
     async def run(self, trigger: str) -> int:
         """Reconcile every running strategy; return how many were rebuilt."""
         metrics.RECONCILES.labels(trigger=trigger).inc()
         configs = await self._running_configs()
+        if self.on_configs is not None:
+            self.on_configs(configs.values())
         by_user: dict[str, list[StrategyConfig]] = defaultdict(list)
         for config in configs.values():
             by_user[str(config.user_id)].append(config)

@@ -57,7 +57,7 @@ class ExecutorService:
         calendar = MarketCalendar(settings.market_calendar)
         self.handler = OrderHandler(settings, self.redis, self.state, self.credentials, placer, calendar)
         self.reconciler = Reconciler(self.redis, self.engine, self.credentials, self.gateway, self.state, calendar,
-                                     pg_timeout_s=settings.reconcile_pg_timeout_s)
+                                     pg_timeout_s=settings.reconcile_pg_timeout_s, on_configs=self.handler.remember)
         self.consumer = OrderConsumer(settings, self.redis, self.handler, self.name, self.on_state_lost)
         self.writer = OrderLogWriter(self.redis, self.engine, self.name, batch=settings.writer_batch,
                                      block_ms=settings.read_block_ms, claim_idle_ms=settings.claim_idle_ms,

@@ -27,6 +27,7 @@ from redis.asyncio import Redis
 
 from libs.schema import keys
 from libs.schema.codec import dumps
+from services.executor.ratelimit import TAKE_SLOT_FN
 
 CONTROL_MAXLEN = 100_000
 DEAD_MAXLEN = 100_000
@@ -39,14 +40,33 @@ end
 return 0
 """
 
-# KEYS: lock, runtime, strategy, exit marker[, credentials]; ARGV: token, ttl ms
-# Returns nil if the lock is taken, else {config or nil, runtime hash, marker 0/1, credentials hash or nil}.
-_LOCK_READ = """
+# KEYS: lock, runtime, strategy, exit marker[, credentials][, rate key]
+# ARGV: token, ttl ms, has credentials '0'|'1', run_id, [limit, window ms, member, marker ttl s]
+# Returns nil if the lock is taken, else {config or nil, runtime hash, marker 0/1,
+# credentials hash or nil, slot} where slot is 0 if an order slot was taken, -1 if
+# none was asked for or the exit is not a plain one, else ms until a slot frees.
+# The slot is only taken for an exit of the loaded run, position bought and no
+# earlier exit attempt: the case that sends without a tag lookup; the exit marker
+# is set with it. The handler's state machine still decides; if it does not send,
+# a slot is wasted and the marker makes a later exit look the tag up (safe side).
+_LOCK_READ = TAKE_SLOT_FN + """
 if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return nil end
 if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('HSET', KEYS[2], 'lock_state', 'locked') end
+local n = 4
 local creds = false
-if KEYS[5] then creds = redis.call('HGETALL', KEYS[5]) end
-return {redis.call('GET', KEYS[3]), redis.call('HGETALL', KEYS[2]), redis.call('EXISTS', KEYS[4]), creds}
+if ARGV[3] == '1' then
+  n = 5
+  creds = redis.call('HGETALL', KEYS[5])
+end
+local config = redis.call('GET', KEYS[3])
+local marker = redis.call('EXISTS', KEYS[4])
+local slot = -1
+if KEYS[n + 1] and config and marker == 0 and redis.call('HGET', KEYS[2], 'position') == 'bought'
+   and cjson.decode(config)['run_id'] == ARGV[4] then
+  slot = take_slot(KEYS[n + 1], tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7])
+  if slot == 0 then redis.call('SET', KEYS[4], '1', 'EX', ARGV[8]) end
+end
+return {config, redis.call('HGETALL', KEYS[2]), marker, creds, slot}
 """
 
 _RENEW = """
@@ -128,6 +148,7 @@ class Held:
     exit_attempted: bool = False
     credentials: dict[bytes, bytes] | None = None
     credentials_user: str | None = None
+    slot_fp: str | None = None  # an order slot of this fingerprint was taken (and the exit marked)
     released: bool = False
 
 
@@ -167,23 +188,32 @@ class OrderState:
             yield
 
     @contextlib.asynccontextmanager
-    async def locked_read(self, strategy_id: str, run_id: str, credentials_user: str | None) -> AsyncIterator[Held]:
+    async def locked_read(self, strategy_id: str, run_id: str, credentials_user: str | None,
+                          exit_slot: tuple[str, str, list[Any]] | None = None,
+                          exit_mark_ttl_s: int = 0) -> AsyncIterator[Held]:
         """Hold the strategy's lock; the Held carries config, runtime, exit marker and credentials read with it.
 
-        `credentials_user` is a guess (the owner seen in an earlier event); the
-        caller checks it against the config's user_id before using the hash.
+        `credentials_user` is a guess (the owner seen before); the caller checks it
+        against the config's user_id before using the hash. `exit_slot` = (fp,
+        rate key, slot args): for a plain exit, take the order slot and set the
+        exit marker in the same step (see _LOCK_READ).
         """
         lock, runtime = keys.lock_key(strategy_id), keys.runtime_key(strategy_id)
-        script_keys = [lock, runtime, keys.strategy_key(strategy_id), keys.exit_attempt_key(strategy_id, run_id)]
+        marker = keys.exit_attempt_key(strategy_id, run_id)
+        script_keys = [lock, runtime, keys.strategy_key(strategy_id), marker]
         if credentials_user is not None:
             script_keys.append(keys.broker_credentials_key(credentials_user))
         token = self._token()
-        reply = await self._acquire(strategy_id, lambda: self._lock_read(keys=script_keys,
-                                                                          args=[token, self.lock_ttl_ms]))
-        raw_config, runtime_flat, marker, creds = reply
+        args: list[Any] = [token, self.lock_ttl_ms, "1" if credentials_user is not None else "0", run_id]
+        if exit_slot is not None:
+            script_keys.append(exit_slot[1])
+            args += [*exit_slot[2], exit_mark_ttl_s]
+        reply = await self._acquire(strategy_id, lambda: self._lock_read(keys=script_keys, args=args))
+        raw_config, runtime_flat, marker_set, creds, slot = reply
         held = Held(strategy_id, token, raw_config=raw_config, runtime=_pairs(runtime_flat),
-                    exit_attempted=bool(marker), credentials=_pairs(creds) if creds is not None else None,
-                    credentials_user=credentials_user)
+                    exit_attempted=bool(marker_set), credentials=_pairs(creds) if creds is not None else None,
+                    credentials_user=credentials_user,
+                    slot_fp=exit_slot[0] if exit_slot is not None and int(slot) == 0 else None)
         async with self._holding(held):
             yield held
 
