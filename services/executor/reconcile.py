@@ -4,7 +4,8 @@ Redis is not the last guard (appendfsync everysec can lose a second of
 writes, a flush loses everything), so at start and whenever Redis lost state
 the executor asks the broker, the truth about execution, before consuming:
 entry COMPLETE -> bought; exit COMPLETE -> exited_by_sl/sold and the run is
-unloaded with an `exited` log row; nothing filled -> none. Running strategies
+unloaded with an `exited` log row; nothing filled -> none. Each change goes
+out with its `position` control message in the same step. Running strategies
 come from Postgres when it answers, otherwise from the loaded `strategy:*`
 configs (Postgres down must not stop trading). Each strategy is rebuilt under
 its lock, so no event of it is half-handled meanwhile. If `broker:{user_id}`
@@ -28,6 +29,7 @@ from libs.broker.kite import BrokerError
 from libs.schema import keys
 from libs.schema.codec import dumps
 from libs.schema.models import (
+    ControlMessage,
     EventType,
     OrderLogRow,
     OrderLogStatus,
@@ -46,9 +48,25 @@ from services.executor import metrics
 from services.executor.credentials import CredentialStore, CredentialsUnavailable
 from services.executor.handler import EXIT_ATTEMPT_TTL_S
 from services.executor.placement import COMPLETE
-from services.executor.state import LockTimeout, OrderState
+from services.executor.state import CONTROL_MAXLEN, LockTimeout, OrderState
 
 RECONCILE_STREAM = "reconcile"  # namespace of row ids written by reconciliation
+
+# KEYS: runtime, control; ARGV: runtime fields (JSON flat list), `position` message, control maxlen.
+# One step, as on the order path: a listener that loaded the run before the rebuild
+# only learns a rebuilt `bought` from this message (else its stop-loss goes unwatched).
+_REBUILD = """
+redis.call('HSET', KEYS[1], unpack(cjson.decode(ARGV[1])))
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'event', ARGV[2])
+return 1
+"""
+
+# KEYS: order_logs, control; ARGV: row, `position` message, control maxlen (listeners drop the run).
+_EXITED = """
+redis.call('XADD', KEYS[1], '*', 'row', ARGV[1])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'event', ARGV[2])
+return 1
+"""
 
 
 class Reconciler:
@@ -61,6 +79,8 @@ class Reconciler:
         self.state, self.calendar, self.pg_timeout_s = state, calendar, pg_timeout_s
         self.on_configs = on_configs  # told the running configs (the handler learns owners from them)
         self.log = get_logger("executor.reconcile")
+        self._rebuild = redis.register_script(_REBUILD)
+        self._exited_script = redis.register_script(_EXITED)
 
     async def run(self, trigger: str) -> int:
         """Reconcile every running strategy; return how many were rebuilt."""
@@ -166,7 +186,10 @@ class Reconciler:
             if current.position == Position.none:
                 return 0
             fields = RuntimeState.hash_fields(position=Position.none, updated_at=now)
-        await self.redis.hset(keys.runtime_key(sid), mapping=fields)
+        flat = [x for pair in fields.items() for x in pair]
+        await self._rebuild(keys=[keys.runtime_key(sid), keys.CONTROL_STREAM],
+                            args=[dumps(flat), dumps(_position_message(config, Position(fields["position"]))),
+                                  CONTROL_MAXLEN])
         self.log.warning("runtime rebuilt from the broker", strategy_id=sid, position=fields["position"],
                          was=current.position.value)
         return 1
@@ -182,9 +205,15 @@ class Reconciler:
                               "average_price": order.get("average_price"), "found_by_tag": True},
             status=OrderLogStatus.success, trading_day=plan.trading_day, broker_order_id=str(order["order_id"]),
             tag=order.get("tag"), created_at=now, run_id=config.run_id, strategy_status="exited")
-        await self.redis.xadd(keys.ORDER_LOGS_STREAM, {"row": dumps(row)})
+        await self._exited_script(keys=[keys.ORDER_LOGS_STREAM, keys.CONTROL_STREAM],
+                                  args=[dumps(row), dumps(_position_message(config, position)), CONTROL_MAXLEN])
         await unload_run(self.redis, config, plan)
         self.log.warning("run found exited at the broker; unloaded", strategy_id=sid, position=position.value)
+
+
+def _position_message(config: StrategyConfig, position: Position) -> ControlMessage:
+    return ControlMessage(action="position", strategy_id=config.strategy_id, symbol=config.symbol,
+                          stop_loss=config.stop_loss, position=position, run_id=config.run_id)
 
 
 def _filled(orders: list[dict[str, Any]]) -> dict[str, Any] | None:

@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from deploy.local.procs import RedisServer
 from libs.broker.kite import KiteGateway
 from libs.schema import keys
-from libs.schema.models import Position, StrategyStatus
+from libs.schema.models import ControlMessage, Position, StrategyStatus
 from libs.trading.runs import load_run
 from tests.integration.executor_support import (
     Run,
@@ -152,3 +152,29 @@ async def _logs(engine: AsyncEngine, run: Run, count: int) -> list:
 
 async def _status(engine: AsyncEngine, run: Run, status: StrategyStatus) -> bool:
     return (await strategy_row(engine, run)).status == status
+
+
+async def test_reconciled_positions_are_announced_to_the_listeners(redis: Redis, engine: AsyncEngine,
+                                                                   sim: SimAdmin, settings) -> None:
+    account = await new_account(sim, engine, redis)
+    holding = await start_run(engine, redis, account)
+    exited = await start_run(engine, redis, account)
+    await place_at_broker(sim, holding, "entry", "BUY")
+    await place_at_broker(sim, exited, "entry", "BUY")
+    await place_at_broker(sim, exited, "exit", "SELL")
+    async with running_executor(settings):
+        assert (await runtime(redis, holding)).position == Position.bought
+        # A listener that loaded the run before the rebuild must learn the position from the
+        # control stream, or the stop-loss of the rebuilt position goes unwatched.
+        messages = await _position_messages(redis)
+        assert (holding.sid, "bought", holding.config.run_id) in messages
+        assert (exited.sid, "sold", exited.config.run_id) in messages
+
+
+async def _position_messages(redis: Redis) -> list[tuple[str, str | None, str | None]]:
+    out = []
+    for _id, fields in await redis.xrange(keys.CONTROL_STREAM):
+        msg = ControlMessage.model_validate_json(fields[b"event"])
+        if msg.action == "position":
+            out.append((str(msg.strategy_id), msg.position.value if msg.position else None, msg.run_id))
+    return out
