@@ -92,9 +92,32 @@ class OrderHandler:
         return True
 
     async def _dead(self, msg_id: str, raw: bytes, reason: str, deliveries: int) -> bool:
-        await self.state.dead_letter(msg_id, raw, reason, deliveries)
+        # A given-up event of the loaded run would leave it stuck (a position with no exit
+        # left, `strategy:{id}` making start/delete answer 409): the dead letter queues an
+        # ABORT of that run in the same step. Not for a dead ABORT: that would loop.
+        event = _event_or_none(raw)
+        abort = None
+        if event is not None and not isinstance(event, AbortEvent):
+            kind = event.retry_of if isinstance(event, RetryEvent) else event.event_type
+            intent = intent_of(kind.value)
+            tag = order_tag(event.strategy_id, event.run_id, event.trading_day, intent)
+            abort = self._abort_event(event, f"{kind.value} event dead-lettered ({reason}); position may be open "
+                                             f"(its {intent} order {tag} may be at the broker): check Kite and "
+                                             f"square off by hand if a position is held")
+        aborted = await self.state.dead_letter(
+            msg_id, raw, reason, deliveries,
+            (str(event.strategy_id), event.run_id, event_to_json(abort)) if event is not None and abort else None)
         metrics.DEAD_LETTERS.labels(stream=keys.ORDERS_DEAD_STREAM).inc()
-        self.log.error("entry dead-lettered", msg_id=msg_id, reason=reason, deliveries=deliveries)
+        self.log.error("entry dead-lettered", msg_id=msg_id, reason=reason, deliveries=deliveries,
+                       strategy_id=str(event.strategy_id) if event is not None else None, run_aborted=aborted)
+        if aborted and abort is not None:
+            self.log.error("run aborted after its event was dead-lettered: a position may be open; a human must "
+                           "check the tag in Kite and square off by hand", strategy_id=str(abort.strategy_id),
+                           reason=abort.reason)
+        elif isinstance(event, AbortEvent):
+            self.log.error("ABORT dead-lettered: the run may still be loaded and a position may be open; a human "
+                           "must stop the strategy, check Kite and square off by hand",
+                           strategy_id=str(event.strategy_id), reason=event.reason)
         return True
 
     def _exit_slot(self, event: Event, deliveries: int, owner: str | None) -> tuple[str, str, list[Any]] | None:
@@ -342,3 +365,10 @@ class OrderHandler:
         skip = {"skipped": outcome.response.get("skipped")} if outcome.status == OrderLogStatus.skipped else {}
         log.info("event handled", status=outcome.status.value, order_id=outcome.order_id, tag=outcome.tag,
                  strategy_status=outcome.strategy_status, **skip, **outcome.extra_log)
+
+
+def _event_or_none(raw: bytes) -> Event | None:
+    try:
+        return parse_event(raw) if raw else None
+    except MalformedEvent:
+        return None

@@ -125,11 +125,23 @@ release(KEYS[2], KEYS[3], ARGV[3])
 return 1
 """
 
-# KEYS: dead stream, source stream; ARGV: raw, reason, msg id, deliveries, group, maxlen
+# KEYS: dead stream, source stream[, strategy]; ARGV: raw, reason, msg id, deliveries, group, maxlen
+#       [, run_id, ABORT event JSON]
+# With a strategy key: if that run is the one loaded (and this call acked the entry),
+# XADD the ABORT in the same step, so a given-up event never leaves its run stuck.
+# Returns 2 if the ABORT was queued, else the XACK count.
 _DEAD_LETTER = """
 redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[6], '*', 'event', ARGV[1], 'reason', ARGV[2],
            'msg_id', ARGV[3], 'deliveries', ARGV[4])
-return redis.call('XACK', KEYS[2], ARGV[5], ARGV[3])
+local acked = redis.call('XACK', KEYS[2], ARGV[5], ARGV[3])
+if acked == 1 and KEYS[3] then
+  local config = redis.call('GET', KEYS[3])
+  if config and cjson.decode(config)['run_id'] == ARGV[7] then
+    redis.call('XADD', KEYS[2], '*', 'event', ARGV[8])
+    return 2
+  end
+end
+return acked
 """
 
 
@@ -276,7 +288,16 @@ class OrderState:
                                 args=[keys.EXECUTORS_GROUP, msg_id, held.token])
         held.released = True
 
-    async def dead_letter(self, msg_id: str, raw: bytes, reason: str, deliveries: int) -> None:
-        """Move an entry to `queue:orders:dead` with its reason and ack it, atomically."""
-        await self._dead(keys=[keys.ORDERS_DEAD_STREAM, keys.ORDERS_STREAM],
-                         args=[raw, reason, msg_id, deliveries, keys.EXECUTORS_GROUP, DEAD_MAXLEN])
+    async def dead_letter(self, msg_id: str, raw: bytes, reason: str, deliveries: int,
+                          abort: tuple[str, str, bytes] | None = None) -> bool:
+        """Move an entry to `queue:orders:dead` with its reason and ack it, atomically.
+
+        `abort` = (strategy_id, run_id, ABORT event JSON): queue that ABORT in the same
+        step if that run is the one loaded; return True if it was queued.
+        """
+        script_keys = [keys.ORDERS_DEAD_STREAM, keys.ORDERS_STREAM]
+        args: list[Any] = [raw, reason, msg_id, deliveries, keys.EXECUTORS_GROUP, DEAD_MAXLEN]
+        if abort is not None:
+            script_keys.append(keys.strategy_key(abort[0]))
+            args += [abort[1], abort[2]]
+        return int(await self._dead(keys=script_keys, args=args)) == 2

@@ -6,10 +6,12 @@ from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio import Redis
+from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from libs.schema import keys
-from libs.schema.models import Position, StrategyStatus
+from libs.schema.models import AbortEvent, Position, StrategyStatus
+from libs.schema.tables import Strategy
 from services.executor.consumer import ensure_group
 from tests.integration.executor_support import (
     Run,
@@ -177,6 +179,43 @@ async def test_rejected_exit_retries_then_aborts_with_the_position_open(redis: R
     exits = broker_orders(sim, run.tag("exit"))
     assert len(exits) == settings.retry_max_attempts and {o["status"] for o in exits} == {"REJECTED"}
     assert "STOPLOSS failed after 3 attempts" in (await strategy_row(engine, run)).failure_reason
+
+
+async def test_dead_lettered_event_of_the_loaded_run_aborts_it_once(redis: Redis, engine: AsyncEngine,
+                                                                    sim: SimAdmin, settings) -> None:
+    plain, square = await new_run(sim, engine, redis), await new_run(sim, engine, redis)
+    for run in (plain, square):
+        await redis.hset(keys.runtime_key(run.sid), "position", Position.bought.value)
+    async with engine.begin() as conn:
+        await conn.execute(update(Strategy).where(Strategy.id == square.config.strategy_id).values(status="stopped"))
+    await ensure_group(redis, keys.ORDERS_STREAM, keys.EXECUTORS_GROUP)
+    dead_ids = [await enqueue(redis, plain.sell()), await enqueue(redis, square.sell(metadata={"square_off": True})),
+                # A dead ABORT must not queue another ABORT (no loop).
+                await enqueue(redis, AbortEvent(strategy_id=plain.config.strategy_id, run_id=plain.config.run_id,
+                                                trading_day=plain.plan.trading_day, reason="test"))]
+    await redis.xreadgroup(keys.EXECUTORS_GROUP, "ghost", {keys.ORDERS_STREAM: ">"})
+    for _ in range(settings.max_deliveries):
+        await redis.xclaim(keys.ORDERS_STREAM, keys.EXECUTORS_GROUP, "ghost", 0, dead_ids)
+    async with running_executor(settings):
+        await eventually(lambda: _dead(redis, 3), timeout=10)
+        # A dead SELL leaves the run neither stuck `running` nor loaded (start/delete would answer 409).
+        await eventually(lambda: _status(engine, plain, StrategyStatus.failed), timeout=10)
+        await eventually(lambda: _gone(redis, plain))
+        await eventually(lambda: _gone(redis, square))
+        rows = await rows_of(engine, plain, 1)
+    assert [(r.event_type.value, r.status.value) for r in rows] == [("ABORT", "failed")]
+    reason = (await strategy_row(engine, plain)).failure_reason
+    assert "dead-lettered" in reason and "position may be open" in reason
+    assert (await strategy_row(engine, square)).status == StrategyStatus.stopped
+    assert [(r.event_type.value, r.status.value) for r in await rows_of(engine, square, 1)] == [("ABORT", "failed")]
+    assert broker_orders(sim, plain.tag("exit")) == broker_orders(sim, square.tag("exit")) == []
+    entries = await redis.xrange(keys.ORDERS_STREAM)
+    aborts = [f for _, f in entries if b'"ABORT"' in f[b"event"]]
+    assert len(aborts) == 3  # the dead one + one per dead SELL
+
+
+async def _gone(redis: Redis, run: Run) -> bool:
+    return not await redis.exists(keys.strategy_key(run.sid), keys.runtime_key(run.sid))
 
 
 async def _dead(redis: Redis, count: int) -> list:
