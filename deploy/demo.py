@@ -38,6 +38,7 @@ class Story:
     expect: str
     strategy_id: str = ""
     seen: set[str] = field(default_factory=set)
+    events: list[str] = field(default_factory=list)
 
 
 class DemoError(RuntimeError):
@@ -134,6 +135,7 @@ async def run_demo(env: dict[str, str]) -> int:
                     if row["id"] in s.seen:
                         continue
                     s.seen.add(row["id"])
+                    s.events.append(f"{row['event_type']}:{row['status']}")
                     resp = row.get("response_payload") or {}
                     price = resp.get("average_price") or resp.get("price") or (row.get("request_payload") or {}
                                                                                ).get("price")
@@ -146,7 +148,8 @@ async def run_demo(env: dict[str, str]) -> int:
                 await api.call("POST", "/strategies/stop", {"strategy_id": c.strategy_id})
                 _say(f"{c.label}  {c.symbol:<9} user stopped the strategy before its buy")
                 stopped_c = True
-            if not dropped_b and statuses[b.strategy_id]["position"] == "bought":
+            # Drop the price once the BUY is on the books (its log row shown), so the timeline reads in order.
+            if not dropped_b and statuses[b.strategy_id]["position"] == "bought" and "BUY:success" in b.events:
                 drop = round(b.stop_loss - 12.5, 2)
                 await _sim(session, sim_url, "ticks", {"symbol": b.symbol, "last_price": drop})
                 _say(f"{b.label}  {b.symbol:<9} market drops to {drop:.2f} (stop-loss {b.stop_loss:.2f})")
