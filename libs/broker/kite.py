@@ -197,6 +197,13 @@ class KiteGateway:
             order_type=kite.ORDER_TYPE_MARKET, tag=tag, market_protection=-1,
         ), sent_order=True)
 
+    async def cancel_order(self, api_key: str, access_token: str, order_id: str,
+                           variety: str = KiteConnect.VARIETY_REGULAR) -> str:
+        """Cancel an open order; return its order id (confirm the outcome with order_history)."""
+        kite = self.client(api_key, access_token)
+        # A write: a timeout leaves it unknown whether the cancel reached the book.
+        return await self._call(lambda: kite.cancel_order(variety, order_id), sent_order=True)
+
     async def order_history(self, api_key: str, access_token: str, order_id: str) -> list[dict[str, Any]]:
         """Return the order's history, oldest first (timestamps as the broker's strings)."""
         kite = self.client(api_key, access_token)

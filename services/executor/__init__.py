@@ -19,7 +19,9 @@ most once, because:
    the day's order book is searched for the tag; a live or filled order found
    there is confirmed instead of placing another. An exit that finds position
    `none` asks the broker for a filled entry before skipping (runtime may have
-   been lost with Redis).
+   been lost with Redis); a SELL that finds the entry still live cancels it
+   and ends the run only once the broker shows it cancelled (or exits it, if
+   it filled meanwhile).
 5. Fill before state: order history is polled until COMPLETE / REJECTED /
    CANCELLED before `position` changes; an unconfirmed fill is ambiguous and
    retried through the tag lookup.

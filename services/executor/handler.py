@@ -204,10 +204,26 @@ class OrderHandler:
         except (BrokerError, CredentialsUnavailable) as error:
             return self.retry_or_abort(event, kind, {"event": event.model_dump(mode="json")},
                                        {"error": str(error), "while": "checking the entry order"}, None, log)
+        cancelled = None
+        if entry is not None and entry.get("status") != COMPLETE and kind == EventType.SELL:
+            # The entry is still live (an ambiguous BUY not filled yet). Unloading now would
+            # leave a later fill with no SELL and no stop-loss: cancel it first, and exit
+            # instead if it filled meanwhile.
+            log.warning("entry order still open at sell time; cancelling it", entry_order=entry.get("order_id"),
+                        entry_status=entry.get("status"))
+            try:
+                ended = await self.placer.cancel(creds, entry)
+            except BrokerError as error:
+                return self.retry_or_abort(event, kind, {"event": event.model_dump(mode="json")},
+                                           {"error": str(error), "while": "cancelling the open entry order",
+                                            "entry_order": entry.get("order_id")}, None, log)
+            entry, cancelled = ended.broker_order, ended.order_id
         if entry is not None and entry.get("status") == COMPLETE:
             log.warning("runtime lost a filled entry; exiting per the broker", entry_order=entry.get("order_id"))
             return None
-        out = skipped(event, f"{kind.value} needs position bought, found none (no filled entry at the broker)")
+        extra = {"entry_cancelled": cancelled} if cancelled else {}
+        out = skipped(event, f"{kind.value} needs position bought, found none (no filled entry at the broker)",
+                      **extra)
         if kind == EventType.SELL:
             # Sell time came with nothing bought: the run is over. Unloading also
             # stops a late BUY retry from opening a position with no SELL left.

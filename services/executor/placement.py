@@ -107,6 +107,18 @@ class OrderPlacer:
         metrics.ORDER_LATENCY.observe(time.perf_counter() - started)
         return result
 
+    async def cancel(self, creds: KiteCredentials, order: dict[str, Any]) -> OrderResult:
+        """Cancel a live order and return how it ended (it may have filled before the cancel)."""
+        order_id = str(order["order_id"])
+        try:
+            await self.gateway.cancel_order(creds.api_key, creds.access_token, order_id,
+                                            str(order.get("variety") or "regular"))
+        except BrokerError as error:
+            if error.kind == BrokerErrorKind.RETRYABLE:
+                raise  # nothing reached the broker: try again later
+            # Refused (it filled or ended meanwhile) or unknown: its history says which.
+        return await self.confirm(creds, order_id, found_by_tag=True)
+
     async def confirm(self, creds: KiteCredentials, order_id: str, *, found_by_tag: bool) -> OrderResult:
         """Poll order history until the order is COMPLETE, REJECTED or CANCELLED."""
         deadline = time.monotonic() + self.fill_timeout_s

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
+from kiteconnect import KiteConnect
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -148,6 +150,24 @@ async def test_square_off_exits_without_changing_a_stopped_status(redis: Redis, 
     assert rows[1].status.value == "success"
     assert (await strategy_row(engine, run)).status == StrategyStatus.stopped
     assert len(broker_orders(sim, run.tag("exit"))) == 1
+
+
+async def test_sell_cancels_an_entry_still_open_at_the_broker_before_ending_the_run(
+        redis: Redis, engine: AsyncEngine, sim: SimAdmin, executor: ExecutorService) -> None:
+    run = await new_run(sim, engine, redis)
+    # The entry is still OPEN at the broker (an ambiguous BUY that has not filled yet),
+    # while runtime says none: were the run just unloaded, a later fill would be held with
+    # no SELL and no stop-loss left.
+    kite = KiteConnect(run.account.api_key, access_token=run.account.access_token, root=sim.base_url)
+    entry_id = await asyncio.to_thread(
+        kite.place_order, variety="regular", exchange="NSE", tradingsymbol="INFY", transaction_type="BUY",
+        quantity=1, product="MIS", order_type="LIMIT", price=1.0, tag=run.tag("entry"))
+    await enqueue(redis, run.sell())
+    await eventually(lambda: _unloaded(redis, run))
+    entry = broker_orders(sim, run.tag("entry"))
+    assert [(o["order_id"], o["status"]) for o in entry] == [(entry_id, "CANCELLED")]
+    assert broker_orders(sim, run.tag("exit")) == []
+    await eventually(lambda: _status(engine, run, StrategyStatus.failed))
 
 
 async def _position(redis: Redis, run: Run, position: Position) -> bool:
