@@ -52,20 +52,31 @@ from services.executor.state import CONTROL_MAXLEN, LockTimeout, OrderState
 
 RECONCILE_STREAM = "reconcile"  # namespace of row ids written by reconciliation
 
-# KEYS: runtime, control; ARGV: runtime fields (JSON flat list), `position` message, control maxlen.
-# One step, as on the order path: a listener that loaded the run before the rebuild
-# only learns a rebuilt `bought` from this message (else its stop-loss goes unwatched).
-_REBUILD = """
+# Both scripts first check that `strategy:{id}` (KEYS[3]) is this run or absent (lost with
+# Redis): a stop + start during reconciliation loads a new run, which the old run's
+# book must not touch. They return 0 (left alone) if another run is loaded.
+_SAME_RUN = """
+local raw = redis.call('GET', KEYS[3])
+if raw and cjson.decode(raw)['run_id'] ~= ARGV[4] then return 0 end
+"""
+
+# KEYS: runtime, control, strategy; ARGV: runtime fields (JSON flat list), `position` message,
+# control maxlen, run_id. One step, as on the order path: a listener that loaded the run
+# before the rebuild only learns a rebuilt `bought` from this message (else its stop-loss
+# goes unwatched).
+_REBUILD = _SAME_RUN + """
 redis.call('HSET', KEYS[1], unpack(cjson.decode(ARGV[1])))
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'event', ARGV[2])
 return 1
 """
 
-# KEYS: order_logs, control; ARGV: row, `position` message, control maxlen (listeners drop the run).
-_EXITED = """
+# KEYS: order_logs, control, strategy; ARGV: row, `position` message, control maxlen, run_id
+# (listeners drop the run). Returns 1 if the run is loaded (to unload), 2 if not loaded.
+_EXITED = _SAME_RUN + """
 redis.call('XADD', KEYS[1], '*', 'row', ARGV[1])
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'event', ARGV[2])
-return 1
+if raw then return 1 end
+return 2
 """
 
 
@@ -187,9 +198,12 @@ class Reconciler:
                 return 0
             fields = RuntimeState.hash_fields(position=Position.none, updated_at=now)
         flat = [x for pair in fields.items() for x in pair]
-        await self._rebuild(keys=[keys.runtime_key(sid), keys.CONTROL_STREAM],
-                            args=[dumps(flat), dumps(_position_message(config, Position(fields["position"]))),
-                                  CONTROL_MAXLEN])
+        if not await self._rebuild(keys=[keys.runtime_key(sid), keys.CONTROL_STREAM, keys.strategy_key(sid)],
+                                   args=[dumps(flat), dumps(_position_message(config, Position(fields["position"]))),
+                                         CONTROL_MAXLEN, config.run_id]):
+            self.log.warning("another run of the strategy was loaded meanwhile; not reconciled", strategy_id=sid,
+                             run_id=config.run_id)
+            return 0
         self.log.warning("runtime rebuilt from the broker", strategy_id=sid, position=fields["position"],
                          was=current.position.value)
         return 1
@@ -205,9 +219,17 @@ class Reconciler:
                               "average_price": order.get("average_price"), "found_by_tag": True},
             status=OrderLogStatus.success, trading_day=plan.trading_day, broker_order_id=str(order["order_id"]),
             tag=order.get("tag"), created_at=now, run_id=config.run_id, strategy_status="exited")
-        await self._exited_script(keys=[keys.ORDER_LOGS_STREAM, keys.CONTROL_STREAM],
-                                  args=[dumps(row), dumps(_position_message(config, position)), CONTROL_MAXLEN])
-        await unload_run(self.redis, config, plan)
+        loaded = await self._exited_script(
+            keys=[keys.ORDER_LOGS_STREAM, keys.CONTROL_STREAM, keys.strategy_key(sid)],
+            args=[dumps(row), dumps(_position_message(config, position)), CONTROL_MAXLEN, config.run_id])
+        if not loaded:
+            self.log.warning("another run of the strategy was loaded meanwhile; not reconciled", strategy_id=sid,
+                             run_id=config.run_id)
+            return
+        if loaded == 1:
+            # Under the lock and still this run: no stop (it takes the lock) or start
+            # (it needs the key gone) can come in between.
+            await unload_run(self.redis, config, plan)
         self.log.warning("run found exited at the broker; unloaded", strategy_id=sid, position=position.value)
 
 

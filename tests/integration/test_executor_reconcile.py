@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 
 import pytest
 from redis.asyncio import Redis
@@ -12,9 +14,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from deploy.local.procs import RedisServer
 from libs.broker.kite import KiteGateway
 from libs.schema import keys
-from libs.schema.models import ControlMessage, Position, StrategyStatus
-from libs.trading.runs import load_run
+from libs.schema.models import ControlMessage, Position, StrategyConfig, StrategyStatus
+from libs.trading.runs import load_run, plan_run, run_id_for
+from services.executor.credentials import CredentialStore
+from services.executor.reconcile import Reconciler
+from services.executor.state import OrderState
 from tests.integration.executor_support import (
+    BOX,
+    CALENDAR,
     Run,
     broker_orders,
     engine_for,
@@ -169,6 +176,45 @@ async def test_reconciled_positions_are_announced_to_the_listeners(redis: Redis,
         messages = await _position_messages(redis)
         assert (holding.sid, "bought", holding.config.run_id) in messages
         assert (exited.sid, "sold", exited.config.run_id) in messages
+
+
+async def test_reconciliation_leaves_a_run_restarted_meanwhile_alone(redis: Redis, redis_url: str,
+                                                                      engine: AsyncEngine, sim: SimAdmin) -> None:
+    account = await new_account(sim, engine, redis)
+    holding, exited = await start_run(engine, redis, account), await start_run(engine, redis, account)
+    await place_at_broker(sim, holding, "entry", "BUY")
+    await place_at_broker(sim, exited, "entry", "BUY")
+    await place_at_broker(sim, exited, "exit", "SELL")
+    restarted = {run.sid: run.config.model_copy(update={"run_id": run_id_for(datetime.now(UTC))})
+                 for run in (holding, exited)}
+
+    def stop_and_restart(_configs: object) -> None:
+        # Both strategies are stopped and started again right after reconciliation read
+        # their (old) configs: a new run with a fresh runtime is loaded for each.
+        async def restart() -> None:
+            client = Redis.from_url(redis_url)
+            try:
+                for config in restarted.values():
+                    await load_run(client, config, plan_run(config, CALENDAR, datetime.fromisoformat(config.run_id)))
+            finally:
+                await client.aclose()
+        thread = threading.Thread(target=asyncio.run, args=(restart(),))
+        thread.start()
+        thread.join()
+
+    gateway = KiteGateway(sim.base_url, max_workers=2)
+    state = OrderState(redis, lock_ttl_ms=2000, lock_wait_s=2.0)
+    reconciler = Reconciler(redis, None, CredentialStore(redis, BOX, ttl_s=60), gateway, state, CALENDAR,
+                            pg_timeout_s=1.0, on_configs=stop_and_restart)
+    try:
+        await reconciler.run("test")
+    finally:
+        gateway.close()
+    # The old run's fill must not land on the new run's runtime, nor its exit unload the new run.
+    assert (await runtime(redis, holding)).position == Position.none
+    for sid, config in restarted.items():
+        assert StrategyConfig.model_validate_json(await redis.get(keys.strategy_key(sid))).run_id == config.run_id
+    assert await redis.xlen(keys.ORDER_LOGS_STREAM) == 0
 
 
 async def _position_messages(redis: Redis) -> list[tuple[str, str | None, str | None]]:
