@@ -17,7 +17,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from libs.broker.kite import BrokerError, BrokerErrorKind
+from libs.broker.kite import BrokerError, BrokerErrorKind, api_key_fingerprint
 from libs.schema import keys
 from libs.schema.codec import dumps
 from libs.schema.models import (
@@ -50,6 +50,11 @@ from services.executor.state import Held, OrderState
 
 EXIT_POSITIONS = frozenset({Position.sold, Position.exited_by_sl})
 EXIT_ATTEMPT_TTL_S = 172_800  # two days: longer than any run, and the run_id scopes it
+ACCOUNT_CHANGED = "broker account changed since start"
+
+
+class AccountChanged(CredentialsUnavailable):
+    """`broker:{user}` now holds another Kite account than the run started on."""
 CONFIG_CACHE_MAX = 100_000
 
 
@@ -158,7 +163,12 @@ class OrderHandler:
     async def _credentials(self, config: StrategyConfig, held: Held | None) -> KiteCredentials:
         user_id = str(config.user_id)
         fields = held.credentials if held is not None and held.credentials_user == user_id else None
-        return await self.credentials.get(user_id, fields)
+        creds = await self.credentials.get(user_id, fields)
+        # Second guard behind the API (which refuses account changes while running): the
+        # run's orders and tag lookups belong to the account it started on, never another.
+        if config.api_key_fp and api_key_fingerprint(creds.api_key) != config.api_key_fp:
+            raise AccountChanged(ACCOUNT_CHANGED)
+        return creds
 
     async def decide(self, event: Event, deliveries: int, log: Any,
                      held: Held) -> tuple[Outcome, StrategyConfig | None]:
@@ -201,6 +211,8 @@ class OrderHandler:
             creds = await self._credentials(config, held)
             entry_tag = order_tag(config.strategy_id, config.run_id, event.trading_day, "entry")
             entry = await self.placer.find_by_tag(creds, entry_tag, accept_dead=False)
+        except AccountChanged as error:
+            return self.account_changed(event, {"event": event.model_dump(mode="json")}, str(error), None, log)
         except (BrokerError, CredentialsUnavailable) as error:
             return self.retry_or_abort(event, kind, {"event": event.model_dump(mode="json")},
                                        {"error": str(error), "while": "checking the entry order"}, None, log)
@@ -249,6 +261,8 @@ class OrderHandler:
             result = await self.placer.execute(creds, order, lookup_first=lookup, accept_dead=kind == EventType.BUY,
                                                mark=mark, slot_taken=held is not None
                                                and held.slot_fp == creds.api_key_fp)
+        except AccountChanged as error:
+            return self.account_changed(event, request, str(error), tag, log)
         except CredentialsUnavailable as error:
             return self.abort_now(event, request, {"error": str(error)}, tag, "credentials", log)
         except BrokerError as error:
@@ -304,6 +318,15 @@ class OrderHandler:
         log.error("strategy failed", reason=reason)
         return Outcome(OrderLogStatus.failed, request, response, tag=tag, order_id=order_id,
                        strategy_status="failed", failure_reason=reason, unload=config)
+
+    def account_changed(self, event: Event, request: dict[str, Any], reason: str, tag: str | None,
+                        log: Any) -> Outcome:
+        """Queue an ABORT, placing nothing: the run's broker account is not the one in Redis now."""
+        metrics.ABORTS.labels(kind="account_changed").inc()
+        log.error("broker account changed since the run started; nothing placed, aborting the run "
+                  "(any open position is on the old account: a human must square it off there)")
+        return Outcome(OrderLogStatus.failed, request, {"error": reason}, tag=tag,
+                       abort=self._abort_event(event, reason))
 
     def abort_now(self, event: Event, request: dict[str, Any], response: dict[str, Any], tag: str | None,
                   kind: str, log: Any) -> Outcome:

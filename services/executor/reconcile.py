@@ -25,7 +25,7 @@ from redis.asyncio import Redis
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from libs.broker.kite import BrokerError
+from libs.broker.kite import BrokerError, api_key_fingerprint
 from libs.schema import keys
 from libs.schema.codec import dumps
 from libs.schema.models import (
@@ -161,7 +161,13 @@ class Reconciler:
             if order.get("tag"):
                 by_tag[order["tag"]].append(order)
         rebuilt = 0
+        fp = api_key_fingerprint(creds.api_key)
         for config in configs:
+            if config.api_key_fp and config.api_key_fp != fp:
+                # Another account's book says nothing about this run: it would read as `none`.
+                self.log.error("broker account changed since start; runtime left as is",
+                               strategy_id=str(config.strategy_id))
+                continue
             try:
                 async with self.state.strategy_lock(str(config.strategy_id)):
                     rebuilt += await self._strategy(config, by_tag)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
@@ -26,6 +27,7 @@ from tests.integration.executor_support import (
     runtime,
     start_run,
     strategy_row,
+    write_broker_hash,
 )
 from tests.support.eventually import eventually
 from tests.support.kite_sim import SimAdmin
@@ -216,6 +218,30 @@ async def test_dead_lettered_event_of_the_loaded_run_aborts_it_once(redis: Redis
 
 async def _gone(redis: Redis, run: Run) -> bool:
     return not await redis.exists(keys.strategy_key(run.sid), keys.runtime_key(run.sid))
+
+
+async def test_broker_account_changed_since_start_aborts_without_placing(redis: Redis, engine: AsyncEngine,
+                                                                         sim: SimAdmin, settings) -> None:
+    entry_run, exit_run = await new_run(sim, engine, redis), await new_run(sim, engine, redis)
+    async with running_executor(settings):
+        await enqueue(redis, exit_run.buy())
+        await eventually(lambda: bought(redis, exit_run))
+    # Both owners' broker hashes now hold another Kite account than the runs started on.
+    other = await asyncio.to_thread(sim.create_account)
+    for run in (entry_run, exit_run):
+        await write_broker_hash(redis, run.account.user_id, other["api_key"], other["access_token"])
+    async with running_executor(settings):
+        # Reconciliation must not read the other account's book as this run's (no entry: `none`).
+        assert await bought(redis, exit_run)
+        await enqueue(redis, entry_run.buy())
+        await enqueue(redis, exit_run.stoploss(1400.0))
+        for run in (entry_run, exit_run):
+            await eventually(lambda run=run: _status(engine, run, StrategyStatus.failed), timeout=10)
+            assert "broker account changed since start" in (await strategy_row(engine, run)).failure_reason
+            assert not await redis.exists(keys.strategy_key(run.sid))
+    assert sim.orders(api_key=other["api_key"]) == []
+    assert sim.orders(api_key=entry_run.account.api_key) == []
+    assert [o["transaction_type"] for o in sim.orders(api_key=exit_run.account.api_key)] == ["BUY"]
 
 
 async def _dead(redis: Redis, count: int) -> list:
