@@ -24,7 +24,7 @@ from libs.service.logging import get_logger
 from services.executor import metrics
 from services.executor.handler import OrderHandler
 from services.executor.settings import ExecutorSettings
-from services.executor.state import LockTimeout
+from services.executor.state import LockLost, LockTimeout
 
 
 async def ensure_group(redis: Redis, stream: str, group: str) -> None:
@@ -101,6 +101,9 @@ class OrderConsumer:
             await self.handler.handle_entry(msg_id, fields, deliveries)
         except LockTimeout as error:
             self.log.warning("strategy lock busy; entry left pending", msg_id=msg_id, error=str(error))
+        except LockLost as error:
+            # Nothing was sent after the loss; the entry is redelivered and the tag lookup decides.
+            self.log.error("strategy lock lost mid-event; entry left pending", msg_id=msg_id, error=str(error))
         except RedisError as error:
             self.log.error("redis failed mid-event; entry left pending", msg_id=msg_id, error=str(error))
         except Exception:  # noqa: BLE001 - one bad event must not stop the consumer; it stays pending

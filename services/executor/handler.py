@@ -260,7 +260,8 @@ class OrderHandler:
                 (keys.exit_attempt_key(config.strategy_id, config.run_id), EXIT_ATTEMPT_TTL_S)
             result = await self.placer.execute(creds, order, lookup_first=lookup, accept_dead=kind == EventType.BUY,
                                                mark=mark, slot_taken=held is not None
-                                               and held.slot_fp == creds.api_key_fp)
+                                               and held.slot_fp == creds.api_key_fp,
+                                               guard=held.ensure_held if held is not None else None)
         except AccountChanged as error:
             return self.account_changed(event, request, str(error), tag, log)
         except CredentialsUnavailable as error:

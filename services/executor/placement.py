@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,12 +74,13 @@ class OrderPlacer:
 
     async def execute(self, creds: KiteCredentials, order: BrokerOrder, *, lookup_first: bool,
                       accept_dead: bool, mark: tuple[str, int] | None = None,
-                      slot_taken: bool = False) -> OrderResult:
+                      slot_taken: bool = False, guard: Callable[[], None] | None = None) -> OrderResult:
         """Return the confirmed result of the order intent, placing it only if the book lacks it.
 
         `mark` = (key, ttl_s) is SET right before the order is sent (with its rate-limit slot).
         `slot_taken`: the slot was already taken and the mark set (with the strategy
         lock); it is used only if the order is sent without a tag lookup first.
+        `guard` is called right before the order is sent and raises to stop it (lock lost).
         """
         started = time.perf_counter()
         existing = await self.find_by_tag(creds, order.tag, accept_dead=accept_dead) if lookup_first else None
@@ -89,6 +91,8 @@ class OrderPlacer:
                 metrics.RATE_WAIT.observe(0.0)
             else:
                 await self.limiter.acquire(creds.api_key_fp, mark=mark)
+            if guard is not None:
+                guard()
             try:
                 order_id = await self.gateway.place_market_order(
                     creds.api_key, creds.access_token, symbol=order.symbol, exchange=order.exchange,

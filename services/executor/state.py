@@ -24,11 +24,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from libs.schema import keys
 from libs.schema.codec import dumps
+from libs.service.logging import get_logger
 from services.executor.ratelimit import TAKE_SLOT_FN
 
+_log = get_logger("executor.lock")
 CONTROL_MAXLEN = 100_000
 DEAD_MAXLEN = 100_000
 
@@ -149,6 +152,10 @@ class LockTimeout(Exception):
     """The strategy's lock stayed taken for longer than the wait bound."""
 
 
+class LockLost(Exception):
+    """The strategy's lock expired or was taken over while held: send nothing more under it."""
+
+
 @dataclass
 class Held:
     """A held strategy lock and what was read under it when it was taken."""
@@ -162,6 +169,12 @@ class Held:
     credentials_user: str | None = None
     slot_fp: str | None = None  # an order slot of this fingerprint was taken (and the exit marked)
     released: bool = False
+    lost: bool = False  # set by the renewer once the lock is definitely no longer ours
+
+    def ensure_held(self) -> None:
+        """Raise LockLost if the lock was lost (checked right before an order is sent)."""
+        if self.lost:
+            raise LockLost(f"lock of {self.strategy_id} lost while held")
 
 
 def _pairs(flat: list[bytes] | None) -> dict[bytes, bytes]:
@@ -243,7 +256,7 @@ class OrderState:
     @contextlib.asynccontextmanager
     async def _holding(self, held: Held) -> AsyncIterator[None]:
         lock, runtime = keys.lock_key(held.strategy_id), keys.runtime_key(held.strategy_id)
-        renewer = asyncio.create_task(self._keep_lock(lock, held.token), name=f"lock-renew-{held.strategy_id}")
+        renewer = asyncio.create_task(self._keep_lock(lock, held), name=f"lock-renew-{held.strategy_id}")
         try:
             yield
         finally:
@@ -255,10 +268,31 @@ class OrderState:
                 # executor is not ours to release.
                 await self._unlock(keys=[lock, runtime], args=[held.token])
 
-    async def _keep_lock(self, lock: str, token: str) -> None:
+    async def _keep_lock(self, lock: str, held: Held) -> None:
+        # A Redis error must not end renewal silently (the lock would expire with an order
+        # in flight): retry with a short backoff. Once the lock is surely gone (the
+        # compare-and-extend says not ours, or no renewal for a whole TTL), mark `held` lost
+        # so that nothing more is sent under it.
+        loop = asyncio.get_running_loop()
+        ttl_s = self.lock_ttl_ms / 1000
+        renewed, pause, failures = loop.time(), ttl_s / 3, 0
         while True:
-            await asyncio.sleep(self.lock_ttl_ms / 3000)
-            await self._renew(keys=[lock], args=[token, self.lock_ttl_ms])
+            await asyncio.sleep(pause)
+            try:
+                ours = await self._renew(keys=[lock], args=[held.token, self.lock_ttl_ms])
+            except RedisError as error:
+                if loop.time() - renewed < ttl_s:
+                    failures += 1
+                    pause = min(0.02 * 2 ** failures, ttl_s / 10)
+                    _log.warning("lock renewal failed; retrying", strategy_id=held.strategy_id, error=str(error))
+                    continue
+                ours = 0
+            if not ours:
+                held.lost = True
+                _log.error("strategy lock lost while held; no order will be sent under it",
+                           strategy_id=held.strategy_id)
+                return
+            renewed, pause, failures = loop.time(), ttl_s / 3, 0
 
     async def commit(self, *, strategy_id: str, run_id: str, row: bytes, runtime_fields: dict[str, str] | None,
                      control: bytes | None, abort_event: bytes | None, ack_msg_id: str | None,

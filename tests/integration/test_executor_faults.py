@@ -7,13 +7,16 @@ from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from deploy.local.procs import RedisServer
 from libs.schema import keys
 from libs.schema.models import AbortEvent, Position, StrategyStatus
 from libs.schema.tables import Strategy
 from services.executor.consumer import ensure_group
+from services.executor.state import LockLost, OrderState
 from tests.integration.executor_support import (
     Run,
     broker_orders,
@@ -242,6 +245,45 @@ async def test_broker_account_changed_since_start_aborts_without_placing(redis: 
     assert sim.orders(api_key=other["api_key"]) == []
     assert sim.orders(api_key=entry_run.account.api_key) == []
     assert [o["transaction_type"] for o in sim.orders(api_key=exit_run.account.api_key)] == ["BUY"]
+
+
+async def test_lock_renewer_survives_redis_errors_and_records_a_lost_lock(
+        redis: Redis, redis_server: RedisServer) -> None:
+    state = OrderState(redis, lock_ttl_ms=300, lock_wait_s=1.0)
+    async with state.locked_read("s1", "run-1", None) as held:
+        # Redis goes away (renewals fail) and comes back; meanwhile another executor took the lock.
+        await asyncio.to_thread(redis_server.stop, kill=True)
+        await asyncio.to_thread(redis_server.start, appendonly=False)
+        await eventually(lambda: _set_when_up(redis, keys.lock_key("s1"), "another-executor"), timeout=5)
+        await eventually(lambda: getattr(held, "lost", False), timeout=5)
+        with pytest.raises(LockLost):
+            held.ensure_held()
+    assert await redis.get(keys.lock_key("s1")) == b"another-executor"
+
+
+async def test_no_order_is_sent_after_the_lock_is_lost(redis: Redis, engine: AsyncEngine, sim: SimAdmin,
+                                                       settings) -> None:
+    run = await new_run(sim, engine, redis)
+    async with running_executor(settings) as service:
+        sim.set_faults(latency_ms=1500, routes=["orders"])  # the entry's tag lookup is slow
+        await enqueue(redis, run.buy())
+        await eventually(lambda: redis.exists(keys.lock_key(run.sid)))
+        # The lock expires and another executor takes it while the lookup is in flight.
+        await redis.set(keys.lock_key(run.sid), "another-executor")
+        await eventually(lambda: not service.consumer._inflight, timeout=10)
+        assert broker_orders(sim, run.tag("entry")) == []
+        assert (await redis.xpending(keys.ORDERS_STREAM, keys.EXECUTORS_GROUP))["pending"] == 1
+        sim.set_faults()
+        await redis.delete(keys.lock_key(run.sid))
+        await eventually(lambda: bought(redis, run), timeout=10)
+    assert len(broker_orders(sim, run.tag("entry"))) == 1
+
+
+async def _set_when_up(redis: Redis, key: str, value: str) -> bool:
+    try:
+        return bool(await redis.set(key, value))
+    except RedisError as error:  # restarting
+        raise AssertionError(str(error)) from error
 
 
 async def _dead(redis: Redis, count: int) -> list:
