@@ -7,7 +7,8 @@ most once, because:
 
 1. Lock: `lock_state:{id}` (SET NX PX with an owner token, renewed while held,
    released by compare-and-delete) serialises all work on one strategy across
-   every executor replica.
+   every executor replica. Renewal survives Redis errors; a lock known lost
+   (taken over, or not renewed for a whole TTL) stops any order not yet sent.
 2. State machine: `runtime:{id}.position` admits BUY only from `none` and
    SELL/STOPLOSS only from `bought`; a duplicate or late event is acked as
    `skipped` with a log row and never reaches the broker.
@@ -37,7 +38,9 @@ RETRY event in `schedule` with exponential backoff and jitter; past
 run at once; a rejected exit retries, then aborts loudly (the position stays
 open, and the log says what a human must do). A refused token (AUTH) aborts.
 Malformed entries and entries delivered more than `max_deliveries` times go
-to `queue:orders:dead` with their reason before they are acked.
+to `queue:orders:dead` with their reason before they are acked; a dead event
+of the loaded run (other than an ABORT, which would loop) queues an ABORT of
+that run in the same step, so the run is never left stuck.
 
 Redis is rebuilt from the broker: at start and whenever Redis lost state (its
 run_id changed, or the consumer group vanished) runtime is reconciled from
