@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import pytest
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -15,7 +13,6 @@ from services.executor.state import OrderState
 from tests.integration.executor_support import (
     Run,
     broker_orders,
-    engine_for,
     enqueue,
     executor_settings,
     new_account,
@@ -27,13 +24,6 @@ from tests.support.eventually import eventually
 from tests.support.kite_sim import SimAdmin
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-async def engine(clean_db: str) -> AsyncIterator[AsyncEngine]:
-    engine = engine_for(clean_db)
-    yield engine
-    await engine.dispose()
 
 
 async def _lock_read(state: OrderState, limiter: OrderRateLimiter, run: Run, run_id: str | None = None) -> tuple:

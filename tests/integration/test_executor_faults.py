@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio import Redis
@@ -20,9 +19,7 @@ from services.executor.state import LockLost, OrderState
 from tests.integration.executor_support import (
     Run,
     broker_orders,
-    engine_for,
     enqueue,
-    executor_settings,
     fake_scheduler,
     new_account,
     order_logs,
@@ -36,19 +33,6 @@ from tests.support.eventually import eventually
 from tests.support.kite_sim import SimAdmin
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-async def engine(clean_db: str) -> AsyncIterator[AsyncEngine]:
-    engine = engine_for(clean_db)
-    yield engine
-    await engine.dispose()
-
-
-@pytest.fixture
-def settings(redis_url: str, clean_db: str, sim: SimAdmin):  # type: ignore[no-untyped-def]
-    yield executor_settings(redis_url, clean_db, sim.base_url)
-    sim.set_faults()  # release any request the simulator still holds
 
 
 async def new_run(sim: SimAdmin, engine: AsyncEngine, redis: Redis) -> Run:

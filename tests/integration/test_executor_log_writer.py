@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import pytest
@@ -17,9 +16,7 @@ from libs.schema.codec import dumps
 from libs.schema.models import OrderLogRow, Position, StrategyStatus, order_log_id
 from tests.integration.executor_support import (
     Run,
-    engine_for,
     enqueue,
-    executor_settings,
     new_account,
     order_logs,
     running_executor,
@@ -31,18 +28,6 @@ from tests.support.eventually import eventually
 from tests.support.kite_sim import SimAdmin
 
 pytestmark = pytest.mark.timeout(90)
-
-
-@pytest.fixture
-async def engine(clean_db: str) -> AsyncIterator[AsyncEngine]:
-    engine = engine_for(clean_db)
-    yield engine
-    await engine.dispose()
-
-
-@pytest.fixture
-def settings(redis_url: str, clean_db: str, sim: SimAdmin):  # type: ignore[no-untyped-def]
-    return executor_settings(redis_url, clean_db, sim.base_url)
 
 
 def row_for(run: Run, msg_id: str, **extra: object) -> OrderLogRow:

@@ -16,7 +16,6 @@ from services.executor.service import ExecutorService
 from tests.integration.executor_support import (
     Run,
     broker_orders,
-    engine_for,
     enqueue,
     executor_settings,
     new_account,
@@ -30,13 +29,6 @@ from tests.support.eventually import eventually
 from tests.support.kite_sim import SimAdmin
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-async def engine(clean_db: str) -> AsyncIterator[AsyncEngine]:
-    engine = engine_for(clean_db)
-    yield engine
-    await engine.dispose()
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import urllib.request
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,6 @@ from libs.schema import keys
 from libs.schema.models import Position, StrategyStatus
 from tests.integration.executor_support import (
     broker_orders,
-    engine_for,
     enqueue,
     executor_process,
     executor_settings,
@@ -31,13 +29,6 @@ from tests.support.eventually import eventually
 from tests.support.kite_sim import SimAdmin
 
 pytestmark = pytest.mark.timeout(90)
-
-
-@pytest.fixture
-async def engine(clean_db: str) -> AsyncIterator[AsyncEngine]:
-    engine = engine_for(clean_db)
-    yield engine
-    await engine.dispose()
 
 
 def get(port: int, path: str) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import pytest
@@ -24,9 +23,7 @@ from tests.integration.executor_support import (
     CALENDAR,
     Run,
     broker_orders,
-    engine_for,
     enqueue,
-    executor_settings,
     new_account,
     order_logs,
     running_executor,
@@ -38,18 +35,6 @@ from tests.support.eventually import eventually
 from tests.support.kite_sim import SimAdmin
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-async def engine(clean_db: str) -> AsyncIterator[AsyncEngine]:
-    engine = engine_for(clean_db)
-    yield engine
-    await engine.dispose()
-
-
-@pytest.fixture
-def settings(redis_url: str, clean_db: str, sim: SimAdmin):  # type: ignore[no-untyped-def]
-    return executor_settings(redis_url, clean_db, sim.base_url)
 
 
 async def place_at_broker(sim: SimAdmin, run: Run, intent: str, side: str) -> str:

@@ -1,0 +1,27 @@
+"""Fixtures shared by the executor's integration tests."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from services.executor.settings import ExecutorSettings
+from tests.integration.executor_support import engine_for, executor_settings
+from tests.support.kite_sim import SimAdmin
+
+
+@pytest.fixture
+async def engine(clean_db: str) -> AsyncIterator[AsyncEngine]:
+    """An async engine on the clean test database."""
+    engine = engine_for(clean_db)
+    yield engine
+    await engine.dispose()
+
+
+@pytest.fixture
+def settings(redis_url: str, clean_db: str, sim: SimAdmin) -> Iterator[ExecutorSettings]:
+    """Executor settings tuned for fast tests; releases any request the simulator still holds after."""
+    yield executor_settings(redis_url, clean_db, sim.base_url)
+    sim.set_faults()
