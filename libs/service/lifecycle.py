@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any
 
 
 class Shutdown:
@@ -37,3 +40,42 @@ class Shutdown:
         except TimeoutError:
             return False
         return True
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    """Return the first leaf of an exception group (TaskGroup failures), or the exception."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
+
+
+async def supervise(work: Coroutine[Any, Any, Any], stop: Callable[[], None], shutdown: Shutdown, *,
+                    name: str, grace_s: float, log: Any,
+                    exits: Mapping[type[BaseException], tuple[int, str]] | None = None) -> int:
+    """Run `work` until it ends or shutdown is asked; drain it within `grace_s`; return the exit code.
+
+    0 after a clean stop (or a drain cut short by the grace period), the code in
+    `exits` for a known fatal error (logged critical with its message), else 1.
+    """
+    runner = asyncio.create_task(work, name=name)
+    stop_wait = asyncio.create_task(shutdown.event.wait(), name="shutdown")
+    try:
+        await asyncio.wait({runner, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+        stop()
+        try:
+            await asyncio.wait_for(runner, grace_s)
+        except TimeoutError:
+            log.error(f"{name} did not stop in time; cancelled")
+        except Exception as exc:  # noqa: BLE001 - a crashed loop must end the process non-zero
+            leaf = _leaf(exc)
+            for kind, (code, message) in (exits or {}).items():
+                if isinstance(leaf, kind):
+                    log.critical(message, reason=str(leaf))
+                    return code
+            log.exception(f"{name} crashed")
+            return 1
+        return 0
+    finally:
+        stop_wait.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await stop_wait

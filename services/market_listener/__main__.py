@@ -35,14 +35,13 @@ critical and reported by /healthz as `{"ok": false, "feed": "token_expired"}`
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import sys
 
 from redis.asyncio import Redis
 
 from libs.broker.kite import KiteGateway
 from libs.service.health import HealthServer
-from libs.service.lifecycle import Shutdown
+from libs.service.lifecycle import Shutdown, supervise
 from libs.service.logging import configure_logging, get_logger, register_secret
 from libs.trading.calendar import MarketCalendar
 from services.market_listener.service import FeedLost, MarketListener
@@ -66,26 +65,11 @@ async def serve(settings: ListenerSettings) -> int:
                           checks={"redis": redis_ready}, probe=listener.health)
     port = await health.start()
     log.info("market listener started", health_port=port, ws_root=settings.kite_ws_root)
-    runner = asyncio.create_task(listener.run(), name="listener")
-    stop_wait = asyncio.create_task(shutdown.wait(), name="shutdown")
-    code = 0
     try:
-        await asyncio.wait({runner, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
-        listener.stop()
-        try:
-            await asyncio.wait_for(runner, settings.shutdown_grace_s)
-        except* TimeoutError:
-            log.error("listener did not stop in time; cancelled")
-        except* FeedLost as group:
-            log.critical("feed lost; exiting for the supervisor to restart", reason=str(group.exceptions[0]))
-            code = 2
-        except* Exception:
-            log.exception("listener crashed")
-            code = 1
+        code = await supervise(listener.run(), listener.stop, shutdown, name="listener",
+                               grace_s=settings.shutdown_grace_s, log=log,
+                               exits={FeedLost: (2, "feed lost; exiting for the supervisor to restart")})
     finally:
-        stop_wait.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await stop_wait
         await health.stop()
         await redis.aclose()
         gateway.close()

@@ -13,14 +13,13 @@ window); while Postgres is down it keeps moving what Redis holds.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import sys
 
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from libs.service.health import HealthServer
-from libs.service.lifecycle import Shutdown
+from libs.service.lifecycle import Shutdown, supervise
 from libs.service.logging import configure_logging, get_logger
 from libs.trading.calendar import MarketCalendar
 from services.scheduler.service import Scheduler
@@ -44,23 +43,10 @@ async def serve(settings: SchedulerSettings) -> int:
     port = await health.start()
     log.info("scheduler started", health_port=port, calendar=settings.market_calendar,
              grace_s=settings.grace_s, batch_size=settings.batch_size)
-    runner = asyncio.create_task(scheduler.run(), name="scheduler")
-    stop_wait = asyncio.create_task(shutdown.wait(), name="shutdown")
-    code = 0
     try:
-        await asyncio.wait({runner, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
-        scheduler.stop()
-        try:
-            await asyncio.wait_for(runner, settings.shutdown_grace_s)
-        except TimeoutError:
-            log.error("scheduler did not stop in time; cancelled")
-        except Exception:  # noqa: BLE001 - a crashed loop must end the process non-zero
-            log.exception("scheduler crashed")
-            code = 1
+        code = await supervise(scheduler.run(), scheduler.stop, shutdown, name="scheduler",
+                               grace_s=settings.shutdown_grace_s, log=log)
     finally:
-        stop_wait.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await stop_wait
         await health.stop()
         await redis.aclose()
         await engine.dispose()
