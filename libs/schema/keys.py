@@ -22,6 +22,7 @@ __all__ = [
     "ORDER_LOGS_STREAM",
     "SCHEDULE",
     "SCHEDULE_WAKEUP_CHANNEL",
+    "STATE_MARKER",
     "broker_credentials_key",
     "exit_attempt_key",
     "instruments_key",
@@ -101,6 +102,12 @@ def exit_attempt_key(strategy_id: Id, run_id: str) -> str:
     # later exit event (another executor, after a crash) looks the exit tag up
     # at the broker before placing. EX of two days; the run_id scopes it.
     return f"exit:attempted:{_id(strategy_id)}:{run_id}"
+
+
+# STRING written by the scheduler after each rebuild from Postgres. Its absence
+# while Redis's run_id is unchanged means Redis lost its data (FLUSHALL, an empty
+# replica promoted): rebuild. No TTL: it must outlive everything it vouches for.
+STATE_MARKER = "tickwise:state"
 
 
 # --- scheduling ---------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from datetime import UTC, datetime
 
 import structlog
 from redis.asyncio import Redis
@@ -120,7 +121,7 @@ class Scheduler:
                     await pubsub.aclose()
 
     async def watch_redis_restarts(self) -> None:
-        """Ask for a rebuild at start and whenever Redis's run_id changes."""
+        """Ask for a rebuild at start, whenever Redis's run_id changes, and when Redis lost its data."""
         while not self.stopping.is_set():
             try:
                 run_id = (await self.redis.info("server"))["run_id"]
@@ -129,6 +130,10 @@ class Scheduler:
                         log.warning("redis restarted; rebuilding schedule", old_run_id=self.redis_run_id,
                                     run_id=run_id)
                     self.redis_run_id = run_id
+                    self.rebuild_needed.set()
+                elif self.rebuilds and not self.rebuild_needed.is_set() \
+                        and not await self.redis.exists(keys.STATE_MARKER):
+                    log.warning("redis lost its data; rebuilding schedule", run_id=run_id)
                     self.rebuild_needed.set()
             except (RedisError, OSError):
                 pass  # the mover logs Redis outages; this loop just keeps looking
@@ -144,6 +149,8 @@ class Scheduler:
             delay = 0.5
             while not self.stopping.is_set():
                 try:
+                    # Marked before rebuilding: data lost during the rebuild asks for another one.
+                    await self.redis.set(keys.STATE_MARKER, datetime.now(UTC).isoformat())
                     await rebuild_schedule(self.engine, self.redis, self.calendar, grace_s=self.settings.grace_s)
                     self.rebuilds += 1
                     break

@@ -165,3 +165,23 @@ async def test_listener_killed_while_holding_still_stops_out_after_restart(fault
     await eventually(lambda: _status(trader, sid, "exited"), timeout=20, interval=0.2)
     assert (await trader.status(sid))["position"] == "exited_by_sl"
     assert _orders_by_side(await trader.broker_orders()) == {"BUY": 1, "SELL": 1}
+
+
+async def test_redis_losing_everything_while_holding_still_exits_once(fault_stack: Stack, trader: Trader,
+                                                                      stack_redis: aioredis.Redis) -> None:
+    # Worse than a crash: every key, stream and group is gone (FLUSHALL). Postgres (intent) and
+    # the broker (execution) still know the truth; the services must rebuild Redis from them.
+    await trader.tick("TATASTEEL", 150)
+    sid = await trader.strategy("TATASTEEL", buy_in_s=2, sell_in_s=120, stop_loss=140, quantity=9)
+    await eventually(lambda: _position(trader, sid, "bought"), timeout=15, interval=0.2)
+    await stack_redis.flushall()
+
+    # The run comes back loaded and bought (from the broker's order book), not as a fresh run.
+    await eventually(lambda: _position(trader, sid, "bought"), timeout=20, interval=0.3)
+    await asyncio.sleep(1)
+    assert _orders_by_side(await trader.broker_orders()) == {"BUY": 1}, "the BUY was placed again"
+    await trader.tick("TATASTEEL", 138)
+    await eventually(lambda: _status(trader, sid, "exited"), timeout=30, interval=0.3)
+    assert (await trader.status(sid))["position"] == "exited_by_sl"
+    await asyncio.sleep(1)
+    assert _orders_by_side(await trader.broker_orders()) == {"BUY": 1, "SELL": 1}
