@@ -182,9 +182,13 @@ class OrderHandler:
         position = RuntimeState.from_redis_hash(held.runtime).position
         if isinstance(event, AbortEvent):
             return self.abort_run(event, config, position, log), config
-        if config is None or config.run_id != event.run_id:
-            return skipped(event, "run not loaded", loaded_run_id=config.run_id if config else None), config
         kind = event.retry_of if isinstance(event, RetryEvent) else event.event_type
+        if config is None or config.run_id != event.run_id:
+            if kind == EventType.STOPLOSS:
+                # Un-mark the run: if Redis lost it and it is being rebuilt, its listener must be
+                # able to fire again once it is reloaded; a run that really ended is not watched.
+                await self.redis.delete(keys.stoploss_marker_key(sid, event.run_id))
+            return skipped(event, "run not loaded", loaded_run_id=config.run_id if config else None), config
         # An exit is looked up first whenever one may already have been sent for
         # this run (by this event earlier, or by another exit event): SELL,
         # STOPLOSS and square-off share the exit tag and must not both fill.

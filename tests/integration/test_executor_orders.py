@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from libs.schema import keys
 from libs.schema.models import Position, StrategyStatus, event_to_json
+from libs.trading.runs import unload_run
 from services.executor.service import ExecutorService
 from tests.integration.executor_support import (
     Run,
@@ -172,3 +173,16 @@ async def _unloaded(redis: Redis, run: Run) -> bool:
 
 async def _status(engine: AsyncEngine, run: Run, status: StrategyStatus) -> bool:
     return (await strategy_row(engine, run)).status == status
+
+
+async def test_stoploss_of_an_unloaded_run_unmarks_it_so_a_reloaded_run_can_fire_again(
+        redis: Redis, engine: AsyncEngine, sim: SimAdmin, executor: ExecutorService) -> None:
+    run = await new_run(sim, engine, redis)
+    await unload_run(redis, run.config, run.plan)  # as after Redis lost it, before the rebuild
+    marker = keys.stoploss_marker_key(run.sid, run.config.run_id)
+    await redis.set(marker, 1)  # the listener fired while the run was not loaded
+    await enqueue(redis, run.stoploss(price=1400.0))
+    rows = await logs_of(engine, run, 1)
+    assert rows[0].status.value == "skipped"
+    assert not await redis.exists(marker)
+    assert broker_orders(sim, run.tag("exit")) == []
