@@ -5,7 +5,6 @@ Each test gets clean state: Redis is flushed and every table truncated before it
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -13,16 +12,13 @@ import pytest
 import redis.asyncio as aioredis
 
 from deploy.local.procs import PostgresServer, RedisServer, free_port
+from tests.support.postgres import open_to_postgres
 
 
 @pytest.fixture(scope="session")
 def run_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("tickwise")
-    # Postgres runs as the `postgres` user when tests run as root: it must reach its dirs.
-    for parent in [root, *root.parents]:
-        if str(parent) in ("/", "/tmp"):
-            break
-        os.chmod(parent, 0o755)
+    open_to_postgres(root)
     return root
 
 

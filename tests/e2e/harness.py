@@ -70,7 +70,8 @@ class Stack:
 
     def restart(self, service: str) -> None:
         """Start a stopped or killed service again, under its own name and port."""
-        self.env = self.local.up()
+        self.env = self.local.up()  # up() starts whatever of the stack is down
+        self.pid(service)
 
     def log(self, instance: str) -> str:
         return (self.local.logs / f"{instance}.log").read_text(errors="replace")

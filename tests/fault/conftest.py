@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator, Iterator
 
 import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
-from tests.e2e.conftest import _open_dirs
 from tests.e2e.harness import Stack, Trader
+from tests.support.postgres import open_to_postgres
 
 # Short enough for tests to see take-overs within seconds; long against normal handling.
 FAULT_ENV = {
@@ -26,22 +25,18 @@ FAULT_ENV = {
 
 @pytest.fixture(scope="module")
 def fault_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    saved = {k: os.environ.get(k) for k in FAULT_ENV}
-    os.environ.update(FAULT_ENV)
     run_dir = tmp_path_factory.mktemp("fault-stack")
-    _open_dirs(run_dir)
-    stack = Stack(run_dir)
-    try:
-        stack.up()
-        stack.add_replica("executor")
-        yield stack
-    finally:
-        stack.down()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    open_to_postgres(run_dir)
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in FAULT_ENV.items():
+            env.setenv(key, value)  # the stack hands its environment to every process it starts
+        stack = Stack(run_dir)
+        try:
+            stack.up()
+            stack.add_replica("executor")
+            yield stack
+        finally:
+            stack.down()
 
 
 @pytest.fixture

@@ -7,13 +7,11 @@ from pathlib import Path
 
 from deploy.local.procs import pid_alive
 from deploy.local.stack import LocalStack
+from tests.support.postgres import open_to_postgres
 
 
 def test_up_is_idempotent_and_down_stops_everything(tmp_path: Path) -> None:
-    for parent in [tmp_path, *tmp_path.parents]:
-        if str(parent) in ("/", "/tmp"):
-            break
-        os.chmod(parent, 0o755)
+    open_to_postgres(tmp_path)
     stack = LocalStack(tmp_path / "run")
     env = stack.up(services=("kite_sim",))
     try:

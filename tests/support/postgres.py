@@ -36,9 +36,20 @@ from pathlib import Path
 
 from deploy.local.procs import PostgresServer, free_port
 
-__all__ = ["running_postgres", "start_postgres"]
+__all__ = ["open_to_postgres", "running_postgres", "start_postgres"]
 
 _START_ATTEMPTS = 3
+
+
+def open_to_postgres(path: Path) -> None:
+    """Let the `postgres` user (Postgres runs as it when tests run as root) reach `path`.
+
+    pytest's temp dirs are 0700; open `path` and its ancestors below /tmp.
+    """
+    for directory in [path, *path.parents]:
+        if str(directory) in ("/", "/tmp"):
+            break
+        os.chmod(directory, 0o755)
 
 
 def _reachable_by_others(path: Path) -> bool:
