@@ -133,11 +133,22 @@ class RedisServer:
             time.sleep(0.05)
         raise RuntimeError(f"redis-server on port {self.port} did not answer; see {self.data_dir}/redis.log")
 
+    def _pid_from_file(self) -> int | None:
+        try:
+            return int((self.data_dir / "redis.pid").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def is_running(self) -> bool:
+        """Return True if the server this data dir belongs to is alive (by its pid file)."""
+        pid = self.pid or self._pid_from_file()
+        return pid is not None and pid_alive(pid)
+
     def stop(self, *, kill: bool = False) -> None:
-        pidfile = self.data_dir / "redis.pid"
-        pid = self.pid or (int(pidfile.read_text()) if pidfile.exists() else None)
+        pid = self.pid or self._pid_from_file()
         if pid:
             stop_pid(pid, sig=signal.SIGKILL if kill else signal.SIGTERM)
+        (self.data_dir / "redis.pid").unlink(missing_ok=True)
         self.pid = None
 
 

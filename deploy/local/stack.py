@@ -102,7 +102,7 @@ class LocalStack:
         state = self._state()
         secret = state.setdefault("secret_key", generate_key())
         redis_dir, pg_dir = self.run_dir / "redis", self.run_dir / "pg"
-        redis_srv = RedisServer(redis_dir, self._port(state, "redis", self._redis_pid_alive(redis_dir)))
+        redis_srv = RedisServer(redis_dir, self._port(state, "redis", RedisServer(redis_dir, 0).is_running()))
         pg = PostgresServer(pg_dir, self._port(state, "postgres", PostgresServer(pg_dir, 0).is_running()))
         self._save(state)
         if not self._redis_up(redis_srv):
@@ -139,13 +139,6 @@ class LocalStack:
                 self._save(state)
         self._write_env(env)
         return env
-
-    @staticmethod
-    def _redis_pid_alive(data_dir: Path) -> bool:
-        try:
-            return pid_alive(int((data_dir / "redis.pid").read_text()))
-        except (OSError, ValueError):
-            return False
 
     @staticmethod
     def _redis_up(srv: RedisServer) -> bool:
@@ -241,9 +234,8 @@ class LocalStack:
                 print("tickwise: postgres   stopped")
         if "redis" in ports:
             srv = RedisServer(self.run_dir / "redis", ports["redis"])
-            if (srv.data_dir / "redis.pid").exists():
+            if srv.is_running():
                 srv.stop()
-                (srv.data_dir / "redis.pid").unlink(missing_ok=True)
                 print("tickwise: redis      stopped")
 
     def status(self) -> dict[str, str]:

@@ -151,7 +151,8 @@ class KiteGateway:
             kite = self._new_client(api_key, access_token)
             self._clients[ident] = kite
             while len(self._clients) > self._max_clients:
-                self._clients.popitem(last=False)
+                _ident, evicted = self._clients.popitem(last=False)
+                evicted.reqsession.close()  # release its pooled connections now, not at GC
             return kite
 
     def _new_client(self, api_key: str, access_token: str | None = None) -> KiteConnect:
