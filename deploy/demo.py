@@ -128,7 +128,8 @@ async def run_demo(env: dict[str, str]) -> int:
         print(f"  {'time (IST)':<13} {'':2} {'symbol':<9} {'event':<9} {'status':<8} {'price':>9}  broker order")
         by_id = {s.strategy_id: s for s in stories}
         stopped_c = dropped_b = False
-        deadline = time.monotonic() + 60
+        day_started = time.monotonic()
+        deadline = day_started + 60
         while time.monotonic() < deadline:
             for s in stories:
                 for row in reversed(_items(await api.call("GET", f"/strategies/{s.strategy_id}/orders"))):
@@ -144,7 +145,7 @@ async def run_demo(env: dict[str, str]) -> int:
                          f"{row.get('broker_order_id') or '-'}")
             statuses = {sid: await api.call("GET", f"/strategies/{sid}/status") for sid in by_id}
             b, c = stories[1], stories[2]
-            if not stopped_c and time.monotonic() > deadline - 60 + 7:
+            if not stopped_c and time.monotonic() > day_started + 7:
                 await api.call("POST", "/strategies/stop", {"strategy_id": c.strategy_id})
                 _say(f"{c.label}  {c.symbol:<9} user stopped the strategy before its buy")
                 stopped_c = True
