@@ -24,17 +24,23 @@ __all__ = [
     "SCHEDULE_WAKEUP_CHANNEL",
     "STATE_MARKER",
     "broker_credentials_key",
+    "consumer_alive_key",
     "exit_attempt_key",
     "instruments_key",
     "lock_key",
     "login_throttle_addr_key",
     "login_throttle_email_key",
+    "login_throttle_pair_key",
+    "register_throttle_addr_key",
+    "revoked_token_key",
     "order_rate_key",
     "price_key",
     "runtime_key",
+    "square_off_marker_key",
     "stoploss_marker_key",
     "strategy_key",
     "symbol_strategies_key",
+    "token_version_key",
 ]
 
 Id = UUID | str
@@ -104,6 +110,15 @@ def exit_attempt_key(strategy_id: Id, run_id: str) -> str:
     return f"exit:attempted:{_id(strategy_id)}:{run_id}"
 
 
+def square_off_marker_key(strategy_id: Id, run_id: str) -> str:
+    """Return `squareoff:requested:{id}:{run_id}`."""
+    # STRING set by the API in the same step that enqueues a square-off SELL: the
+    # executor refuses a square-off it cannot find this marker for (a SELL forged
+    # into the stream must not close a position early). EX of two days; the run_id
+    # scopes it.
+    return f"squareoff:requested:{_id(strategy_id)}:{run_id}"
+
+
 # STRING written by the scheduler after each rebuild from Postgres. Its absence
 # while Redis's run_id is unchanged means Redis lost its data (FLUSHALL, an empty
 # replica promoted): rebuild. No TTL: it must outlive everything it vouches for.
@@ -141,6 +156,14 @@ ORDER_LOGS_DEAD_STREAM = "queue:order_logs:dead"
 # STREAM, field `event` = JSON of a ControlMessage (started/stopped/position)
 # telling market listeners what to watch. Trimmed with MAXLEN, no TTL.
 CONTROL_STREAM = "control:strategies"
+
+def consumer_alive_key(consumer: str) -> str:
+    """Return `executor:alive:{consumer}`."""
+    # STRING heartbeat of one executor consumer, SET with a PX of a few seconds and
+    # renewed well within it. Gone means the consumer is dead: the entries it holds
+    # pending are claimed at once instead of after the idle timeout.
+    return f"executor:alive:{consumer}"
+
 
 # Consumer group of executors on ORDERS_STREAM.
 EXECUTORS_GROUP = "executors"
@@ -185,6 +208,38 @@ def login_throttle_email_key(email_digest: str) -> str:
     # slows guessing without locking a user out for long. A digest, not the
     # address, so Redis holds no personal data.
     return f"throttle:login:email:{email_digest}"
+
+
+def login_throttle_pair_key(email_digest: str, addr: str) -> str:
+    """Return `throttle:login:pair:{digest}:{addr}`."""
+    # STRING counter of failed logins for one account from one address, EX of the
+    # login window: guessing from one place is slowed without locking the owner
+    # (who logs in from elsewhere) out.
+    return f"throttle:login:pair:{email_digest}:{addr}"
+
+
+def register_throttle_addr_key(addr: str) -> str:
+    """Return `throttle:register:addr:{addr}`."""
+    # STRING counter of registrations from one client address, EX of the
+    # registration window: each one costs an argon2 hash.
+    return f"throttle:register:addr:{addr}"
+
+
+# --- API sessions -------------------------------------------------------------
+
+def revoked_token_key(jti: str) -> str:
+    """Return `auth:revoked:{jti}`."""
+    # STRING, a logged-out access token's id. EX = the token's remaining
+    # lifetime: once it has expired anyway there is nothing left to deny.
+    return f"auth:revoked:{jti}"
+
+
+def token_version_key(user_id: Id) -> str:
+    """Return `auth:token_version:{user_id}`."""
+    # STRING, cache of users.token_version (bumped by a password change or account
+    # deletion, which revokes every older token). EX of a day; read through to
+    # Postgres when missing, so losing it only costs one query.
+    return f"auth:token_version:{_id(user_id)}"
 
 
 def login_throttle_addr_key(addr: str) -> str:

@@ -144,7 +144,8 @@ async def mark_invalid(app: web.Application, user_id: UUID) -> None:
 
 
 async def _store(app: web.Application, user_id: UUID, *, api_key: str, api_secret: str, access_token: str,
-                 is_valid: bool, profile: dict[str, Any] | None) -> BrokerCredential:
+                 is_valid: bool, profile: dict[str, Any] | None, replace: bool = True) -> BrokerCredential:
+    """Upsert the credentials row and mirror it to Redis; with replace=False only insert a missing row."""
     box: SecretBox = app[BOX]
     values = {c: box.encrypt(v, aad(user_id, c)) for c, v in
               (("api_key", api_key), ("api_secret", api_secret), ("access_token", access_token))}
@@ -154,8 +155,11 @@ async def _store(app: web.Application, user_id: UUID, *, api_key: str, api_secre
         values |= {"broker_user_id": str(profile.get("user_id") or "")[:64] or None,
                    "broker_user_name": str(profile.get("user_name") or "")[:200] or None}
     stmt = insert(BrokerCredential).values(user_id=user_id, **values)
-    stmt = stmt.on_conflict_do_update(index_elements=[BrokerCredential.user_id],
-                                      set_={**values, "updated_at": func.now()})
+    if replace:
+        stmt = stmt.on_conflict_do_update(index_elements=[BrokerCredential.user_id],
+                                          set_={**values, "updated_at": func.now()})
+    else:
+        stmt = stmt.on_conflict_do_nothing(index_elements=[BrokerCredential.user_id])
     async with app[SESSIONS]() as session:
         try:
             await session.execute(stmt)
@@ -210,13 +214,18 @@ async def connect(request: web.Request) -> web.Response:
         if exc.kind not in (BrokerErrorKind.AUTH, BrokerErrorKind.FINAL):
             raise broker_unavailable(exc) from None
         reason = exc
+    # Rejected credentials never replace stored ones (a typo must not strand an open position
+    # whose exit needs the working token); with nothing stored they are kept, marked invalid,
+    # so that the daily login (POST /broker/session) can complete them.
     row = await _store(request.app, user_id, api_key=api_key, api_secret=api_secret, access_token=access_token,
-                       is_valid=reason is None, profile=profile)
+                       is_valid=reason is None, profile=profile, replace=reason is None)
     log.info("broker connected", user_id=str(user_id), is_valid=row.is_valid, api_key_fp=row.api_key_fp)
     if reason is not None:
         raise ApiError(422, "broker_credentials_invalid",
-                       f"the broker rejected the credentials: {scrub(reason.message)}",
-                       {"broker_error": reason.error_type, "is_valid": False, "api_key_hint": row.api_key_hint})
+                       f"the broker rejected the credentials: {scrub(reason.message)}; "
+                       "the stored credentials (if any) are unchanged",
+                       {"broker_error": reason.error_type, "is_valid": row.is_valid, "stored_unchanged": True,
+                        "api_key_hint": row.api_key_hint})
     out = BrokerConnectOut(is_valid=True, api_key_hint=row.api_key_hint, user_name=row.broker_user_name)
     return json_response(out.model_dump(mode="json"))
 

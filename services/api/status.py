@@ -104,7 +104,7 @@ async def orders(request: web.Request) -> web.Response:
         raise field_error(["query", "limit"], f"limit must be an integer from 1 to {ORDERS_MAX_LIMIT}",
                           "limit_range")
     async with request.app[READS]() as session:
-        await own_strategy(session, user_id, strategy_id)
+        await own_strategy(session, user_id, strategy_id, include_deleted=True)  # the log outlives the strategy
         rows = await session.scalars(select(OrderLog).where(OrderLog.strategy_id == strategy_id)
                                      .order_by(OrderLog.created_at.desc(), OrderLog.id).limit(int(text)))
         return json_response([OrderLogOut.model_validate(r).model_dump(mode="json") for r in rows])

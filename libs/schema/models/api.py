@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from datetime import date, datetime
 from typing import Annotated, Any, Literal, Self
 from uuid import UUID
@@ -9,6 +10,7 @@ from uuid import UUID
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     EmailStr,
     Field,
@@ -37,11 +39,14 @@ __all__ = [
     "BrokerConnectRequest",
     "BrokerSessionRequest",
     "BrokerStatusOut",
+    "DeleteAccountRequest",
     "ErrorBody",
     "ErrorResponse",
     "LoginRequest",
     "OrderLogOut",
+    "PasswordChangeRequest",
     "RegisterRequest",
+    "RunChangeOut",
     "StartStrategyRequest",
     "StatusResponse",
     "StopStrategyRequest",
@@ -53,9 +58,43 @@ __all__ = [
     "error_details",
 ]
 
-# Emails are stored lower-cased, so both register and login compare that form.
-Email = Annotated[EmailStr, AfterValidator(str.lower)]
+def _normalise_email(value: Any) -> Any:
+    # NFKC folds fullwidth and other compatibility forms onto their plain letters, so
+    # "ａsha@x.com" and "asha@x.com" are one account.
+    return unicodedata.normalize("NFKC", value).strip() if isinstance(value, str) else value
+
+
+def _script(char: str) -> str | None:
+    # The first word of a letter's Unicode name is its script ("LATIN", "CYRILLIC", "GREEK").
+    if not char.isalpha():
+        return None
+    return unicodedata.name(char, "UNKNOWN").split(" ", 1)[0]
+
+
+def _single_script_local_part(value: str) -> str:
+    local = value.rsplit("@", 1)[0]
+    scripts = {s for s in map(_script, local) if s is not None}
+    if len(scripts) > 1:
+        # "ashа" with a Cyrillic "а" looks like "asha": refuse the mix instead of a look-alike account.
+        raise ValueError("the part before @ mixes letters of different scripts "
+                         f"({', '.join(sorted(scripts))}); use one script")
+    return value.lower()
+
+
+# Emails are normalised (NFKC) and stored lower-cased, so register and login compare that form.
+Email = Annotated[EmailStr, BeforeValidator(_normalise_email), AfterValidator(_single_script_local_part)]
 Password = Annotated[str, Field(min_length=8, max_length=128, repr=False)]
+
+
+def refuse_weak_password(password: str, email: str | None, loc: str = "password") -> None:
+    """Raise ValueError for one of the commonest passwords, or one made of the email."""
+    folded = password.strip().lower()
+    if folded in COMMON_PASSWORDS:
+        raise ValueError(f"{loc} is one of the most common passwords; choose another")
+    if email:
+        local = email.rsplit("@", 1)[0].lower()
+        if folded in (email.lower(), local) or (len(local) >= 4 and local in folded and len(folded) - len(local) < 4):
+            raise ValueError(f"{loc} must not be your email address")
 PersonName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
 
 
@@ -84,6 +123,11 @@ class RegisterRequest(_SecretRequest):
     password: Password
     name: PersonName
 
+    @model_validator(mode="after")
+    def _check_password(self) -> Self:
+        refuse_weak_password(self.password, self.email)
+        return self
+
 
 class LoginRequest(_SecretRequest):
     """Exchange email and password for a token (SCHEMA 4.2)."""
@@ -91,6 +135,25 @@ class LoginRequest(_SecretRequest):
     email: Email
     # No minimum beyond non-empty: the stored hash decides, not the length rule.
     password: str = Field(min_length=1, max_length=128, repr=False)
+
+
+class PasswordChangeRequest(_SecretRequest):
+    """Change the caller's password; every session issued before is revoked."""
+
+    current_password: str = Field(min_length=1, max_length=128, repr=False)
+    new_password: Password
+
+    @model_validator(mode="after")
+    def _check_password(self) -> Self:
+        refuse_weak_password(self.new_password, None, "new_password")
+        return self
+
+
+class DeleteAccountRequest(_SecretRequest):
+    """Delete the caller's account: confirm with the password; square_off sells open positions first."""
+
+    password: str = Field(min_length=1, max_length=128, repr=False)
+    square_off: bool = Field(default=False, strict=True)
 
 
 class UserOut(_Response):
@@ -153,6 +216,9 @@ class StrategyCreateRequest(_Request):
     sell_time: ClockTime
     stop_loss: StopLoss
     quantity: Quantity
+    allow_stop_loss_above_price: bool = Field(
+        default=False, strict=True,
+        description="Accept a stop_loss at or above the last price (it fires right after the BUY).")
 
     @model_validator(mode="after")
     def _check_times(self) -> Self:
@@ -180,6 +246,9 @@ class StartStrategyRequest(_Request):
     """Start a strategy (SCHEMA 4.5)."""
 
     strategy_id: UUID
+    allow_stop_loss_above_price: bool = Field(
+        default=False, strict=True,
+        description="Accept a stop_loss at or above the last price (it fires right after the BUY).")
 
 
 class StopStrategyRequest(_Request):
@@ -216,6 +285,13 @@ class StatusResponse(_Response):
     timestamp: datetime
 
 
+class RunChangeOut(StatusResponse):
+    """Answer of start and stop: the status, whether this call changed anything, and what happened."""
+
+    changed: bool
+    reason: str
+
+
 class OrderLogOut(_Response):
     """One row of a strategy's order log."""
 
@@ -229,6 +305,17 @@ class OrderLogOut(_Response):
     trading_day: date | None = None
     broker_order_id: str | None = None
     tag: str | None = None
+
+
+# The commonest passwords of at least 8 characters (public breach lists); refused at registration.
+COMMON_PASSWORDS = frozenset("""
+password 12345678 123456789 1234567890 password1 password123 11111111 00000000 12341234 87654321
+qwertyuiop qwerty123 qwerty12 1q2w3e4r 1qaz2wsx zaq12wsx iloveyou sunshine princess football baseball
+welcome1 welcome123 abc12345 abcd1234 trustno1 superman letmein1 passw0rd p@ssw0rd p@ssword admin123
+administrator changeme 123123123 11223344 q1w2e3r4 asdfghjk asdfasdf qwertyui 88888888 99999999
+66666666 55555555 22222222 12121212 123qweasd qweasdzxc computer internet starwars whatever
+dragon12 michael1 jennifer charlie1 monkey123 shadow12 master12 killer12 freedom1 mustang1
+""".split())
 
 
 # --- errors -------------------------------------------------------------------
