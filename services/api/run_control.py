@@ -162,23 +162,29 @@ _NOT_RUNNING = {S.created: "never started", S.stopped: "already stopped", S.exit
 
 
 async def stop(request: web.Request) -> web.Response:
-    """Stop a strategy run; optionally square off an open position."""
-    app = request.app
+    """Stop a strategy run; optionally square off an open position (also one an ended run left open)."""
     user_id = current_user(request)
     body = await read_model(request, StopStrategyRequest)
+    row, changed, reason = await stop_run(request.app, user_id, body.strategy_id, body.square_off)
+    return await run_answer(request.app, row, changed, reason)
+
+
+async def stop_run(app: web.Application, user_id: UUID, strategy_id: UUID,
+                   square_off: bool) -> tuple[Strategy, bool, str]:
+    """Stop one of the user's runs; return the row, whether anything changed, and what happened."""
     async with app[SESSIONS]() as session:
-        row = await own_strategy(session, user_id, body.strategy_id)
+        row = await own_strategy(session, user_id, strategy_id)
     if row.status != S.running:
-        if body.square_off and row.started_at is not None:
+        if square_off and row.started_at is not None:
             return await _square_off_ended_run(app, user_id, row)
-        return await run_answer(app, row, False, f"not running: {_NOT_RUNNING.get(row.status, row.status.value)}")
+        return row, False, f"not running: {_NOT_RUNNING.get(row.status, row.status.value)}"
     redis = app[REDIS]
     owner = await _acquire_lock(redis, row.id, app[SETTINGS].stop_lock_wait_s)
     try:
-        row, reason = await _stop_locked(app, user_id, body.strategy_id, body.square_off)
+        row, reason = await _stop_locked(app, user_id, strategy_id, square_off)
     finally:
-        await redis.eval(_RELEASE, 1, keys.lock_key(body.strategy_id), owner)
-    return await run_answer(app, row, reason is not None, reason or "not running: stopped meanwhile")
+        await redis.eval(_RELEASE, 1, keys.lock_key(strategy_id), owner)
+    return row, reason is not None, reason or "not running: stopped meanwhile"
 
 
 async def _stop_locked(app: web.Application, user_id: UUID, strategy_id: UUID,
@@ -221,7 +227,7 @@ async def _stop_locked(app: web.Application, user_id: UUID, strategy_id: UUID,
     return row, "stopped" + ("; no open position to square off" if square_off else "")
 
 
-async def _square_off_ended_run(app: web.Application, user_id: UUID, row: Strategy) -> web.Response:
+async def _square_off_ended_run(app: web.Application, user_id: UUID, row: Strategy) -> tuple[Strategy, bool, str]:
     """Exit a position the ended run left open at the broker, exactly once; or say why not and what to do.
 
     The broker's order book decides: an entry filled under the run's entry tag and no
@@ -230,7 +236,7 @@ async def _square_off_ended_run(app: web.Application, user_id: UUID, row: Strate
     """
     redis = app[REDIS]
     if await redis.exists(keys.strategy_key(row.id)):
-        return await run_answer(app, row, False, "a square-off of this run is already in progress")
+        return row, False, "a square-off of this run is already in progress"
     hold_hint = "or close the position in Kite yourself"
     async with app[SESSIONS]() as session:
         creds = await load_credentials(app, session, user_id)
@@ -257,12 +263,12 @@ async def _square_off_ended_run(app: web.Application, user_id: UUID, row: Strate
     entry, exit_ = _last_tagged(book, entry_tag), _last_tagged(book, exit_tag)
     details = {"entry_tag": entry_tag, "exit_tag": exit_tag}
     if entry is None or entry.get("status") in _DEAD_ORDER:
-        return await run_answer(app, row, False, "no position to square off: the run's entry order never filled")
+        return row, False, "no position to square off: the run's entry order never filled"
     if entry.get("status") != "COMPLETE":
         raise ApiError(409, "entry_order_open", f"the run's entry order {entry.get('order_id')} is still open "
                        "at the broker: cancel it in Kite (and sell whatever filled)", details)
     if exit_ is not None and exit_.get("status") == "COMPLETE":
-        return await run_answer(app, row, False, "no position to square off: the run's exit order already filled")
+        return row, False, "no position to square off: the run's exit order already filled"
     if exit_ is not None and exit_.get("status") not in _DEAD_ORDER:
         raise ApiError(409, "exit_order_open", f"the run's exit order {exit_.get('order_id')} is still open at "
                        "the broker: wait for it, or check it in Kite", details)
@@ -283,11 +289,11 @@ async def _square_off_ended_run(app: web.Application, user_id: UUID, row: Strate
         keys.exit_attempt_key(sid, config.run_id), keys.square_off_marker_key(sid, config.run_id), keys.ORDERS_STREAM,
         dumps(config), dumps(flat), event_to_json(sell), MARKER_TTL_S)
     if not queued:
-        return await run_answer(app, row, False, "a square-off of this run is already in progress")
+        return row, False, "a square-off of this run is already in progress"
     log.warning("square-off of an ended run queued: its position is open at the broker", strategy_id=sid,
                 run_id=config.run_id, status=row.status.value, exit_tag=exit_tag)
-    return await run_answer(app, row, True, f"square-off queued: the run ({row.status.value}) left its position "
-                            "open at the broker; the exit order is being placed")
+    return row, True, (f"square-off queued: the run ({row.status.value}) left its position open at the broker; "
+                       "the exit order is being placed")
 
 
 _DEAD_ORDER = frozenset({"REJECTED", "CANCELLED"})

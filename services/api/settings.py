@@ -34,6 +34,16 @@ class ApiSettings(ServiceSettings):
     """Failed logins allowed per email and per client address in a window; then 429."""
     login_window_s: int = Field(60, ge=1)
     """Length of the failed-login window in seconds."""
+    login_email_max_failures: int = Field(50, ge=1)
+    """Ceiling of failed logins per email from all addresses together in `login_email_window_s`; then 429."""
+    login_email_window_s: int = Field(900, ge=1)
+    """Length of the per-email failed-login window in seconds."""
+    register_max_per_addr: int = Field(30, ge=1)
+    """Registrations allowed per client address in `register_window_s`; then 429."""
+    register_window_s: int = Field(600, ge=1)
+    """Length of the registration window in seconds."""
+    hash_queue_max: int = Field(32, ge=1)
+    """New password hashes (registration, password change) allowed to wait for a thread; more get 503."""
     trust_forwarded_for: bool = False
     """Take the client address from the last X-Forwarded-For entry (only behind one trusted proxy that appends it)."""
     argon2_time_cost: int = Field(3, ge=1)
