@@ -56,9 +56,9 @@ def jwt_secret(settings: ApiSettings, box_key_b64: str | None) -> bytes:
 class Passwords:
     """Hash and verify passwords with argon2id in a small thread pool, in two lanes.
 
-    New hashes (registration, password change) may hold at most half the pool's
-    threads, and wait for them in asyncio (never in the pool's queue); logins
-    have lanes of their own. So a registration flood cannot queue argon2 work in
+    New hashes (registration, password change) may hold at most a quarter of the
+    pool's threads (one at least), and wait for them in asyncio (never in the
+    pool's queue); logins have lanes of their own. So a registration flood cannot queue argon2 work in
     front of a login: the login waits for at most the hashes already running.
     Past `hash_queue_max` waiting new hashes, more are refused (503) at once.
     """
@@ -67,7 +67,7 @@ class Passwords:
         self._hasher = PasswordHasher(time_cost=settings.argon2_time_cost, memory_cost=settings.argon2_memory_kib,
                                       parallelism=2, type=Type.ID)
         self._pool = ThreadPoolExecutor(max_workers=settings.hash_workers, thread_name_prefix="argon2")
-        new_lanes = max(1, settings.hash_workers // 2)
+        new_lanes = max(1, settings.hash_workers // 4)
         self._new_hashes = asyncio.Semaphore(new_lanes)
         self._logins = asyncio.Semaphore(max(1, settings.hash_workers - new_lanes))
         self._new_waiting, self._new_waiting_max = 0, settings.hash_queue_max

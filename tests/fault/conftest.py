@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Iterator
 
 import aiohttp
@@ -23,12 +24,13 @@ FAULT_ENV = {
 }
 
 
-@pytest.fixture(scope="module")
-def fault_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    run_dir = tmp_path_factory.mktemp("fault-stack")
+@contextlib.contextmanager
+def private_stack(tmp_path_factory: pytest.TempPathFactory, name: str, settings: dict[str, str]) -> Iterator[Stack]:
+    """Run a stack (two executors) with `settings` in its environment, in a fresh temp dir."""
+    run_dir = tmp_path_factory.mktemp(name)
     open_to_postgres(run_dir)
     with pytest.MonkeyPatch.context() as env:
-        for key, value in FAULT_ENV.items():
+        for key, value in settings.items():
             env.setenv(key, value)  # the stack hands its environment to every process it starts
         stack = Stack(run_dir)
         try:
@@ -37,6 +39,12 @@ def fault_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             yield stack
         finally:
             stack.down()
+
+
+@pytest.fixture(scope="module")
+def fault_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    with private_stack(tmp_path_factory, "fault-stack", FAULT_ENV) as stack:
+        yield stack
 
 
 @pytest.fixture

@@ -21,9 +21,8 @@ import redis.asyncio as aioredis
 
 from libs.schema import keys
 from tests.e2e.harness import Stack, Trader
-from tests.fault.conftest import FAULT_ENV
+from tests.fault.conftest import FAULT_ENV, private_stack
 from tests.support.eventually import eventually
-from tests.support.postgres import open_to_postgres
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -33,18 +32,8 @@ CRASH_ENV = {**FAULT_ENV, "TICKWISE_CLAIM_IDLE_MS": "30000", "TICKWISE_CLAIM_INT
 
 @pytest.fixture(scope="module")
 def crash_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    run_dir = tmp_path_factory.mktemp("crash-stack")
-    open_to_postgres(run_dir)
-    with pytest.MonkeyPatch.context() as env:
-        for key, value in CRASH_ENV.items():
-            env.setenv(key, value)
-        stack = Stack(run_dir)
-        try:
-            stack.up()
-            stack.add_replica("executor")
-            yield stack
-        finally:
-            stack.down()
+    with private_stack(tmp_path_factory, "crash-stack", CRASH_ENV) as stack:
+        yield stack
 
 
 @pytest.fixture
