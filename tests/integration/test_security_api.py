@@ -14,10 +14,15 @@ import psycopg
 from libs.schema import keys
 from services.api.deps import TOKENS
 from services.api.security import email_digest
-from tests.integration.api_support import PASSWORD, clock, run_api_process
+from tests.integration.api_support import PASSWORD, run_api_process
 from tests.integration.test_api_process import base_env
 
 pytest_plugins = ["tests.integration.api_support"]
+
+
+# Any fixed times do here (the always-open calendar runs them today or tomorrow); clock()
+# offsets collapse onto 23:59:59 in the last hours of the IST day.
+TIMES = {"buy_time": "10:00:00", "sell_time": "11:00:00"}
 
 
 def error_code(reply) -> str:
@@ -34,7 +39,7 @@ def db(clean_db: str, sql: str, *args: object) -> list[tuple]:
 
 async def test_stop_loss_at_or_above_the_last_price_is_refused_unless_asked_for(api, redis) -> None:
     user = await api.connected_user()
-    body = {"symbol": "INFY", "buy_time": clock(3600), "sell_time": clock(7200), "quantity": 1}
+    body = {"symbol": "INFY", **TIMES, "quantity": 1}
     refused = await api.v1("POST", "/strategies", body | {"stop_loss": 99999}, user=user)
     assert refused.status == 422 and error_code(refused) == "stop_loss_above_price"
     detail = refused.body["error"]["details"][0]
@@ -141,7 +146,7 @@ async def test_the_commonest_passwords_and_the_email_itself_are_refused(api) -> 
 
 async def test_concurrent_starts_start_once_and_say_already_running(api, clean_db) -> None:
     user = await api.connected_user()
-    strategy = await api.strategy(user)
+    strategy = await api.strategy(user, **TIMES)
     replies = await asyncio.gather(*(api.v1("POST", "/strategies/start", {"strategy_id": strategy["id"]}, user=user)
                                      for _ in range(6)))
     assert [r.status for r in replies] == [200] * 6, [r.text for r in replies]
@@ -154,10 +159,10 @@ async def test_concurrent_starts_start_once_and_say_already_running(api, clean_d
 
 async def test_create_without_a_broker_is_409_even_when_another_user_filled_the_instrument_cache(api) -> None:
     other = await api.connected_user("Other")
-    await api.strategy(other)  # fills today's instrument cache
+    await api.strategy(other, **TIMES)  # fills today's instrument cache
     lonely = await api.user("Lonely")
-    reply = await api.v1("POST", "/strategies", {"symbol": "INFY", "buy_time": clock(3600),
-                                                 "sell_time": clock(7200), "stop_loss": 1400, "quantity": 1},
+    reply = await api.v1("POST", "/strategies", {"symbol": "INFY", **TIMES, "stop_loss": 1400,
+                                                 "quantity": 1},
                          user=lonely)
     assert reply.status == 409 and error_code(reply) == "broker_not_connected"
 
@@ -239,7 +244,7 @@ async def test_token_type_logout_and_password_change_revoke_sessions(api) -> Non
 
 async def test_deleting_the_account_stops_runs_deletes_credentials_and_anonymises(api, redis, clean_db) -> None:
     user = await api.connected_user("Del")
-    strategy = await api.strategy(user)
+    strategy = await api.strategy(user, **TIMES)
     await api.v1("POST", "/strategies/start", {"strategy_id": strategy["id"]}, user=user, expect=200)
     assert (await api.v1("DELETE", "/me", {"password": "not-it-123"}, user=user)).status == 403
     await api.v1("DELETE", "/me", {"password": PASSWORD, "square_off": False}, user=user, expect=204)
@@ -256,7 +261,7 @@ async def test_deleting_the_account_stops_runs_deletes_credentials_and_anonymise
 
 async def test_deleting_a_strategy_keeps_its_order_log_listable(api, clean_db) -> None:
     user = await api.connected_user("Log")
-    strategy = await api.strategy(user)
+    strategy = await api.strategy(user, **TIMES)
     sid = strategy["id"]
     db(clean_db, "INSERT INTO order_logs (id, strategy_id, user_id, event_type, status, trading_day, "
                  "request_payload) VALUES (%s, %s, %s, 'BUY', 'success', current_date, '{}') RETURNING id",
@@ -276,7 +281,7 @@ async def test_deleting_a_strategy_keeps_its_order_log_listable(api, clean_db) -
 
 async def test_stop_says_what_happened(api) -> None:
     user = await api.connected_user("Stopper")
-    strategy = await api.strategy(user)
+    strategy = await api.strategy(user, **TIMES)
     body = {"strategy_id": strategy["id"]}
     never = await api.v1("POST", "/strategies/stop", body, user=user, expect=200)
     assert never.body["changed"] is False and never.body["reason"] == "not running: never started"

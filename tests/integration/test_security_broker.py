@@ -47,7 +47,7 @@ async def test_rejected_connect_keeps_working_credentials(api: ApiHarness, redis
     assert (await api.v1("GET", "/broker", user=user, expect=200)).body["is_valid"] is True
     assert await redis.hget(keys.broker_credentials_key(user.id), "access_token") == stored
     # The stored token still trades: a strategy can be created (it asks the broker).
-    await api.strategy(user)
+    await api.strategy(user, buy_time="10:00:00", sell_time="11:00:00")
 
 
 async def test_square_off_of_a_failed_run_exits_the_open_position_exactly_once(api: ApiHarness, redis,
