@@ -257,6 +257,22 @@ async def test_deleting_the_account_stops_runs_deletes_credentials_and_anonymise
     await api.v1("POST", "/auth/login", {"email": user.email, "password": PASSWORD}, expect=401)
 
 
+async def test_deleting_an_account_with_square_off_waits_for_the_exits(api, redis, clean_db) -> None:
+    user = await api.connected_user("Held")
+    strategy = await api.strategy(user, **TIMES)
+    await api.v1("POST", "/strategies/start", {"strategy_id": strategy["id"]}, user=user, expect=200)
+    await redis.hset(keys.runtime_key(strategy["id"]), "position", "bought")  # as after a filled BUY
+    reply = await api.v1("DELETE", "/me", {"password": PASSWORD, "square_off": True}, user=user)
+    assert reply.status == 409 and error_code(reply) == "square_off_in_progress"
+    assert reply.body["error"]["details"]["strategy_ids"] == [strategy["id"]]
+    # The exit is queued and the credentials it needs are still there; the account is not deleted yet.
+    sells = [f[b"event"] for _i, f in await redis.xrange(keys.ORDERS_STREAM)]
+    assert len(sells) == 1 and b'"square_off":true' in sells[0]
+    assert await redis.exists(keys.broker_credentials_key(user.id))
+    assert db(clean_db, "SELECT email FROM users WHERE id = %s", user.id) == [(user.email,)]
+    await api.v1("GET", "/me", user=user, expect=200)
+
+
 # --- 13: soft delete keeps the order log ----------------------------------------------------------
 
 async def test_deleting_a_strategy_keeps_its_order_log_listable(api, clean_db) -> None:
