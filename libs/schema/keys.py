@@ -124,7 +124,8 @@ SCHEDULE_WAKEUP_CHANNEL = "schedule:wakeup"
 # --- streams and consumer groups ----------------------------------------------
 
 # STREAM, field `event` = JSON of an event; consumed by EXECUTORS_GROUP.
-# No TTL; trimmed with MAXLEN because acked entries are history only.
+# No TTL; the scheduler trims it (XTRIM MINID) below every group's last
+# delivered-and-acked entry, because acked entries are history only.
 ORDERS_STREAM = "queue:orders"
 
 # STREAM of events delivered too often: fields event, reason, msg_id,
