@@ -8,7 +8,6 @@ import os
 import socket
 import uuid
 
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
@@ -16,6 +15,7 @@ from libs.broker.kite import KiteGateway
 from libs.schema import keys
 from libs.service.health import HealthServer
 from libs.service.logging import get_logger
+from libs.service.redis_client import connect_redis, server_run_id
 from libs.service.secretbox import SecretBox
 from libs.trading.calendar import MarketCalendar
 from services.executor.consumer import OrderConsumer, ensure_group
@@ -41,8 +41,8 @@ class ExecutorService:
         self.settings = settings
         self.name = settings.consumer_name or consumer_name()
         self.log = get_logger("executor", consumer=self.name)
-        self.redis = Redis.from_url(settings.redis_url, max_connections=settings.max_in_flight * 2 + 16,
-                                    health_check_interval=30)
+        self.redis = connect_redis(settings, max_connections=settings.max_in_flight * 2 + 16,
+                                   health_check_interval=30)
         self.engine: AsyncEngine = create_async_engine(settings.database_url, pool_pre_ping=True, pool_size=2,
                                                        max_overflow=2, pool_timeout=settings.reconcile_pg_timeout_s)
         self.gateway = KiteGateway(settings.kite_root, max_workers=settings.broker_workers,
@@ -78,8 +78,7 @@ class ExecutorService:
             raise RuntimeError("not consuming (starting or reconciling)")
 
     async def _server_run_id(self) -> str:
-        info = await self.redis.info("server")
-        return str(info.get("run_id"))
+        return await server_run_id(self.redis)
 
     async def recover(self, trigger: str) -> None:
         """Pause consuming, create the groups, rebuild runtime from the broker, resume."""
