@@ -334,16 +334,21 @@ def broker_credentials_key(user_id: Id) -> str:
 
 # --- API login throttling -----------------------------------------------------
 
+# Both counters of one login attempt change in one MULTI, so in a cluster they
+# must share a slot: every throttle key carries this one fixed tag (tiny, rare writes).
+_THROTTLE_TAG = "{throttle}"
+
+
 def login_throttle_email_key(email_digest: str) -> str:
-    """Return `throttle:login:email:{digest}`."""
+    """Return `throttle:login:email:<digest>:{throttle}`."""
     # STRING counter of failed logins for one account, EX 60: a short window
     # slows guessing without locking a user out for long. A digest, not the
     # address, so Redis holds no personal data.
-    return f"throttle:login:email:{email_digest}"
+    return f"throttle:login:email:{email_digest}:{_THROTTLE_TAG}"
 
 
 def login_throttle_addr_key(addr: str) -> str:
-    """Return `throttle:login:addr:{addr}`."""
+    """Return `throttle:login:addr:<addr>:{throttle}`."""
     # STRING counter of failed logins from one client address, EX 60, for the
     # same reason as the per-email counter.
-    return f"throttle:login:addr:{addr}"
+    return f"throttle:login:addr:{addr}:{_THROTTLE_TAG}"

@@ -51,8 +51,10 @@ def test_rate_limit_instruments_and_throttle_keys() -> None:
     assert keys.order_rate_key("ab12cd34ef56") == f"ratelimit:orders:ab12cd34ef56:{P0}"
     assert keys.instruments_key("nse", date(2025, 2, 25)) == "instruments:NSE:2025-02-25"
     assert keys.instruments_key("NSE", "2025-02-25") == "instruments:NSE:2025-02-25"
-    assert keys.login_throttle_email_key("d1g3st") == "throttle:login:email:d1g3st"
-    assert keys.login_throttle_addr_key("10.0.0.7") == "throttle:login:addr:10.0.0.7"
+    assert keys.login_throttle_email_key("d1g3st") == "throttle:login:email:d1g3st:{throttle}"
+    assert keys.login_throttle_addr_key("10.0.0.7") == "throttle:login:addr:10.0.0.7:{throttle}"
+    # One MULTI counts an attempt against both: one slot.
+    assert keys.hash_slot(keys.login_throttle_email_key("a")) == keys.hash_slot(keys.login_throttle_addr_key("b"))
 
 
 def test_stream_group_and_channel_names_match_the_design() -> None:
