@@ -30,7 +30,7 @@ PARTITIONS = 6
 def cluster() -> Iterator[RedisClusterProcs]:
     import tempfile
 
-    with tempfile.TemporaryDirectory(prefix="tw-cluster-") as tmp, running_redis_cluster(tmp) as procs:
+    with tempfile.TemporaryDirectory(prefix="tw-cluster-") as tmp, running_redis_cluster(tmp, replicas=1) as procs:
         yield procs
 
 
@@ -101,12 +101,36 @@ async def test_trading_day_on_a_redis_cluster_places_each_order_once(
     await eventually(logged, timeout=15, message="order-log rows missing in Postgres")
 
     # The work really spread: every master holds some partition's streams.
+    masters = set(cluster.master_ports().values())
     holding = 0
-    for port in cluster.ports:
+    for port in masters:
         node = redis.Redis(port=port)
         try:
             holding += any(node.cluster("countkeysinslot", keys.hash_slot(keys.orders_stream(p))) for p in
                            range(partitions))
         finally:
             node.close()
-    assert holding == len(cluster.ports)
+    assert holding == len(masters) == 3
+
+
+async def test_a_master_failover_mid_run_still_exits_each_run_once(
+        cluster: RedisClusterProcs, cluster_stack: Stack, http: aiohttp.ClientSession, partitions: int) -> None:
+    trader = await Trader(http, cluster_stack).sign_up()
+    await trader.tick("TCS", 3500)
+    sl = await trader.strategy("TCS", buy_in_s=2, sell_in_s=120, stop_loss=3450, quantity=1)
+    timed = await trader.strategy("TCS", buy_in_s=2, sell_in_s=14, stop_loss=3000, quantity=1)
+    for sid in (sl, timed):
+        await eventually(lambda sid=sid: _position(trader, sid, "bought"), timeout=25)
+    # The master of the stop-loss strategy's partition dies; its replica takes over.
+    cluster.kill_master_of(keys.hash_slot(keys.strategy_key(sl)))
+    await asyncio.sleep(3)  # services see the new primary (run_id change: reconcile, rebuild)
+    await trader.tick("TCS", 3400)  # under the stop of `sl` only
+    for sid in (sl, timed):
+        await eventually(lambda sid=sid: _status(trader, sid, "exited"), timeout=40)
+    assert (await trader.status(sl))["position"] == "exited_by_sl"
+    assert (await trader.status(timed))["position"] == "sold"
+    await asyncio.sleep(1)
+    orders = await trader.broker_orders()
+    assert sorted((o["transaction_type"], o["status"]) for o in orders) == [
+        ("BUY", "COMPLETE"), ("BUY", "COMPLETE"), ("SELL", "COMPLETE"), ("SELL", "COMPLETE")]
+    assert len({o["tag"] for o in orders}) == 4
