@@ -59,6 +59,7 @@ class OrderConsumer:
         self.resume.set()
         # In-flight entries by (partition, msg id): ids are unique per stream only.
         self._inflight: dict[tuple[int, str], asyncio.Task[None]] = {}
+        self._reading = 0  # slots promised to reads still in flight (one per partition at most)
         self._slot_freed = asyncio.Event()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -76,15 +77,20 @@ class OrderConsumer:
 
     async def _read_loop(self, stop: asyncio.Event, partition: int) -> None:
         stream = keys.orders_stream(partition)
+        # The partitions' readers share the in-flight bound: a blocked read holds its count
+        # until its entries start, and asks for at most its share, so that every partition's
+        # reader can block at once (with one partition: the whole bound, as ever).
+        share = max(1, self.settings.max_in_flight // keys.partition_count())
         while not stop.is_set():
             if not self.resume.is_set():
                 await _wait_any(self.resume.wait(), stop.wait())
                 continue
-            free = self.settings.max_in_flight - len(self._inflight)
+            free = min(share, self.settings.max_in_flight - len(self._inflight) - self._reading)
             if free <= 0:
                 self._slot_freed.clear()
                 await _wait_any(self._slot_freed.wait(), stop.wait())
                 continue
+            self._reading += free
             try:
                 reply = await self.redis.xreadgroup(keys.EXECUTORS_GROUP, self.name, {stream: ">"},
                                                     count=free, block=self.settings.read_block_ms)
@@ -99,6 +105,9 @@ class OrderConsumer:
                 self.log.warning("redis unavailable; retrying", error=str(error))
                 await _sleep_unless(stop, 0.5)
                 continue
+            finally:
+                self._reading -= free
+                self._slot_freed.set()  # another partition's reader may now have room
             for _stream, entries in reply or []:
                 for msg_id, fields in entries:
                     self._start(_text(msg_id), fields, 1, partition)
