@@ -286,7 +286,8 @@ async def _square_off_ended_run(app: web.Application, user_id: UUID, row: Strate
     sid = str(row.id)
     queued = await redis.eval(
         _SQUARE_OFF_ENDED, 5, keys.strategy_key(sid), keys.runtime_key(sid),
-        keys.exit_attempt_key(sid, config.run_id), keys.square_off_marker_key(sid, config.run_id), keys.ORDERS_STREAM,
+        keys.exit_attempt_key(sid, config.run_id), keys.square_off_marker_key(sid, config.run_id),
+        keys.orders_stream(keys.partition_of(sid)),  # every key in the strategy's partition: one hash slot
         dumps(config), dumps(flat), event_to_json(sell), MARKER_TTL_S)
     if not queued:
         return row, False, "a square-off of this run is already in progress"
@@ -314,10 +315,12 @@ async def _square_off(redis: Redis, config: StrategyConfig, plan: RunPlan, now: 
                              run_id=config.run_id)
     sell = SellEvent(strategy_id=config.strategy_id, run_id=config.run_id, trading_day=plan.trading_day,
                      trigger_time=now, metadata={"square_off": True})
+    part = keys.partition_of(sid)  # every key below is in the strategy's partition: one hash slot
     result = await redis.eval(
         _SQUARE_OFF, 7,
-        keys.strategy_key(sid), keys.runtime_key(sid), keys.symbol_strategies_key(config.symbol),
-        keys.SCHEDULE, keys.CONTROL_STREAM, keys.ORDERS_STREAM, keys.square_off_marker_key(sid, config.run_id),
+        keys.strategy_key(sid), keys.runtime_key(sid), keys.symbol_strategies_key(config.symbol, part),
+        keys.schedule_key(part), keys.control_stream(part), keys.orders_stream(part),
+        keys.square_off_marker_key(sid, config.run_id),
         sid, event_to_json(plan.buy), event_to_json(plan.sell), dumps(stopped), CONTROL_MAXLEN,
         event_to_json(sell), MARKER_TTL_S,
     )

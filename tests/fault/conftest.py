@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import AsyncIterator, Iterator
 
 import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
-from tests.e2e.harness import Stack, Trader
-from tests.support.postgres import open_to_postgres
+from tests.e2e.harness import Stack, Trader, running_stack
 
 # Short enough for tests to see take-overs within seconds; long against normal handling.
 FAULT_ENV = {
@@ -24,26 +22,9 @@ FAULT_ENV = {
 }
 
 
-@contextlib.contextmanager
-def private_stack(tmp_path_factory: pytest.TempPathFactory, name: str, settings: dict[str, str]) -> Iterator[Stack]:
-    """Run a stack (two executors) with `settings` in its environment, in a fresh temp dir."""
-    run_dir = tmp_path_factory.mktemp(name)
-    open_to_postgres(run_dir)
-    with pytest.MonkeyPatch.context() as env:
-        for key, value in settings.items():
-            env.setenv(key, value)  # the stack hands its environment to every process it starts
-        stack = Stack(run_dir)
-        try:
-            stack.up()
-            stack.add_replica("executor")
-            yield stack
-        finally:
-            stack.down()
-
-
 @pytest.fixture(scope="module")
 def fault_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    with private_stack(tmp_path_factory, "fault-stack", FAULT_ENV) as stack:
+    with running_stack(tmp_path_factory.mktemp("fault-stack"), FAULT_ENV, replicas=("executor",)) as stack:
         yield stack
 
 

@@ -20,8 +20,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from libs.schema import keys
-from tests.e2e.harness import Stack, Trader
-from tests.fault.conftest import FAULT_ENV, private_stack
+from tests.e2e.harness import Stack, Trader, running_stack
+from tests.fault.conftest import FAULT_ENV
 from tests.support.eventually import eventually
 
 pytestmark = pytest.mark.timeout(180)
@@ -32,7 +32,7 @@ CRASH_ENV = {**FAULT_ENV, "TICKWISE_CLAIM_IDLE_MS": "30000", "TICKWISE_CLAIM_INT
 
 @pytest.fixture(scope="module")
 def crash_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    with private_stack(tmp_path_factory, "crash-stack", CRASH_ENV) as stack:
+    with running_stack(tmp_path_factory.mktemp("crash-stack"), CRASH_ENV, replicas=("executor",)) as stack:
         yield stack
 
 
