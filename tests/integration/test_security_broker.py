@@ -7,15 +7,17 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from datetime import datetime, time, timedelta
 
 import pytest
 
 from libs.schema import keys
 from libs.schema.models import AbortEvent, EventType, StrategyConfig, event_to_json, parse_event
+from libs.trading.calendar import IST
 from libs.trading.tags import order_tag
 from services.api.broker import mark_invalid
 from services.executor.service import ExecutorService
-from tests.integration.api_support import SECRET_KEY, ApiHarness, clock
+from tests.integration.api_support import SECRET_KEY, ApiHarness
 from tests.integration.executor_support import executor_settings, fake_scheduler, running_executor
 from tests.support.eventually import eventually
 
@@ -53,7 +55,11 @@ async def test_rejected_connect_keeps_working_credentials(api: ApiHarness, redis
 async def test_square_off_of_a_failed_run_exits_the_open_position_exactly_once(api: ApiHarness, redis,
                                                                                pipeline) -> None:
     user = await api.connected_user("Held")
-    strategy = await api.strategy(user, buy_time=clock(2), sell_time=clock(3600))
+    now = datetime.now(IST)
+    if now.time() > time(23, 58):
+        pytest.skip("the run's BUY and SELL must fall on one IST day")
+    in_2s, later = now + timedelta(seconds=2), min(now + timedelta(seconds=600), now.replace(hour=23, minute=59, second=59))
+    strategy = await api.strategy(user, buy_time=in_2s.strftime("%H:%M:%S"), sell_time=later.strftime("%H:%M:%S"))
     sid = strategy["id"]
     await api.v1("POST", "/strategies/start", {"strategy_id": sid}, user=user, expect=200)
 
