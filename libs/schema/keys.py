@@ -16,6 +16,7 @@ __all__ = [
     "CONTROL_STREAM",
     "EXECUTORS_GROUP",
     "LOG_WRITERS_GROUP",
+    "OPERATOR_HALT",
     "ORDERS_DEAD_STREAM",
     "ORDERS_STREAM",
     "ORDER_LOGS_DEAD_STREAM",
@@ -24,6 +25,7 @@ __all__ = [
     "SCHEDULE_WAKEUP_CHANNEL",
     "STATE_MARKER",
     "broker_credentials_key",
+    "broker_login_state_key",
     "exit_attempt_key",
     "instruments_key",
     "lock_key",
@@ -35,6 +37,7 @@ __all__ = [
     "stoploss_marker_key",
     "strategy_key",
     "symbol_strategies_key",
+    "token_check_key",
 ]
 
 Id = UUID | str
@@ -108,6 +111,12 @@ def exit_attempt_key(strategy_id: Id, run_id: str) -> str:
 # while Redis's run_id is unchanged means Redis lost its data (FLUSHALL, an empty
 # replica promoted): rebuild. No TTL: it must outlive everything it vouches for.
 STATE_MARKER = "tickwise:state"
+
+
+# STRING set and cleared by an operator with redis-cli (`SET tickwise:halt "<reason>"`,
+# `DEL tickwise:halt`): while it exists executors place no new entries (BUYs are
+# skipped with the reason), exits still go out. No TTL: a halt lasts until cleared.
+OPERATOR_HALT = "tickwise:halt"
 
 
 # --- scheduling ---------------------------------------------------------------
@@ -192,3 +201,22 @@ def login_throttle_addr_key(addr: str) -> str:
     # STRING counter of failed logins from one client address, EX 60, for the
     # same reason as the per-email counter.
     return f"throttle:login:addr:{addr}"
+
+
+# --- the Kite session's daily life --------------------------------------------
+
+def broker_login_state_key(nonce: str) -> str:
+    """Return `broker:login:state:{nonce}`."""
+    # STRING set NX by the login callback when it accepts a state: a replayed state
+    # finds it and is refused. EX a little past the state's own lifetime, after
+    # which the signature's expiry refuses it anyway.
+    return f"broker:login:state:{nonce}"
+
+
+def token_check_key(user_id: Id, day: date | str) -> str:
+    """Return `token:checked:{user_id}:{yyyy-mm-dd}`."""
+    # STRING set NX by the scheduler that runs a user's pre-open token check on a
+    # trading day, so replicas neither check nor notify twice. EX of two days: the
+    # day is in the name, the TTL only cleans up.
+    day_text = day.isoformat() if isinstance(day, date) else day
+    return f"token:checked:{_id(user_id)}:{day_text}"

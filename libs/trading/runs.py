@@ -84,7 +84,7 @@ def run_id_for(started_at: datetime) -> str:
 
 def plan_run(config: StrategyConfig, calendar: MarketCalendar, started_at: datetime) -> RunPlan:
     """Return the BUY and SELL of the run started at `started_at` (deterministic)."""
-    day = calendar.next_run_day(config.buy_time, started_at)
+    day = calendar.next_run_day(config.buy_time, started_at, config.weekdays)
     common = {"strategy_id": config.strategy_id, "run_id": config.run_id, "trading_day": day}
     buy = BuyEvent(**common, trigger_time=calendar.at(day, config.buy_time))
     sell = SellEvent(**common, trigger_time=calendar.at(day, config.sell_time))
@@ -147,4 +147,5 @@ def config_for(strategy: Any, *, api_key_fp: str | None = None, instrument_token
         quantity=strategy.quantity, status="running", run_id=run_id_for(strategy.started_at),
         exchange=getattr(strategy, "exchange", None) or "NSE", product=getattr(strategy, "product", None) or "MIS",
         instrument_token=instrument_token, api_key_fp=api_key_fp,
+        weekdays=tuple(strategy.weekdays) if getattr(strategy, "weekdays", None) else None,
     )
