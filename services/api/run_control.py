@@ -52,6 +52,7 @@ from services.api.broker import load_credentials, require_valid, write_broker_ha
 from services.api.deps import CALENDAR, REDIS, SESSIONS, SETTINGS, current_user, read_model
 from services.api.errors import ApiError, json_response
 from services.api.instruments import instrument_token
+from services.api.kite_login import require_live_token
 from services.api.status import build_status
 from services.api.strategies import check_times, own_strategy
 
@@ -90,6 +91,7 @@ async def start(request: web.Request) -> web.Response:
         if row.status == S.running:
             return json_response(await build_status(app, row))
         creds = require_valid(await load_credentials(app, session, user_id))
+    await require_live_token(app, user_id)
     check_times(app, row.buy_time, row.sell_time)
     token = await instrument_token(app, user_id, row.symbol)
     redis = app[REDIS]
@@ -133,21 +135,31 @@ async def stop(request: web.Request) -> web.Response:
         row = await own_strategy(session, user_id, body.strategy_id)
     if row.status != S.running:
         return json_response(await build_status(app, row))
-    redis = app[REDIS]
-    owner = await _acquire_lock(redis, row.id, app[SETTINGS].stop_lock_wait_s)
-    try:
-        row = await _stop_locked(app, user_id, body.strategy_id, body.square_off)
-    finally:
-        await redis.eval(_RELEASE, 1, keys.lock_key(body.strategy_id), owner)
+    row, _ = await stop_run(app, user_id, body.strategy_id, body.square_off, app[SETTINGS].stop_lock_wait_s)
     return json_response(await build_status(app, row))
 
 
-async def _stop_locked(app: web.Application, user_id: UUID, strategy_id: UUID, square_off: bool) -> Strategy:
+async def stop_run(app: web.Application, user_id: UUID, strategy_id: UUID, square_off: bool,
+                   lock_wait_s: float) -> tuple[Strategy, bool]:
+    """Stop one run under its executor lock; return the row and whether a square-off SELL was queued.
+
+    409 `strategy_busy` if an order stays in flight longer than lock_wait_s.
+    """
+    redis = app[REDIS]
+    owner = await _acquire_lock(redis, strategy_id, lock_wait_s)
+    try:
+        return await _stop_locked(app, user_id, strategy_id, square_off)
+    finally:
+        await redis.eval(_RELEASE, 1, keys.lock_key(strategy_id), owner)
+
+
+async def _stop_locked(app: web.Application, user_id: UUID, strategy_id: UUID,
+                       square_off: bool) -> tuple[Strategy, bool]:
     redis = app[REDIS]
     async with app[SESSIONS]() as session:
         row = await own_strategy(session, user_id, strategy_id, for_update=True)
         if row.status != S.running or row.started_at is None:
-            return row
+            return row, False
         rebuilt = config_for(row)
         config = await loaded_config(redis, str(row.id))
         if config is None or config.run_id != rebuilt.run_id:
@@ -175,7 +187,7 @@ async def _stop_locked(app: web.Application, user_id: UUID, strategy_id: UUID, s
             raise
         await session.refresh(row)
     log.info("strategy stopped", strategy_id=str(row.id), run_id=config.run_id, square_off=squared)
-    return row
+    return row, squared
 
 
 async def _square_off(redis: Redis, config: StrategyConfig, plan: RunPlan, now: datetime) -> bool:

@@ -50,6 +50,16 @@ class ApiSettings(ServiceSettings):
     """How long stop waits for an executor holding the strategy's lock (an order in flight)."""
     instruments_ttl_s: int = Field(2 * 86400, ge=60)
     """TTL of the daily instruments cache."""
+    kite_login_root: str = "https://kite.zerodha.com"
+    """Root of Kite's browser login (`/connect/login`); the local stack points it at the simulator."""
+    login_state_ttl_s: int = Field(600, ge=30, le=3600)
+    """How long a Kite login link (its signed `state`) stays usable, once."""
+    dashboard_url: str = "/"
+    """Where the Kite login callback sends the browser back to (with `?broker_login=...`)."""
+    token_check_cache_s: float = Field(30.0, ge=0)
+    """Start reuses the broker's `valid` answer about a token this long before asking again."""
+    kill_switch_lock_wait_s: float = Field(15.0, ge=0)
+    """How long the kill switch waits per strategy for an order in flight before answering `busy`."""
 
     @property
     def port(self) -> int:

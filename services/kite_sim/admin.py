@@ -100,16 +100,21 @@ class AdminApi:
 
     @admin_endpoint
     async def create_account(self, request: web.Request) -> Any:
-        """Open an account: optional JSON {"user_name", "daily_order_cap"}."""
+        """Open an account: optional JSON {"user_name", "daily_order_cap", "redirect_url"}."""
         body = await read_json(request) or {}
         if not isinstance(body, dict):
             raise AdminError(400, "expected a JSON object")
         cap = body.get("daily_order_cap")
+        redirect_url = body.get("redirect_url")
+        if redirect_url is not None and not (isinstance(redirect_url, str)
+                                             and redirect_url.startswith(("http://", "https://"))):
+            raise AdminError(400, "redirect_url must be an http(s) URL")
         account = self.book.create_account(body.get("user_name"), int(cap) if cap else None)
+        account.redirect_url = redirect_url
         log.info("account created", user_id=account.user_id)
         return {"api_key": account.api_key, "api_secret": account.api_secret,
                 "access_token": account.access_token, "user_id": account.user_id,
-                "user_name": account.user_name}
+                "user_name": account.user_name, "redirect_url": account.redirect_url}
 
     def _account(self, request: web.Request) -> Any:
         account = self.book.accounts.get(request.match_info["api_key"])

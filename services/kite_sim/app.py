@@ -15,6 +15,7 @@ from aiohttp import web
 from services.kite_sim.admin import AdminApi
 from services.kite_sim.book import Book
 from services.kite_sim.faults import Faults
+from services.kite_sim.login import KiteLogin
 from services.kite_sim.market import DATA_FILE, Market, load_instruments, load_replay, run_replay, run_walk
 from services.kite_sim.rest import KiteRest
 from services.kite_sim.ticks import TickHub, make_ticker_handler
@@ -110,6 +111,7 @@ def build_app(settings: SimSettings | None = None) -> web.Application:
     app.router.add_get("/ws", make_ticker_handler(hub, book.authenticate))
     app.router.add_routes(KiteRest(market, book, faults).routes())
     app.router.add_routes(AdminApi(market, book, faults, hub).routes())
+    app.router.add_routes(KiteLogin(book).routes())
     app.cleanup_ctx.append(background_tasks)
     app.on_shutdown.append(release_on_shutdown)
     return app

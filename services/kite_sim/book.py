@@ -44,6 +44,7 @@ class Account:
     recent_orders: deque[float] = field(default_factory=deque)
     orders_today: int = 0
     login_time: float = field(default_factory=time.time)
+    redirect_url: str | None = None  # the Kite app's registered redirect URL (the browser login's target)
 
 
 @dataclass(slots=True)
