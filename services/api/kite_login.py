@@ -41,7 +41,7 @@ from services.api.errors import ApiError, json_response
 
 log = structlog.get_logger("api")
 
-_STATE_PURPOSE = b"kite-login-state-v1"
+STATE_PURPOSE = b"kite-login-state-v1"
 _PRINTABLE = frozenset(range(0x21, 0x7F))
 
 
@@ -88,7 +88,7 @@ async def login(request: web.Request) -> web.Response:
     if creds is None:
         raise ApiError(409, "broker_not_connected", "connect your broker first: POST /api/v1/broker/connect")
     settings = app[SETTINGS]
-    state = sign_state(app[TOKENS].derive(_STATE_PURPOSE), user_id, creds.api_key_fp, settings.login_state_ttl_s)
+    state = sign_state(app[TOKENS].derive(STATE_PURPOSE), user_id, creds.api_key_fp, settings.login_state_ttl_s)
     query = urlencode({"v": 3, "api_key": creds.api_key, "redirect_params": urlencode({"state": state})})
     log.info("kite login link issued", user_id=str(user_id), api_key_fp=creds.api_key_fp)
     out = BrokerLoginOut(login_url=f"{settings.kite_login_root.rstrip('/')}/connect/login?{query}",
@@ -122,7 +122,7 @@ def _back_to_dashboard(request: web.Request, params: dict[str, str]) -> web.Resp
 async def _finish_login(request: web.Request) -> BrokerConnectOut:
     app = request.app
     query = request.query
-    data = verify_state(app[TOKENS].derive(_STATE_PURPOSE), query.get("state", ""))
+    data = verify_state(app[TOKENS].derive(STATE_PURPOSE), query.get("state", ""))
     user_id = UUID(data["u"])
     if request.headers.get("Authorization") and current_user(request) != user_id:
         raise ApiError(403, "login_state_other_user", "this login link belongs to another Tickwise user")
