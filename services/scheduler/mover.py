@@ -7,7 +7,6 @@ same member and only one XADD happens, because Redis runs scripts one at a time.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 from prometheus_client import Counter, Histogram
@@ -15,6 +14,7 @@ from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, ResponseError
 
 from libs.schema import keys
+from libs.service.clock import Clock, SystemClock
 
 _MOVE_DUE = """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[2]))
@@ -64,9 +64,10 @@ class MovedEvent:
 class DueMover:
     """Own the move script and the lateness bookkeeping."""
 
-    def __init__(self, redis: Redis, *, batch_size: int = 500) -> None:
+    def __init__(self, redis: Redis, *, batch_size: int = 500, clock: Clock | None = None) -> None:
         self.redis = redis
         self.batch_size = batch_size
+        self.clock = clock or SystemClock()
         self._sha: str | None = None
         self.moved_total = 0
 
@@ -89,9 +90,9 @@ class DueMover:
         """
         replies: list[tuple[list[bytes], float]] = []
         while True:
-            reply = await self._eval(int(time.time() * 1000))
+            reply = await self._eval(int(self.clock.time() * 1000))
             if reply:
-                replies.append((reply, time.time() * 1000))
+                replies.append((reply, self.clock.time() * 1000))
             if len(reply) < 2 * self.batch_size:
                 break
         moved: list[MovedEvent] = []
@@ -114,7 +115,7 @@ class DueMover:
         head = await self.redis.zrange(keys.SCHEDULE, 0, 0, withscores=True)
         if not head:
             return None
-        return max(0.0, head[0][1] / 1000 - time.time())
+        return max(0.0, head[0][1] / 1000 - self.clock.time())
 
 
 def _stream_id(raw: bytes | str) -> tuple[int, int]:
