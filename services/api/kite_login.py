@@ -91,7 +91,7 @@ async def login(request: web.Request) -> web.Response:
     state = sign_state(app[TOKENS].derive(STATE_PURPOSE), user_id, creds.api_key_fp, settings.login_state_ttl_s)
     query = urlencode({"v": 3, "api_key": creds.api_key, "redirect_params": urlencode({"state": state})})
     log.info("kite login link issued", user_id=str(user_id), api_key_fp=creds.api_key_fp)
-    out = BrokerLoginOut(login_url=f"{settings.kite_login_root.rstrip('/')}/connect/login?{query}",
+    out = BrokerLoginOut(login_url=f"{settings.login_root}/connect/login?{query}",
                          state_expires_in=settings.login_state_ttl_s)
     return json_response(out.model_dump(mode="json"))
 
