@@ -32,7 +32,7 @@ from libs.schema.models import OrderLogStatus, StrategyStatus
 from libs.schema.tables import BrokerCredential, OrderLog, Strategy
 from libs.service.logging import get_logger
 from libs.trading.calendar import MarketCalendar
-from libs.trading.runs import config_for, load_run, plan_run, unload_run
+from libs.trading.runs import commit_loaded_run, config_for, plan_run
 from libs.trading.tags import order_tag
 
 REPEATING = "trading_days"
@@ -107,16 +107,7 @@ async def _rearm_one(sessions: async_sessionmaker[AsyncSession], redis: Redis, c
         await session.flush()
         config = config_for(row, api_key_fp=fp)
         plan = plan_run(config, calendar, now)
-        try:
-            await load_run(redis, config, plan, now=now)
-        except BaseException:
-            await session.rollback()
-            raise
-        try:
-            await session.commit()
-        except BaseException:
-            await unload_run(redis, config, plan)
-            raise
+        await commit_loaded_run(session, redis, config, plan, now=now)
     log.info("strategy re-armed", strategy_id=str(sid), run_id=config.run_id, after=previous.value,
              trading_day=plan.trading_day.isoformat(), buy_due_ms=plan.buy_due_ms)
     return Rearmed(sid, config.run_id, plan.trading_day)

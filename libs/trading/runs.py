@@ -10,6 +10,7 @@ executor skips events whose run is no longer loaded, so they are harmless.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any
@@ -28,7 +29,10 @@ from libs.schema.models import (
     StrategyConfig,
     event_to_json,
 )
+from libs.service.logging import get_logger
 from libs.trading.calendar import MarketCalendar, epoch_ms
+
+_log = get_logger("runs")
 
 CONTROL_MAXLEN = keys.CONTROL_MAXLEN
 
@@ -110,6 +114,30 @@ async def load_run(redis: Redis, config: StrategyConfig, plan: RunPlan, *, now: 
         event_to_json(plan.buy), plan.buy_due_ms, event_to_json(plan.sell), plan.sell_due_ms,
         dumps(started_message(config)), CONTROL_MAXLEN, keys.SCHEDULE_WAKEUP_CHANNEL,
     )
+
+
+async def commit_loaded_run(session: Any, redis: Redis, config: StrategyConfig, plan: RunPlan, *, now: datetime,
+                            before_load: Callable[[], Awaitable[None]] | None = None) -> None:
+    """Load a started run into Redis, then commit `session` (which marked it running); never half of it.
+
+    If the load fails the transaction rolls back; if the commit fails the load is undone.
+    """
+    try:
+        if before_load is not None:
+            await before_load()
+        await load_run(redis, config, plan, now=now)
+    except BaseException:
+        await session.rollback()
+        raise
+    try:
+        await session.commit()
+    except BaseException:
+        try:
+            await unload_run(redis, config, plan)
+        except Exception:
+            _log.exception("undo failed: Redis and Postgres disagree until the next rebuild", action="start",
+                           strategy_id=str(config.strategy_id))
+        raise
 
 
 async def unload_run(redis: Redis, config: StrategyConfig, plan: RunPlan) -> bool:

@@ -42,6 +42,7 @@ from libs.schema.tables import BrokerCredential, Strategy
 from libs.trading.runs import (
     CONTROL_MAXLEN,
     RunPlan,
+    commit_loaded_run,
     config_for,
     load_run,
     loaded_config,
@@ -108,18 +109,12 @@ async def start(request: web.Request) -> web.Response:
         config = config_for(row, api_key_fp=creds.api_key_fp, instrument_token=token)
         plan = plan_run(config, app[CALENDAR], now)
         broker_row = await session.get(BrokerCredential, user_id)
-        try:
+
+        async def mirror_credentials() -> None:
             if broker_row is not None:
                 await write_broker_hash(redis, broker_row)
-            await load_run(redis, config, plan, now=now)
-        except BaseException:
-            await session.rollback()
-            raise
-        try:
-            await session.commit()
-        except BaseException:
-            await _undo(unload_run(redis, config, plan), "start", row.id)
-            raise
+
+        await commit_loaded_run(session, redis, config, plan, now=now, before_load=mirror_credentials)
         await session.refresh(row)
     log.info("strategy started", strategy_id=str(row.id), run_id=config.run_id,
              trading_day=plan.trading_day.isoformat(), buy_due_ms=plan.buy_due_ms)

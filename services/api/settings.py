@@ -55,7 +55,7 @@ class ApiSettings(ServiceSettings):
     else https://kite.zerodha.com."""
     login_state_ttl_s: int = Field(600, ge=30, le=3600)
     """How long a Kite login link (its signed `state`) stays usable, once."""
-    dashboard_url: str = "/"
+    dashboard_url: str = Field("/", repr=False)
     """Where the Kite login callback sends the browser back to (with `?broker_login=...`)."""
     token_check_cache_s: float = Field(30.0, ge=0)
     """Start reuses the broker's `valid` answer about a token this long before asking again."""
