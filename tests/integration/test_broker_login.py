@@ -81,7 +81,7 @@ async def test_login_through_the_kite_page_stores_a_fresh_valid_token(api: ApiHa
     assert broker["is_valid"] is True and broker["token_state"] == "valid"
     assert broker["token_checked_at"] and broker["token_expires_at"].endswith(("T00:30:00Z", "T00:30:00+00:00"))
     # The simulator rotated the token at the exchange: the stored one is the new one (start checks it).
-    strategy = await api.strategy(user)
+    strategy = await api.strategy(user, buy_time="10:00:00", sell_time="11:00:00")
     started = await api.v1("POST", "/strategies/start", {"strategy_id": strategy["id"]}, user=user, expect=200)
     assert started.body["status"] == "running" and started.body["trading_day"]
     assert old_token not in "".join(api.texts)
@@ -155,7 +155,7 @@ async def test_start_with_an_expired_token_is_refused_and_broker_says_so(api_fac
     # No cache: connect has just recorded a `valid` answer, which start would otherwise reuse for 30 s.
     api = await api_factory(kite_login_root=sim.base_url, token_check_cache_s=0)
     user = await kite_user(api)
-    strategy = await api.strategy(user)
+    strategy = await api.strategy(user, buy_time="10:00:00", sell_time="11:00:00")
     api.sim.expire(user.broker["api_key"])
     reply = await api.v1("POST", "/strategies/start", {"strategy_id": strategy["id"]}, user=user)
     assert reply.status == 409 and reply.body["error"]["code"] == "broker_credentials_invalid", reply.text

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from datetime import datetime
 from typing import Any
 
 import pytest
 
 from libs.schema import keys
+from libs.trading.calendar import IST
 from tests.integration import api_support
 from tests.integration.api_support import ApiHarness, User, clock
 from tests.integration.executor_support import executor_settings, fake_scheduler, running_executor
@@ -31,8 +33,12 @@ async def _position(api: ApiHarness, user: User, sid: str) -> str:
     return (await api.v1("GET", f"/strategies/{sid}/status", user=user, expect=200)).body["position"]
 
 
-async def _started(api: ApiHarness, user: User, buy_in: int, sell_in: int) -> str:
-    sid = (await api.strategy(user, buy_time=clock(buy_in), sell_time=clock(sell_in)))["id"]
+async def _started(api: ApiHarness, user: User, buy_in: int | None, sell_in: int | None) -> str:
+    """Start a strategy buying buy_in s from now (None: hours away, today or tomorrow)."""
+    late = datetime.now(IST).hour >= 22  # an hour ahead would cross midnight: 10:00 is tomorrow then
+    times = {"buy_time": clock(buy_in) if buy_in is not None else ("10:00:00" if late else clock(3600)),
+             "sell_time": clock(sell_in) if sell_in is not None else ("11:00:00" if late else clock(7200))}
+    sid = (await api.strategy(user, **times))["id"]
     await api.v1("POST", "/strategies/start", {"strategy_id": sid}, user=user, expect=200)
     return sid
 
@@ -46,7 +52,7 @@ async def test_kill_switch_squares_off_each_held_position_once(api: ApiHarness, 
                                                                exec_settings: Any) -> None:
     user = await api.connected_user()
     async with fake_scheduler(redis), running_executor(exec_settings):
-        waiting = await _started(api, user, 3600, 7200)
+        waiting = await _started(api, user, None, None)
         bought = await _started(api, user, 2, 3600)
         exiting = await _started(api, user, 2, 7)
         for sid in (bought, exiting):
