@@ -201,7 +201,8 @@ class OrderHandler:
         if kind == EventType.BUY and (halt := await self.halt.reason()) is not None:
             # Nothing is held, so the run ends now rather than at a SELL with nothing to sell.
             out = skipped(event, f"operator halt: no new entries ({halt})")
-            out.unload, out.strategy_status, out.failure_reason = config, "failed", f"entry skipped: operator halt ({halt})"
+            out.unload, out.strategy_status = config, "failed"
+            out.failure_reason = f"entry skipped: operator halt ({halt})"
             return out, config
         if kind != EventType.BUY and position in EXIT_POSITIONS:
             # Already exited; if the run is still loaded a crash came between the

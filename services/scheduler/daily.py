@@ -117,14 +117,17 @@ class DailyTasks:
 
     async def rearm_forever(self) -> None:
         """Arm ended runs of repeating strategies for their next trading day; watch the halt key."""
+        pause = self.settings.rearm_interval_s
         while not self.stopping.is_set():
             try:
                 await self.watch_halt()
                 armed = await rearm_ended_runs(self.sessions, self.redis, self.calendar, self.clock.now())
                 REARMED.inc(len(armed))
+                pause = self.settings.rearm_interval_s
             except (SQLAlchemyError, RedisError, OSError) as exc:
-                log.warning("re-arm pass failed; retrying", error=str(exc))
-            await self._pause(self.settings.rearm_interval_s)
+                pause = min(pause * 2, 30.0)  # an outage: back off instead of logging every second
+                log.warning("re-arm pass failed; retrying", error=str(exc), retry_in_s=pause)
+            await self._pause(pause)
 
     async def watch_halt(self) -> None:
         halted = bool(await self.redis.exists(keys.OPERATOR_HALT))
