@@ -332,7 +332,8 @@ onSubmit("session", async (v, form) => {
 });
 onSubmit("create", async (v, form) => {
   const out = await call("POST", "/strategies", { symbol: v.symbol.trim().toUpperCase(), buy_time: clock(v.buy_time),
-    sell_time: clock(v.sell_time), stop_loss: num(v.stop_loss), quantity: num(v.quantity) });
+    sell_time: clock(v.sell_time), stop_loss: num(v.stop_loss), quantity: num(v.quantity),
+    repeat: v.repeat ? "trading_days" : "once" });
   form.reset();
   return "Created " + out.symbol + " (buy " + out.buy_time + ", sell " + out.sell_time + " IST). Press Start to schedule it.";
 });
