@@ -24,7 +24,7 @@ from datetime import date, datetime
 from uuid import UUID
 
 from redis.asyncio import Redis
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from libs.schema import keys
@@ -80,6 +80,27 @@ async def rearm_ended_runs(sessions: async_sessionmaker[AsyncSession], redis: Re
         if result is not None:
             armed.append(result)
     return armed
+
+
+async def end_series(session: AsyncSession, user_id: UUID, strategy_id: UUID | None = None) -> list[UUID]:
+    """Mark the user's repeating strategies between runs (exited/failed) `stopped`, so none is re-armed.
+
+    One strategy, or all of the user's with strategy_id None. Commits; returns the ids.
+    A re-arm holding a row's lock finishes first: that row is `running` then and
+    is the caller's to stop like any running one.
+    """
+    stmt = (update(Strategy)
+            .where(Strategy.user_id == user_id, Strategy.repeat == REPEATING,
+                   Strategy.status.in_([StrategyStatus.exited, StrategyStatus.failed]))
+            .values(status=StrategyStatus.stopped, stopped_at=func.now(), updated_at=func.now())
+            .returning(Strategy.id))
+    if strategy_id is not None:
+        stmt = stmt.where(Strategy.id == strategy_id)
+    ids = list((await session.scalars(stmt)).all())
+    await session.commit()
+    if ids:
+        log.info("repeating strategies stopped between runs", user_id=str(user_id), count=len(ids))
+    return ids
 
 
 async def _rearm_one(sessions: async_sessionmaker[AsyncSession], redis: Redis, calendar: MarketCalendar,

@@ -6,7 +6,8 @@ held position gets exactly one exit at the broker however often the switch is
 pressed or whatever order is in flight: a press waits for an order in flight
 (up to `kill_switch_lock_wait_s`), and an exit already queued or sent shares
 its tag with the square-off, so only one can fill. A second press finds
-nothing running and changes nothing.
+nothing running and changes nothing. Repeating strategies between two runs are
+marked `stopped` first, so the scheduler does not arm their next run.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from sqlalchemy import select
 
 from libs.schema.models import KillSwitchOut, KillSwitchRequest, KillSwitchResult, Position, StrategyStatus
 from libs.schema.tables import Strategy
-from services.api.deps import READS, SETTINGS, current_user, read_model
+from libs.trading.repeat import end_series
+from services.api.deps import READS, SESSIONS, SETTINGS, current_user, read_model
 from services.api.errors import ApiError, json_response
 from services.api.run_control import stop_run
 from services.api.status import build_status
@@ -30,9 +32,13 @@ async def press(request: web.Request) -> web.Response:
     app = request.app
     user_id = current_user(request)
     body = await read_model(request, KillSwitchRequest)
+    async with app[SESSIONS]() as session:
+        # First the repeating strategies between runs, so that none is re-armed behind our back.
+        between = await end_series(session, user_id)
     async with app[READS]() as session:
         rows = (await session.scalars(select(Strategy).where(Strategy.user_id == user_id,
-                                                             Strategy.status == StrategyStatus.running)
+                                                             (Strategy.status == StrategyStatus.running)
+                                                             | Strategy.id.in_(between))
                                       .order_by(Strategy.created_at, Strategy.id))).all()
     results: list[KillSwitchResult] = []
     for row in rows:
@@ -55,6 +61,7 @@ async def press(request: web.Request) -> web.Response:
     out = KillSwitchOut(strategies=results, stopped=sum(r.action in ("stopped", "squaring_off") for r in results),
                         squaring_off=sum(r.action == "squaring_off" for r in results))
     log.warning("kill switch pressed", user_id=str(user_id), square_off=body.square_off, running=len(rows),
+                series_ended=len(between),
                 stopped=out.stopped, squaring_off=out.squaring_off,
                 busy=sum(r.action == "busy" for r in results))
     return json_response(out.model_dump(mode="json"))

@@ -39,6 +39,7 @@ from libs.schema.models import (
 )
 from libs.schema.models import StrategyStatus as S
 from libs.schema.tables import BrokerCredential, Strategy
+from libs.trading.repeat import end_series
 from libs.trading.runs import (
     CONTROL_MAXLEN,
     RunPlan,
@@ -128,6 +129,8 @@ async def stop(request: web.Request) -> web.Response:
     body = await read_model(request, StopStrategyRequest)
     async with app[SESSIONS]() as session:
         row = await own_strategy(session, user_id, body.strategy_id)
+        if row.status != S.running and await end_series(session, user_id, row.id):
+            await session.refresh(row)  # a repeating strategy between runs: no next run
     if row.status != S.running:
         return json_response(await build_status(app, row))
     row, _ = await stop_run(app, user_id, body.strategy_id, body.square_off, app[SETTINGS].stop_lock_wait_s)

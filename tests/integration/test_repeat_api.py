@@ -6,10 +6,13 @@ import asyncio
 from datetime import date, datetime, time, timedelta
 
 import pytest
+from sqlalchemy import func, update
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
+from libs.schema.tables import Strategy
 from libs.service.clock import SystemClock
 from libs.trading.calendar import IST, MarketCalendar
+from libs.trading.repeat import rearm_ended_runs
 from libs.trading.tokens import TokenChecker
 from services.api.deps import BOX, ENGINE, GATEWAY, REDIS
 from services.scheduler.daily import DailyTasks
@@ -77,3 +80,20 @@ async def test_preopen_check_runs_once_per_account_across_replicas_and_flags_the
     await api.v1("POST", "/broker/session", {"request_token": token}, user=user, expect=200)
     cleared = (await api.v1("GET", f"/strategies/{strategy['id']}/status", user=user, expect=200)).body
     assert cleared["needs_login"] is False and cleared["reason"] is None
+
+
+async def test_stop_and_kill_switch_end_a_series_between_two_runs(api: ApiHarness) -> None:
+    user = await api.connected_user()
+    ids = [(await api.strategy(user, buy_time="10:00:00", sell_time="11:00:00", repeat="trading_days"))["id"]
+           for _ in range(2)]
+    async with api.app[ENGINE].begin() as conn:  # both runs just ended; the next is not armed yet
+        await conn.execute(update(Strategy).where(Strategy.id.in_(ids)).values(status="exited",
+                                                                                 started_at=func.now()))
+    stopped = await api.v1("POST", "/strategies/stop", {"strategy_id": ids[0]}, user=user, expect=200)
+    assert stopped.body["status"] == "stopped"
+    pressed = await api.v1("POST", "/kill-switch", {"square_off": True}, user=user, expect=200)
+    assert [(r["strategy_id"], r["action"]) for r in pressed.body["strategies"]] == [(ids[1], "stopped")]
+    sessions = async_sessionmaker(api.app[ENGINE], expire_on_commit=False)
+    assert await rearm_ended_runs(sessions, api.app[REDIS], MarketCalendar("always_open"), datetime.now(IST)) == []
+    rows = {s["id"]: s["status"] for s in (await api.v1("GET", "/strategies", user=user)).body}
+    assert rows == {ids[0]: "stopped", ids[1]: "stopped"}
