@@ -127,7 +127,8 @@ async def _finish_login(request: web.Request) -> BrokerConnectOut:
     if request.headers.get("Authorization") and current_user(request) != user_id:
         raise ApiError(403, "login_state_other_user", "this login link belongs to another Tickwise user")
     ttl = max(1, int(data["e"] - time.time()) + 60)
-    if not await app[REDIS].set(keys.broker_login_state_key(str(data["n"])), "used", nx=True, ex=ttl):
+    used = keys.broker_login_state_key(str(data["n"]))
+    if not await app[REDIS].set(used, "used", nx=True, ex=ttl):
         raise ApiError(409, "login_state_replayed", "this login link was already used; start the login again")
     if query.get("status") != "success" or query.get("action", "login") != "login":
         raise ApiError(400, "broker_login_failed", f"Kite did not complete the login (status "
@@ -144,6 +145,8 @@ async def _finish_login(request: web.Request) -> BrokerConnectOut:
         session_data = await app[GATEWAY].generate_session(creds.api_key, request_token, creds.api_secret)
     except BrokerError as exc:
         if exc.kind not in (BrokerErrorKind.AUTH, BrokerErrorKind.FINAL):
+            # No answer: the same link may be retried (Kite refuses a request_token it already took).
+            await app[REDIS].delete(used)
             raise broker_unavailable(exc) from None
         raise ApiError(422, "broker_session_rejected", f"Kite refused the login: {scrub(exc.message)}",
                        {"broker_error": exc.error_type}) from None

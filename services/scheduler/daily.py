@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from datetime import date
+from typing import Any
 
 from prometheus_client import Counter, Gauge
 from redis.asyncio import Redis
@@ -43,6 +44,7 @@ TOKEN_CHECKS = Counter("scheduler_token_checks_total", "Pre-open token checks, b
 REARMED = Counter("scheduler_runs_rearmed_total", "Repeating strategies armed for their next trading day.")
 HALT = Gauge("scheduler_operator_halt", "1 while the operator halt key is set (executors place no new entries).")
 CHECK_MARK_TTL_S = 172_800
+CHECK_CONCURRENCY = 16  # profile calls in flight (each account has its own Kite rate limit)
 
 log = get_logger("scheduler")
 
@@ -64,7 +66,7 @@ class DailyTasks:
         if not settings.secret_key:
             log.warning("pre-open token check off: TICKWISE_SECRET_KEY is not set")
             return cls(settings, redis, sessions, calendar, clock, stopping, None), None
-        gateway = KiteGateway(settings.kite_root, max_workers=4, timeout_s=settings.kite_timeout_s)
+        gateway = KiteGateway(settings.kite_root, max_workers=CHECK_CONCURRENCY, timeout_s=settings.kite_timeout_s)
         box = SecretBox.from_b64(settings.secret_key, settings.secret_keys_retired)
         checker = TokenChecker(sessions, redis, box, gateway, clock)
         return cls(settings, redis, sessions, calendar, clock, stopping, checker), gateway
@@ -99,12 +101,22 @@ class DailyTasks:
                 select(Strategy.user_id, func.count()).where(Strategy.status == StrategyStatus.running)
                 .group_by(Strategy.user_id))).all()
         counts = {"accounts": len(users), "checked": 0, "expired": 0}
-        for user_id, running in users:
-            if not await self.redis.set(keys.token_check_key(user_id, day), "1", nx=True, ex=CHECK_MARK_TTL_S):
-                continue  # another replica has it
-            check = await self.checker.check(user_id)
-            if check is None:
-                continue
+        limit = asyncio.Semaphore(CHECK_CONCURRENCY)
+
+        async def check_one(user_id: Any, running: int) -> None:
+            async with limit:
+                await self._check_account(user_id, running, day, counts)
+
+        await asyncio.gather(*(check_one(user_id, running) for user_id, running in users))
+        log.info("pre-open token check done", trading_day=day.isoformat(), **counts)
+        return counts
+
+    async def _check_account(self, user_id: Any, running: int, day: date, counts: dict[str, int]) -> None:
+        assert self.checker is not None
+        if not await self.redis.set(keys.token_check_key(user_id, day), "1", nx=True, ex=CHECK_MARK_TTL_S):
+            return  # another replica has it
+        check = await self.checker.check(user_id)
+        if check is not None:
             counts["checked"] += 1
             TOKEN_CHECKS.labels(state=check.state.value).inc()
             if check.state == TokenState.expired:
@@ -112,8 +124,6 @@ class DailyTasks:
                 # The notification: one line per account per day, and the status flag.
                 log.warning("kite login needed before buy time", user_id=str(user_id), running=running,
                             trading_day=day.isoformat())
-        log.info("pre-open token check done", trading_day=day.isoformat(), **counts)
-        return counts
 
     async def rearm_forever(self) -> None:
         """Arm ended runs of repeating strategies for their next trading day; watch the halt key."""
