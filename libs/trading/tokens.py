@@ -45,6 +45,12 @@ return 0
 """
 
 
+async def mirror_expired(redis: Redis, user_id: UUID | str, token_ct: bytes | str) -> bool:
+    """Record in `broker:{user_id}` that the broker refused this token (ciphertext), unless replaced since."""
+    return bool(await redis.eval(_MIRROR, 1, keys.broker_credentials_key(user_id), token_ct,
+                                 TokenState.expired.value, "0"))
+
+
 class TokenState(enum.StrEnum):
     valid = "valid"
     expired = "expired"
@@ -88,7 +94,9 @@ class TokenChecker:
             return None
         now = self.clock.now()
         if (max_age_s > 0 and row.token_state == TokenState.valid and row.token_checked_at is not None
-                and row.is_valid and (now - row.token_checked_at).total_seconds() < max_age_s):
+                and row.is_valid and (now - row.token_checked_at).total_seconds() < max_age_s
+                and await self.redis.hget(keys.broker_credentials_key(user_id), "token_state") != b"expired"):
+            # (An executor that saw the broker refuse the token since wrote `expired` in Redis: ask again.)
             return TokenCheck(TokenState.valid, row.token_checked_at, cached=True)
         try:
             api_key = self.box.decrypt(row.api_key, f"broker_credentials:{user_id}:api_key")

@@ -274,6 +274,13 @@ async def status(request: web.Request) -> web.Response:
     if row is None:
         out = BrokerStatusOut(connected=False, is_valid=False)
     else:
-        out = BrokerStatusOut(connected=True, is_valid=row.is_valid, api_key_hint=row.api_key_hint,
-                              updated_at=row.updated_at, **token_status(row))
+        token = token_status(row)
+        # The executor records a token the broker refused at order time in Redis only (it never
+        # writes Postgres): that answer is newer than a `valid` one here, for the same token.
+        seen = await request.app[REDIS].hmget(keys.broker_credentials_key(user_id), "access_token", "token_state")
+        refused = seen[1] == b"expired" and seen[0] is not None and seen[0].decode() == row.access_token
+        if refused:
+            token |= {"token_state": "expired", "token_expires_at": None}
+        out = BrokerStatusOut(connected=True, is_valid=row.is_valid and not refused,
+                              api_key_hint=row.api_key_hint, updated_at=row.updated_at, **token)
     return json_response(out.model_dump(mode="json"))

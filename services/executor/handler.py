@@ -40,7 +40,7 @@ from libs.service.logging import get_logger
 from libs.trading.calendar import MarketCalendar
 from libs.trading.runs import plan_run, schedule_event, unload_run
 from libs.trading.tags import intent_of, order_tag
-from libs.trading.tokens import SESSION_EXPIRED_REASON
+from libs.trading.tokens import SESSION_EXPIRED_REASON, mirror_expired
 from services.executor import metrics
 from services.executor.credentials import CredentialStore, CredentialsUnavailable, KiteCredentials
 from services.executor.halt import OperatorHalt
@@ -281,6 +281,7 @@ class OrderHandler:
             return self.abort_now(event, request, {"error": str(error)}, tag, "credentials", log)
         except BrokerError as error:
             if error.kind == BrokerErrorKind.AUTH:
+                await mirror_expired(self.redis, config.user_id, creds.token_ct)
                 return self.abort_now(event, request, error.as_payload(), tag, "auth", log)
             if error.kind == BrokerErrorKind.FINAL and kind == EventType.BUY:
                 return self.fail_run(event, config, request, error.as_payload(), tag, None,

@@ -81,6 +81,8 @@ async def test_a_trader_who_never_logs_in_gets_one_abort_and_no_order(trader: Tr
     assert len(logs) == 1 and logs[0]["response_payload"]["aborted"].startswith(SESSION_EXPIRED)
     assert await trader.broker_orders() == []
     assert (await trader.strategy_row(sid))["failure_reason"].startswith(SESSION_EXPIRED)
+    broker = await trader.call("GET", "/broker")  # true to the broker's last answer (at the BUY)
+    assert broker["token_state"] == "expired" and broker["is_valid"] is False
 
 
 async def _aborts(trader: Trader, sid: str) -> list[dict[str, Any]]:
