@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -33,11 +33,16 @@ async def _position(api: ApiHarness, user: User, sid: str) -> str:
     return (await api.v1("GET", f"/strategies/{sid}/status", user=user, expect=200)).body["position"]
 
 
+def soon(offset_s: int) -> str:
+    """Return IST wall-clock HH:MM:SS `offset_s` from now (at most 23:59:59 today): fires during the test."""
+    now = datetime.now(IST)
+    return min(now + timedelta(seconds=offset_s), now.replace(hour=23, minute=59, second=59)).strftime("%H:%M:%S")
+
+
 async def _started(api: ApiHarness, user: User, buy_in: int | None, sell_in: int | None) -> str:
-    """Start a strategy buying buy_in s from now (None: hours away, today or tomorrow)."""
-    late = datetime.now(IST).hour >= 22  # an hour ahead would cross midnight: 10:00 is tomorrow then
-    times = {"buy_time": clock(buy_in) if buy_in is not None else ("10:00:00" if late else clock(3600)),
-             "sell_time": clock(sell_in) if sell_in is not None else ("11:00:00" if late else clock(7200))}
+    """Start a strategy buying buy_in s from now (None: hours away, never during the test)."""
+    times = {"buy_time": soon(buy_in) if buy_in is not None else clock(3600),
+             "sell_time": soon(sell_in) if sell_in is not None else clock(7200)}
     sid = (await api.strategy(user, **times))["id"]
     await api.v1("POST", "/strategies/start", {"strategy_id": sid}, user=user, expect=200)
     return sid
