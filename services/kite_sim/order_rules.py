@@ -16,17 +16,10 @@ from datetime import datetime
 from typing import Any
 
 from libs.trading.calendar import IST, MIS_SQUARE_OFF, CalendarMode
-from services.kite_sim.book import (
-    LIVE,
-    MARKET_TYPES,
-    TRIGGER_PENDING,
-    TRIGGER_TYPES,
-    Book,
-    Modification,
-    Order,
-)
+from services.kite_sim.book import Book, Modification
 from services.kite_sim.depth import price_band
 from services.kite_sim.market import Instrument, Market
+from services.kite_sim.orders import LIVE, MARKET_TYPES, TRIGGER_PENDING, TRIGGER_TYPES, Order
 
 VARIETIES = {"regular", "amo"}
 PRODUCTS = {"CNC", "MIS", "NRML"}
