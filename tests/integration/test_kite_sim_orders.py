@@ -22,6 +22,8 @@ from libs.trading.calendar import IST
 from tests.support.eventually import eventually_sync
 from tests.support.kite_sim import SimAdmin, run_sim, ws_root
 
+pytest_plugins = ["tests.integration.kite_sim_support"]
+
 SLIPPAGE_BPS = 10
 BEFORE_EXCHANGE = ["PUT ORDER REQ RECEIVED", "VALIDATION PENDING", "OPEN PENDING"]
 
@@ -31,23 +33,6 @@ def sim_url() -> Iterator[str]:
     # The walk is off so prices move only when a test says so.
     with run_sim(slippage_bps=SLIPPAGE_BPS, tick_interval_ms=0, seed=11) as url:
         yield url
-
-
-@pytest.fixture
-def admin(sim_url: str) -> SimAdmin:
-    admin = SimAdmin(sim_url)
-    admin.reset()
-    return admin
-
-
-@pytest.fixture
-def account(admin: SimAdmin) -> dict[str, Any]:
-    return admin.create_account("Ravi Iyer")
-
-
-@pytest.fixture
-def kite(sim_url: str, account: dict[str, Any]) -> KiteConnect:
-    return KiteConnect(account["api_key"], access_token=account["access_token"], root=sim_url, timeout=5)
 
 
 def place(kite: KiteConnect, symbol: str, side: str, qty: int, order_type: str, **extra: Any) -> str:

@@ -14,6 +14,8 @@ from kiteconnect.exceptions import GeneralException, InputException, NetworkExce
 
 from tests.support.kite_sim import SimAdmin, run_sim
 
+pytest_plugins = ["tests.integration.kite_sim_support"]
+
 SLIPPAGE_BPS = 10
 
 
@@ -22,23 +24,6 @@ def sim_url() -> Iterator[str]:
     # The walk is off so prices move only when a test says so.
     with run_sim(slippage_bps=SLIPPAGE_BPS, tick_interval_ms=0, seed=7) as url:
         yield url
-
-
-@pytest.fixture
-def admin(sim_url: str) -> SimAdmin:
-    admin = SimAdmin(sim_url)
-    admin.reset()
-    return admin
-
-
-@pytest.fixture
-def account(admin: SimAdmin) -> dict[str, Any]:
-    return admin.create_account("Asha Rao")
-
-
-@pytest.fixture
-def kite(sim_url: str, account: dict[str, Any]) -> KiteConnect:
-    return KiteConnect(account["api_key"], access_token=account["access_token"], root=sim_url, timeout=5)
 
 
 def market_order(kite: KiteConnect, symbol: str, side: str, qty: int = 1, **extra: Any) -> str:
