@@ -316,6 +316,7 @@ class Book:
         """On new ticks: fire crossed triggers, fill crossed LIMIT orders, go on filling MARKET orders."""
         if not (self.open_limits or self.triggers or self.working):
             return
+        working = {o.instrument.instrument_token for o in self.working.values()}
         for quote in quotes:
             token = quote.instrument.instrument_token
             pending = self.triggers.get(token)
@@ -325,14 +326,19 @@ class Book:
                     order.transition(OPEN, self.now())
                     self._announce(order, OPEN)
                     self._work(order)
-            for order in [o for o in self.working.values() if o.instrument.instrument_token == token]:
-                self._continue_market(order)
+                if not pending:
+                    del self.triggers[token]
+            if token in working:
+                for order in [o for o in self.working.values() if o.instrument.instrument_token == token]:
+                    self._continue_market(order)
             resting = self.open_limits.get(token)
             if resting:
                 for order in [o for o in resting.values() if self._crosses(o, quote.last)]:
                     self._take(order, order.price_paise)
                     if order.status != OPEN:
                         del resting[order.order_id]
+                if not resting:
+                    del self.open_limits[token]
 
     def refill(self) -> None:
         """Bring fresh liquidity to instruments with unfinished MARKET orders and fill on."""
@@ -368,8 +374,12 @@ class Book:
 
     def _unpark(self, order: Order) -> None:
         token = order.instrument.instrument_token
-        self.open_limits.get(token, {}).pop(order.order_id, None)
-        self.triggers.get(token, {}).pop(order.order_id, None)
+        for parked in (self.open_limits, self.triggers):
+            orders = parked.get(token)
+            if orders is not None:
+                orders.pop(order.order_id, None)
+                if not orders:
+                    del parked[token]  # keeps the "nothing to match" check of every tick O(1)
         self.working.pop(order.order_id, None)
 
     def _work(self, order: Order) -> None:
