@@ -130,7 +130,7 @@ def build_app(settings: SimSettings | None = None) -> web.Application:
     faults = Faults(seed=settings.seed, hold_seconds=settings.hold_seconds)
     hub = TickHub(market)
     updates = OrderUpdates(hub)
-    book.listeners.append(updates.announce)
+    book.add_order_listener(updates.announce)
     app = web.Application(middlewares=[web.middleware(errors_as_kite)])
     app[SETTINGS_KEY], app[MARKET_KEY], app[BOOK_KEY], app[FAULTS_KEY], app[HUB_KEY], app[UPDATES_KEY] = (
         settings, market, book, faults, hub, updates)

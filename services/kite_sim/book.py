@@ -171,7 +171,8 @@ class Book:
         self.open_limits: dict[int, dict[str, Order]] = {}  # resting LIMIT (and triggered SL) orders
         self.triggers: dict[int, dict[str, Order]] = {}  # SL / SL-M orders in TRIGGER PENDING
         self.working: dict[str, Order] = {}  # MARKET orders waiting for liquidity to finish filling
-        self.listeners: list[OrderListener] = []
+        # A tuple, not a list: wiring, not state (a state file that saves the book's containers skips it).
+        self.order_listeners: tuple[OrderListener, ...] = ()
         # Ids keep counting across resets so that an id is never reused in one process.
         self._order_seq = itertools.count(1)
         self._trade_seq = itertools.count(1)
@@ -188,6 +189,10 @@ class Book:
         self.working.clear()
         self.liquidity.reset()
         self.slippage, self.liquidity.depth_quantity = self._defaults
+
+    def add_order_listener(self, listener: OrderListener) -> None:
+        """Call `listener(order, status)` on every order update (OPEN, UPDATE, COMPLETE, ...)."""
+        self.order_listeners += (listener,)
 
     def now(self) -> float:
         """Return the simulator's epoch time (its clock may be offset for tests)."""
@@ -369,7 +374,7 @@ class Book:
         return book
 
     def _announce(self, order: Order, status: str) -> None:
-        for listener in self.listeners:
+        for listener in self.order_listeners:
             listener(order, status)
 
     def _unpark(self, order: Order) -> None:
