@@ -20,7 +20,7 @@ from twisted.internet import reactor
 
 from libs.trading.calendar import IST
 from tests.support.eventually import eventually_sync
-from tests.support.kite_sim import SimAdmin, run_sim, ws_root
+from tests.support.kite_sim import SimAdmin, SimError, run_sim, ws_root
 
 pytest_plugins = ["tests.integration.kite_sim_support"]
 
@@ -188,6 +188,23 @@ def test_invalid_modifications_raise_and_leave_the_order_as_it_was(
         kite.modify_order("regular", order_id, **change)
     assert statuses(kite, order_id) == [*BEFORE_EXCHANGE, "OPEN"]
     assert last_state(kite, order_id)["price"] == 790.0
+
+
+def test_a_partly_filled_order_keeps_its_fills_through_modifications_up_to_kites_cap(
+        kite: KiteConnect, admin: SimAdmin) -> None:
+    admin.set_liquidity(depth_quantity=20)
+    admin.ticks(("INFY", 1500.00))
+    order_id = place(kite, "INFY", "BUY", 300, "LIMIT", price=1500.05)  # two ask levels within the limit
+    filled = last_state(kite, order_id)["filled_quantity"]
+    assert 0 < filled < 300
+    with pytest.raises(InputException, match="filled quantity"):
+        kite.modify_order("regular", order_id, quantity=filled)
+    for n in range(25):
+        kite.modify_order("regular", order_id, price=1490.00 - 0.05 * n)
+    with pytest.raises(InputException, match="modifications"):
+        kite.modify_order("regular", order_id, price=1480.00)
+    state = last_state(kite, order_id)
+    assert (state["filled_quantity"], state["pending_quantity"], state["price"]) == (filled, 300 - filled, 1488.8)
 
 
 def test_done_and_unknown_orders_cannot_be_modified_or_cancelled(
@@ -375,9 +392,13 @@ def test_postbacks_carry_kites_checksum_and_never_delay_orders(sim_url: str, adm
         (order_id + done["order_timestamp"] + acct["api_secret"]).encode()).hexdigest()
 
 
-def test_admin_refuses_a_postback_url_that_is_not_http(admin: SimAdmin) -> None:
-    with pytest.raises(Exception, match="postback_url"):
+def test_admin_refuses_a_postback_url_that_is_not_http_and_bad_liquidity(admin: SimAdmin) -> None:
+    with pytest.raises(SimError, match="postback_url"):
         admin.create_account(postback_url="ftp://example.com/x")
+    for bad in ({"depth_quantity": 0}, {"slippage_bps": -1}, {"slippage_bps": "lots"}, {"spread": 1}):
+        with pytest.raises(SimError, match="400"):
+            admin.set_liquidity(**bad)
+    assert admin.set_liquidity(slippage_bps=25) == {"slippage_bps": 25, "depth_quantity": 500}
 
 
 # every route answers Kite's envelope -------------------------------------------------------------
