@@ -135,7 +135,7 @@ class Order:
             "filled_quantity": filled,
             "pending_quantity": 0 if status in DONE else quantity - filled,
             "cancelled_quantity": cancelled,
-            "market_protection": self.market_protection,
+            "market_protection": int(mp) if (mp := self.market_protection) == int(mp) else mp,
             "meta": {},
             "tag": self.tag,
             "tags": [self.tag] if self.tag else [],

@@ -62,6 +62,41 @@ def complete(kite: KiteConnect, order_id: str, timeout: float = 10) -> dict[str,
     return eventually_sync(done, timeout=timeout, interval=0.05, message=f"{order_id} never completed")
 
 
+# Kite's published samples (kiteconnect-mocks: orders.json, order_trades.json, postback.json).
+ORDER_FIELDS = {
+    "placed_by": str, "order_id": str, "exchange_order_id": (str, type(None)), "parent_order_id": type(None),
+    "status": str, "status_message": (str, type(None)), "status_message_raw": (str, type(None)),
+    "order_timestamp": str, "exchange_update_timestamp": (str, type(None)), "exchange_timestamp": (str, type(None)),
+    "variety": str, "modified": bool, "exchange": str, "tradingsymbol": str, "instrument_token": int,
+    "order_type": str, "transaction_type": str, "validity": str, "validity_ttl": int, "product": str,
+    "quantity": int, "disclosed_quantity": int, "price": (int, float), "trigger_price": (int, float),
+    "average_price": (int, float), "filled_quantity": int, "pending_quantity": int, "cancelled_quantity": int,
+    "market_protection": int, "meta": dict, "tag": (str, type(None)), "tags": list, "guid": (str, type(None)),
+}
+TRADE_FIELDS = {
+    "trade_id": str, "order_id": str, "exchange": str, "tradingsymbol": str, "instrument_token": int,
+    "product": str, "average_price": (int, float), "quantity": int, "exchange_order_id": str,
+    "transaction_type": str, "fill_timestamp": str, "order_timestamp": str, "exchange_timestamp": str,
+}
+POSTBACK_FIELDS = ORDER_FIELDS | {"user_id": str, "unfilled_quantity": int, "app_id": int, "checksum": str}
+
+
+def assert_shape(row: dict[str, Any], fields: dict[str, Any]) -> None:
+    assert set(fields) <= set(row), f"missing {set(fields) - set(row)}"
+    wrong = {k: type(row[k]).__name__ for k, t in fields.items() if not isinstance(row[k], t)}
+    assert not wrong, f"wrong types: {wrong}"
+
+
+def test_orders_trades_and_history_have_kites_fields_and_types(kite: KiteConnect, admin: SimAdmin) -> None:
+    admin.ticks(("INFY", 1500.00))
+    order_id = place(kite, "INFY", "BUY", 2, "MARKET", tag="TWSHAPE")
+    # Raw JSON (the client's public methods parse timestamps into datetimes).
+    for row in [*kite._get("orders"), *kite._get("order.info", url_args={"order_id": order_id})]:
+        assert_shape(row, ORDER_FIELDS)
+    for row in [*kite._get("trades"), *kite._get("order.trades", url_args={"order_id": order_id})]:
+        assert_shape(row, TRADE_FIELDS)
+
+
 # SL and SL-M -------------------------------------------------------------------------------------
 
 
@@ -339,6 +374,7 @@ def test_order_updates_reach_the_accounts_ticker_only(
         eventually_sync(lambda: [u["status"] for u in mine.updates] == ["OPEN", "UPDATE", "COMPLETE"],
                         timeout=10, message=f"updates: {[u['status'] for u in mine.updates]}")
     done = mine.updates[-1]
+    assert_shape(done, POSTBACK_FIELDS)
     assert done["order_id"] == order_id and done["tag"] == "TWUPD1" and done["filled_quantity"] == 5
     assert done["average_price"] == 791.0 and done["price"] == 792.0 and done["unfilled_quantity"] == 0
     assert done["checksum"] == hashlib.sha256(
@@ -386,6 +422,7 @@ def test_postbacks_carry_kites_checksum_and_never_delay_orders(sim_url: str, adm
     finally:
         sink.shutdown()
     (done,) = [b for b in sink.bodies if b["status"] == "COMPLETE"]
+    assert_shape(done, POSTBACK_FIELDS)
     assert done["order_id"] == order_id and done["user_id"] == acct["user_id"] and done["tag"] == "TWPB1"
     assert done["filled_quantity"] == 3 and done["average_price"] == pytest.approx(1501.50)
     assert done["checksum"] == hashlib.sha256(
