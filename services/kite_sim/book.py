@@ -258,8 +258,7 @@ class Book:
             price_paise=price_paise, market_protection=market_protection, tag=tag,
             received_at=now, received_mono=time.monotonic(), trigger_paise=trigger_paise,
         )
-        order.transition(PUT_RECEIVED, now)
-        order.transition(VALIDATION_PENDING, now)
+        order.pass_through((PUT_RECEIVED, VALIDATION_PENDING), now)
         account.orders[order.order_id] = order
         self.orders[order.order_id] = order
         return order
@@ -272,13 +271,12 @@ class Book:
     def execute(self, order: Order) -> None:
         """Send the order to the exchange: wait for its trigger, or open it and fill what the depth allows."""
         now = self.now()
-        order.transition(OPEN_PENDING, now)
         if order.order_type in TRIGGER_TYPES:
-            order.transition(TRIGGER_PENDING, now)
+            order.pass_through((OPEN_PENDING, TRIGGER_PENDING), now)
             self.triggers.setdefault(order.instrument.instrument_token, {})[order.order_id] = order
             self._announce(order, TRIGGER_PENDING)
             return
-        order.transition(OPEN, now)
+        order.pass_through((OPEN_PENDING, OPEN), now)
         self._announce(order, OPEN)
         self._work(order)
 
@@ -301,8 +299,7 @@ class Book:
         self._unpark(order)
         now = self.now()
         back_to = order.status
-        order.transition(MODIFY_VALIDATION_PENDING, now)
-        order.transition(MODIFY_PENDING, now)
+        order.pass_through((MODIFY_VALIDATION_PENDING, MODIFY_PENDING), now)
         order.quantity, order.price_paise = change.quantity, change.price_paise
         order.trigger_paise, order.order_type = change.trigger_paise, change.order_type
         order.market_protection = change.market_protection

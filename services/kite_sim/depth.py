@@ -26,20 +26,18 @@ BUY, SELL = "BUY", "SELL"
 _MASK = 0xFFFFFFFFFFFFFFFF
 
 
-def _mix(*parts: int) -> int:
-    """Hash integers into 64 bits (splitmix64 steps: stable across processes, unlike hash())."""
-    h = 0x9E3779B97F4A7C15
-    for part in parts:
-        h = (h ^ (part & _MASK)) * 0xBF58476D1CE4E5B9 & _MASK
-        h = (h ^ (h >> 27)) * 0x94D049BB133111EB & _MASK
-        h ^= h >> 31
-    return h
+def _mix(seed: int, token: int, version: int, generation: int, side: int, level: int) -> int:
+    """Hash the level's coordinates into 64 bits (stable across processes, unlike hash())."""
+    h = (seed * 0x9E3779B97F4A7C15 + token * 0xBF58476D1CE4E5B9 + version * 0x94D049BB133111EB
+         + generation * 0xD6E8FEB86659FD93 + side * 0xA0761D6478BD642F + level * 0xE7037ED1A0B428DB) & _MASK
+    h = (h ^ (h >> 31)) * 0xFF51AFD7ED558CCD & _MASK
+    return h ^ (h >> 33)
 
 
 def level_quantity(seed: int, token: int, version: int, generation: int, side: str, level: int, lot: int,
                    depth_quantity: int) -> int:
     """Return the size in shares of one depth level (a whole number of lots, at least one)."""
-    scale = 50 + _mix(seed, token, version, generation, side == BUY, level) % 101  # percent
+    scale = 50 + _mix(seed, token, version, generation, side == BUY, level) % 101  # percent of depth_quantity
     shares = depth_quantity * scale // 100
     return max(lot, shares // lot * lot)
 

@@ -170,6 +170,8 @@ class OrderRules:
         if quantity > FREEZE_QUANTITY:
             raise order_violation(f"Order quantity exceeds the freeze limit of {FREEZE_QUANTITY} shares for "
                                   f"this instrument. Place a smaller order.")
+        if not (price or trigger):
+            return  # a MARKET order: no price to check
         quote = self.market.quote(ins)
         lower, upper = price_band(quote, self.band_pct)
         for paise in (price, trigger):
