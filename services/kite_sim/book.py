@@ -407,23 +407,16 @@ class Book:
 
     def _take(self, order: Order, limit_paise: int | None) -> None:
         """Fill against the depth, one trade per level, at most down (or up) to the limit."""
-        quote = self.market.quote(order.instrument)
-        side = order.transaction_type
         remaining = order.quantity - order.filled_quantity
-        taken = 0
-        now = self.now()
-        for level in self.liquidity.levels(quote, side):
-            if limit_paise is not None and (level.price > limit_paise if side == "BUY" else level.price < limit_paise):
-                break
-            qty = min(remaining - taken, level.quantity)
-            price = level.price if limit_paise is not None else self._slipped(order, level.price)
-            self._fill(order, qty, price, now)
-            taken += qty
-            if taken == remaining:
-                break
-        if not taken:
+        levels = self.liquidity.take(self.market.quote(order.instrument), order.transaction_type, remaining,
+                                     limit_paise)
+        if not levels:
             return
-        self.liquidity.take(quote, side, taken)
+        now = self.now()
+        taken = 0
+        for price, qty in levels:
+            self._fill(order, qty, price if limit_paise is not None else self._slipped(order, price), now)
+            taken += qty
         if taken == remaining:
             order.transition(COMPLETE, now)
             self._announce(order, COMPLETE)

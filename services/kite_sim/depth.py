@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from services.kite_sim.market import Quote, round_to_tick
 
@@ -68,9 +69,8 @@ class Taken:
     quantity: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class Level:
-    """One depth level that still has quantity."""
+class Level(NamedTuple):
+    """One depth level that still has quantity (paise, shares)."""
 
     price: int
     quantity: int
@@ -115,6 +115,29 @@ class Liquidity:
             if left > 0:
                 yield Level(level_price(quote, side, i), left)
 
-    def take(self, quote: Quote, side: str, quantity: int) -> None:
-        """Record that fills took `quantity` from the `side` levels."""
-        self._taken(quote, side).quantity += quantity
+    def take(self, quote: Quote, side: str, quantity: int, limit: int | None = None) -> list[Level]:
+        """Take up to `quantity` from the `side` levels, best first, none priced beyond `limit`.
+
+        Return what was taken at each level (one trade each); it stays taken
+        until the book is fresh again.
+        """
+        taken = self._taken(quote, side)
+        ins = quote.instrument
+        fills, start, want = [], 0, quantity
+        for i in range(LEVELS):
+            size = level_quantity(self.seed, ins.instrument_token, taken.version, taken.generation, side, i,
+                                  ins.lot_size, self.depth_quantity)
+            left = start + size - max(taken.quantity, start)
+            start += size
+            if left <= 0:
+                continue
+            price = level_price(quote, side, i)
+            if limit is not None and (price > limit if side == BUY else price < limit):
+                break
+            qty = min(want, left)
+            fills.append(Level(price, qty))
+            want -= qty
+            if not want:
+                break
+        taken.quantity += quantity - want
+        return fills

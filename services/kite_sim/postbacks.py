@@ -54,7 +54,7 @@ class OrderUpdates:
         """Send one update; only does work if someone listens (the book calls this on its hot path)."""
         account = order.account
         url = account.postback_url
-        to_ws = has_connection(self.hub, account.api_key)
+        to_ws = bool(self.hub.connections) and has_connection(self.hub, account.api_key)
         if not url and not to_ws:
             return
         data = order_update(order, status)
