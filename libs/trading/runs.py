@@ -134,14 +134,20 @@ async def commit_loaded_run(session: Any, redis: Redis, config: StrategyConfig, 
     except BaseException:
         await session.rollback()
         raise
+    await commit_or_undo(session, lambda: unload_run(redis, config, plan), "start", config.strategy_id)
+
+
+async def commit_or_undo(session: Any, undo: Callable[[], Awaitable[Any]], action: str,
+                         strategy_id: Any) -> None:
+    """Commit `session`; if the commit fails, undo the Redis half (loudly if that fails too) and re-raise."""
     try:
         await session.commit()
     except BaseException:
         try:
-            await unload_run(redis, config, plan)
+            await undo()
         except Exception:
-            _log.exception("undo failed: Redis and Postgres disagree until the next rebuild", action="start",
-                           strategy_id=str(config.strategy_id))
+            _log.exception("undo failed: Redis and Postgres disagree until the next rebuild", action=action,
+                           strategy_id=str(strategy_id))
         raise
 
 

@@ -44,6 +44,7 @@ from libs.trading.runs import (
     CONTROL_MAXLEN,
     RunPlan,
     commit_loaded_run,
+    commit_or_undo,
     config_for,
     load_run,
     loaded_config,
@@ -176,13 +177,11 @@ async def _stop_locked(app: web.Application, user_id: UUID, strategy_id: UUID,
         except BaseException:
             await session.rollback()
             raise
-        try:
-            await session.commit()
-        except BaseException:
+        async def reload() -> None:
             if saved and not squared:
-                await _undo(load_run(redis, config, plan, runtime=RuntimeState.from_redis_hash(saved)),
-                            "stop", row.id)
-            raise
+                await load_run(redis, config, plan, runtime=RuntimeState.from_redis_hash(saved))
+
+        await commit_or_undo(session, reload, "stop", row.id)
         await session.refresh(row)
     log.info("strategy stopped", strategy_id=str(row.id), run_id=config.run_id, square_off=squared)
     return row, squared
@@ -216,11 +215,3 @@ async def _acquire_lock(redis: Redis, strategy_id: UUID, wait_s: float) -> str:
         if time.monotonic() >= deadline:
             raise ApiError(409, "strategy_busy", "an order of this strategy is in flight; retry in a moment")
         await asyncio.sleep(0.05)
-
-
-async def _undo(step, what: str, strategy_id: UUID) -> None:  # noqa: ANN001
-    try:
-        await step
-    except Exception:
-        log.exception("undo failed: Redis and Postgres disagree until the next rebuild",
-                      action=what, strategy_id=str(strategy_id))
