@@ -47,6 +47,8 @@ async def press(request: web.Request) -> web.Response:
             row, squared = await stop_run(app, user_id, row.id, body.square_off,
                                           app[SETTINGS].kill_switch_lock_wait_s)
         except ApiError as exc:
+            if exc.code == "not_found":
+                continue  # deleted meanwhile (it was not running, then): nothing to stop
             if exc.code != "strategy_busy":
                 raise
             action = "busy"
