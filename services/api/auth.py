@@ -154,7 +154,7 @@ async def delete_account(request: web.Request) -> web.Response:
     request is repeated once the positions are closed. The order log stays (as
     the audit trail of real orders) but names nobody.
     """
-    from services.api.run_control import stop_run  # run_control imports modules importing this one
+    from services.api.run_control import stop_strategy  # run_control imports modules importing this one
 
     user_id = current_user(request)
     body = await read_model(request, DeleteAccountRequest)
@@ -163,7 +163,7 @@ async def delete_account(request: web.Request) -> web.Response:
         strategy_ids = list(await session.scalars(select(Strategy.id).where(Strategy.user_id == user_id)))
     redis = request.app[REDIS]
     for strategy_id in strategy_ids:
-        await stop_run(request.app, user_id, strategy_id, body.square_off)
+        await stop_strategy(request.app, user_id, strategy_id, body.square_off)
     loaded = [sid for sid in strategy_ids if await redis.exists(keys.strategy_key(sid))]
     if loaded:
         raise ApiError(409, "square_off_in_progress",

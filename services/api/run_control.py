@@ -41,9 +41,12 @@ from libs.schema.models import (
 )
 from libs.schema.models import StrategyStatus as S
 from libs.schema.tables import BrokerCredential, Strategy
+from libs.trading.repeat import end_series
 from libs.trading.runs import (
     CONTROL_MAXLEN,
     RunPlan,
+    commit_loaded_run,
+    commit_or_undo,
     config_for,
     load_run,
     loaded_config,
@@ -61,6 +64,7 @@ from services.api.broker import (
 from services.api.deps import CALENDAR, GATEWAY, READS, REDIS, SESSIONS, SETTINGS, current_user, read_model
 from services.api.errors import ApiError, json_response
 from services.api.instruments import instrument_token
+from services.api.kite_login import require_live_token
 from services.api.status import build_status
 from services.api.strategies import check_stop_loss, check_times, own_strategy
 
@@ -117,6 +121,7 @@ async def start(request: web.Request) -> web.Response:
         if row.status == S.running:
             return await run_answer(app, row, False, "already running")
         creds = require_valid(await load_credentials(app, session, user_id))
+    await require_live_token(app, user_id)
     check_times(app, row.buy_time, row.sell_time)
     token = await instrument_token(app, user_id, row.symbol)
     await check_stop_loss(app, creds, row.symbol, row.stop_loss, body.allow_stop_loss_above_price)
@@ -134,18 +139,12 @@ async def start(request: web.Request) -> web.Response:
         config = config_for(row, api_key_fp=creds.api_key_fp, instrument_token=token)
         plan = plan_run(config, app[CALENDAR], now)
         broker_row = await session.get(BrokerCredential, user_id)
-        try:
+
+        async def mirror_credentials() -> None:
             if broker_row is not None:
                 await write_broker_hash(redis, broker_row)
-            await load_run(redis, config, plan, now=now)
-        except BaseException:
-            await session.rollback()
-            raise
-        try:
-            await session.commit()
-        except BaseException:
-            await _undo(unload_run(redis, config, plan), "start", row.id)
-            raise
+
+        await commit_loaded_run(session, redis, config, plan, now=now, before_load=mirror_credentials)
         await session.refresh(row)
     log.info("strategy started", strategy_id=str(row.id), run_id=config.run_id,
              trading_day=plan.trading_day.isoformat(), buy_due_ms=plan.buy_due_ms)
@@ -165,36 +164,50 @@ async def stop(request: web.Request) -> web.Response:
     """Stop a strategy run; optionally square off an open position (also one an ended run left open)."""
     user_id = current_user(request)
     body = await read_model(request, StopStrategyRequest)
-    row, changed, reason = await stop_run(request.app, user_id, body.strategy_id, body.square_off)
+    row, changed, reason = await stop_strategy(request.app, user_id, body.strategy_id, body.square_off)
     return await run_answer(request.app, row, changed, reason)
 
 
-async def stop_run(app: web.Application, user_id: UUID, strategy_id: UUID,
-                   square_off: bool) -> tuple[Strategy, bool, str]:
-    """Stop one of the user's runs; return the row, whether anything changed, and what happened."""
+async def stop_strategy(app: web.Application, user_id: UUID, strategy_id: UUID,
+                        square_off: bool) -> tuple[Strategy, bool, str]:
+    """Stop one of the user's strategies; return the row, whether anything changed, and what happened."""
     async with app[SESSIONS]() as session:
         row = await own_strategy(session, user_id, strategy_id)
+        if row.status != S.running and await end_series(session, user_id, row.id):
+            await session.refresh(row)  # a repeating strategy between runs: no next run
+            if not square_off:
+                return row, True, "stopped: the repeating strategy will not run again"
     if row.status != S.running:
         if square_off and row.started_at is not None:
             return await _square_off_ended_run(app, user_id, row)
         return row, False, f"not running: {_NOT_RUNNING.get(row.status, row.status.value)}"
+    row, squared = await stop_run(app, user_id, strategy_id, square_off, app[SETTINGS].stop_lock_wait_s)
+    if squared:
+        return row, True, "stopped; square-off queued: the exit order is being placed"
+    return row, True, "stopped" + ("; no open position to square off" if square_off else "")
+
+
+async def stop_run(app: web.Application, user_id: UUID, strategy_id: UUID, square_off: bool,
+                   lock_wait_s: float) -> tuple[Strategy, bool]:
+    """Stop one run under its executor lock; return the row and whether a square-off SELL was queued.
+
+    409 `strategy_busy` if an order stays in flight longer than lock_wait_s.
+    """
     redis = app[REDIS]
-    owner = await _acquire_lock(redis, row.id, app[SETTINGS].stop_lock_wait_s)
+    owner = await _acquire_lock(redis, strategy_id, lock_wait_s)
     try:
-        row, reason = await _stop_locked(app, user_id, strategy_id, square_off)
+        return await _stop_locked(app, user_id, strategy_id, square_off)
     finally:
         await redis.eval(_RELEASE, 1, keys.lock_key(strategy_id), owner)
-    return row, reason is not None, reason or "not running: stopped meanwhile"
 
 
 async def _stop_locked(app: web.Application, user_id: UUID, strategy_id: UUID,
-                       square_off: bool) -> tuple[Strategy, str | None]:
-    """Stop the run under its lock; return the row and what happened (None: it was no longer running)."""
+                       square_off: bool) -> tuple[Strategy, bool]:
     redis = app[REDIS]
     async with app[SESSIONS]() as session:
         row = await own_strategy(session, user_id, strategy_id, for_update=True)
         if row.status != S.running or row.started_at is None:
-            return row, None
+            return row, False
         rebuilt = config_for(row)
         config = await loaded_config(redis, str(row.id))
         if config is None or config.run_id != rebuilt.run_id:
@@ -213,18 +226,14 @@ async def _stop_locked(app: web.Application, user_id: UUID, strategy_id: UUID,
         except BaseException:
             await session.rollback()
             raise
-        try:
-            await session.commit()
-        except BaseException:
+        async def reload() -> None:
             if saved and not squared:
-                await _undo(load_run(redis, config, plan, runtime=RuntimeState.from_redis_hash(saved)),
-                            "stop", row.id)
-            raise
+                await load_run(redis, config, plan, runtime=RuntimeState.from_redis_hash(saved))
+
+        await commit_or_undo(session, reload, "stop", row.id)
         await session.refresh(row)
     log.info("strategy stopped", strategy_id=str(row.id), run_id=config.run_id, square_off=squared)
-    if squared:
-        return row, "stopped; square-off queued: the exit order is being placed"
-    return row, "stopped" + ("; no open position to square off" if square_off else "")
+    return row, squared
 
 
 async def _square_off_ended_run(app: web.Application, user_id: UUID, row: Strategy) -> tuple[Strategy, bool, str]:
@@ -337,11 +346,3 @@ async def _acquire_lock(redis: Redis, strategy_id: UUID, wait_s: float) -> str:
         if time.monotonic() >= deadline:
             raise ApiError(409, "strategy_busy", "an order of this strategy is in flight; retry in a moment")
         await asyncio.sleep(0.05)
-
-
-async def _undo(step, what: str, strategy_id: UUID) -> None:  # noqa: ANN001
-    try:
-        await step
-    except Exception:
-        log.exception("undo failed: Redis and Postgres disagree until the next rebuild",
-                      action=what, strategy_id=str(strategy_id))

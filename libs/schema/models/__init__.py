@@ -3,11 +3,15 @@
 from libs.schema.models.api import (
     BrokerConnectOut,
     BrokerConnectRequest,
+    BrokerLoginOut,
     BrokerSessionRequest,
     BrokerStatusOut,
     DeleteAccountRequest,
     ErrorBody,
     ErrorResponse,
+    KillSwitchOut,
+    KillSwitchRequest,
+    KillSwitchResult,
     LoginRequest,
     OrderLogOut,
     PasswordChangeRequest,
@@ -22,6 +26,7 @@ from libs.schema.models.api import (
     TokenOut,
     UserOut,
     error_details,
+    weekday_numbers,
 )
 from libs.schema.models.events import (
     AbortEvent,
@@ -60,6 +65,7 @@ __all__ = [
     "AbortEvent",
     "BrokerConnectOut",
     "BrokerConnectRequest",
+    "BrokerLoginOut",
     "BrokerOrder",
     "BrokerSessionRequest",
     "BrokerStatusOut",
@@ -70,6 +76,9 @@ __all__ = [
     "ErrorBody",
     "ErrorResponse",
     "Event",
+    "KillSwitchOut",
+    "KillSwitchRequest",
+    "KillSwitchResult",
     "EventType",
     "LastAction",
     "DeleteAccountRequest",
@@ -110,4 +119,5 @@ __all__ = [
     "format_validation_error",
     "order_log_id",
     "parse_event",
+    "weekday_numbers",
 ]

@@ -1,7 +1,7 @@
 """Add users.token_version (session revocation) and strategies.deleted_at (soft delete).
 
 Revision ID: 0002
-Revises: 0001
+Revises: 0003 (re-chained on top of main's head when 0003 was merged first)
 Create Date: 2026-11-29
 
 Written out by hand and frozen, like 0001.
@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0002"
-down_revision: str | None = "0001"
+down_revision: str | None = "0003"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
