@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Iterable
-from datetime import UTC, date, datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from redis.asyncio import Redis
@@ -83,7 +83,6 @@ class OrderHandler:
         # the credentials together with the lock); bounded, cleared when full.
         self._configs: dict[str, tuple[bytes, StrategyConfig]] = {}
         self._owners: dict[str, str] = {}
-        self._schedules: dict[tuple[str, str], tuple[date, datetime, datetime]] = {}
         self.halt = OperatorHalt(redis)
 
     async def handle_entry(self, msg_id: str, fields: dict[bytes, bytes], deliveries: int,
@@ -254,8 +253,8 @@ class OrderHandler:
         """Raise Refused unless the event is what the run's schedule, listener or user asked for.
 
         Anything that can write `queue:orders` could otherwise trade for any user.
-        A BUY/SELL (or its RETRY) must carry the run's scheduled time and trading day
-        and not come before that time; a STOPLOSS needs the listener's fired marker,
+        A BUY/SELL (or its RETRY) must carry the run's time of day on a day after the
+        run's start (the scheduler's calendar picks which) and not come before it; a STOPLOSS needs the listener's fired marker,
         a square-off the API's marker (both read with the lock: no extra round trip).
         """
         if kind == EventType.STOPLOSS or event.metadata.get("square_off"):
@@ -263,32 +262,20 @@ class OrderHandler:
                 what = "the listener's stop-loss marker" if kind == EventType.STOPLOSS else "the API's square-off marker"
                 raise Refused(f"{kind.value} without {what} for run {event.run_id}")
             return
-        day, buy_at, sell_at = self._schedule_of(config)
-        due = buy_at if kind == EventType.BUY else sell_at
-        if event.trading_day != day or event.trigger_time is None \
-                or abs((event.trigger_time - due).total_seconds()) > 1:
-            raise Refused(f"{kind.value} for {event.trading_day} at {event.trigger_time} does not match the run's "
-                          f"schedule ({day}, {due.isoformat()})")
+        due = self.calendar.at(event.trading_day, config.buy_time if kind == EventType.BUY else config.sell_time)
+        if event.trigger_time is None or abs((event.trigger_time - due).total_seconds()) > 1 \
+                or due <= datetime.fromisoformat(config.run_id):
+            raise Refused(f"{kind.value} for {event.trading_day} at {event.trigger_time} is not a time of the run's "
+                          f"schedule ({config.buy_time if kind == EventType.BUY else config.sell_time} IST on a day "
+                          f"after its start {config.run_id})")
         early_s = (due - datetime.now(UTC)).total_seconds()
         if early_s > self.settings.event_early_tolerance_s:
             raise Refused(f"{kind.value} arrived {early_s:.0f} s before its scheduled time {due.isoformat()}")
 
-    def _schedule_of(self, config: StrategyConfig) -> tuple[date, datetime, datetime]:
-        """Return the run's trading day and scheduled BUY/SELL instants (cached per run)."""
-        key = (str(config.strategy_id), config.run_id)
-        hit = self._schedules.get(key)
-        if hit is None:
-            if len(self._schedules) >= CONFIG_CACHE_MAX:
-                self._schedules.clear()
-            day = self.calendar.next_run_day(config.buy_time, datetime.fromisoformat(config.run_id))
-            hit = (day, self.calendar.at(day, config.buy_time), self.calendar.at(day, config.sell_time))
-            self._schedules[key] = hit
-        return hit
-
     async def _entry_after_sell_time(self, event: Event, config: StrategyConfig, log: Any,
                                      held: Held) -> Outcome | None:
         """End the run without trading if its entry comes only after sell time (and was never placed)."""
-        _day, _buy_at, sell_at = self._schedule_of(config)
+        sell_at = self.calendar.at(event.trading_day, config.sell_time)
         if datetime.now(UTC) < sell_at:
             return None
         try:

@@ -65,7 +65,7 @@ def executor_settings(redis_url: str, database_url: str, sim_url: str, **overrid
         redis_watch_interval_s=0.2, reconcile_pg_timeout_s=2.0, writer_backoff_max_s=0.5,
         # These tests enqueue a run's events themselves, long before the run's times
         # (23:59:57 IST: no scheduler fires them); the refusal of early events has its own test.
-        event_early_tolerance_s=2 * 86400,
+        event_early_tolerance_s=400 * 86400,
     )
     values.update(overrides)
     return ExecutorSettings(**values)

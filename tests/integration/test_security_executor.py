@@ -62,7 +62,7 @@ async def test_events_no_producer_of_the_run_made_are_refused_and_dead_lettered(
             return reasons
         reasons = await eventually(all_dead, timeout=15)
     assert all(r.startswith("refused: ") for r in reasons), reasons
-    for why in ("before its scheduled time", "does not match the run's schedule", "loaded run is",
+    for why in ("before its scheduled time", "is not a time of the run's schedule", "loaded run is",
                 "stop-loss marker", "square-off marker"):
         assert sum(why in r for r in reasons) == 1, (why, reasons)
     assert sim.orders(api_key=run.account.api_key) == []
