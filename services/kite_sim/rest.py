@@ -128,7 +128,7 @@ class KiteRest:
             await asyncio.sleep(cfg.latency_ms / 1000)
         if faults.take_429(group):
             raise KiteError(429, "NetworkException", "Too many requests (injected burst)")
-        if faults.roll(cfg.error_rate, group):
+        if faults.take_500(group) or faults.roll(cfg.error_rate, group):
             raise KiteError(500, "GeneralException", "Internal server error (injected)")
 
     def authenticate(self, request: web.Request) -> Account:
