@@ -119,8 +119,6 @@ class KiteRest:
             web.get("/orders/{order_id}/trades", self.order_trades),
             web.delete("/orders/{variety}/{order_id}", self.cancel_order),
             web.get("/trades", self.trades),
-            web.get("/portfolio/positions", self.positions),
-            web.get("/quote/ltp", self.ltp),
         ]
 
     async def inject_faults(self, group: str) -> None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import orjson
 from aiohttp import WSMsgType, web
 
-from services.kite_sim.market import Market, Quote
+from services.kite_sim.market import Market, Quote, depth, depth_side_quantity
 
 MODE_LTP, MODE_QUOTE, MODE_FULL = "ltp", "quote", "full"
 MODES = (MODE_LTP, MODE_QUOTE, MODE_FULL)
@@ -40,21 +40,19 @@ def encode_ltp(q: Quote) -> bytes:
 
 def encode_quote(q: Quote) -> bytes:
     """Encode a 44-byte quote packet."""
-    depth_qty = 100 * q.instrument.lot_size
+    side = depth_side_quantity(q.instrument)
     return _QUOTE.pack(q.instrument.instrument_token, q.last, q.last_qty, q.average_paise(), q.volume,
-                       depth_qty * 5, depth_qty * 5, q.open, q.high, q.low, q.close)
+                       side, side, q.open, q.high, q.low, q.close)
 
 
 def encode_full(q: Quote) -> bytes:
-    """Encode a 184-byte full packet with a synthetic five-level depth."""
+    """Encode a 184-byte full packet: quote fields, trade and exchange times, OI (0), five-level depth."""
     ts = int(q.updated_at)
-    depth_qty = 100 * q.instrument.lot_size
+    side = depth_side_quantity(q.instrument)
     head = _FULL_HEAD.pack(q.instrument.instrument_token, q.last, q.last_qty, q.average_paise(), q.volume,
-                           depth_qty * 5, depth_qty * 5, q.open, q.high, q.low, q.close, ts, 0, 0, 0, ts)
-    tick = q.instrument.tick_paise
-    bids = b"".join(_DEPTH.pack(depth_qty, max(tick, q.last - tick * (i + 1)), 1) for i in range(5))
-    asks = b"".join(_DEPTH.pack(depth_qty, q.last + tick * (i + 1), 1) for i in range(5))
-    return head + bids + asks
+                           side, side, q.open, q.high, q.low, q.close, ts, 0, 0, 0, ts)
+    bids, asks = depth(q)
+    return head + b"".join(_DEPTH.pack(lv.quantity, lv.price, lv.orders) for lv in (*bids, *asks))
 
 
 ENCODERS = {MODE_LTP: encode_ltp, MODE_QUOTE: encode_quote, MODE_FULL: encode_full}
