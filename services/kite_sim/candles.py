@@ -17,6 +17,8 @@ import math
 import random
 from functools import lru_cache
 
+import numpy as np
+
 from services.kite_sim.market import IST_OFFSET_S, Market, merge_candle, round_to_tick
 
 SESSION_OPEN_MIN = 9 * 60 + 15
@@ -62,7 +64,8 @@ class BackHistory:
             day -= 1
             if not is_trading_day(day):
                 continue
-            close = anchor * math.exp(rng.gauss(0.0, GAP_SIGMA))
+            # Overnight gaps between generated days; none before the start, which ends the history.
+            close = anchor * math.exp(rng.gauss(0.0, GAP_SIGMA)) if self.days else anchor
             opened = close * math.exp(rng.gauss(0.0, MINUTE_SIGMA * math.sqrt(SESSION_MINUTES)))
             self.days.append((day, SESSION_MINUTES, opened, close))
             anchor = opened
@@ -86,36 +89,34 @@ class BackHistory:
 @lru_cache(maxsize=65536)
 def _day_of_bridge(seed: int, token: int, tick: int, day: int, n: int, opened: float, close: float
                    ) -> tuple[int, int, int, int, int]:
-    days: dict[int, list[int]] = {}
-    for _, o, h, lo, c, v in _make_bridge(seed, token, tick, day, n, opened, close):
-        merge_candle(days, 0, o, h, lo, c, v)
-    o, h, lo, c, v = days[0]
-    return o, h, lo, c, v
+    o, h, lo, c, v = _bridge_arrays(seed, token, tick, day, n, opened, close)
+    return int(o[0]), int(h.max()), int(lo.min()), int(c[-1]), int(v.sum())
 
 
 @lru_cache(maxsize=64)
 def _bridge(seed: int, token: int, tick: int, day: int, n: int, opened: float, close: float) -> list[Candle]:
-    return _make_bridge(seed, token, tick, day, n, opened, close)
-
-
-def _make_bridge(seed: int, token: int, tick: int, day: int, n: int, opened: float, close: float) -> list[Candle]:
-    rng = random.Random(f"{seed}:{token}:{day}:minutes")
-    walk = [0.0]
-    for _ in range(n):
-        walk.append(walk[-1] + rng.gauss(0.0, MINUTE_SIGMA))
-    lo_open, lo_close, end = math.log(opened), math.log(close), walk[-1]
-    path = [round_to_tick(math.exp(lo_open + (lo_close - lo_open) * i / n + walk[i] - end * i / n), tick)
-            for i in range(n + 1)]
-    path[-1] = round_to_tick(close, tick)
+    o, h, lo, c, v = _bridge_arrays(seed, token, tick, day, n, opened, close)
     first = day_start_epoch(day) + SESSION_OPEN_MIN * 60
-    out: list[Candle] = []
-    for i in range(n):
-        o, c = path[i], path[i + 1]
-        wiggle = abs(rng.gauss(0.0, MINUTE_SIGMA / 2))
-        h = max(o, c, round_to_tick(max(o, c) * (1 + wiggle), tick))
-        lo = min(o, c, round_to_tick(min(o, c) * (1 - wiggle), tick))
-        out.append((first + i * 60, o, h, lo, c, rng.randint(100, 5000)))
-    return out
+    return [(first + i * 60, *row) for i, row in enumerate(zip(o.tolist(), h.tolist(), lo.tolist(), c.tolist(),
+                                                              v.tolist(), strict=True))]
+
+
+def _bridge_arrays(seed: int, token: int, tick: int, day: int, n: int, opened: float, close: float
+                   ) -> tuple[np.ndarray, ...]:
+    """Return open, high, low, close, volume arrays (paise) of a day's n minutes from `opened` to `close`."""
+    rng = np.random.default_rng([seed, token, day])
+    walk = np.concatenate(([0.0], np.cumsum(rng.normal(0.0, MINUTE_SIGMA, n))))
+    steps = np.arange(n + 1) / n
+    log_path = math.log(opened) + (math.log(close) - math.log(opened)) * steps + walk - walk[-1] * steps
+    path = np.maximum(np.rint(np.exp(log_path) / tick), 1).astype(np.int64) * tick
+    path[-1] = round_to_tick(close, tick)
+    o, c = path[:-1], path[1:]
+    wiggle = np.abs(rng.normal(0.0, MINUTE_SIGMA / 2, n))
+    top, bottom = np.maximum(o, c), np.minimum(o, c)
+    h = np.maximum(top, np.rint(top * (1 + wiggle) / tick).astype(np.int64) * tick)
+    lo = np.maximum(np.minimum(bottom, np.rint(bottom * (1 - wiggle) / tick).astype(np.int64) * tick), tick)
+    v = rng.integers(100, 5000, n)
+    return o, h, lo, c, v
 
 
 def back_history(market: Market, token: int) -> BackHistory:

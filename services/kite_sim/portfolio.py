@@ -67,8 +67,8 @@ class PortfolioIn(BaseModel):
 
 
 def money(value: float) -> float:
-    """Round rupees to paise."""
-    return round(value, 2)
+    """Round rupees to paise (never -0.0)."""
+    return round(value, 2) + 0.0
 
 
 def segment_margins(opening: float, exposure: float = 0.0, delivery: float = 0.0, realised: float = 0.0,
