@@ -15,7 +15,7 @@ from pathlib import Path
 import structlog
 from aiohttp import web
 
-from services.kite_sim.app import SimSettings, build_app
+from services.kite_sim.app import HANDLER_ARGS, SimSettings, build_app
 from services.kite_sim.portfolio import DEFAULT_OPENING_CASH
 from services.kite_sim.upstream import UpstreamConfig
 
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
                                           upstream=bool(settings.upstream))
     # No access log: benchmarks push thousands of requests and it would dominate.
     web.run_app(build_app(settings), host=args.host, port=args.port, access_log=None,
-                shutdown_timeout=2.0, print=None)
+                shutdown_timeout=2.0, print=None, **HANDLER_ARGS)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,9 @@ class SimSettings:
     """Take prices from this KiteTicker (live Kite or another simulator) instead of the walk or replay."""
 
 
+HANDLER_ARGS = {"max_line_size": 128 * 1024, "max_field_size": 128 * 1024}
+"""Kite takes up to 1000 `i=` instruments in one GET; aiohttp's default request line is 8 KiB."""
+
 MARKET_KEY = web.AppKey("market", Market)
 BOOK_KEY = web.AppKey("book", Book)
 FAULTS_KEY = web.AppKey("faults", Faults)
@@ -104,7 +108,7 @@ def health_server(app: web.Application) -> HealthServer:
     """Build /healthz (with counters), /readyz (upstream, state file) and /metrics for the app."""
 
     def probe() -> dict[str, object]:
-        return {"accounts": len(app[BOOK_KEY].accounts), "orders": len(app[BOOK_KEY].orders),
+        return {"pid": os.getpid(), "accounts": len(app[BOOK_KEY].accounts), "orders": len(app[BOOK_KEY].orders),
                 "ws_connections": len(app[HUB_KEY].connections)}
 
     async def upstream_connected() -> None:
@@ -221,7 +225,7 @@ async def start_sim(host: str = "127.0.0.1", port: int = 0, **opts: object) -> w
     `runner.addresses`.
     """
     settings = SimSettings(**opts)  # type: ignore[arg-type]
-    runner = web.AppRunner(build_app(settings), access_log=None, shutdown_timeout=2.0)
+    runner = web.AppRunner(build_app(settings), access_log=None, shutdown_timeout=2.0, **HANDLER_ARGS)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     log.info("kite sim started", host=host, port=port, seed=settings.seed)
