@@ -17,13 +17,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
-from kiteconnect import KiteTicker
-from twisted.internet import reactor
 
 from services.kite_sim.market import Instrument, Market
+
+if TYPE_CHECKING:
+    from kiteconnect import KiteTicker
 
 log = structlog.get_logger("kite_sim.upstream")
 
@@ -76,6 +77,8 @@ class UpstreamFeed:
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Connect (starting the reactor thread on first use); ticks are applied on `loop`."""
+        from twisted.internet import reactor  # imported on use: most simulators run without upstream
+
         self.loop = loop
         if reactor.running:
             reactor.callFromThread(self._connect)
@@ -85,6 +88,8 @@ class UpstreamFeed:
 
     def close(self) -> None:
         """Stop for good."""
+        from twisted.internet import reactor
+
         self.state = CLOSED
         if reactor.running:
             reactor.callFromThread(self._close)
@@ -99,6 +104,8 @@ class UpstreamFeed:
     # --- reactor thread -------------------------------------------------------------------------------
 
     def _connect(self) -> None:
+        from kiteconnect import KiteTicker
+
         ticker = KiteTicker(self.config.api_key, self.config.access_token, root=self.config.ws_url,
                             reconnect=True, reconnect_max_tries=300, reconnect_max_delay=5)
         ticker.on_ticks = self._on_ticks
