@@ -22,7 +22,9 @@ import time
 from array import array
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
+from typing import NamedTuple
 
 DATA_FILE = Path(__file__).with_name("data") / "nse_equities.csv"
 INSTRUMENT_COLUMNS = (
@@ -44,7 +46,6 @@ PriceListener = Callable[[list["Quote"]], None]
 
 DEPTH_LEVELS = 5
 DEPTH_LOTS_PER_LEVEL = 100
-"""Level i (0 = best) of the simulated book holds (i + 1) * 100 lots from i + 1 orders."""
 CIRCUIT_FRACTION = 0.2
 """NSE's widest equity price band: +-20% of the previous close."""
 MAX_RECORDED_MINUTES = 1440
@@ -87,8 +88,7 @@ class Quote:
         return self.turnover // self.volume if self.volume else self.last
 
 
-@dataclass(frozen=True, slots=True)
-class DepthLevel:
+class DepthLevel(NamedTuple):
     """One price level of the simulated order book (paise, shares, orders)."""
 
     price: int
@@ -96,22 +96,34 @@ class DepthLevel:
     orders: int
 
 
-def depth(q: Quote) -> tuple[list[DepthLevel], list[DepthLevel]]:
-    """Return the simulated five-level book: bids one tick apart below the last price, asks above.
+_LEVEL_ORDERS = tuple(range(1, DEPTH_LEVELS + 1))
+_LEVEL_LOTS = tuple(n * DEPTH_LOTS_PER_LEVEL for n in _LEVEL_ORDERS)
+DEPTH_SIDE_LOTS = sum(_LEVEL_LOTS)
+"""Lots on one side of the simulated book (all five levels)."""
 
-    Deterministic from the last price alone, so every reader sees the same book.
+
+def depth(q: Quote) -> tuple[tuple[DepthLevel, ...], tuple[DepthLevel, ...]]:
+    """Return the simulated five-level book (bids, asks): one tick apart below and above the last price.
+
+    Level i (0 = best) holds (i + 1) * 100 lots from i + 1 orders. Deterministic
+    from the last price alone, so every reader (quotes, full ticks, matching) sees the same book.
     """
-    tick, lot, last = q.instrument.tick_paise, q.instrument.lot_size, q.last
-    bids = [DepthLevel(max(tick, last - tick * (i + 1)), (i + 1) * DEPTH_LOTS_PER_LEVEL * lot, i + 1)
-            for i in range(DEPTH_LEVELS)]
-    asks = [DepthLevel(last + tick * (i + 1), (i + 1) * DEPTH_LOTS_PER_LEVEL * lot, i + 1)
-            for i in range(DEPTH_LEVELS)]
+    ins = q.instrument
+    return book_levels(q.last, ins.tick_paise, ins.lot_size)
+
+
+@lru_cache(maxsize=16384)
+def book_levels(last: int, tick: int, lot: int) -> tuple[tuple[DepthLevel, ...], tuple[DepthLevel, ...]]:
+    """Return `depth` for a last price, tick and lot size (cached: prices revisit the same ticks)."""
+    levels = tuple(zip(_LEVEL_ORDERS, _LEVEL_LOTS, strict=True))
+    bids = tuple(DepthLevel(max(tick, last - tick * n), lots * lot, n) for n, lots in levels)
+    asks = tuple(DepthLevel(last + tick * n, lots * lot, n) for n, lots in levels)
     return bids, asks
 
 
 def depth_side_quantity(ins: Instrument) -> int:
     """Return the total quantity on one side of the simulated book."""
-    return DEPTH_LOTS_PER_LEVEL * ins.lot_size * DEPTH_LEVELS * (DEPTH_LEVELS + 1) // 2
+    return DEPTH_SIDE_LOTS * ins.lot_size
 
 
 def circuit_limits(q: Quote) -> tuple[int, int]:

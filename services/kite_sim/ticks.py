@@ -14,11 +14,12 @@ import asyncio
 import struct
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import orjson
 from aiohttp import WSMsgType, web
 
-from services.kite_sim.market import Market, Quote, depth, depth_side_quantity
+from services.kite_sim.market import DEPTH_SIDE_LOTS, DepthLevel, Market, Quote, depth
 
 MODE_LTP, MODE_QUOTE, MODE_FULL = "ltp", "quote", "full"
 MODES = (MODE_LTP, MODE_QUOTE, MODE_FULL)
@@ -40,7 +41,7 @@ def encode_ltp(q: Quote) -> bytes:
 
 def encode_quote(q: Quote) -> bytes:
     """Encode a 44-byte quote packet."""
-    side = depth_side_quantity(q.instrument)
+    side = DEPTH_SIDE_LOTS * q.instrument.lot_size
     return _QUOTE.pack(q.instrument.instrument_token, q.last, q.last_qty, q.average_paise(), q.volume,
                        side, side, q.open, q.high, q.low, q.close)
 
@@ -48,11 +49,15 @@ def encode_quote(q: Quote) -> bytes:
 def encode_full(q: Quote) -> bytes:
     """Encode a 184-byte full packet: quote fields, trade and exchange times, OI (0), five-level depth."""
     ts = int(q.updated_at)
-    side = depth_side_quantity(q.instrument)
+    side = DEPTH_SIDE_LOTS * q.instrument.lot_size
     head = _FULL_HEAD.pack(q.instrument.instrument_token, q.last, q.last_qty, q.average_paise(), q.volume,
                            side, side, q.open, q.high, q.low, q.close, ts, 0, 0, 0, ts)
-    bids, asks = depth(q)
-    return head + b"".join(_DEPTH.pack(lv.quantity, lv.price, lv.orders) for lv in (*bids, *asks))
+    return head + _packed_depth(*depth(q))
+
+
+@lru_cache(maxsize=16384)
+def _packed_depth(bids: tuple[DepthLevel, ...], asks: tuple[DepthLevel, ...]) -> bytes:
+    return b"".join([_DEPTH.pack(lv.quantity, lv.price, lv.orders) for lv in bids + asks])
 
 
 ENCODERS = {MODE_LTP: encode_ltp, MODE_QUOTE: encode_quote, MODE_FULL: encode_full}
