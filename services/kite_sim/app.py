@@ -175,8 +175,12 @@ async def background_tasks(app: web.Application) -> AsyncIterator[None]:
     if upstream is not None:
         upstream.close()
     if store is not None:
-        store.save()
-        log.info("state saved", path=str(store.path), accounts=len(app[BOOK_KEY].accounts))
+        try:
+            store.save()
+        except OSError as exc:
+            log.error("state not saved at shutdown", path=str(store.path), error=str(exc))
+        else:
+            log.info("state saved", path=str(store.path), accounts=len(app[BOOK_KEY].accounts))
 
 
 async def release_on_shutdown(app: web.Application) -> None:

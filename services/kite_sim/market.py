@@ -24,7 +24,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import NamedTuple
 
 DATA_FILE = Path(__file__).with_name("data") / "nse_equities.csv"
 INSTRUMENT_COLUMNS = (
@@ -88,16 +87,12 @@ class Quote:
         return self.turnover // self.volume if self.volume else self.last
 
 
-class DepthLevel(NamedTuple):
-    """One price level of the simulated order book (paise, shares, orders)."""
-
-    price: int
-    quantity: int
-    orders: int
-
+DepthLevel = tuple[int, int, int]
+"""One price level of the simulated order book: (price paise, quantity, orders)."""
 
 _LEVEL_ORDERS = tuple(range(1, DEPTH_LEVELS + 1))
 _LEVEL_LOTS = tuple(n * DEPTH_LOTS_PER_LEVEL for n in _LEVEL_ORDERS)
+_LEVELS = tuple(zip(_LEVEL_ORDERS, _LEVEL_LOTS, strict=True))
 DEPTH_SIDE_LOTS = sum(_LEVEL_LOTS)
 """Lots on one side of the simulated book (all five levels)."""
 
@@ -115,9 +110,8 @@ def depth(q: Quote) -> tuple[tuple[DepthLevel, ...], tuple[DepthLevel, ...]]:
 @lru_cache(maxsize=16384)
 def book_levels(last: int, tick: int, lot: int) -> tuple[tuple[DepthLevel, ...], tuple[DepthLevel, ...]]:
     """Return `depth` for a last price, tick and lot size (cached: prices revisit the same ticks)."""
-    levels = tuple(zip(_LEVEL_ORDERS, _LEVEL_LOTS, strict=True))
-    bids = tuple(DepthLevel(max(tick, last - tick * n), lots * lot, n) for n, lots in levels)
-    asks = tuple(DepthLevel(last + tick * n, lots * lot, n) for n, lots in levels)
+    bids = tuple([(max(tick, last - tick * n), lots * lot, n) for n, lots in _LEVELS])
+    asks = tuple([(last + tick * n, lots * lot, n) for n, lots in _LEVELS])
     return bids, asks
 
 
@@ -136,35 +130,46 @@ def circuit_limits(q: Quote) -> tuple[int, int]:
 class PricePath:
     """Record one instrument's prices as minute candles; fold old minutes into day candles.
 
-    Minutes live in a flat int64 array (48 bytes a candle) so a day of
-    24/7 ticking over every instrument stays a few tens of MB.
+    The running minute is a small list (cheap to update on every tick); closed
+    minutes go to a flat int64 array (48 bytes a candle), so a day of 24/7
+    ticking over every instrument stays a few tens of MB.
     """
 
-    __slots__ = ("days", "minutes")
+    __slots__ = ("current", "days", "minutes")
 
     def __init__(self) -> None:
+        self.current: list[int] | None = None  # [minute, open, high, low, close, volume]
         self.minutes = array("q")
         self.days: dict[int, list[int]] = {}  # IST day number -> [open, high, low, close, volume]
 
     def record(self, minute: int, paise: int, qty: int) -> None:
-        """Add a trade of `qty` at `paise` in epoch minute `minute`."""
-        m = self.minutes
-        if m and m[-6] == minute:
-            if paise > m[-4]:
-                m[-4] = paise
-            elif paise < m[-3]:
-                m[-3] = paise
-            m[-2] = paise
-            m[-1] += qty
-            return
-        if len(m) >= MAX_RECORDED_MINUTES * CANDLE_FIELDS:
-            self._fold(len(m) // 2)
-        m.extend((minute, paise, paise, paise, paise, qty))
+        """Add a trade of `qty` at `paise` in epoch minute `minute` (Market.set_prices inlines the same)."""
+        cur = self.current
+        if cur is not None and cur[0] == minute:
+            if paise > cur[2]:
+                cur[2] = paise
+            elif paise < cur[3]:
+                cur[3] = paise
+            cur[4] = paise
+            cur[5] += qty
+        else:
+            self.roll(minute, paise, qty)
+
+    def roll(self, minute: int, paise: int, qty: int) -> None:
+        """Close the running minute and open `minute` with one trade."""
+        if self.current is not None:
+            if len(self.minutes) >= MAX_RECORDED_MINUTES * CANDLE_FIELDS:
+                self._fold(len(self.minutes) // 2)
+            self.minutes.extend(self.current)
+        self.current = [minute, paise, paise, paise, paise, qty]
 
     def candles(self) -> list[tuple[int, int, int, int, int, int]]:
         """Return the recorded minute candles (minute, o, h, l, c, v), oldest first."""
         m = self.minutes
-        return [tuple(m[i:i + CANDLE_FIELDS]) for i in range(0, len(m), CANDLE_FIELDS)]  # type: ignore[misc]
+        out = [tuple(m[i:i + CANDLE_FIELDS]) for i in range(0, len(m), CANDLE_FIELDS)]
+        if self.current is not None:
+            out.append(tuple(self.current))
+        return out  # type: ignore[return-value]
 
     def _fold(self, n_values: int) -> None:
         n_values -= n_values % CANDLE_FIELDS
@@ -317,9 +322,21 @@ class Market:
                 q.turnover += qty * paise
             q.version += 1
             q.updated_at = now
-            paths[ins.instrument_token].record(minute, paise, qty)
+            # PricePath.record, inlined: this runs for every instrument on every tick.
+            path = paths[ins.instrument_token]
+            cur = path.current
+            if cur is not None and cur[0] == minute:
+                if paise > cur[2]:
+                    cur[2] = paise
+                elif paise < cur[3]:
+                    cur[3] = paise
+                cur[4] = paise
+                cur[5] += qty
+            else:
+                path.roll(minute, paise, qty)
             changed.append(q)
-        self.announce(changed)
+        for listener in self.listeners:
+            listener(changed)
         return changed
 
     def set_external(self, rows: Iterable[tuple[Instrument, int, int, int, int, int, int, int, int]]) -> list[Quote]:

@@ -70,8 +70,8 @@ def full_quote(q: Quote) -> dict[str, Any]:
         "upper_circuit_limit": rupees(upper),
         "ohlc": ohlc_of(q),
         "depth": {
-            "buy": [{"price": rupees(lv.price), "quantity": lv.quantity, "orders": lv.orders} for lv in bids],
-            "sell": [{"price": rupees(lv.price), "quantity": lv.quantity, "orders": lv.orders} for lv in asks],
+            "buy": [{"price": rupees(price), "quantity": qty, "orders": orders} for price, qty, orders in bids],
+            "sell": [{"price": rupees(price), "quantity": qty, "orders": orders} for price, qty, orders in asks],
         },
     }
 

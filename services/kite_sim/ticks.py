@@ -19,7 +19,7 @@ from functools import lru_cache
 import orjson
 from aiohttp import WSMsgType, web
 
-from services.kite_sim.market import DEPTH_SIDE_LOTS, DepthLevel, Market, Quote, depth
+from services.kite_sim.market import DEPTH_SIDE_LOTS, Market, Quote, book_levels
 
 MODE_LTP, MODE_QUOTE, MODE_FULL = "ltp", "quote", "full"
 MODES = (MODE_LTP, MODE_QUOTE, MODE_FULL)
@@ -30,7 +30,7 @@ MAX_TOKENS_PER_CONNECTION = 3000  # Kite's per-connection subscription limit
 _LTP = struct.Struct(">II")
 _QUOTE = struct.Struct(">11I")
 _FULL_HEAD = struct.Struct(">16I")
-_DEPTH = struct.Struct(">IIHxx")
+_DEPTH10 = struct.Struct(">" + "IIHxx" * 10)  # quantity, price, orders; five bids then five asks
 _U16 = struct.Struct(">H")
 
 
@@ -52,12 +52,15 @@ def encode_full(q: Quote) -> bytes:
     side = DEPTH_SIDE_LOTS * q.instrument.lot_size
     head = _FULL_HEAD.pack(q.instrument.instrument_token, q.last, q.last_qty, q.average_paise(), q.volume,
                            side, side, q.open, q.high, q.low, q.close, ts, 0, 0, 0, ts)
-    return head + _packed_depth(*depth(q))
+    ins = q.instrument
+    return head + packed_depth(q.last, ins.tick_paise, ins.lot_size)
 
 
 @lru_cache(maxsize=16384)
-def _packed_depth(bids: tuple[DepthLevel, ...], asks: tuple[DepthLevel, ...]) -> bytes:
-    return b"".join([_DEPTH.pack(lv.quantity, lv.price, lv.orders) for lv in bids + asks])
+def packed_depth(last: int, tick: int, lot: int) -> bytes:
+    """Return the full packet's 120-byte depth block (bids then asks) of `market.book_levels`."""
+    bids, asks = book_levels(last, tick, lot)
+    return _DEPTH10.pack(*[v for price, qty, orders in bids + asks for v in (qty, price, orders)])
 
 
 ENCODERS = {MODE_LTP: encode_ltp, MODE_QUOTE: encode_quote, MODE_FULL: encode_full}
