@@ -143,7 +143,7 @@ class PricePath:
         self.days: dict[int, list[int]] = {}  # IST day number -> [open, high, low, close, volume]
 
     def record(self, minute: int, paise: int, qty: int) -> None:
-        """Add a trade of `qty` at `paise` in epoch minute `minute` (Market.set_prices inlines the same)."""
+        """Add a trade of `qty` at `paise` in epoch minute `minute`."""
         cur = self.current
         if cur is not None and cur[0] == minute:
             if paise > cur[2]:
@@ -322,18 +322,7 @@ class Market:
                 q.turnover += qty * paise
             q.version += 1
             q.updated_at = now
-            # PricePath.record, inlined: this runs for every instrument on every tick.
-            path = paths[ins.instrument_token]
-            cur = path.current
-            if cur is not None and cur[0] == minute:
-                if paise > cur[2]:
-                    cur[2] = paise
-                elif paise < cur[3]:
-                    cur[3] = paise
-                cur[4] = paise
-                cur[5] += qty
-            else:
-                path.roll(minute, paise, qty)
+            paths[ins.instrument_token].record(minute, paise, qty)
             changed.append(q)
         for listener in self.listeners:
             listener(changed)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -12,7 +11,7 @@ from kiteconnect.exceptions import InputException, TokenException
 
 from tests.integration.test_kite_sim_ticker import TickerProbe
 from tests.support.eventually import eventually_sync
-from tests.support.kite_sim import SimAdmin, run_sim
+from tests.support.kite_sim import SimAdmin
 
 IST = dt.timezone(dt.timedelta(hours=5, minutes=30))
 INFY, TCS = 408065, 2953217
@@ -27,37 +26,14 @@ QUOTE_FIELDS = {
 DEPTH_FIELDS = {"price": float, "quantity": int, "orders": int}
 
 
-@pytest.fixture(scope="module")
-def sim_url() -> Iterator[str]:
-    with run_sim(tick_interval_ms=0, seed=5) as url:
-        yield url
-
-
-@pytest.fixture
-def admin(sim_url: str) -> SimAdmin:
-    admin = SimAdmin(sim_url)
-    admin.reset()
-    return admin
-
-
-@pytest.fixture
-def account(admin: SimAdmin) -> dict[str, Any]:
-    return admin.create_account()
-
-
-@pytest.fixture
-def kite(sim_url: str, account: dict[str, Any]) -> KiteConnect:
-    return KiteConnect(account["api_key"], access_token=account["access_token"], root=sim_url, timeout=10)
-
-
 def assert_shape(row: dict[str, Any], fields: dict[str, type]) -> None:
     assert set(row) == set(fields), set(row) ^ set(fields)
     for name, kind in fields.items():
         assert isinstance(row[name], kind), (name, row[name])
 
 
-def test_quote_has_every_kite_field_with_depth_around_the_last_price(kite: KiteConnect, admin: SimAdmin) -> None:
-    admin.ticks(("INFY", 1512.35))
+def test_quote_has_every_kite_field_with_depth_around_the_last_price(kite: KiteConnect, sim: SimAdmin) -> None:
+    sim.ticks(("INFY", 1512.35))
     quotes = kite.quote("NSE:INFY", str(TCS), "NSE:NOPE")
     assert set(quotes) == {"NSE:INFY", str(TCS)}  # unknown instruments are left out, as Kite does
     q = quotes["NSE:INFY"]
@@ -77,8 +53,8 @@ def test_quote_has_every_kite_field_with_depth_around_the_last_price(kite: KiteC
     assert quotes[str(TCS)]["instrument_token"] == TCS
 
 
-def test_ohlc_and_ltp_answer_many_instruments_at_once(kite: KiteConnect, admin: SimAdmin) -> None:
-    admin.ticks(("INFY", 1490.0), ("TCS", 3905.5))
+def test_ohlc_and_ltp_answer_many_instruments_at_once(kite: KiteConnect, sim: SimAdmin) -> None:
+    sim.ticks(("INFY", 1490.0), ("TCS", 3905.5))
     ohlc = kite.ohlc(["NSE:INFY", "NSE:TCS", "NSE:NOPE"])
     assert set(ohlc) == {"NSE:INFY", "NSE:TCS"}
     assert ohlc["NSE:INFY"] == {"instrument_token": INFY, "last_price": 1490.0,
@@ -89,8 +65,8 @@ def test_ohlc_and_ltp_answer_many_instruments_at_once(kite: KiteConnect, admin: 
                    str(INFY): {"instrument_token": INFY, "last_price": 1490.0}}
 
 
-def test_trigger_range_is_below_last_for_buy_and_above_for_sell(kite: KiteConnect, admin: SimAdmin) -> None:
-    admin.ticks(("INFY", 1000.0))
+def test_trigger_range_is_below_last_for_buy_and_above_for_sell(kite: KiteConnect, sim: SimAdmin) -> None:
+    sim.ticks(("INFY", 1000.0))
     buy = kite.trigger_range("BUY", "NSE:INFY")["NSE:INFY"]
     sell = kite.trigger_range("sell", ["NSE:INFY"])["NSE:INFY"]
     assert buy == {"instrument_token": INFY, "lower": 950.0, "upper": 1000.0}
@@ -99,7 +75,7 @@ def test_trigger_range_is_below_last_for_buy_and_above_for_sell(kite: KiteConnec
         kite.trigger_range("HOLD", "NSE:INFY")
 
 
-def test_market_data_errors_are_kite_exceptions(kite: KiteConnect, sim_url: str, account: dict[str, Any]) -> None:
+def test_market_data_errors_are_kite_exceptions(kite: KiteConnect, account: dict[str, Any]) -> None:
     for call in (kite.quote, kite.ohlc, kite.ltp):
         with pytest.raises(InputException, match="No instruments") as info:
             call()
@@ -108,7 +84,7 @@ def test_market_data_errors_are_kite_exceptions(kite: KiteConnect, sim_url: str,
         kite.quote([f"NSE:X{i}" for i in range(501)])
     with pytest.raises(InputException, match="at most 1000"):
         kite.ltp([f"NSE:X{i}" for i in range(1001)])
-    stranger = KiteConnect(account["api_key"], access_token="0" * 32, root=sim_url)
+    stranger = KiteConnect(account["api_key"], access_token="0" * 32, root=kite.root)
     with pytest.raises(TokenException):
         stranger.quote("NSE:INFY")
 
@@ -118,10 +94,10 @@ def ist_now() -> dt.datetime:
 
 
 def test_minute_candles_follow_the_ticked_prices_after_a_back_history_ending_at_the_start_price(
-        kite: KiteConnect, admin: SimAdmin) -> None:
+        kite: KiteConnect, sim: SimAdmin) -> None:
     started = dt.datetime.now(IST)
     for price in (1510.0, 1490.0, 1505.5):
-        admin.ticks(("INFY", price))
+        sim.ticks(("INFY", price))
     now = ist_now() + dt.timedelta(minutes=1)
     candles = kite.historical_data(INFY, now - dt.timedelta(days=5), now, "minute")
     live = [c for c in candles if c["date"] >= started.replace(second=0, microsecond=0)]
@@ -138,8 +114,8 @@ def test_minute_candles_follow_the_ticked_prices_after_a_back_history_ending_at_
     assert kite.historical_data(INFY, now - dt.timedelta(days=5), now, "minute") == candles
 
 
-def test_day_and_multi_minute_candles_agree_with_minute_candles(kite: KiteConnect, admin: SimAdmin) -> None:
-    admin.ticks(("INFY", 1525.0))
+def test_day_and_multi_minute_candles_agree_with_minute_candles(kite: KiteConnect, sim: SimAdmin) -> None:
+    sim.ticks(("INFY", 1525.0))
     now = ist_now() + dt.timedelta(minutes=1)
     frm = now - dt.timedelta(days=8)
     minutes = kite.historical_data(INFY, frm, now, "minute")
@@ -176,15 +152,15 @@ def test_historical_data_errors(kite: KiteConnect, token: int, interval: str, fr
     assert info.value.code == 400
 
 
-def test_full_mode_ticks_carry_the_same_depth_as_quote(sim_url: str, kite: KiteConnect, admin: SimAdmin,
+def test_full_mode_ticks_carry_the_same_depth_as_quote(kite: KiteConnect, sim: SimAdmin,
                                                        account: dict[str, Any]) -> None:
-    probe = TickerProbe(sim_url, account["api_key"], account["access_token"]).start()
+    probe = TickerProbe(sim.base_url, account["api_key"], account["access_token"]).start()
     try:
         eventually_sync(lambda: probe.connects >= 1, timeout=10, message="ticker never connected")
         probe.call("subscribe", [INFY])
         probe.call("set_mode", probe.kt.MODE_FULL, [INFY])
         since = probe.mark()
-        admin.ticks(("INFY", 1433.4))
+        sim.ticks(("INFY", 1433.4))
         tick = probe.wait_tick(INFY, since, mode="full", last_price=1433.4, timeout=10)
         quote = kite.quote("NSE:INFY")["NSE:INFY"]
         assert tick["depth"] == quote["depth"]

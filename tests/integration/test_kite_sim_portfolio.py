@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from kiteconnect import KiteConnect
 from kiteconnect.exceptions import InputException, TokenException
 
-from tests.support.kite_sim import SimAdmin, SimError, run_sim
+from services.kite_sim.portfolio import DEFAULT_OPENING_CASH as OPENING
+from tests.support.kite_sim import SimAdmin, SimError
 
-OPENING = 500_000.0
 SEGMENT_FIELDS = {"enabled", "net", "available", "utilised"}
 AVAILABLE_FIELDS = {"adhoc_margin", "cash", "opening_balance", "live_balance", "collateral", "intraday_payin"}
 UTILISED_FIELDS = {"debits", "exposure", "m2m_realised", "m2m_unrealised", "option_premium", "payout", "span",
@@ -30,36 +29,13 @@ HOLDING_FIELDS = {
 }
 
 
-@pytest.fixture(scope="module")
-def sim_url() -> Iterator[str]:
-    with run_sim(tick_interval_ms=0, seed=9, opening_cash=OPENING) as url:
-        yield url
-
-
-@pytest.fixture
-def admin(sim_url: str) -> SimAdmin:
-    admin = SimAdmin(sim_url)
-    admin.reset()
-    return admin
-
-
-@pytest.fixture
-def account(admin: SimAdmin) -> dict[str, Any]:
-    return admin.create_account()
-
-
-@pytest.fixture
-def kite(sim_url: str, account: dict[str, Any]) -> KiteConnect:
-    return KiteConnect(account["api_key"], access_token=account["access_token"], root=sim_url, timeout=10)
-
-
 def order(kite: KiteConnect, symbol: str, side: str, qty: int, product: str = "MIS", **extra: Any) -> str:
     params: dict[str, Any] = {"order_type": "MARKET", "market_protection": -1} | extra
     return kite.place_order(variety="regular", exchange="NSE", tradingsymbol=symbol, transaction_type=side,
                             quantity=qty, product=product, **params)
 
 
-def test_margins_block_mis_on_fill_and_release_on_square_off(kite: KiteConnect, admin: SimAdmin) -> None:
+def test_margins_block_mis_on_fill_and_release_on_square_off(kite: KiteConnect, sim: SimAdmin) -> None:
     fresh = kite.margins()
     assert set(fresh) == {"equity", "commodity"}
     for segment in fresh.values():
@@ -70,18 +46,18 @@ def test_margins_block_mis_on_fill_and_release_on_square_off(kite: KiteConnect, 
     assert equity["utilised"]["debits"] == 0
     assert kite.margins("commodity") == fresh["commodity"]
 
-    admin.ticks(("INFY", 1500.0))
+    sim.ticks(("INFY", 1500.0))
     order(kite, "INFY", "BUY", 10)
     held = kite.margins("equity")
     assert held["utilised"]["exposure"] == pytest.approx(3000.0)  # 20% of 10 x 1500
     assert held["net"] == pytest.approx(OPENING - 3000.0)
 
-    admin.ticks(("INFY", 1480.0))  # an open loss is blocked too
+    sim.ticks(("INFY", 1480.0))  # an open loss is blocked too
     losing = kite.margins("equity")["utilised"]
     assert losing["m2m_unrealised"] == pytest.approx(200.0)
     assert losing["debits"] == pytest.approx(0.2 * 10 * 1480 + 200.0)
 
-    admin.ticks(("INFY", 1520.0))
+    sim.ticks(("INFY", 1520.0))
     order(kite, "INFY", "SELL", 10)
     squared = kite.margins("equity")
     assert squared["utilised"]["exposure"] == 0
@@ -93,20 +69,20 @@ def test_margins_block_mis_on_fill_and_release_on_square_off(kite: KiteConnect, 
     assert info.value.code == 400
 
 
-def test_pending_limit_order_blocks_margin_until_cancelled(kite: KiteConnect, admin: SimAdmin) -> None:
-    admin.ticks(("SBIN", 800.0))
+def test_pending_limit_order_blocks_margin_until_cancelled(kite: KiteConnect, sim: SimAdmin) -> None:
+    sim.ticks(("SBIN", 800.0))
     order_id = order(kite, "SBIN", "BUY", 50, order_type="LIMIT", price=700.0)
     assert kite.margins("equity")["utilised"]["exposure"] == pytest.approx(0.2 * 50 * 800.0)
     kite.cancel_order("regular", order_id)
     assert kite.margins("equity")["utilised"]["exposure"] == 0
 
 
-def test_positions_have_day_and_net_marked_to_the_live_price(kite: KiteConnect, admin: SimAdmin) -> None:
-    admin.ticks(("TCS", 3900.0))
+def test_positions_have_day_and_net_marked_to_the_live_price(kite: KiteConnect, sim: SimAdmin) -> None:
+    sim.ticks(("TCS", 3900.0))
     order(kite, "TCS", "BUY", 4)
-    admin.ticks(("TCS", 3950.0))
+    sim.ticks(("TCS", 3950.0))
     order(kite, "TCS", "SELL", 1)
-    admin.ticks(("TCS", 3910.0))
+    sim.ticks(("TCS", 3910.0))
     positions = kite.positions()
     assert set(positions) == {"net", "day"}
     (net,) = positions["net"]
@@ -120,8 +96,8 @@ def test_positions_have_day_and_net_marked_to_the_live_price(kite: KiteConnect, 
     assert (net["buy_value"], net["sell_value"]) == (15600.0, 3950.0)
 
 
-def test_convert_position_moves_quantity_between_products(kite: KiteConnect, admin: SimAdmin) -> None:
-    admin.ticks(("ITC", 400.0))
+def test_convert_position_moves_quantity_between_products(kite: KiteConnect, sim: SimAdmin) -> None:
+    sim.ticks(("ITC", 400.0))
     order(kite, "ITC", "BUY", 10)
     assert kite.convert_position(exchange="NSE", tradingsymbol="ITC", transaction_type="BUY", position_type="day",
                                  quantity=4, old_product="MIS", new_product="CNC") is True
@@ -151,9 +127,9 @@ def test_convert_position_moves_quantity_between_products(kite: KiteConnect, adm
         ({"transaction_type": "HOLD"}, "transaction_type"),
     ],
 )
-def test_convert_position_errors(kite: KiteConnect, admin: SimAdmin, overrides: dict[str, Any],
+def test_convert_position_errors(kite: KiteConnect, sim: SimAdmin, overrides: dict[str, Any],
                                  fragment: str) -> None:
-    admin.ticks(("LT", 3000.0))
+    sim.ticks(("LT", 3000.0))
     order(kite, "LT", "BUY", 10)
     params = dict(exchange="NSE", tradingsymbol="LT", transaction_type="BUY", position_type="day", quantity=5,
                   old_product="MIS", new_product="CNC") | overrides
@@ -163,14 +139,14 @@ def test_convert_position_errors(kite: KiteConnect, admin: SimAdmin, overrides: 
     assert [(p["product"], p["quantity"]) for p in kite.positions()["net"]] == [("MIS", 10)]
 
 
-def test_holdings_are_empty_then_seeded_and_marked_to_market(kite: KiteConnect, admin: SimAdmin,
+def test_holdings_are_empty_then_seeded_and_marked_to_market(kite: KiteConnect, sim: SimAdmin,
                                                             account: dict[str, Any]) -> None:
     assert kite.holdings() == []
-    seeded = admin.call("POST", f"/sim/accounts/{account['api_key']}/portfolio",
+    seeded = sim.call("POST", f"/sim/accounts/{account['api_key']}/portfolio",
                         {"cash": 250000, "holdings": [{"tradingsymbol": "INFY", "quantity": 20,
                                                        "average_price": 1400.0}]})
     assert seeded == {"cash": 250000.0, "commodity_cash": 0.0, "holdings": 1}
-    admin.ticks(("INFY", 1530.0))
+    sim.ticks(("INFY", 1530.0))
     (holding,) = kite.holdings()
     assert set(holding) == HOLDING_FIELDS
     assert (holding["tradingsymbol"], holding["quantity"], holding["product"]) == ("INFY", 20, "CNC")
@@ -194,22 +170,22 @@ def test_holdings_are_empty_then_seeded_and_marked_to_market(kite: KiteConnect, 
         ({"cash": "lots"}, "400"),
     ],
 )
-def test_seeding_a_portfolio_validates_the_body(admin: SimAdmin, account: dict[str, Any], body: dict[str, Any],
+def test_seeding_a_portfolio_validates_the_body(sim: SimAdmin, account: dict[str, Any], body: dict[str, Any],
                                                 status: str) -> None:
     with pytest.raises(SimError, match=f"-> {status}"):
-        admin.call("POST", f"/sim/accounts/{account['api_key']}/portfolio", body)
+        sim.call("POST", f"/sim/accounts/{account['api_key']}/portfolio", body)
 
 
-def test_portfolio_is_private_to_its_account(sim_url: str, kite: KiteConnect, admin: SimAdmin) -> None:
-    admin.ticks(("HDFCBANK", 1600.0))
+def test_portfolio_is_private_to_its_account(kite: KiteConnect, sim: SimAdmin) -> None:
+    sim.ticks(("HDFCBANK", 1600.0))
     order(kite, "HDFCBANK", "BUY", 3)
-    other = admin.create_account()
-    other_kite = KiteConnect(other["api_key"], access_token=other["access_token"], root=sim_url)
+    other = sim.create_account()
+    other_kite = KiteConnect(other["api_key"], access_token=other["access_token"], root=sim.base_url)
     assert other_kite.positions() == {"net": [], "day": []}
     assert other_kite.margins("equity")["utilised"]["exposure"] == 0
     with pytest.raises(SimError, match="-> 404"):
-        admin.call("POST", "/sim/accounts/simnosuchkey/portfolio", {"cash": 1})
-    stranger = KiteConnect(other["api_key"], access_token="0" * 32, root=sim_url)
+        sim.call("POST", "/sim/accounts/simnosuchkey/portfolio", {"cash": 1})
+    stranger = KiteConnect(other["api_key"], access_token="0" * 32, root=sim.base_url)
     for call in (stranger.margins, stranger.holdings, stranger.positions):
         with pytest.raises(TokenException):
             call()
