@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -33,10 +33,10 @@ CONNECTING, CONNECTED, CLOSED = "connecting", "connected", "closed"  # TickerFee
 
 @dataclass(frozen=True, slots=True)
 class UpstreamConfig:
-    """Where live prices come from."""
+    """Where live prices come from (the credentials stay out of its repr)."""
 
-    api_key: str
-    access_token: str
+    api_key: str = field(repr=False)
+    access_token: str = field(repr=False)
     ws_url: str | None = None
     """KiteTicker root; None means Kite's own (wss://ws.kite.trade)."""
 
