@@ -343,7 +343,11 @@ class Market:
                 q.volume, q.turnover = volume, avg * volume
             q.version += 1
             q.updated_at = now
-            self.paths[ins.instrument_token].record(minute, last, traded)
+            path = self.paths[ins.instrument_token]
+            if path.current is None:
+                # The first live price, not the dump's, is where the generated history should end.
+                self.start_paise[ins.instrument_token] = last
+            path.record(minute, last, traded)
             changed.append(q)
         self.announce(changed)
         return changed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import urllib.error
 import urllib.request
 from typing import Any
@@ -16,6 +17,7 @@ from tests.support.eventually import eventually_sync
 from tests.support.kite_sim import SimAdmin, run_sim, ws_root
 
 INFY = 408065
+IST = dt.timezone(dt.timedelta(hours=5, minutes=30))
 
 
 def get(url: str) -> tuple[int, Any]:
@@ -33,6 +35,8 @@ def test_paper_simulator_follows_the_upstream_ticker(monkeypatch: pytest.MonkeyP
         feed = market.create_account("live market data")
         # The token comes from the environment, as it should in production (a flag shows in `ps`).
         monkeypatch.setenv("KITE_SIM_UPSTREAM_ACCESS_TOKEN", feed["access_token"])
+        market.ticks(("INFY", 1111.1))  # the live price when the paper broker starts
+        before_start = dt.datetime.now(IST).replace(second=0, microsecond=0)
         # A fast walk that must stay off: with upstream prices it would be a second price source.
         with run_sim(tick_interval_ms=20, upstream_api_key=feed["api_key"],
                      upstream_ws_url=ws_root(upstream_url)) as url:
@@ -44,8 +48,13 @@ def test_paper_simulator_follows_the_upstream_ticker(monkeypatch: pytest.MonkeyP
             try:
                 eventually_sync(lambda: probe.connects >= 1, timeout=10, message="paper ticker never connected")
                 probe.call("subscribe", [INFY])
-                probe.wait_tick(INFY, timeout=10)
+                probe.wait_tick(INFY, last_price=1111.1, timeout=10)
                 since = probe.mark()
+                # Generated history before the start ends at the first live price, not the dump's.
+                now = dt.datetime.now(IST).replace(tzinfo=None)
+                candles = kite.historical_data(INFY, now - dt.timedelta(days=5), now, "minute")
+                generated = [c for c in candles if c["date"] < before_start]
+                assert generated[-1]["close"] == 1111.1
 
                 market.ticks(("INFY", 1234.5), ("TCS", 3333.3))
                 eventually_sync(lambda: kite.ltp("NSE:INFY", "NSE:TCS") == {
