@@ -8,6 +8,9 @@ its account, in the book's index and maybe in a resting-order index) are
 written once and referred to by id after, so they come back as one object.
 Instruments are written as their token and resolved against the market.
 
+A book attribute that cannot be stored (a list of callbacks, say) is left out
+with a warning rather than failing the whole write.
+
 Writes are atomic (temp file, fsync, rename) and private (0600: the file
 holds the api secrets of paper accounts). A change is noticed from any
 mutating request (`mark_dirty`) or, once a second, from a cheap fingerprint
@@ -22,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import os
 import threading
 import time
@@ -70,6 +74,8 @@ class Encoder:
         if isinstance(value, Instrument):
             return {"$ins": value.instrument_token}
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            if REGISTRY.get(type(value).__name__) is not type(value):
+                raise TypeError(f"cannot store a {type(value).__name__}: not a book or portfolio type")
             seen = self.ids.get(id(value))
             if seen is not None:
                 return {"$ref": seen}
@@ -87,6 +93,19 @@ class Encoder:
         if isinstance(value, deque):
             return {"$deque": [self.encode(v) for v in value]}
         raise TypeError(f"cannot store a {type(value).__name__}")
+
+    def encode_parts(self, parts: dict[str, Any]) -> dict[str, Any]:
+        """Encode each part that can be stored; leave out (and log) parts that cannot, such as callbacks."""
+        out = {}
+        for name, value in parts.items():
+            mark = len(self.ids)
+            try:
+                out[name] = self.encode(value)
+            except TypeError as exc:
+                # Objects first met inside the dropped part must not be referred to from later parts.
+                self.ids = dict(itertools.islice(self.ids.items(), mark))
+                log.warning("left out of the state file", part=name, reason=str(exc))
+        return out
 
 
 class Decoder:
@@ -189,8 +208,9 @@ class StateStore:
     def snapshot(self) -> bytes:
         """Encode the whole state."""
         self.portfolio.forget_closed_accounts()
-        state = {"book": self.book.snapshot(), "funds": self.portfolio.funds, "prices": self.market.price_state()}
-        body = Encoder().encode(state)
+        encoder = Encoder()
+        body = {"book": encoder.encode_parts(self.book.snapshot()), "funds": encoder.encode(self.portfolio.funds),
+                "prices": encoder.encode(self.market.price_state())}
         return orjson.dumps({"version": FORMAT_VERSION, "saved_at": time.time(), "state": body})
 
     def load(self) -> bool:
@@ -203,7 +223,10 @@ class StateStore:
             doc = orjson.loads(raw)
             if doc.get("version") != FORMAT_VERSION:
                 raise StateFileError(f"unsupported state file version {doc.get('version')!r}")
-            state = Decoder(self.market).decode(doc["state"])
+            decoder = Decoder(self.market)
+            body = doc["state"]
+            state = {"book": {k: decoder.decode(v) for k, v in body["book"].items()},
+                     "funds": decoder.decode(body["funds"]), "prices": decoder.decode(body["prices"])}
         except (orjson.JSONDecodeError, StateFileError, KeyError, TypeError, AttributeError) as exc:
             aside = self.path.with_name(f"{self.path.name}.broken-{int(time.time())}")
             self.path.replace(aside)
