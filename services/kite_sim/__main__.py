@@ -1,6 +1,7 @@
 """Run the Kite Connect simulator: `python -m services.kite_sim --port N`.
 
-Upstream live prices: `--upstream-api-key`, `--upstream-ws-url` and the access
+Upstream live prices: `--upstream-api-key`, `--upstream-ws-url` (and
+`--upstream-root` to serve historical data from the upstream) with the access
 token from `KITE_SIM_UPSTREAM_ACCESS_TOKEN` (a flag would show it in `ps`);
 each flag also reads its `KITE_SIM_UPSTREAM_*` variable.
 """
@@ -45,10 +46,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="prefer the KITE_SIM_UPSTREAM_ACCESS_TOKEN variable")
     p.add_argument("--upstream-ws-url", default=env.get("KITE_SIM_UPSTREAM_WS_URL"),
                    help="KiteTicker root (default: Kite's own); e.g. ws://127.0.0.1:8765/ws for another simulator")
+    p.add_argument("--upstream-root", default=env.get("KITE_SIM_UPSTREAM_ROOT"),
+                   help="upstream Kite REST root (e.g. https://api.kite.trade) to serve historical_data from")
     p.add_argument("--log-level", default="info")
     args = p.parse_args(argv)
     if bool(args.upstream_api_key) != bool(args.upstream_access_token):
         p.error("upstream prices need both an api key and an access token")
+    if (args.upstream_ws_url or args.upstream_root) and not args.upstream_api_key:
+        p.error("--upstream-ws-url and --upstream-root need --upstream-api-key and its access token")
     return args
 
 
@@ -70,8 +75,8 @@ def main(argv: list[str] | None = None) -> None:
         walk_bps=args.walk_bps, replay=args.replay, replay_loop=args.replay_loop,
         orders_per_second=args.orders_per_second, daily_order_cap=args.daily_order_cap,
         hold_seconds=args.hold_seconds, opening_cash=args.opening_cash, state_file=args.state_file,
-        upstream=UpstreamConfig(args.upstream_api_key, args.upstream_access_token, args.upstream_ws_url)
-        if args.upstream_api_key else None,
+        upstream=UpstreamConfig(args.upstream_api_key, args.upstream_access_token, args.upstream_ws_url,
+                                args.upstream_root) if args.upstream_api_key else None,
     )
     structlog.get_logger("kite_sim").info("kite sim starting", host=args.host, port=args.port, seed=args.seed,
                                           state_file=str(args.state_file) if args.state_file else None,

@@ -26,7 +26,7 @@ from services.kite_sim.quotes import QuotesApi
 from services.kite_sim.rest import KiteRest
 from services.kite_sim.store import StateStore
 from services.kite_sim.ticks import TickHub, make_ticker_handler
-from services.kite_sim.upstream import CONNECTED, UpstreamConfig, UpstreamFeed
+from services.kite_sim.upstream import CONNECTED, UpstreamConfig, UpstreamFeed, UpstreamHistory
 
 log = structlog.get_logger("kite_sim")
 
@@ -73,6 +73,7 @@ HUB_KEY = web.AppKey("hub", TickHub)
 SETTINGS_KEY = web.AppKey("settings", SimSettings)
 STORE_KEY = web.AppKey("store", StateStore)
 UPSTREAM_KEY = web.AppKey("upstream", UpstreamFeed)
+HISTORY_KEY = web.AppKey("upstream_history", UpstreamHistory)
 
 
 class SimCollector(Collector):
@@ -174,6 +175,8 @@ async def background_tasks(app: web.Application) -> AsyncIterator[None]:
             await task
     if upstream is not None:
         upstream.close()
+    if HISTORY_KEY in app:
+        await app[HISTORY_KEY].close()
     if store is not None:
         try:
             store.save()
@@ -209,11 +212,14 @@ def build_app(settings: SimSettings | None = None) -> web.Application:
         settings, market, book, faults, hub)
     if store is not None:
         app[STORE_KEY] = store
+    history = None
     if settings.upstream is not None:
         app[UPSTREAM_KEY] = UpstreamFeed(settings.upstream, market)
+        if settings.upstream.root:
+            history = app[HISTORY_KEY] = UpstreamHistory(settings.upstream)
     app.router.add_get("/ws", make_ticker_handler(hub, book.authenticate))
     app.router.add_routes(KiteRest(market, book, faults).routes())
-    app.router.add_routes(QuotesApi(market, book, faults).routes())
+    app.router.add_routes(QuotesApi(market, book, faults, history).routes())
     app.router.add_routes(PortfolioApi(market, book, faults, portfolio).routes())
     app.router.add_routes(AdminApi(market, book, faults, hub).routes())
     app.router.add_routes(health_server(app).routes())

@@ -3,7 +3,8 @@
 Instruments are given as repeated `i=EXCHANGE:SYMBOL` (or `i=INSTRUMENT_TOKEN`);
 unknown ones are left out of the answer, as Kite does. Depth comes from
 `market.depth`, the same book order matching and full ticks use. Candles
-come from `candles.py`: the recorded path since start, generated before.
+come from `candles.py`: the recorded path since start, generated before; or,
+with an upstream REST root, from the upstream whose prices are being ticked.
 """
 
 from __future__ import annotations
@@ -11,20 +12,24 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
-from services.kite_sim.book import IST, Account, kite_time
+from services.kite_sim.book import IST, Account, Book, kite_time
 from services.kite_sim.candles import Candle, day_candles, minute_candles, resample
+from services.kite_sim.faults import Faults
 from services.kite_sim.market import (
     IST_OFFSET_S,
     Instrument,
+    Market,
     Quote,
     circuit_limits,
     depth,
     depth_side_quantity,
     ist_day,
 )
-from services.kite_sim.rest import KiteRest, input_error, kite_endpoint
+from services.kite_sim.rest import KiteError, KiteRest, input_error, kite_endpoint
+from services.kite_sim.upstream import UpstreamHistory
 
 MAX_QUOTE_INSTRUMENTS = 500
 MAX_OHLC_INSTRUMENTS = 1000
@@ -101,7 +106,11 @@ def kite_iso(epoch: int) -> str:
 
 
 class QuotesApi(KiteRest):
-    """Serve Kite's market-data routes over the simulated market."""
+    """Serve Kite's market-data routes over the simulated market (history from upstream when configured)."""
+
+    def __init__(self, market: Market, book: Book, faults: Faults, history: UpstreamHistory | None = None) -> None:
+        super().__init__(market, book, faults)
+        self.history = history
 
     def routes(self) -> list[web.RouteDef]:
         """Return the market-data routes."""
@@ -179,8 +188,25 @@ class QuotesApi(KiteRest):
             raise input_error(f"Interval exceeds max limit: {MAX_DAYS[interval]} days for {interval} candles.")
         with_oi = request.query.get("oi") == "1"
         token = ins.instrument_token
+        if self.history is not None:
+            return await self._upstream_candles(token, interval, request)
         if interval == "day":
             candles = day_candles(self.market, token, ist_day(start), ist_day(end))
         else:
             candles = resample(minute_candles(self.market, token, start, end), INTERVALS[interval])
         return {"candles": [candle_row(c, with_oi) for c in candles]}
+
+    async def _upstream_candles(self, token: int, interval: str, request: web.Request) -> Any:
+        query = {k: request.query[k] for k in ("from", "to", "continuous", "oi") if k in request.query}
+        assert self.history is not None
+        try:
+            status, body = await self.history.candles(token, interval, query)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise KiteError(502, "NetworkException", f"Upstream historical data unavailable: {exc}") from None
+        if status == 200 and body.get("status") == "success":
+            return body["data"]
+        message = str(body.get("message") or "failed")
+        if status == 400:
+            raise input_error(message)  # the request itself was bad: the user can fix it
+        # Anything else is the upstream's problem (its token too), never a TokenException for the paper user.
+        raise KiteError(502, "NetworkException", f"Upstream historical data unavailable: {message}")

@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import aiohttp
 import structlog
 
 from services.kite_sim.market import Instrument, Market
@@ -39,6 +40,8 @@ class UpstreamConfig:
     access_token: str = field(repr=False)
     ws_url: str | None = None
     """KiteTicker root; None means Kite's own (wss://ws.kite.trade)."""
+    root: str | None = None
+    """Kite REST root (e.g. https://api.kite.trade) to serve `historical_data` from; None generates candles."""
 
 
 def paise(rupees: Any) -> int:
@@ -103,3 +106,31 @@ class UpstreamFeed:
         if rows:
             self.ticks += len(rows)
             self.market.set_external(rows)
+
+
+class UpstreamHistory:
+    """Answer historical-data requests from the upstream's REST API, passing its answer (or error) through.
+
+    In upstream mode the prices the simulator ticks are the upstream's, so the
+    upstream's candles are the ones consistent with them.
+    """
+
+    def __init__(self, config: UpstreamConfig, timeout_s: float = 10.0) -> None:
+        assert config.root is not None
+        self.config = config
+        self.timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def candles(self, token: int, interval: str, query: dict[str, str]) -> tuple[int, dict[str, Any]]:
+        """Return (HTTP status, Kite envelope) of the upstream's historical route."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=self.timeout)
+        url = f"{self.config.root.rstrip('/')}/instruments/historical/{token}/{interval}"  # type: ignore[union-attr]
+        headers = {"X-Kite-Version": "3", "Authorization": f"token {self.config.api_key}:{self.config.access_token}"}
+        async with self._session.get(url, params=query, headers=headers) as resp:
+            return resp.status, await resp.json(content_type=None)
+
+    async def close(self) -> None:
+        """Close the HTTP session."""
+        if self._session is not None:
+            await self._session.close()

@@ -10,6 +10,7 @@ from typing import Any
 import orjson
 import pytest
 from kiteconnect import KiteConnect
+from kiteconnect.exceptions import NetworkException
 
 from services.kite_sim.__main__ import parse_args
 from tests.integration.test_kite_sim_ticker import TickerProbe
@@ -33,10 +34,11 @@ def test_paper_simulator_follows_the_upstream_ticker(monkeypatch: pytest.MonkeyP
     with run_sim(tick_interval_ms=0, seed=2) as upstream_url:
         market = SimAdmin(upstream_url)
         feed = market.create_account("live market data")
+        live = KiteConnect(feed["api_key"], access_token=feed["access_token"], root=upstream_url)
         # The token comes from the environment, as it should in production (a flag shows in `ps`).
         monkeypatch.setenv("KITE_SIM_UPSTREAM_ACCESS_TOKEN", feed["access_token"])
         market.ticks(("INFY", 1111.1))  # the live price when the paper broker starts
-        before_start = dt.datetime.now(IST).replace(second=0, microsecond=0)
+        before_start = dt.datetime.now(IST).replace(tzinfo=None, second=0, microsecond=0)
         # A fast walk that must stay off: with upstream prices it would be a second price source.
         with run_sim(tick_interval_ms=20, upstream_api_key=feed["api_key"],
                      upstream_ws_url=ws_root(upstream_url)) as url:
@@ -53,7 +55,7 @@ def test_paper_simulator_follows_the_upstream_ticker(monkeypatch: pytest.MonkeyP
                 # Generated history before the start ends at the first live price, not the dump's.
                 now = dt.datetime.now(IST).replace(tzinfo=None)
                 candles = kite.historical_data(INFY, now - dt.timedelta(days=5), now, "minute")
-                generated = [c for c in candles if c["date"] < before_start]
+                generated = [c for c in candles if c["date"].replace(tzinfo=None) < before_start]
                 assert generated[-1]["close"] == 1111.1
 
                 market.ticks(("INFY", 1234.5), ("TCS", 3333.3))
@@ -62,7 +64,6 @@ def test_paper_simulator_follows_the_upstream_ticker(monkeypatch: pytest.MonkeyP
                     "NSE:TCS": {"instrument_token": 2953217, "last_price": 3333.3}}, timeout=10,
                     message="paper prices did not follow upstream")
                 probe.wait_tick(INFY, since, last_price=1234.5, timeout=10)
-                live = KiteConnect(feed["api_key"], access_token=feed["access_token"], root=upstream_url)
                 mirrored, source = kite.quote("NSE:INFY")["NSE:INFY"], live.quote("NSE:INFY")["NSE:INFY"]
                 assert mirrored["ohlc"] == source["ohlc"] and mirrored["volume"] == source["volume"]
                 assert kite.ltp("NSE:RELIANCE")["NSE:RELIANCE"]["last_price"] == 2450.0  # the walk stayed off
@@ -77,11 +78,25 @@ def test_paper_simulator_follows_the_upstream_ticker(monkeypatch: pytest.MonkeyP
             status, metrics = get(url + "/metrics")
             assert status == 200 and "kite_sim_upstream_connected 1.0" in metrics
 
-            # An expired upstream token freezes prices and makes the paper broker not ready.
-            market.expire(feed["api_key"])
-            eventually_sync(lambda: get(url + "/readyz")[0] == 503, timeout=20,
-                            message="expired upstream token still reported ready")
-            assert get(url + "/readyz")[1]["checks"]["upstream"].startswith("error")
+            # With the upstream's REST root, candles come from the upstream: the ones its ticks belong to.
+            with run_sim(tick_interval_ms=0, upstream_api_key=feed["api_key"], upstream_ws_url=ws_root(upstream_url),
+                         upstream_root=upstream_url) as charts_url:
+                chartist = SimAdmin(charts_url).create_account()
+                charts = KiteConnect(chartist["api_key"], access_token=chartist["access_token"], root=charts_url,
+                                     timeout=10)
+                assert charts.historical_data(INFY, now - dt.timedelta(days=5), now, "minute", oi=True) == \
+                    live.historical_data(INFY, now - dt.timedelta(days=5), now, "minute", oi=True)
+
+                # An expired upstream token freezes prices and makes the paper brokers not ready.
+                market.expire(feed["api_key"])
+                for paper_url in (url, charts_url):
+                    eventually_sync(lambda u=paper_url: get(u + "/readyz")[0] == 503, timeout=20,
+                                    message="expired upstream token still reported ready")
+                assert get(url + "/readyz")[1]["checks"]["upstream"].startswith("error")
+                # The upstream's refusal is not the paper user's token problem.
+                with pytest.raises(NetworkException, match="Upstream") as info:
+                    charts.historical_data(INFY, now - dt.timedelta(days=1), now, "minute")
+                assert info.value.code == 502
 
 
 def test_upstream_needs_both_key_and_token(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
