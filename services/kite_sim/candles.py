@@ -16,10 +16,12 @@ from __future__ import annotations
 import math
 import random
 from functools import lru_cache
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from services.kite_sim.market import IST_OFFSET_S, Market, merge_candle, round_to_tick
+
+if TYPE_CHECKING:
+    import numpy as np
 
 SESSION_OPEN_MIN = 9 * 60 + 15
 SESSION_MINUTES = 375  # 09:15 .. 15:29 IST, one candle a minute
@@ -104,6 +106,8 @@ def _bridge(seed: int, token: int, tick: int, day: int, n: int, opened: float, c
 def _bridge_arrays(seed: int, token: int, tick: int, day: int, n: int, opened: float, close: float
                    ) -> tuple[np.ndarray, ...]:
     """Return open, high, low, close, volume arrays (paise) of a day's n minutes from `opened` to `close`."""
+    import numpy as np  # on first use: most simulator runs never chart, and numpy costs 15 MB of RSS
+
     rng = np.random.default_rng([seed, token, day])
     walk = np.concatenate(([0.0], np.cumsum(rng.normal(0.0, MINUTE_SIGMA, n))))
     steps = np.arange(n + 1) / n
