@@ -1,6 +1,6 @@
 """Keep the paper broker's state in one file: accounts, tokens, orders, trades, positions, funds, prices.
 
-The codec is generic: any dataclass defined in book.py or portfolio.py is
+The codec is generic: any dataclass defined in a simulator module is
 written field by field (`dataclasses.fields`), with its type name and an id,
 so a field added later is saved without touching this module, and a field
 missing from an older file takes its default. Shared objects (an order is in
@@ -25,8 +25,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import importlib
 import itertools
 import os
+import pkgutil
 import threading
 import time
 from collections import deque
@@ -36,8 +38,7 @@ from typing import Any
 import orjson
 import structlog
 
-from services.kite_sim import book as book_module
-from services.kite_sim import portfolio as portfolio_module
+from services import kite_sim
 from services.kite_sim.book import Book
 from services.kite_sim.market import Instrument, Market
 from services.kite_sim.portfolio import Portfolio
@@ -50,11 +51,28 @@ FINGERPRINT_PERIOD_S = 1.0
 WRITE_SHARE = 0.2
 """At most this share of the event loop's time goes to encoding the state."""
 
-REGISTRY: dict[str, type] = {
-    name: obj for module in (book_module, portfolio_module) for name, obj in vars(module).items()
-    if isinstance(obj, type) and dataclasses.is_dataclass(obj) and obj.__module__ == module.__name__
-}
-"""The dataclasses the state file may contain, by name (nothing else is ever built from it)."""
+def _registry() -> dict[str, type | None]:
+    """Map each dataclass defined in a simulator module to its name (None where two modules share a name)."""
+    found: dict[str, type | None] = {}
+    for info in pkgutil.iter_modules(kite_sim.__path__):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"{kite_sim.__name__}.{info.name}")
+        for name, obj in vars(module).items():
+            if isinstance(obj, type) and dataclasses.is_dataclass(obj) and obj.__module__ == module.__name__:
+                found[name] = None if name in found and found[name] is not obj else obj
+    return found
+
+
+REGISTRY: dict[str, type | None] = {}
+"""The dataclasses the state file may contain, by name (nothing else is ever built from it); filled on first use."""
+
+
+def registered(name: str) -> type | None:
+    """Return the simulator dataclass called `name`, if there is exactly one."""
+    if not REGISTRY:
+        REGISTRY.update(_registry())
+    return REGISTRY.get(name)
 
 
 class StateFileError(ValueError):
@@ -74,8 +92,8 @@ class Encoder:
         if isinstance(value, Instrument):
             return {"$ins": value.instrument_token}
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
-            if REGISTRY.get(type(value).__name__) is not type(value):
-                raise TypeError(f"cannot store a {type(value).__name__}: not a book or portfolio type")
+            if registered(type(value).__name__) is not type(value):
+                raise TypeError(f"cannot store a {type(value).__name__}: not a simulator dataclass")
             seen = self.ids.get(id(value))
             if seen is not None:
                 return {"$ref": seen}
@@ -141,7 +159,7 @@ class Decoder:
         raise StateFileError(f"unknown entry {sorted(data)[:3]}")
 
     def _dataclass(self, data: dict[str, Any]) -> Any:
-        cls = REGISTRY.get(data["$dc"])
+        cls = registered(data["$dc"])
         if cls is None:
             raise StateFileError(f"unknown type {data['$dc']!r}")
         obj = object.__new__(cls)
