@@ -30,12 +30,13 @@ def settings(redis_url: str, clean_db: str, sim: SimAdmin) -> Iterator[ExecutorS
 
 
 @pytest.fixture
-def account(sim: SimAdmin) -> dict[str, Any]:
+def paper_account(sim: SimAdmin) -> dict[str, Any]:
     """A fresh paper account on the (reset) session simulator."""
     return sim.create_account()
 
 
 @pytest.fixture
-def kite(sim: SimAdmin, account: dict[str, Any]) -> KiteConnect:
-    """The official client, logged in as `account`, pointed at the simulator."""
-    return KiteConnect(account["api_key"], access_token=account["access_token"], root=sim.base_url, timeout=10)
+def paper_kite(sim: SimAdmin, paper_account: dict[str, Any]) -> KiteConnect:
+    """The official client, logged in as `paper_account`, pointed at the session simulator."""
+    return KiteConnect(paper_account["api_key"], access_token=paper_account["access_token"], root=sim.base_url,
+                       timeout=10)

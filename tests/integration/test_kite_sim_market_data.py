@@ -32,9 +32,9 @@ def assert_shape(row: dict[str, Any], fields: dict[str, type]) -> None:
         assert isinstance(row[name], kind), (name, row[name])
 
 
-def test_quote_has_every_kite_field_with_depth_around_the_last_price(kite: KiteConnect, sim: SimAdmin) -> None:
+def test_quote_has_every_kite_field_with_depth_around_the_last_price(paper_kite: KiteConnect, sim: SimAdmin) -> None:
     sim.ticks(("INFY", 1512.35))
-    quotes = kite.quote("NSE:INFY", str(TCS), "NSE:NOPE")
+    quotes = paper_kite.quote("NSE:INFY", str(TCS), "NSE:NOPE")
     assert set(quotes) == {"NSE:INFY", str(TCS)}  # unknown instruments are left out, as Kite does
     q = quotes["NSE:INFY"]
     assert_shape(q, QUOTE_FIELDS)
@@ -53,38 +53,38 @@ def test_quote_has_every_kite_field_with_depth_around_the_last_price(kite: KiteC
     assert quotes[str(TCS)]["instrument_token"] == TCS
 
 
-def test_ohlc_and_ltp_answer_many_instruments_at_once(kite: KiteConnect, sim: SimAdmin) -> None:
+def test_ohlc_and_ltp_answer_many_instruments_at_once(paper_kite: KiteConnect, sim: SimAdmin) -> None:
     sim.ticks(("INFY", 1490.0), ("TCS", 3905.5))
-    ohlc = kite.ohlc(["NSE:INFY", "NSE:TCS", "NSE:NOPE"])
+    ohlc = paper_kite.ohlc(["NSE:INFY", "NSE:TCS", "NSE:NOPE"])
     assert set(ohlc) == {"NSE:INFY", "NSE:TCS"}
     assert ohlc["NSE:INFY"] == {"instrument_token": INFY, "last_price": 1490.0,
                                 "ohlc": {"open": 1500.0, "high": 1500.0, "low": 1490.0, "close": 1500.0}}
-    ltp = kite.ltp("NSE:INFY", "NSE:TCS", str(INFY))
+    ltp = paper_kite.ltp("NSE:INFY", "NSE:TCS", str(INFY))
     assert ltp == {"NSE:INFY": {"instrument_token": INFY, "last_price": 1490.0},
                    "NSE:TCS": {"instrument_token": TCS, "last_price": 3905.5},
                    str(INFY): {"instrument_token": INFY, "last_price": 1490.0}}
 
 
-def test_trigger_range_is_below_last_for_buy_and_above_for_sell(kite: KiteConnect, sim: SimAdmin) -> None:
+def test_trigger_range_is_below_last_for_buy_and_above_for_sell(paper_kite: KiteConnect, sim: SimAdmin) -> None:
     sim.ticks(("INFY", 1000.0))
-    buy = kite.trigger_range("BUY", "NSE:INFY")["NSE:INFY"]
-    sell = kite.trigger_range("sell", ["NSE:INFY"])["NSE:INFY"]
+    buy = paper_kite.trigger_range("BUY", "NSE:INFY")["NSE:INFY"]
+    sell = paper_kite.trigger_range("sell", ["NSE:INFY"])["NSE:INFY"]
     assert buy == {"instrument_token": INFY, "lower": 950.0, "upper": 1000.0}
     assert sell == {"instrument_token": INFY, "lower": 1000.0, "upper": 1050.0}
     with pytest.raises(InputException, match="transaction_type"):
-        kite.trigger_range("HOLD", "NSE:INFY")
+        paper_kite.trigger_range("HOLD", "NSE:INFY")
 
 
-def test_market_data_errors_are_kite_exceptions(kite: KiteConnect, account: dict[str, Any]) -> None:
-    for call in (kite.quote, kite.ohlc, kite.ltp):
+def test_market_data_errors_are_kite_exceptions(paper_kite: KiteConnect, paper_account: dict[str, Any]) -> None:
+    for call in (paper_kite.quote, paper_kite.ohlc, paper_kite.ltp):
         with pytest.raises(InputException, match="No instruments") as info:
             call()
         assert info.value.code == 400
     with pytest.raises(InputException, match="at most 500"):
-        kite.quote([f"NSE:X{i}" for i in range(501)])
+        paper_kite.quote([f"NSE:X{i}" for i in range(501)])
     with pytest.raises(InputException, match="at most 1000"):
-        kite.ltp([f"NSE:X{i}" for i in range(1001)])
-    stranger = KiteConnect(account["api_key"], access_token="0" * 32, root=kite.root)
+        paper_kite.ltp([f"NSE:X{i}" for i in range(1001)])
+    stranger = KiteConnect(paper_account["api_key"], access_token="0" * 32, root=paper_kite.root)
     with pytest.raises(TokenException):
         stranger.quote("NSE:INFY")
 
@@ -94,12 +94,12 @@ def ist_now() -> dt.datetime:
 
 
 def test_minute_candles_follow_the_ticked_prices_after_a_back_history_ending_at_the_start_price(
-        kite: KiteConnect, sim: SimAdmin) -> None:
+        paper_kite: KiteConnect, sim: SimAdmin) -> None:
     started = dt.datetime.now(IST)
     for price in (1510.0, 1490.0, 1505.5):
         sim.ticks(("INFY", price))
     now = ist_now() + dt.timedelta(minutes=1)
-    candles = kite.historical_data(INFY, now - dt.timedelta(days=5), now, "minute")
+    candles = paper_kite.historical_data(INFY, now - dt.timedelta(days=5), now, "minute")
     live = [c for c in candles if c["date"] >= started.replace(second=0, microsecond=0)]
     back = candles[:len(candles) - len(live)]
     assert back, "no generated history before the start"
@@ -111,26 +111,26 @@ def test_minute_candles_follow_the_ticked_prices_after_a_back_history_ending_at_
     assert sum(c["volume"] for c in live) == 3
     assert str(candles[0]["date"].utcoffset()) == "5:30:00"
     # The same request answers the same candles: the history is seeded, not drawn anew.
-    assert kite.historical_data(INFY, now - dt.timedelta(days=5), now, "minute") == candles
+    assert paper_kite.historical_data(INFY, now - dt.timedelta(days=5), now, "minute") == candles
 
 
-def test_day_and_multi_minute_candles_agree_with_minute_candles(kite: KiteConnect, sim: SimAdmin) -> None:
+def test_day_and_multi_minute_candles_agree_with_minute_candles(paper_kite: KiteConnect, sim: SimAdmin) -> None:
     sim.ticks(("INFY", 1525.0))
     now = ist_now() + dt.timedelta(minutes=1)
     frm = now - dt.timedelta(days=8)
-    minutes = kite.historical_data(INFY, frm, now, "minute")
-    days = kite.historical_data(INFY, frm.strftime("%Y-%m-%d"), now.strftime("%Y-%m-%d"), "day")
+    minutes = paper_kite.historical_data(INFY, frm, now, "minute")
+    days = paper_kite.historical_data(INFY, frm.strftime("%Y-%m-%d"), now.strftime("%Y-%m-%d"), "day")
     for day in days:
         own = [c for c in minutes if c["date"].date() == day["date"].date()]
         if not own:  # the first day's minutes before `frm`'s time are outside the minute request
             continue
         assert day["close"] == own[-1]["close"] and day["high"] >= max(c["high"] for c in own)
     assert days[-1]["close"] == 1525.0 and days[-1]["high"] >= 1525.0
-    fifteen = kite.historical_data(INFY, frm, now, "15minute", oi=True)
+    fifteen = paper_kite.historical_data(INFY, frm, now, "15minute", oi=True)
     assert all(c["date"].minute % 15 == 0 and c["oi"] == 0 for c in fifteen)
     assert fifteen[-1]["close"] == 1525.0
     assert sum(c["volume"] for c in fifteen) == sum(c["volume"] for c in minutes)
-    long_ago = kite.historical_data(INFY, "2021-01-01", "2021-01-10", "day")
+    long_ago = paper_kite.historical_data(INFY, "2021-01-01", "2021-01-10", "day")
     assert [c["date"].day for c in long_ago] == [1, 4, 5, 6, 7, 8]  # weekdays only
 
 
@@ -145,16 +145,16 @@ def test_day_and_multi_minute_candles_agree_with_minute_candles(kite: KiteConnec
         (INFY, "day", "yesterday", "2024-01-01", "from"),
     ],
 )
-def test_historical_data_errors(kite: KiteConnect, token: int, interval: str, frm: str, to: str,
+def test_historical_data_errors(paper_kite: KiteConnect, token: int, interval: str, frm: str, to: str,
                                 fragment: str) -> None:
     with pytest.raises(InputException, match=fragment) as info:
-        kite.historical_data(token, frm, to, interval)
+        paper_kite.historical_data(token, frm, to, interval)
     assert info.value.code == 400
 
 
-def test_full_mode_ticks_carry_the_same_depth_as_quote(kite: KiteConnect, sim: SimAdmin,
-                                                       account: dict[str, Any]) -> None:
-    probe = TickerProbe(sim.base_url, account["api_key"], account["access_token"]).start()
+def test_full_mode_ticks_carry_the_same_depth_as_quote(paper_kite: KiteConnect, sim: SimAdmin,
+                                                       paper_account: dict[str, Any]) -> None:
+    probe = TickerProbe(sim.base_url, paper_account["api_key"], paper_account["access_token"]).start()
     try:
         eventually_sync(lambda: probe.connects >= 1, timeout=10, message="ticker never connected")
         probe.call("subscribe", [INFY])
@@ -162,7 +162,7 @@ def test_full_mode_ticks_carry_the_same_depth_as_quote(kite: KiteConnect, sim: S
         since = probe.mark()
         sim.ticks(("INFY", 1433.4))
         tick = probe.wait_tick(INFY, since, mode="full", last_price=1433.4, timeout=10)
-        quote = kite.quote("NSE:INFY")["NSE:INFY"]
+        quote = paper_kite.quote("NSE:INFY")["NSE:INFY"]
         assert tick["depth"] == quote["depth"]
         assert tick["ohlc"] == quote["ohlc"] and tick["volume_traded"] == quote["volume"]
         assert tick["total_buy_quantity"] == quote["buy_quantity"]

@@ -35,8 +35,8 @@ def order(kite: KiteConnect, symbol: str, side: str, qty: int, product: str = "M
                             quantity=qty, product=product, **params)
 
 
-def test_margins_block_mis_on_fill_and_release_on_square_off(kite: KiteConnect, sim: SimAdmin) -> None:
-    fresh = kite.margins()
+def test_margins_block_mis_on_fill_and_release_on_square_off(paper_kite: KiteConnect, sim: SimAdmin) -> None:
+    fresh = paper_kite.margins()
     assert set(fresh) == {"equity", "commodity"}
     for segment in fresh.values():
         assert set(segment) == SEGMENT_FIELDS
@@ -44,46 +44,46 @@ def test_margins_block_mis_on_fill_and_release_on_square_off(kite: KiteConnect, 
     equity = fresh["equity"]
     assert equity["net"] == equity["available"]["opening_balance"] == equity["available"]["cash"] == OPENING
     assert equity["utilised"]["debits"] == 0
-    assert kite.margins("commodity") == fresh["commodity"]
+    assert paper_kite.margins("commodity") == fresh["commodity"]
 
     sim.ticks(("INFY", 1500.0))
-    order(kite, "INFY", "BUY", 10)
-    held = kite.margins("equity")
+    order(paper_kite, "INFY", "BUY", 10)
+    held = paper_kite.margins("equity")
     assert held["utilised"]["exposure"] == pytest.approx(3000.0)  # 20% of 10 x 1500
     assert held["net"] == pytest.approx(OPENING - 3000.0)
 
     sim.ticks(("INFY", 1480.0))  # an open loss is blocked too
-    losing = kite.margins("equity")["utilised"]
+    losing = paper_kite.margins("equity")["utilised"]
     assert losing["m2m_unrealised"] == pytest.approx(200.0)
     assert losing["debits"] == pytest.approx(0.2 * 10 * 1480 + 200.0)
 
     sim.ticks(("INFY", 1520.0))
-    order(kite, "INFY", "SELL", 10)
-    squared = kite.margins("equity")
+    order(paper_kite, "INFY", "SELL", 10)
+    squared = paper_kite.margins("equity")
     assert squared["utilised"]["exposure"] == 0
     assert squared["utilised"]["m2m_realised"] == pytest.approx(-200.0)  # a booked profit is money back
     assert squared["net"] == pytest.approx(OPENING + 200.0)
 
     with pytest.raises(InputException, match="segment") as info:
-        kite.margins("currency")
+        paper_kite.margins("currency")
     assert info.value.code == 400
 
 
-def test_pending_limit_order_blocks_margin_until_cancelled(kite: KiteConnect, sim: SimAdmin) -> None:
+def test_pending_limit_order_blocks_margin_until_cancelled(paper_kite: KiteConnect, sim: SimAdmin) -> None:
     sim.ticks(("SBIN", 800.0))
-    order_id = order(kite, "SBIN", "BUY", 50, order_type="LIMIT", price=700.0)
-    assert kite.margins("equity")["utilised"]["exposure"] == pytest.approx(0.2 * 50 * 800.0)
-    kite.cancel_order("regular", order_id)
-    assert kite.margins("equity")["utilised"]["exposure"] == 0
+    order_id = order(paper_kite, "SBIN", "BUY", 50, order_type="LIMIT", price=700.0)
+    assert paper_kite.margins("equity")["utilised"]["exposure"] == pytest.approx(0.2 * 50 * 800.0)
+    paper_kite.cancel_order("regular", order_id)
+    assert paper_kite.margins("equity")["utilised"]["exposure"] == 0
 
 
-def test_positions_have_day_and_net_marked_to_the_live_price(kite: KiteConnect, sim: SimAdmin) -> None:
+def test_positions_have_day_and_net_marked_to_the_live_price(paper_kite: KiteConnect, sim: SimAdmin) -> None:
     sim.ticks(("TCS", 3900.0))
-    order(kite, "TCS", "BUY", 4)
+    order(paper_kite, "TCS", "BUY", 4)
     sim.ticks(("TCS", 3950.0))
-    order(kite, "TCS", "SELL", 1)
+    order(paper_kite, "TCS", "SELL", 1)
     sim.ticks(("TCS", 3910.0))
-    positions = kite.positions()
+    positions = paper_kite.positions()
     assert set(positions) == {"net", "day"}
     (net,) = positions["net"]
     assert set(net) == POSITION_FIELDS
@@ -96,20 +96,20 @@ def test_positions_have_day_and_net_marked_to_the_live_price(kite: KiteConnect, 
     assert (net["buy_value"], net["sell_value"]) == (15600.0, 3950.0)
 
 
-def test_convert_position_moves_quantity_between_products(kite: KiteConnect, sim: SimAdmin) -> None:
+def test_convert_position_moves_quantity_between_products(paper_kite: KiteConnect, sim: SimAdmin) -> None:
     sim.ticks(("ITC", 400.0))
-    order(kite, "ITC", "BUY", 10)
-    assert kite.convert_position(exchange="NSE", tradingsymbol="ITC", transaction_type="BUY", position_type="day",
+    order(paper_kite, "ITC", "BUY", 10)
+    assert paper_kite.convert_position(exchange="NSE", tradingsymbol="ITC", transaction_type="BUY", position_type="day",
                                  quantity=4, old_product="MIS", new_product="CNC") is True
-    by_product = {p["product"]: p for p in kite.positions()["net"]}
+    by_product = {p["product"]: p for p in paper_kite.positions()["net"]}
     assert by_product["MIS"]["quantity"] == 6 and by_product["CNC"]["quantity"] == 4
     assert by_product["CNC"]["average_price"] == 400.0
-    utilised = kite.margins("equity")["utilised"]
+    utilised = paper_kite.margins("equity")["utilised"]
     assert utilised["delivery"] == pytest.approx(1600.0)  # CNC holds the full value
     assert utilised["exposure"] == pytest.approx(0.2 * 6 * 400.0)
 
-    kite.convert_position("NSE", "ITC", "BUY", "day", 6, "MIS", "CNC")
-    assert [p["product"] for p in kite.positions()["net"]] == ["CNC"]
+    paper_kite.convert_position("NSE", "ITC", "BUY", "day", 6, "MIS", "CNC")
+    assert [p["product"] for p in paper_kite.positions()["net"]] == ["CNC"]
 
 
 @pytest.mark.parametrize(
@@ -127,38 +127,38 @@ def test_convert_position_moves_quantity_between_products(kite: KiteConnect, sim
         ({"transaction_type": "HOLD"}, "transaction_type"),
     ],
 )
-def test_convert_position_errors(kite: KiteConnect, sim: SimAdmin, overrides: dict[str, Any],
+def test_convert_position_errors(paper_kite: KiteConnect, sim: SimAdmin, overrides: dict[str, Any],
                                  fragment: str) -> None:
     sim.ticks(("LT", 3000.0))
-    order(kite, "LT", "BUY", 10)
+    order(paper_kite, "LT", "BUY", 10)
     params = dict(exchange="NSE", tradingsymbol="LT", transaction_type="BUY", position_type="day", quantity=5,
                   old_product="MIS", new_product="CNC") | overrides
     with pytest.raises(InputException, match=fragment) as info:
-        kite.convert_position(**params)
+        paper_kite.convert_position(**params)
     assert info.value.code == 400
-    assert [(p["product"], p["quantity"]) for p in kite.positions()["net"]] == [("MIS", 10)]
+    assert [(p["product"], p["quantity"]) for p in paper_kite.positions()["net"]] == [("MIS", 10)]
 
 
-def test_holdings_are_empty_then_seeded_and_marked_to_market(kite: KiteConnect, sim: SimAdmin,
-                                                            account: dict[str, Any]) -> None:
-    assert kite.holdings() == []
-    seeded = sim.call("POST", f"/sim/accounts/{account['api_key']}/portfolio",
+def test_holdings_are_empty_then_seeded_and_marked_to_market(paper_kite: KiteConnect, sim: SimAdmin,
+                                                            paper_account: dict[str, Any]) -> None:
+    assert paper_kite.holdings() == []
+    seeded = sim.call("POST", f"/sim/accounts/{paper_account['api_key']}/portfolio",
                         {"cash": 250000, "holdings": [{"tradingsymbol": "INFY", "quantity": 20,
                                                        "average_price": 1400.0}]})
     assert seeded == {"cash": 250000.0, "commodity_cash": 0.0, "holdings": 1}
     sim.ticks(("INFY", 1530.0))
-    (holding,) = kite.holdings()
+    (holding,) = paper_kite.holdings()
     assert set(holding) == HOLDING_FIELDS
     assert (holding["tradingsymbol"], holding["quantity"], holding["product"]) == ("INFY", 20, "CNC")
     assert holding["last_price"] == 1530.0 and holding["close_price"] == 1500.0
     assert holding["pnl"] == pytest.approx(2600.0) and holding["day_change"] == pytest.approx(30.0)
     assert holding["day_change_percentage"] == pytest.approx(2.0)
     assert len(holding["isin"]) == 12 and holding["used_quantity"] == 0
-    assert kite.margins("equity")["available"]["opening_balance"] == 250000.0
+    assert paper_kite.margins("equity")["available"]["opening_balance"] == 250000.0
 
-    order(kite, "INFY", "SELL", 5, product="CNC")  # selling from holdings uses them
-    assert kite.holdings()[0]["used_quantity"] == 5
-    assert kite.margins("equity")["utilised"]["holding_sales"] == pytest.approx(5 * 1530.0)
+    order(paper_kite, "INFY", "SELL", 5, product="CNC")  # selling from holdings uses them
+    assert paper_kite.holdings()[0]["used_quantity"] == 5
+    assert paper_kite.margins("equity")["utilised"]["holding_sales"] == pytest.approx(5 * 1530.0)
 
 
 @pytest.mark.parametrize(
@@ -170,15 +170,15 @@ def test_holdings_are_empty_then_seeded_and_marked_to_market(kite: KiteConnect, 
         ({"cash": "lots"}, "400"),
     ],
 )
-def test_seeding_a_portfolio_validates_the_body(sim: SimAdmin, account: dict[str, Any], body: dict[str, Any],
+def test_seeding_a_portfolio_validates_the_body(sim: SimAdmin, paper_account: dict[str, Any], body: dict[str, Any],
                                                 status: str) -> None:
     with pytest.raises(SimError, match=f"-> {status}"):
-        sim.call("POST", f"/sim/accounts/{account['api_key']}/portfolio", body)
+        sim.call("POST", f"/sim/accounts/{paper_account['api_key']}/portfolio", body)
 
 
-def test_portfolio_is_private_to_its_account(kite: KiteConnect, sim: SimAdmin) -> None:
+def test_portfolio_is_private_to_its_account(paper_kite: KiteConnect, sim: SimAdmin) -> None:
     sim.ticks(("HDFCBANK", 1600.0))
-    order(kite, "HDFCBANK", "BUY", 3)
+    order(paper_kite, "HDFCBANK", "BUY", 3)
     other = sim.create_account()
     other_kite = KiteConnect(other["api_key"], access_token=other["access_token"], root=sim.base_url)
     assert other_kite.positions() == {"net": [], "day": []}
