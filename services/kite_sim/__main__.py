@@ -48,6 +48,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="KiteTicker root (default: Kite's own); e.g. ws://127.0.0.1:8765/ws for another simulator")
     p.add_argument("--upstream-root", default=env.get("KITE_SIM_UPSTREAM_ROOT"),
                    help="upstream Kite REST root (e.g. https://api.kite.trade) to serve historical_data from")
+    p.add_argument("--depth-quantity", type=int, default=500, help="average shares per depth level")
+    p.add_argument("--market-calendar", choices=("always_open", "nse"), default="always_open",
+                   help="nse blocks MIS orders from 15:20 IST")
+    p.add_argument("--clock-offset-s", type=float, default=0.0, help="shift of the simulator's clock")
     p.add_argument("--log-level", default="info")
     args = p.parse_args(argv)
     if bool(args.upstream_api_key) != bool(args.upstream_access_token):
@@ -74,7 +78,9 @@ def main(argv: list[str] | None = None) -> None:
         seed=args.seed, slippage_bps=args.slippage_bps, tick_interval_ms=args.tick_interval_ms,
         walk_bps=args.walk_bps, replay=args.replay, replay_loop=args.replay_loop,
         orders_per_second=args.orders_per_second, daily_order_cap=args.daily_order_cap,
-        hold_seconds=args.hold_seconds, opening_cash=args.opening_cash, state_file=args.state_file,
+        hold_seconds=args.hold_seconds, depth_quantity=args.depth_quantity,
+        market_calendar=args.market_calendar, clock_offset_s=args.clock_offset_s,
+        opening_cash=args.opening_cash, state_file=args.state_file,
         upstream=UpstreamConfig(args.upstream_api_key, args.upstream_access_token, args.upstream_ws_url,
                                 args.upstream_root) if args.upstream_api_key else None,
     )

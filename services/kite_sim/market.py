@@ -6,9 +6,8 @@ without float drift. Every price change is announced synchronously to the
 registered listeners (order matching, tick fan-out): no batching delay.
 
 Every price change is also recorded as one-minute candles per instrument
-(`PricePath`), so historical data agrees with what the ticker sent. The
-simulated order book depth comes from `depth()` alone: quotes, full ticks and
-order matching all read the same levels.
+(`PricePath`), so historical data agrees with what the ticker sent. (The
+order book's depth is the book's `depth.Liquidity`.)
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ import time
 from array import array
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 
 DATA_FILE = Path(__file__).with_name("data") / "nse_equities.csv"
@@ -43,10 +41,6 @@ INSTRUMENT_COLUMNS = (
 
 PriceListener = Callable[[list["Quote"]], None]
 
-DEPTH_LEVELS = 5
-DEPTH_LOTS_PER_LEVEL = 100
-CIRCUIT_FRACTION = 0.2
-"""NSE's widest equity price band: +-20% of the previous close."""
 MAX_RECORDED_MINUTES = 1440
 """Minute candles kept per instrument (one day of 24/7 ticking); older ones fold into day candles."""
 CANDLE_FIELDS = 6  # minute, open, high, low, close, volume, flat in one int64 array
@@ -85,46 +79,6 @@ class Quote:
     def average_paise(self) -> int:
         """Return the volume-weighted average traded price in paise."""
         return self.turnover // self.volume if self.volume else self.last
-
-
-DepthLevel = tuple[int, int, int]
-"""One price level of the simulated order book: (price paise, quantity, orders)."""
-
-_LEVEL_ORDERS = tuple(range(1, DEPTH_LEVELS + 1))
-_LEVEL_LOTS = tuple(n * DEPTH_LOTS_PER_LEVEL for n in _LEVEL_ORDERS)
-_LEVELS = tuple(zip(_LEVEL_ORDERS, _LEVEL_LOTS, strict=True))
-DEPTH_SIDE_LOTS = sum(_LEVEL_LOTS)
-"""Lots on one side of the simulated book (all five levels)."""
-
-
-def depth(q: Quote) -> tuple[tuple[DepthLevel, ...], tuple[DepthLevel, ...]]:
-    """Return the simulated five-level book (bids, asks): one tick apart below and above the last price.
-
-    Level i (0 = best) holds (i + 1) * 100 lots from i + 1 orders. Deterministic
-    from the last price alone, so every reader (quotes, full ticks, matching) sees the same book.
-    """
-    ins = q.instrument
-    return book_levels(q.last, ins.tick_paise, ins.lot_size)
-
-
-@lru_cache(maxsize=16384)
-def book_levels(last: int, tick: int, lot: int) -> tuple[tuple[DepthLevel, ...], tuple[DepthLevel, ...]]:
-    """Return `depth` for a last price, tick and lot size (cached: prices revisit the same ticks)."""
-    bids = tuple([(max(tick, last - tick * n), lots * lot, n) for n, lots in _LEVELS])
-    asks = tuple([(last + tick * n, lots * lot, n) for n, lots in _LEVELS])
-    return bids, asks
-
-
-def depth_side_quantity(ins: Instrument) -> int:
-    """Return the total quantity on one side of the simulated book."""
-    return DEPTH_SIDE_LOTS * ins.lot_size
-
-
-def circuit_limits(q: Quote) -> tuple[int, int]:
-    """Return the day's lower and upper circuit limits (paise) around the previous close."""
-    tick = q.instrument.tick_paise
-    band = q.close * CIRCUIT_FRACTION
-    return round_to_tick(q.close - band, tick), round_to_tick(q.close + band, tick)
 
 
 class PricePath:

@@ -1,8 +1,8 @@
 """Kite market-data routes: quote, ohlc, ltp, trigger_range, historical candles.
 
 Instruments are given as repeated `i=EXCHANGE:SYMBOL` (or `i=INSTRUMENT_TOKEN`);
-unknown ones are left out of the answer, as Kite does. Depth comes from
-`market.depth`, the same book order matching and full ticks use. Candles
+unknown ones are left out of the answer, as Kite does. Depth and circuit
+limits are the ones order matching and validation use (`depth.py`). Candles
 come from `candles.py`: the recorded path since start, generated before; or,
 with an upstream REST root, from the upstream whose prices are being ticked.
 """
@@ -17,17 +17,10 @@ from aiohttp import web
 
 from services.kite_sim.book import IST, Account, Book, kite_time
 from services.kite_sim.candles import Candle, day_candles, minute_candles, resample
+from services.kite_sim.depth import LEVELS, price_band
 from services.kite_sim.faults import Faults
-from services.kite_sim.market import (
-    IST_OFFSET_S,
-    Instrument,
-    Market,
-    Quote,
-    circuit_limits,
-    depth,
-    depth_side_quantity,
-    ist_day,
-)
+from services.kite_sim.market import IST_OFFSET_S, Instrument, Market, Quote, ist_day
+from services.kite_sim.order_rules import OrderRules
 from services.kite_sim.rest import KiteError, KiteRest, input_error, kite_endpoint
 from services.kite_sim.upstream import UpstreamHistory
 
@@ -52,19 +45,24 @@ def ohlc_of(q: Quote) -> dict[str, float]:
     return {"open": rupees(q.open), "high": rupees(q.high), "low": rupees(q.low), "close": rupees(q.close)}
 
 
-def full_quote(q: Quote) -> dict[str, Any]:
-    """Render a quote as Kite's `/quote` entry."""
-    bids, asks = depth(q)
-    lower, upper = circuit_limits(q)
-    side = depth_side_quantity(q.instrument)
+EMPTY_LEVEL = {"price": 0.0, "quantity": 0, "orders": 0}
+
+
+def full_quote(q: Quote, book: Book, band_pct: float) -> dict[str, Any]:
+    """Render a quote as Kite's `/quote` entry: depth is what matching would fill against now."""
+    depth = book.depth_of(q.instrument)
+    for side in depth.values():
+        side.extend(dict(EMPTY_LEVEL) for _ in range(LEVELS - len(side)))  # Kite always shows five levels
+    lower, upper = price_band(q, band_pct)
+    total = book.liquidity.side_total(q.instrument)
     return {
         "instrument_token": q.instrument.instrument_token,
         "timestamp": kite_time(q.updated_at),
         "last_trade_time": kite_time(q.updated_at),
         "last_price": rupees(q.last),
         "last_quantity": q.last_qty,
-        "buy_quantity": side,
-        "sell_quantity": side,
+        "buy_quantity": total,
+        "sell_quantity": total,
         "volume": q.volume,
         "average_price": rupees(q.average_paise()),
         "oi": 0,
@@ -74,10 +72,7 @@ def full_quote(q: Quote) -> dict[str, Any]:
         "lower_circuit_limit": rupees(lower),
         "upper_circuit_limit": rupees(upper),
         "ohlc": ohlc_of(q),
-        "depth": {
-            "buy": [{"price": rupees(price), "quantity": qty, "orders": orders} for price, qty, orders in bids],
-            "sell": [{"price": rupees(price), "quantity": qty, "orders": orders} for price, qty, orders in asks],
-        },
+        "depth": depth,
     }
 
 
@@ -108,8 +103,9 @@ def kite_iso(epoch: int) -> str:
 class QuotesApi(KiteRest):
     """Serve Kite's market-data routes over the simulated market (history from upstream when configured)."""
 
-    def __init__(self, market: Market, book: Book, faults: Faults, history: UpstreamHistory | None = None) -> None:
-        super().__init__(market, book, faults)
+    def __init__(self, market: Market, book: Book, faults: Faults, rules: OrderRules,
+                 history: UpstreamHistory | None = None) -> None:
+        super().__init__(market, book, faults, rules)
         self.history = history
 
     def routes(self) -> list[web.RouteDef]:
@@ -139,7 +135,7 @@ class QuotesApi(KiteRest):
     @kite_endpoint("quote")
     async def quote(self, request: web.Request, account: Account | None) -> Any:
         """Return full quotes: last trade, OHLC, volume, circuit limits and five-level depth."""
-        return {key: full_quote(self.market.quote(ins))
+        return {key: full_quote(self.market.quote(ins), self.book, self.rules.band_pct)
                 for key, ins in self._instruments(request, MAX_QUOTE_INSTRUMENTS)}
 
     @kite_endpoint("quote")

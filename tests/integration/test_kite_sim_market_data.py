@@ -41,15 +41,18 @@ def test_quote_has_every_kite_field_with_depth_around_the_last_price(paper_kite:
     assert q["instrument_token"] == INFY and q["last_price"] == 1512.35
     assert q["ohlc"] == {"open": 1500.0, "high": 1512.35, "low": 1500.0, "close": 1500.0}
     assert q["net_change"] == pytest.approx(12.35)
-    assert q["lower_circuit_limit"] == 1200.0 and q["upper_circuit_limit"] == 1800.0
+    # The order rules' price band: 20% around the close, widened to hold the last price.
+    assert q["lower_circuit_limit"] == 1200.0 and q["upper_circuit_limit"] == pytest.approx(1814.8)
     assert abs(q["timestamp"] - dt.datetime.now()).total_seconds() < 24 * 3600  # IST wall clock, parsed by client
     bids, asks = q["depth"]["buy"], q["depth"]["sell"]
     assert len(bids) == len(asks) == 5
     for level in bids + asks:
         assert_shape(level, DEPTH_FIELDS)
-    assert [b["price"] for b in bids] == [1512.30, 1512.25, 1512.20, 1512.15, 1512.10]
-    assert [a["price"] for a in asks] == [1512.40, 1512.45, 1512.50, 1512.55, 1512.60]
-    assert q["buy_quantity"] == sum(b["quantity"] for b in bids) == q["sell_quantity"]
+    # The book matching fills against: asks from the last price up, bids from it down, seeded sizes.
+    assert [b["price"] for b in bids] == [1512.35, 1512.30, 1512.25, 1512.20, 1512.15]
+    assert [a["price"] for a in asks] == [1512.35, 1512.40, 1512.45, 1512.50, 1512.55]
+    assert all(250 <= level["quantity"] <= 750 and level["orders"] == 1 for level in bids + asks)
+    assert q["buy_quantity"] == q["sell_quantity"] == 5 * 500
     assert quotes[str(TCS)]["instrument_token"] == TCS
 
 
