@@ -47,6 +47,8 @@ def test_state_survives_a_sigterm_restart(tmp_path: Path) -> None:
         admin.ticks(("INFY", 1510.0))
         order(kite, "INFY", "SELL", 4)
         resting = order(kite, "SBIN", "BUY", 5, order_type="LIMIT", price=790.0)
+        stop = order(kite, "INFY", "SELL", 2, order_type="SL-M", trigger_price=1450.0)
+        assert kite.order_history(stop)[-1]["status"] == "TRIGGER PENDING"
         admin.call("POST", f"/sim/accounts/{acct['api_key']}/portfolio",
                    {"holdings": [{"tradingsymbol": "TCS", "quantity": 3, "average_price": 3500}]})
         before = everything(kite)
@@ -61,8 +63,9 @@ def test_state_survives_a_sigterm_restart(tmp_path: Path) -> None:
         with pytest.raises(TokenException):
             stale.profile()  # the token rotated by generate_session stays rotated
         # The resting LIMIT order still rests, and fills on the next tick that crosses it.
-        SimAdmin(url).ticks(("SBIN", 789.0))
+        SimAdmin(url).ticks(("SBIN", 789.0), ("INFY", 1449.0))
         assert [h["status"] for h in kite.order_history(resting)][-1] == "COMPLETE"
+        assert kite.order_history(stop)[-1]["status"] == "COMPLETE"  # the stop still watched the ticks
         fresh = order(kite, "ITC", "BUY", 1)
         assert fresh > max(o["order_id"] for o in before["orders"])  # ids go on counting, never reused
         metrics = urllib.request.urlopen(url + "/metrics", timeout=5).read().decode()
