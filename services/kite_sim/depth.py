@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from services.kite_sim.market import Instrument, Quote, round_to_tick
+from services.kite_sim.market import Quote, round_to_tick
 
 LEVELS = 5
 BUY, SELL = "BUY", "SELL"
@@ -89,10 +89,6 @@ class Liquidity:
         """Forget consumption and refills."""
         self.taken.clear()
         self.generations.clear()
-
-    def side_total(self, ins: Instrument) -> int:
-        """Return the pending quantity shown for one side of the whole book (tick and quote totals)."""
-        return max(ins.lot_size, LEVELS * self.depth_quantity // ins.lot_size * ins.lot_size)
 
     def refill(self, token: int) -> None:
         """Bring a fresh book for an instrument (new liquidity arrived)."""

@@ -54,7 +54,7 @@ def full_quote(q: Quote, book: Book, band_pct: float) -> dict[str, Any]:
     for side in depth.values():
         side.extend(dict(EMPTY_LEVEL) for _ in range(LEVELS - len(side)))  # Kite always shows five levels
     lower, upper = price_band(q, band_pct)
-    total = book.liquidity.side_total(q.instrument)
+    total = LEVELS * book.liquidity.depth_quantity  # as the ticker's quote packets show it
     return {
         "instrument_token": q.instrument.instrument_token,
         "timestamp": kite_time(q.updated_at),

@@ -34,14 +34,14 @@ _DEPTH10 = struct.Struct(">" + "IIHxx" * 10)  # quantity, price, orders; five bi
 _U16 = struct.Struct(">H")
 
 
-def encode_ltp(q: Quote) -> bytes:
+def encode_ltp(q: Quote, _liquidity: Liquidity | None = None) -> bytes:
     """Encode an 8-byte LTP packet."""
     return _LTP.pack(q.instrument.instrument_token, q.last)
 
 
 def encode_quote(q: Quote, liquidity: Liquidity) -> bytes:
-    """Encode a 44-byte quote packet."""
-    side = liquidity.side_total(q.instrument)
+    """Encode a 44-byte quote packet; the side totals are the book's average levels, LEVELS x depth_quantity."""
+    side = LEVELS * liquidity.depth_quantity
     return _QUOTE.pack(q.instrument.instrument_token, q.last, q.last_qty, q.average_paise(), q.volume,
                        side, side, q.open, q.high, q.low, q.close)
 
@@ -53,7 +53,7 @@ def encode_full(q: Quote, liquidity: Liquidity) -> bytes:
     bids are what a SELL takes, asks what a BUY takes; empty levels are zeros.
     """
     ts = int(q.updated_at)
-    side = liquidity.side_total(q.instrument)
+    side = LEVELS * liquidity.depth_quantity
     head = _FULL_HEAD.pack(q.instrument.instrument_token, q.last, q.last_qty, q.average_paise(), q.volume,
                            side, side, q.open, q.high, q.low, q.close, ts, 0, 0, 0, ts)
     values: list[int] = []
@@ -65,7 +65,7 @@ def encode_full(q: Quote, liquidity: Liquidity) -> bytes:
     return head + _DEPTH10.pack(*values)
 
 
-ENCODERS = {MODE_LTP: lambda q, _liquidity: encode_ltp(q), MODE_QUOTE: encode_quote, MODE_FULL: encode_full}
+ENCODERS = {MODE_LTP: encode_ltp, MODE_QUOTE: encode_quote, MODE_FULL: encode_full}
 
 
 def frame(packets: list[bytes]) -> bytes:
