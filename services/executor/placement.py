@@ -16,7 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from libs.broker.kite import BrokerError, BrokerErrorKind, KiteGateway
+from libs.broker.kite import BrokerError, BrokerErrorKind
+from libs.broker.kite_rest import KiteOrderClient
 from libs.schema.models import BrokerOrder
 from services.executor import metrics
 from services.executor.credentials import KiteCredentials
@@ -51,11 +52,11 @@ class OrderResult:
 
 
 class OrderPlacer:
-    """Tag lookup, rate-limited placement and fill confirmation against one gateway."""
+    """Tag lookup, rate-limited placement and fill confirmation against one broker client."""
 
-    def __init__(self, gateway: KiteGateway, limiter: OrderRateLimiter, *, fill_timeout_s: float,
+    def __init__(self, broker: KiteOrderClient, limiter: OrderRateLimiter, *, fill_timeout_s: float,
                  fill_poll_s: float) -> None:
-        self.gateway, self.limiter = gateway, limiter
+        self.broker, self.limiter = broker, limiter
         self.fill_timeout_s, self.fill_poll_s = fill_timeout_s, fill_poll_s
 
     async def find_by_tag(self, creds: KiteCredentials, tag: str, *, accept_dead: bool) -> dict[str, Any] | None:
@@ -65,7 +66,7 @@ class OrderPlacer:
         if `accept_dead` (an entry: its rejection is the answer); an exit that
         was rejected may be placed again under the same tag.
         """
-        tagged = [o for o in await self.gateway.orders(creds.api_key, creds.access_token)
+        tagged = [o for o in await self.broker.orders(creds.api_key, creds.access_token)
                   if o.get("tag") == tag or tag in (o.get("tags") or [])]
         live = [o for o in tagged if o.get("status") not in DEAD]
         if live:
@@ -94,7 +95,7 @@ class OrderPlacer:
             if guard is not None:
                 guard()
             try:
-                order_id = await self.gateway.place_market_order(
+                order_id = await self.broker.place_market_order(
                     creds.api_key, creds.access_token, symbol=order.symbol, exchange=order.exchange,
                     transaction_type=order.transaction_type.value, quantity=order.quantity,
                     product=order.product, tag=order.tag)
@@ -115,7 +116,7 @@ class OrderPlacer:
         """Cancel a live order and return how it ended (it may have filled before the cancel)."""
         order_id = str(order["order_id"])
         try:
-            await self.gateway.cancel_order(creds.api_key, creds.access_token, order_id,
+            await self.broker.cancel_order(creds.api_key, creds.access_token, order_id,
                                             str(order.get("variety") or "regular"))
         except BrokerError as error:
             if error.kind == BrokerErrorKind.RETRYABLE:
@@ -127,7 +128,7 @@ class OrderPlacer:
         """Poll order history until the order is COMPLETE, REJECTED or CANCELLED."""
         deadline = time.monotonic() + self.fill_timeout_s
         while True:
-            history = await self.gateway.order_history(creds.api_key, creds.access_token, order_id)
+            history = await self.broker.order_history(creds.api_key, creds.access_token, order_id)
             last = history[-1] if history else {}
             status = str(last.get("status") or "")
             if status in TERMINAL:

@@ -12,7 +12,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from libs.broker.kite import KiteGateway
+from libs.broker.kite_rest import KiteOrderClient
 from libs.schema import keys
 from libs.service.health import HealthServer
 from libs.service.logging import get_logger
@@ -45,18 +45,18 @@ class ExecutorService:
                                     health_check_interval=30)
         self.engine: AsyncEngine = create_async_engine(settings.database_url, pool_pre_ping=True, pool_size=2,
                                                        max_overflow=2, pool_timeout=settings.reconcile_pg_timeout_s)
-        self.gateway = KiteGateway(settings.kite_root, max_workers=settings.broker_workers,
-                                   timeout_s=settings.broker_timeout_s, pool_size=8)
+        self.broker = KiteOrderClient(settings.kite_root, timeout_s=settings.broker_timeout_s,
+                                      pool_size=settings.broker_connections)
         box = SecretBox.from_b64(settings.secret_key, settings.secret_keys_retired)
         self.credentials = CredentialStore(self.redis, box, ttl_s=settings.credentials_cache_s)
         self.state = OrderState(self.redis, lock_ttl_ms=settings.lock_ttl_ms, lock_wait_s=settings.lock_wait_s)
         limiter = OrderRateLimiter(self.redis, limit=settings.orders_per_s, window_ms=settings.rate_window_ms,
                                    max_wait_s=settings.rate_wait_max_s)
-        placer = OrderPlacer(self.gateway, limiter, fill_timeout_s=settings.fill_timeout_s,
+        placer = OrderPlacer(self.broker, limiter, fill_timeout_s=settings.fill_timeout_s,
                              fill_poll_s=settings.fill_poll_s)
         calendar = MarketCalendar(settings.market_calendar)
         self.handler = OrderHandler(settings, self.redis, self.state, self.credentials, placer, calendar)
-        self.reconciler = Reconciler(self.redis, self.engine, self.credentials, self.gateway, self.state, calendar,
+        self.reconciler = Reconciler(self.redis, self.engine, self.credentials, self.broker, self.state, calendar,
                                      pg_timeout_s=settings.reconcile_pg_timeout_s, on_configs=self.handler.remember)
         self.consumer = OrderConsumer(settings, self.redis, self.handler, self.name, self.on_state_lost)
         self.writer = OrderLogWriter(self.redis, self.engine, self.name, batch=settings.writer_batch,
@@ -155,7 +155,7 @@ class ExecutorService:
 
     async def close(self) -> None:
         await self.health.stop()
-        self.gateway.close()
+        await self.broker.aclose()
         await self.engine.dispose()
         await self.redis.aclose()
         self.log.info(f"executor stopped processed={self.handler.processed} failed={self.handler.failed}",
