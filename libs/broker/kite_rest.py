@@ -85,8 +85,10 @@ class KiteOrderClient:
             connector = aiohttp.TCPConnector(limit=self.pool_size, limit_per_host=self.pool_size, ssl=tls,
                                              ttl_dns_cache=300)
             # trust_env off: proxies were resolved above, and a ~/.netrc entry must never
-            # replace Kite's Authorization header.
+            # replace Kite's Authorization header. No cookie jar: the session is shared by
+            # every account, and a cookie one account's reply set must not ride on another's.
             self._session = aiohttp.ClientSession(connector=connector, timeout=self.timeout, trust_env=False,
+                                                  cookie_jar=aiohttp.DummyCookieJar(),
                                                   skip_auto_headers=("Content-Type",),
                                                   json_serialize=lambda o: orjson.dumps(o).decode())
         return self._session
