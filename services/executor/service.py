@@ -120,6 +120,15 @@ class ExecutorService:
                     self._redis_run_id = None
                     self.log.error("reconciliation failed; will retry", error=str(error))
 
+    async def _warm_redis_pool(self) -> None:
+        """Open now the Redis connections a full burst needs, rather than all at once when it arrives.
+
+        A new connection costs several round trips (connect, HELLO, CLIENT SETINFO); 64 opened
+        at the open's first second delay its first orders by ~0.3 s on a loaded 2-core host.
+        """
+        with contextlib.suppress(RedisError):
+            await asyncio.gather(*(self.redis.ping() for _ in range(self.settings.max_in_flight)))
+
     async def _wait_for_redis(self, stop: asyncio.Event) -> bool:
         while not stop.is_set():
             try:
@@ -138,6 +147,7 @@ class ExecutorService:
             if not await self._wait_for_redis(stop):
                 return
             await self.recover("start")
+            await self._warm_redis_pool()
             self.ready.set()
             self.log.info("executor consuming", stream=keys.ORDERS_STREAM, group=keys.EXECUTORS_GROUP,
                           health_port=self.health_port)
