@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import os
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -31,25 +30,21 @@ from typing import Any
 import matplotlib
 import orjson
 import psycopg
-import redis
 from redis.asyncio import Redis as AsyncRedis
 
 from bench.bench_executor import (
+    Stack,
     count_rows,
     cpu_seconds,
+    executor_stack,
     load_runs,
     make_accounts,
     sim_pid,
     start_executors,
     stop_executors,
 )
-from deploy.local.procs import RedisServer, free_port
 from libs.schema import keys
-from libs.schema.migrate import upgrade_head
-from libs.service.secretbox import SecretBox, generate_key
 from services.scheduler.mover import DueMover
-from tests.support.kite_sim import SimAdmin, run_sim
-from tests.support.postgres import start_postgres
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
@@ -79,16 +74,16 @@ async def move_at(redis_url: str, due_s: int) -> float:
         await client.aclose()
 
 
-def one_round(latency_ms: float, processes: int, strategies: int, accounts_n: int, env: dict[str, str], dsn: str,
-              redis_url: str, r: redis.Redis, sim: SimAdmin, box: SecretBox, log_dir: Path,
+def one_round(latency_ms: float, processes: int, strategies: int, accounts_n: int, stack: Stack, log_dir: Path,
               timeout_s: float) -> dict[str, Any]:
+    r, sim, dsn = stack.redis, stack.sim, stack.dsn
     r.flushall()
     sim.reset()
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("TRUNCATE order_logs, strategies, broker_credentials, users CASCADE")
-    procs = start_executors(processes, env, r, log_dir)
+    procs = start_executors(processes, stack.env, r, log_dir)
     try:
-        accounts = make_accounts(sim, box, dsn, r, accounts_n)
+        accounts = make_accounts(sim, stack.box, dsn, r, accounts_n)
         buys = load_runs(dsn, r, accounts, strategies)
         sim.set_faults(latency_ms=latency_ms)
         due_s = int(time.time()) + 2
@@ -98,7 +93,7 @@ def one_round(latency_ms: float, processes: int, strategies: int, accounts_n: in
         pipe.execute()
         spid = sim_pid(sim.base_url)
         cpu_before = [cpu_seconds(p.pid) for p in procs], cpu_seconds(spid) if spid else 0.0
-        move_s = asyncio.run(move_at(redis_url, due_s))
+        move_s = asyncio.run(move_at(stack.redis_url, due_s))
         rows, deadline = 0, due_s + timeout_s
         while rows < strategies and time.time() < deadline:
             time.sleep(0.1)
@@ -121,6 +116,7 @@ def report(result: dict[str, Any], strategies: int, accounts: int) -> None:
               "accounts": accounts}
     placed = result["placed"]
     emit("seconds_to_last_buy", placed[-1] if placed else float("nan"), "s", buys_at_broker=len(placed), **params)
+    emit("seconds_to_first_buy", placed[0] if placed else float("nan"), "s", **params)
     emit("seconds_to_median_buy", statistics.median(placed) if placed else float("nan"), "s", **params)
     emit("seconds_to_all_rows", result["rows_s"], "s", rows=result["rows"], **params)
     emit("schedule_move_seconds", result["move_s"], "s", **params)
@@ -156,37 +152,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--timeout", type=float, default=90.0)
     parser.add_argument("--log-dir", type=Path, default=None, help="keep the executors' logs here")
     args = parser.parse_args(argv)
-    key = generate_key()
-    box = SecretBox.from_b64(key)
-    with tempfile.TemporaryDirectory(prefix="bench_open_burst_") as tmp:
-        tmpdir = Path(tmp)
-        os.chmod(tmpdir, 0o755)
-        redis_server = RedisServer(tmpdir / "redis", free_port())
-        redis_server.start(appendonly=False)
-        pg_url, pg_stop = start_postgres(tmpdir / "pg")
-        try:
-            upgrade_head(pg_url)
-            dsn = pg_url.replace("postgresql+psycopg://", "postgresql://")
-            r = redis.Redis.from_url(redis_server.url)
-            results = []
-            with run_sim(tick_interval_ms=0, daily_order_cap=100_000, log_level="warning") as sim_url:
-                sim = SimAdmin(sim_url, timeout=60)
-                env = dict(os.environ, PYTHONPATH=str(ROOT), TICKWISE_REDIS_URL=redis_server.url,
-                           TICKWISE_DATABASE_URL=pg_url, TICKWISE_KITE_ROOT=sim_url, TICKWISE_SECRET_KEY=key,
-                           TICKWISE_MARKET_CALENDAR="always_open",
-                           TICKWISE_LOG_LEVEL=os.environ.get("BENCH_LOG_LEVEL", "INFO"))
-                for processes in [int(p) for p in args.processes.split(",")]:
-                    for latency in [float(x) for x in args.latencies.split(",")]:
-                        log_dir = args.log_dir or tmpdir
-                        log_dir.mkdir(parents=True, exist_ok=True)
-                        result = one_round(latency, processes, args.strategies, args.accounts, env, dsn,
-                                           redis_server.url, r, sim, box, log_dir, args.timeout)
-                        report(result, args.strategies, args.accounts)
-                        results.append(result)
-            plot(results)
-        finally:
-            pg_stop()
-            redis_server.stop()
+    results = []
+    with executor_stack("bench_open_burst_", os.environ.get("BENCH_LOG_LEVEL", "INFO")) as stack:
+        for processes in [int(p) for p in args.processes.split(",")]:
+            for latency in [float(x) for x in args.latencies.split(",")]:
+                log_dir = args.log_dir or stack.tmpdir
+                log_dir.mkdir(parents=True, exist_ok=True)
+                result = one_round(latency, processes, args.strategies, args.accounts, stack, log_dir, args.timeout)
+                report(result, args.strategies, args.accounts)
+                results.append(result)
+    plot(results)
 
 
 if __name__ == "__main__":
