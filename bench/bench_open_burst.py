@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--accounts", type=int, default=1_000)
     parser.add_argument("--latencies", default="0,20", help="simulator latency per call, ms (comma-separated)")
     parser.add_argument("--processes", default="2", help="executor processes (comma-separated)")
-    parser.add_argument("--timeout", type=float, default=90.0)
+    parser.add_argument("--timeout", type=float, default=240.0)
     parser.add_argument("--log-dir", type=Path, default=None, help="keep the executors' logs here")
     args = parser.parse_args(argv)
     results = []
