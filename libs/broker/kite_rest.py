@@ -89,8 +89,7 @@ class KiteOrderClient:
             # every account, and a cookie one account's reply set must not ride on another's.
             self._session = aiohttp.ClientSession(connector=connector, timeout=self.timeout, trust_env=False,
                                                   cookie_jar=aiohttp.DummyCookieJar(),
-                                                  skip_auto_headers=("Content-Type",),
-                                                  json_serialize=lambda o: orjson.dumps(o).decode())
+                                                  skip_auto_headers=("Content-Type",))
         return self._session
 
     def _headers(self, api_key: str, access_token: str) -> dict[str, str]:
