@@ -186,6 +186,12 @@ class KiteGateway:
         kite = self.client(api_key, access_token)
         return await self._call(lambda: kite.instruments(exchange))
 
+    async def orders(self, api_key: str, access_token: str) -> list[dict[str, Any]]:
+        """Return the day's order book (the API reads it to square off a run that ended holding)."""
+        kite = self.client(api_key, access_token)
+        # = kite.orders() minus dateutil: timestamps stay the broker's strings.
+        return await self._call(lambda: kite._get("orders"))
+
     async def ltp(self, api_key: str, access_token: str, instruments: list[str]) -> dict[str, Any]:
         kite = self.client(api_key, access_token)
         return await self._call(lambda: kite.ltp(instruments))
