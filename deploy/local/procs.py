@@ -14,8 +14,8 @@ import signal
 import socket
 import subprocess
 import time
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg

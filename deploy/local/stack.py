@@ -154,7 +154,7 @@ class LocalStack:
             elif name == "postgres":
                 programs.append(Program("postgres", "postgres", tuple(pg.command()), ports["postgres"], 1, env=base,
                                         user="postgres" if os.geteuid() == 0 else None, stopsignal="INT",
-                                        stopwaitsecs=60))
+                                        stopwaitsecs=60, autorestart="unexpected"))
             elif name == "kite_sim":
                 programs.append(Program(name, name, (sys.executable, "-m", "services.kite_sim", "--port",
                                                      str(ports[name])), ports[name], 10, env=base))
@@ -404,6 +404,14 @@ class LocalStack:
 
     def start_program(self, name: str) -> None:
         self.supervisor.start_program(self._rpc_name(name))
+
+    def postgres(self) -> PostgresServer:
+        """The stack's Postgres (admin credentials)."""
+        return self._postgres(self._state())
+
+    def crash_postgres(self) -> None:
+        """Stop Postgres hard (`pg_ctl stop -m immediate`); it stays down until `up` or start_program."""
+        self.postgres().stop(mode="immediate")
 
     # -- down / status / clean --------------------------------------------
     def down(self) -> None:

@@ -9,7 +9,9 @@ over XML-RPC on a private unix socket, which `make status` shows.
 Restart policy: every program has `autorestart=true` and a very large
 `startretries`, so a crashing process is restarted for the whole trading day
 (supervisord waits 1 s, 2 s, 3 s, ... between attempts that die within
-`startsecs`, and restarts at once a process that ran longer). Programs are
+`startsecs`, and restarts at once a process that ran longer). Postgres is
+restarted after a crash (killed by a signal) but not after a clean exit: an
+operator's `pg_ctl stop` (any mode) keeps it down until `make up`. Programs are
 not auto-started with supervisord: `up` starts them in order (Redis and
 Postgres, migrations, simulator, API, pipeline) and waits for each to be ready.
 """
@@ -46,6 +48,7 @@ class Program:
     user: str | None = None
     stopsignal: str = "TERM"
     stopwaitsecs: int = 20
+    autorestart: str = "true"  # "unexpected": not after a clean exit (0), e.g. `pg_ctl stop`
 
     @property
     def rpc_name(self) -> str:
@@ -77,7 +80,7 @@ def render_config(run_dir: Path, socket_path: Path, programs: list[Program], wor
         groups.setdefault(p.group, []).append(p)
         out += [
             f"[program:{p.name}]", "command=" + " ".join(_arg(a) for a in p.command), f"directory={workdir}",
-            "autostart=false", "autorestart=true", "startsecs=1", f"startretries={RESTART_FOREVER}",
+            "autostart=false", f"autorestart={p.autorestart}", "exitcodes=0", "startsecs=1", f"startretries={RESTART_FOREVER}",
             f"priority={p.priority}", f"stopsignal={p.stopsignal}", f"stopwaitsecs={p.stopwaitsecs}",
             "stopasgroup=true", "killasgroup=true", "redirect_stderr=true",
             f"stdout_logfile={logs / (p.name + '.log')}", "stdout_logfile_maxbytes=50MB", "stdout_logfile_backups=2",
