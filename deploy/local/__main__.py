@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from deploy.local.stack import LocalStack
 
@@ -37,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deploy.local")
     parser.add_argument("command", choices=["up", "down", "status", "clean"])
     args = parser.parse_args(argv)
-    stack = LocalStack()
+    run_dir = os.environ.get("TICKWISE_RUN_DIR")
+    stack = LocalStack(Path(run_dir) if run_dir else None)
     try:
         if args.command == "up":
             env = stack.up()

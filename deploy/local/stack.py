@@ -212,6 +212,9 @@ class LocalStack:
         state["pg_data_dir"] = str(self._pg_data_dir(state))
         self._save(state)
 
+        if not self.supervisor.running():
+            for name in names:  # before anything starts: a clash leaves nothing half up
+                self._check_port(name, ports[name])
         pg = self._postgres(state)
         self._prepare_postgres_dir(pg)
         _write_private(self.run_dir / "redis" / "redis.conf", credentials.redis_conf(
