@@ -66,6 +66,12 @@ def parse_replicas(text: str | None) -> dict[str, int]:
     return replicas
 
 
+def service_of(program: str) -> str:
+    """The service a program runs: `executor-1` -> `executor`."""
+    base, _, index = program.rpartition("-")
+    return base if index.isdigit() and base else program
+
+
 def _reachable_by_others(path: Path) -> bool:
     return all(d.stat().st_mode & stat.S_IXOTH for d in [path, *path.parents] if d.exists())
 
@@ -147,21 +153,21 @@ class LocalStack:
         common = {**base, **self._service_env(state)}
         programs = []
         for name in names:
-            group = name.rsplit("-", 1)[0] if name.rsplit("-", 1)[-1].isdigit() else name
+            group = service_of(name)
             if name == "redis":
-                programs.append(Program("redis", "redis", (redis_binary(), str(self.run_dir / "redis" / "redis.conf")),
+                programs.append(Program("redis", (redis_binary(), str(self.run_dir / "redis" / "redis.conf")),
                                         ports["redis"], 1, env=base))
             elif name == "postgres":
-                programs.append(Program("postgres", "postgres", tuple(pg.command()), ports["postgres"], 1, env=base,
+                programs.append(Program("postgres", tuple(pg.command()), ports["postgres"], 1, env=base,
                                         user="postgres" if os.geteuid() == 0 else None, stopsignal="INT",
                                         stopwaitsecs=60, autorestart="unexpected"))
             elif name == "kite_sim":
-                programs.append(Program(name, name, (sys.executable, "-m", "services.kite_sim", "--port",
+                programs.append(Program(name, (sys.executable, "-m", "services.kite_sim", "--port",
                                                      str(ports[name])), ports[name], 10, env=base))
             else:
                 env = {**common, "REDIS_URL": credentials.redis_url(ports["redis"], passwords, group),
                        "TICKWISE_HEALTH_PORT": str(ports[name])}
-                programs.append(Program(name, group, (sys.executable, "-m", _SPEC[group].module), ports[name],
+                programs.append(Program(name, (sys.executable, "-m", _SPEC[group].module), ports[name],
                                         20 if group == "api" else 30, env=env))
         return programs
 
@@ -213,6 +219,7 @@ class LocalStack:
         self._save(state)
 
         if not self.supervisor.running():
+            self._stop_legacy(state)
             for name in names:  # before anything starts: a clash leaves nothing half up
                 self._check_port(name, ports[name])
         pg = self._postgres(state)
@@ -268,11 +275,11 @@ class LocalStack:
     @staticmethod
     def _ordered(names: list[str]) -> list[str]:
         order = ["redis", "postgres", *(s.name for s in SERVICES)]
-        return sorted(names, key=lambda n: order.index(n.rsplit("-", 1)[0]) if n not in order else order.index(n))
+        return sorted(names, key=lambda n: order.index(service_of(n)))
 
-    def _rpc_name(self, name: str) -> str:
-        group = name.rsplit("-", 1)[0] if name.rsplit("-", 1)[-1].isdigit() else name
-        return f"{group}:{name}"
+    @staticmethod
+    def _rpc_name(name: str) -> str:
+        return f"{name}:{name}"
 
     def _alive(self, name: str) -> bool:
         info = self.supervisor.info().get(name)
@@ -289,7 +296,7 @@ class LocalStack:
             self.started.append(name)
             print(f"tickwise: {name:<18} started (port {state['ports'][name]})", flush=True)
         for name in names:
-            group = self._rpc_name(name).split(":")[0]
+            group = service_of(name)
             if group in _SPEC:
                 self._wait_http(name, state["ports"][name], _SPEC[group].health_path)
 
@@ -306,11 +313,20 @@ class LocalStack:
                          "to give this stack new ports")
 
     def _is_ours(self, pid: int) -> bool:
+        """A process of this stack: marked in its environment, or (Redis and Postgres, which
+        overwrite theirs with their process title) working in this stack's data directory."""
         try:
             environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            cwd = Path(os.readlink(f"/proc/{pid}/cwd"))
         except OSError:
             return False
-        return f"{STACK_VAR}={self.run_dir}".encode() in environ
+        if f"{STACK_VAR}={self.run_dir}".encode() in environ:
+            return True
+        data_dirs = {self.run_dir / "redis", self.run_dir / "pg"}
+        pg_dir = self._state().get("pg_data_dir")
+        if pg_dir:
+            data_dirs.add(Path(pg_dir))
+        return cwd in data_dirs
 
     def _sweep_orphans(self) -> list[int]:
         """Stop processes of this stack left running by a supervisord that died (kill -9)."""
@@ -319,6 +335,23 @@ class LocalStack:
         for pid in found:
             _terminate(pid)
         return found
+
+    def _stop_legacy(self, state: dict) -> None:
+        """Stop a stack started by the pid-file `make up` of earlier versions (kept data is reused)."""
+        pids = self.run_dir / "pids"
+        legacy = [pids / p.name for p in pids.glob("*.pid")] if pids.is_dir() else []
+        legacy.append(self.run_dir / "redis" / "redis.pid")
+        for pidfile in legacy:
+            try:
+                _terminate(int(pidfile.read_text().strip()))
+            except (OSError, ValueError):
+                pass
+            pidfile.unlink(missing_ok=True)
+        old_pg = self.run_dir / "pg"
+        if "programs" not in state and (old_pg / "postmaster.pid").exists():
+            PostgresServer(old_pg, 0).stop(mode="fast")
+        if pids.is_dir():
+            shutil.rmtree(pids, ignore_errors=True)
 
     def _wait_redis(self, state: dict, timeout: float = 30.0) -> None:
         client = redis.Redis.from_url(credentials.redis_url(state["ports"]["redis"], state["passwords"]),
@@ -382,7 +415,7 @@ class LocalStack:
     # -- replicas and single programs (operators, tests, chaos) -----------
     def instances(self, group: str) -> list[str]:
         """Names of the running configuration's programs of `group` (e.g. executor-0, executor-1)."""
-        return [n for n in self._state().get("programs", []) if self._rpc_name(n).split(":")[0] == group]
+        return [n for n in self._state().get("programs", []) if service_of(n) == group]
 
     def add_replica(self, group: str) -> str:
         """Run one more replica of a pipeline service; return its program name."""

@@ -39,8 +39,8 @@ RESTART_FOREVER = 1_000_000
 class Program:
     """One supervised process."""
 
-    name: str  # e.g. "redis", "api", "executor-1"
-    group: str  # e.g. "redis", "api", "executor"
+    name: str  # e.g. "redis", "api", "executor-1"; each program is its own supervisord group,
+    # so adding or removing a replica leaves the other replicas running.
     command: tuple[str, ...]
     port: int
     priority: int
@@ -49,10 +49,6 @@ class Program:
     stopsignal: str = "TERM"
     stopwaitsecs: int = 20
     autorestart: str = "true"  # "unexpected": not after a clean exit (0), e.g. `pg_ctl stop`
-
-    @property
-    def rpc_name(self) -> str:
-        return f"{self.group}:{self.name}"
 
 
 def _quote(value: str) -> str:
@@ -75,9 +71,7 @@ def render_config(run_dir: Path, socket_path: Path, programs: list[Program], wor
         "[rpcinterface:supervisor]", "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface",
         "", "[supervisorctl]", f"serverurl=unix://{socket_path}", "",
     ]
-    groups: dict[str, list[Program]] = {}
     for p in programs:
-        groups.setdefault(p.group, []).append(p)
         out += [
             f"[program:{p.name}]", "command=" + " ".join(_arg(a) for a in p.command), f"directory={workdir}",
             "autostart=false", f"autorestart={p.autorestart}", "exitcodes=0", "startsecs=1", f"startretries={RESTART_FOREVER}",
@@ -90,10 +84,6 @@ def render_config(run_dir: Path, socket_path: Path, programs: list[Program], wor
         if p.env:
             out.append("environment=" + ",".join(f"{k}={_quote(v)}" for k, v in sorted(p.env.items())))
         out.append("")
-    for group, members in groups.items():
-        if [m.name for m in members] != [group]:
-            out += [f"[group:{group}]", "programs=" + ",".join(m.name for m in members),
-                    f"priority={members[0].priority}", ""]
     return "\n".join(out)
 
 

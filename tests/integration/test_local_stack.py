@@ -9,23 +9,26 @@ private (0700) parent when run as root.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
 import pytest
 import redis
 
+from deploy.local.__main__ import print_status
 from deploy.local.procs import pid_alive
 from deploy.local.stack import DEFAULT_REPLICAS, ROOT, LocalStack, StackError, parse_replicas
-from tests.support.postgres import open_to_postgres
 
 READY_WITHIN_S = 10  # the issue's promise: /readyz back to 200 this soon after a dependency returns
 
@@ -56,17 +59,34 @@ def _all_ready(stack: LocalStack) -> bool:
     return all(_ready(port) for port in _service_ports(stack).values())
 
 
+@contextmanager
+def open_dir() -> Iterator[Path]:
+    """A temp dir the `postgres` user can reach for the whole test.
+
+    Not under pytest's base dir: a concurrent pytest session resets that to 0700.
+    """
+    path = Path(tempfile.mkdtemp(prefix="tickwise-stack-"))
+    os.chmod(path, 0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
-    run_dir = tmp_path_factory.mktemp("local-stack") / "run"
-    open_to_postgres(run_dir.parent)
-    stack = LocalStack(run_dir)  # default replicas, as `make up`
-    stack.up()
-    yield stack
-    stack.down()
+def stack() -> Iterator[LocalStack]:
+    with open_dir() as base:
+        stack = LocalStack(base / "run")  # default replicas, as `make up`
+        stack.up()
+        yield stack
+        stack.down()
 
 
-def test_up_runs_two_replicas_of_each_pipeline_service_by_default(stack: LocalStack) -> None:
+def test_up_runs_two_replicas_of_each_pipeline_service_by_default(stack: LocalStack,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    print_status(stack)  # `make status`
+    shown = capsys.readouterr().out
+    assert "executor-1" in shown and "running" in shown and stack.stack_env()["API_URL"] in shown
     status = stack.status()
     for service in ("executor", "scheduler", "market_listener"):
         assert [n for n in status if n.startswith(service + "-")] == [f"{service}-0", f"{service}-1"]
@@ -149,10 +169,30 @@ def test_a_second_up_and_the_demo_leave_a_running_stack_alone(stack: LocalStack)
     assert {name: row["pid"] for name, row in stack.status().items()} == pids
 
 
-def test_down_leaves_no_process_and_up_brings_every_process_back_on_the_same_ports(
-        tmp_path: Path) -> None:
-    open_to_postgres(tmp_path)
-    stack = LocalStack(tmp_path / "run")
+def test_up_repairs_what_is_missing_and_leaves_healthy_processes_alone(stack: LocalStack) -> None:
+    stack.stop_program("executor-1")
+    before = {name: row["pid"] for name, row in stack.status().items()}
+    assert before["executor-1"] is None
+    stack.up()
+    after = {name: row["pid"] for name, row in stack.status().items()}
+    assert after["executor-1"] and {k: v for k, v in after.items() if k != "executor-1"} == {
+        k: v for k, v in before.items() if k != "executor-1"}
+
+    # supervisord itself killed: its processes are orphans; `up` takes the stack back on the same ports.
+    ports = {name: row["port"] for name, row in stack.status().items()}
+    os.kill(stack.supervisor.pid(), signal.SIGKILL)
+    stack.up()
+    assert {name: row["port"] for name, row in stack.status().items()} == ports
+    assert all(row["state"] == "running" for row in stack.status().values())
+    _wait(lambda: _all_ready(stack), 60, "a service was not ready after the repair")
+
+
+def test_down_leaves_no_process_and_up_brings_every_process_back_on_the_same_ports() -> None:
+    with open_dir() as base:
+        _down_and_up_again(LocalStack(base / "run"))
+
+
+def _down_and_up_again(stack: LocalStack) -> None:
     env = stack.up(services=("kite_sim",))
     ports = {name: row["port"] for name, row in stack.status().items()}
     pids = [row["pid"] for row in stack.status().values()]
