@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import stat
 import sys
 import time
@@ -26,21 +25,21 @@ from pathlib import Path
 
 import redis
 
-from deploy.local import credentials
-from deploy.local.procs import PostgresServer, free_port, pid_alive, port_holder, port_is_free, redis_binary
+from deploy.local import credentials, leftovers
+from deploy.local.leftovers import STACK_VAR
+from deploy.local.procs import PostgresServer, free_port, redis_binary
 from deploy.local.supervisor import Program, Supervisor, render_config
 from libs.service.secretbox import generate_key
 
 ROOT = Path(__file__).resolve().parents[2]
 PIPELINE = ("scheduler", "market_listener", "executor")
 DEFAULT_REPLICAS = {"executor": 2, "scheduler": 2, "market_listener": 2}
-STACK_VAR = "TICKWISE_STACK_DIR"
-"""Set in every supervised process: finds processes orphaned by a killed supervisord."""
 PG_RELOCATED_ROOT = Path("/var/lib/tickwise")
 
 
 class StackError(RuntimeError):
     """The stack could not be brought up; the message says what to do."""
+
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -219,7 +218,7 @@ class LocalStack:
         self._save(state)
 
         if not self.supervisor.running():
-            self._stop_legacy(state)
+            leftovers.stop_legacy(self.run_dir, legacy_pg="programs" not in state)
             for name in names:  # before anything starts: a clash leaves nothing half up
                 self._check_port(name, ports[name])
         pg = self._postgres(state)
@@ -228,9 +227,13 @@ class LocalStack:
             port=ports["redis"], data_dir=self.run_dir / "redis", passwords=state["passwords"]))
         self._apply_config(state, names)
 
+        spawned = self.supervisor.spawn_counts().get("postgres", 0)
         self._start(["redis", "postgres"], state)
         self._wait_redis(state)
-        pg.wait_ready(alive=lambda: self._alive("postgres"))
+        try:
+            pg.wait_ready(alive=lambda: self.supervisor.spawn_counts().get("postgres", 0) <= spawned + 3)
+        except RuntimeError as exc:
+            raise StackError(f"{exc}; {self._last_line('postgres')}") from None
         pg.create_database()
         from libs.schema.migrate import upgrade_head
 
@@ -281,10 +284,6 @@ class LocalStack:
     def _rpc_name(name: str) -> str:
         return f"{name}:{name}"
 
-    def _alive(self, name: str) -> bool:
-        info = self.supervisor.info().get(name)
-        return bool(info) and info["statename"] in ("RUNNING", "STARTING", "BACKOFF")
-
     def _start(self, names: list[str], state: dict) -> None:
         """Start the programs that are not running (port checked first), then wait for all to be ready."""
         info = self.supervisor.info()
@@ -300,58 +299,16 @@ class LocalStack:
             if group in _SPEC:
                 self._wait_http(name, state["ports"][name], _SPEC[group].health_path)
 
-    def _check_port(self, name: str, port: int) -> None:
-        if port_is_free(port):
-            return
-        holder = port_holder(port)
-        if holder and self._is_ours(holder[0]):
-            _terminate(holder[0])
-            if port_is_free(port):
-                return
-        who = f"pid {holder[0]} ({holder[1][:80]})" if holder else "another process"
-        raise StackError(f"port {port} of {name} is in use by {who}; stop it, or run `make clean` "
-                         "to give this stack new ports")
+    def _data_dirs(self) -> set[Path]:
+        state = self._state()
+        return {self.run_dir / "redis", self.run_dir / "pg", *([Path(state["pg_data_dir"])]
+                                                               if "pg_data_dir" in state else [])}
 
-    def _is_ours(self, pid: int) -> bool:
-        """A process of this stack: marked in its environment, or (Redis and Postgres, which
-        overwrite theirs with their process title) working in this stack's data directory."""
-        try:
-            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-            cwd = Path(os.readlink(f"/proc/{pid}/cwd"))
-        except OSError:
-            return False
-        if f"{STACK_VAR}={self.run_dir}".encode() in environ:
-            return True
-        data_dirs = {self.run_dir / "redis", self.run_dir / "pg"}
-        pg_dir = self._state().get("pg_data_dir")
-        if pg_dir:
-            data_dirs.add(Path(pg_dir))
-        return cwd in data_dirs
+    def _check_port(self, name: str, port: int) -> None:
+        leftovers.claim_port(name, port, self.run_dir, self._data_dirs())
 
     def _sweep_orphans(self) -> list[int]:
-        """Stop processes of this stack left running by a supervisord that died (kill -9)."""
-        found = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and int(p.name) != os.getpid()
-                 and self._is_ours(int(p.name))]
-        for pid in found:
-            _terminate(pid)
-        return found
-
-    def _stop_legacy(self, state: dict) -> None:
-        """Stop a stack started by the pid-file `make up` of earlier versions (kept data is reused)."""
-        pids = self.run_dir / "pids"
-        legacy = [pids / p.name for p in pids.glob("*.pid")] if pids.is_dir() else []
-        legacy.append(self.run_dir / "redis" / "redis.pid")
-        for pidfile in legacy:
-            try:
-                _terminate(int(pidfile.read_text().strip()))
-            except (OSError, ValueError):
-                pass
-            pidfile.unlink(missing_ok=True)
-        old_pg = self.run_dir / "pg"
-        if "programs" not in state and (old_pg / "postmaster.pid").exists():
-            PostgresServer(old_pg, 0).stop(mode="fast")
-        if pids.is_dir():
-            shutil.rmtree(pids, ignore_errors=True)
+        return leftovers.sweep_orphans(self.run_dir, self._data_dirs())
 
     def _wait_redis(self, state: dict, timeout: float = 30.0) -> None:
         client = redis.Redis.from_url(credentials.redis_url(state["ports"]["redis"], state["passwords"]),
@@ -485,19 +442,3 @@ class LocalStack:
                 "restarts": max(0, spawns.get(name, 0) - 1),
             }
         return out
-
-
-def _terminate(pid: int, timeout: float = 20.0) -> None:
-    """SIGINT (fast shutdown for Postgres, clean for the others), then SIGKILL."""
-    try:
-        os.kill(pid, signal.SIGINT)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + timeout
-    while pid_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if pid_alive(pid):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
