@@ -1,4 +1,4 @@
-"""Strategy status (SCHEMA 4.7) and order log reads.
+"""Strategy status (data model §4.7) and order log reads.
 
 While a run is loaded, status comes from `runtime:{id}` and the listener's
 `price:{SYM}`; otherwise from Postgres: the strategy's status and its last
