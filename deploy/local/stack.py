@@ -411,6 +411,8 @@ class LocalStack:
         """Stop every program and supervisord; keep the data. Leaves no process of the stack behind."""
         if self.supervisor.shutdown():
             print("tickwise: stack stopped (data kept in .run/)", flush=True)
+        elif self.run_dir.exists():
+            leftovers.stop_legacy(self.run_dir, legacy_pg="programs" not in self._state())
         swept = self._sweep_orphans()
         if swept:
             print(f"tickwise: stopped {len(swept)} orphaned process(es)", flush=True)
