@@ -146,8 +146,11 @@ class Supervisor:
 
     def start(self) -> None:
         """Start supervisord (it daemonises) and wait until it answers."""
-        subprocess.run([sys.executable, "-m", "supervisor.supervisord", "-c", str(self.conf)], check=True,
-                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        done = subprocess.run([sys.executable, "-m", "supervisor.supervisord", "-c", str(self.conf)],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        if done.returncode != 0:
+            detail = [ln for ln in done.stderr.decode(errors="replace").splitlines() if ln.strip()]
+            raise RuntimeError(f"supervisord did not start: {detail[-1] if detail else done.returncode}")
         deadline = time.monotonic() + 20
         while not self.running():
             if time.monotonic() > deadline:
