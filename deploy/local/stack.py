@@ -161,8 +161,10 @@ class LocalStack:
                                         user="postgres" if os.geteuid() == 0 else None, stopsignal="INT",
                                         stopwaitsecs=60, autorestart="unexpected"))
             elif name == "kite_sim":
-                programs.append(Program(name, (sys.executable, "-m", "services.kite_sim", "--port",
-                                                     str(ports[name])), ports[name], 10, env=base))
+                # --state-file: paper accounts, tokens and orders survive restarts and `make down`/`make up`.
+                programs.append(Program(name, (sys.executable, "-m", "services.kite_sim", "--port", str(ports[name]),
+                                               "--state-file", str(self.run_dir / "kite_sim.state")),
+                                        ports[name], 10, env=base))
             else:
                 env = {**common, "REDIS_URL": credentials.redis_url(ports["redis"], passwords, group),
                        "TICKWISE_HEALTH_PORT": str(ports[name])}

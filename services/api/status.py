@@ -23,9 +23,13 @@ from libs.schema.models import (
     Position,
     RuntimeState,
     StatusResponse,
+    StrategyStatus,
 )
 from libs.schema.tables import OrderLog, Strategy
-from services.api.deps import READS, REDIS, current_user, path_uuid
+from libs.trading.calendar import CalendarError
+from libs.trading.runs import config_for, plan_run
+from libs.trading.tokens import SESSION_EXPIRED_REASON
+from services.api.deps import CALENDAR, READS, REDIS, current_user, path_uuid
 from services.api.errors import field_error, json_response
 from services.api.strategies import own_strategy
 
@@ -45,13 +49,14 @@ def _price(raw: bytes | None) -> float | None:
 
 
 async def build_status(app: web.Application, row: Strategy) -> dict:
-    """Return the 4.7 status of a strategy row."""
+    """Return the 4.7 status of a strategy row, with its trading day, next times and login flag."""
     redis = app[REDIS]
     async with redis.pipeline(transaction=False) as pipe:
         pipe.get(keys.strategy_key(row.id))
         pipe.hgetall(keys.runtime_key(row.id))
         pipe.get(keys.price_key(row.symbol))
-        config_raw, runtime_raw, price_raw = await pipe.execute()
+        pipe.hmget(keys.broker_credentials_key(row.user_id), "token_state", "is_valid")
+        config_raw, runtime_raw, price_raw, (token_state, is_valid) = await pipe.execute()
     last_price = _price(price_raw)
     if config_raw and runtime_raw:
         try:
@@ -62,7 +67,7 @@ async def build_status(app: web.Application, row: Strategy) -> dict:
             out = StatusResponse(status=row.status, position=state.position, last_action=state.last_action,
                                  last_price=last_price if last_price is not None else state.last_price,
                                  timestamp=state.updated_at or datetime.now(UTC))
-            return out.model_dump(mode="json")
+            return _with_day(app, row, out, token_state or (b"expired" if is_valid == b"0" else None))
     last = await _last_fill(app, row)
     out = StatusResponse(
         status=row.status,
@@ -71,6 +76,28 @@ async def build_status(app: web.Application, row: Strategy) -> dict:
         last_price=last_price,
         timestamp=last.created_at if last else row.updated_at,
     )
+    return _with_day(app, row, out, token_state or (b"expired" if is_valid == b"0" else None))
+
+
+def _with_day(app: web.Application, row: Strategy, out: StatusResponse, token_state: bytes | None) -> dict:
+    """Add the run's trading day, its next buy/sell, repeat, and whether it needs a Kite login."""
+    out.repeat = row.repeat or "once"  # type: ignore[assignment]
+    running = row.status == StrategyStatus.running
+    if row.started_at is not None:
+        try:
+            plan = plan_run(config_for(row), app[CALENDAR], row.started_at)
+        except (CalendarError, ValueError):
+            plan = None
+        if plan is not None:
+            out.trading_day = plan.trading_day
+            if running and out.position == Position.none:
+                out.next_buy_at = plan.buy.trigger_time
+            if running and out.position in (Position.none, Position.bought):
+                out.next_sell_at = plan.sell.trigger_time
+    if running and token_state == b"expired":
+        out.needs_login, out.reason = True, SESSION_EXPIRED_REASON + " (GET /api/v1/broker/login) before buy time"
+    elif row.status == StrategyStatus.failed:
+        out.reason = row.failure_reason
     return out.model_dump(mode="json")
 
 

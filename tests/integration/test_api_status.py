@@ -42,8 +42,10 @@ async def test_status_of_a_loaded_run_reads_runtime_and_the_listener_price(api, 
     await redis.hset(keys.runtime_key(sid), mapping={"position": "bought", "last_action": "BUY",
                                                      "last_price": "1500.5", "updated_at": moment})
     reply = await api.v1("GET", f"/strategies/{sid}/status", user=user, expect=200)
-    assert reply.body == {"status": "running", "position": "bought", "last_action": "BUY", "last_price": 1500.5,
-                          "timestamp": moment}
+    body = reply.body
+    assert {k: body[k] for k in ("status", "position", "last_action", "last_price", "timestamp")} == {
+        "status": "running", "position": "bought", "last_action": "BUY", "last_price": 1500.5, "timestamp": moment}
+    assert body["next_buy_at"] is None and body["next_sell_at"] and body["needs_login"] is False
     await redis.set(keys.price_key("INFY"), "1490.25")
     assert (await api.v1("GET", f"/strategies/{sid}/status", user=user)).body["last_price"] == 1490.25
 

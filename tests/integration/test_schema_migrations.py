@@ -86,7 +86,7 @@ def test_downgrade_to_base_then_upgrade_to_head(database_url: str, engine: Engin
     upgrade_head(database_url)
     with engine.connect() as connection:
         assert schema_diff(connection) == []
-        assert connection.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == "0001"
+        assert connection.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == "0003"
 
 
 def test_upgrade_head_twice_is_a_no_op(database_url: str, engine: Engine) -> None:
@@ -102,7 +102,7 @@ def test_alembic_cli_reads_database_url_from_the_environment(database_url: str, 
         capture_output=True, text=True, timeout=60, check=False,
     )
     assert result.returncode == 0, result.stderr
-    assert "0001 (head)" in result.stdout
+    assert "0003 (head)" in result.stdout
 
 
 # --- the tables behave as the contract says ---------------------------------------

@@ -196,6 +196,8 @@ function renderBroker(b) { // only these four fields; the API never sends secret
   $("b-hint").textContent = show(b.api_key_hint);
   $("b-updated").textContent = when(b.updated_at);
   $("b-expired").classList.toggle("hidden", !b.connected || b.is_valid);
+  $("b-token").textContent = !b.connected ? "-" : b.token_state + (b.token_expires_at
+    ? " until " + when(b.token_expires_at) : "") + (b.token_checked_at ? " (checked " + when(b.token_checked_at) + ")" : "");
 }
 
 function makeRow(id) {
@@ -231,6 +233,9 @@ function renderStrategies(list, statuses, logs) {
     for (const [name, value] of Object.entries(text)) c[name].textContent = value;
     badge(c.status, st.status);
     if (st.status === "failed" && s.failure_reason) c.status.appendChild(el("span", s.failure_reason, "reason"));
+    if (st.needs_login) c.status.appendChild(el("span", st.reason, "reason"));
+    const next = st.next_buy_at ? "next buy " + when(st.next_buy_at) : st.next_sell_at ? "next sell " + when(st.next_sell_at) : "";
+    if (next) c.status.appendChild(el("span", next + (st.repeat === "trading_days" ? " · every trading day" : ""), "muted"));
     const key = [st.status, st.position, expanded.has(s.id)].join("|");
     if (r.key !== key) { r.key = key; c.actions.replaceChildren(...actions(s, st)); } // buttons only on change
     pos = place(tbody, r.tr, pos);
@@ -327,10 +332,24 @@ onSubmit("session", async (v, form) => {
 });
 onSubmit("create", async (v, form) => {
   const out = await call("POST", "/strategies", { symbol: v.symbol.trim().toUpperCase(), buy_time: clock(v.buy_time),
-    sell_time: clock(v.sell_time), stop_loss: num(v.stop_loss), quantity: num(v.quantity) });
+    sell_time: clock(v.sell_time), stop_loss: num(v.stop_loss), quantity: num(v.quantity),
+    repeat: v.repeat ? "trading_days" : "once" });
   form.reset();
   return "Created " + out.symbol + " (buy " + out.buy_time + ", sell " + out.sell_time + " IST). Press Start to schedule it.";
 });
 $("logout").addEventListener("click", () => logout(""));
+$("callback-url").textContent = location.origin + "/api/v1/broker/callback";
+$("kite-login").addEventListener("click", async () => {
+  try { location.href = (await call("GET", "/broker/login")).login_url; } catch (e) { setMsg(e.message); }
+});
+{ // back from Kite's login: say how it went, then drop the query from the address bar
+  const q = new URLSearchParams(location.search);
+  if (q.get("broker_login")) {
+    const ok = q.get("broker_login") === "success";
+    window.addEventListener("load", () => setMsg(ok ? "Kite login done: today's session is stored."
+      : "Kite login failed: " + (q.get("message") || q.get("code") || "unknown error")));
+    history.replaceState(null, "", location.pathname);
+  }
+}
 document.addEventListener("visibilitychange", () => { if (!document.hidden) refreshAll(); });
 if (token) enter();
