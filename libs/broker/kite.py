@@ -225,6 +225,11 @@ class KiteGateway:
                 found = order
         return found
 
+    async def positions(self, api_key: str, access_token: str) -> dict[str, Any]:
+        """Return the account's positions: `{"net": [...], "day": [...]}`."""
+        kite = self.client(api_key, access_token)
+        return await self._call(kite.positions)
+
     async def ltp(self, api_key: str, access_token: str, instruments: list[str]) -> dict[str, Any]:
         kite = self.client(api_key, access_token)
         return await self._call(lambda: kite.ltp(instruments))

@@ -24,10 +24,12 @@ from libs.schema.models import (
     TokenOut,
     UserOut,
 )
-from services.api import auth, broker, run_control, status, strategies
+from libs.schema.models.dashboard import PositionOut, StrategyListItem, SummaryOut, TradeOut
+from services.api import auth, broker, positions, run_control, status, strategies, tradebook
 from services.api.errors import json_response
 from services.api.openapi import Op, build_openapi
 from services.api.status import ORDERS_DEFAULT_LIMIT, ORDERS_MAX_LIMIT
+from services.api.tradebook import TRADES_DEFAULT_LIMIT, TRADES_MAX_LIMIT
 
 V1 = "/api/v1"
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -61,6 +63,17 @@ _LIMIT = {"name": "limit", "in": "query", "required": False,
           "schema": {"type": "integer", "minimum": 1, "maximum": ORDERS_MAX_LIMIT, "default": ORDERS_DEFAULT_LIMIT}}
 
 
+_TRADE_QUERY = (
+    {"name": "from", "in": "query", "required": False, "schema": {"type": "string", "format": "date"},
+     "description": "First trading day (default: 30 days before `to`)."},
+    {"name": "to", "in": "query", "required": False, "schema": {"type": "string", "format": "date"},
+     "description": "Last trading day (default: today, IST)."},
+    {"name": "limit", "in": "query", "required": False,
+     "schema": {"type": "integer", "minimum": 1, "maximum": TRADES_MAX_LIMIT, "default": TRADES_DEFAULT_LIMIT}},
+    {"name": "format", "in": "query", "required": False, "schema": {"type": "string", "enum": ["json", "csv"]}},
+)
+
+
 def api_ops() -> list[Op]:
     """Return the /api/v1 operations."""
     return [
@@ -77,8 +90,8 @@ def api_ops() -> list[Op]:
            response=BrokerStatusOut),
         Op("POST", f"{V1}/strategies", strategies.create, "Create a strategy", "strategies",
            body=StrategyCreateRequest, status=201, response=StrategyOut, errors=(409, 503)),
-        Op("GET", f"{V1}/strategies", strategies.list_all, "List the caller's strategies", "strategies",
-           response=StrategyOut, many=True),
+        Op("GET", f"{V1}/strategies", status.list_strategies, "List the caller's strategies with status and P&L",
+           "strategies", response=StrategyListItem, many=True),
         Op("GET", f"{V1}/strategies/{{id}}", strategies.get_one, "One strategy", "strategies",
            response=StrategyOut),
         Op("PATCH", f"{V1}/strategies/{{id}}", strategies.patch, "Change a strategy that is not running",
@@ -93,6 +106,12 @@ def api_ops() -> list[Op]:
            response=StatusResponse),
         Op("GET", f"{V1}/strategies/{{id}}/orders", status.orders, "Order log, newest first", "runs",
            response=OrderLogOut, many=True, errors=(422,), query=(_LIMIT,)),
+        Op("GET", f"{V1}/positions", positions.positions, "Day positions from the broker, with their strategies",
+           "money", response=PositionOut, many=True, errors=(409, 503)),
+        Op("GET", f"{V1}/summary", tradebook.summary, "Today's totals: strategies, orders, P&L", "money",
+           response=SummaryOut),
+        Op("GET", f"{V1}/orders", tradebook.trade_book, "Trade book: confirmed fills, newest first (JSON or CSV)",
+           "money", response=TradeOut, many=True, errors=(422,), query=_TRADE_QUERY),
     ]
 
 

@@ -1,13 +1,16 @@
-"""Strategy status (SCHEMA 4.7) and order log reads.
+"""Strategy status (SCHEMA 4.7) with the money of the latest run, and order log reads.
 
-While a run is loaded, status comes from `runtime:{id}` and the listener's
-`price:{SYM}`; otherwise from Postgres: the strategy's status and its last
-successful BUY/SELL/STOPLOSS order-log row of the latest run.
+While a run is loaded, position and last action come from `runtime:{id}` and
+the price from the listener's `price:{SYM}`; otherwise from the run's
+confirmed fills in Postgres. Money always comes from confirmed fills
+(`services.api.pnl`). Statuses of many strategies are read together: one
+Redis pipeline and one Postgres query for all of them.
 """
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -16,23 +19,22 @@ from sqlalchemy import select
 
 from libs.schema import keys
 from libs.schema.models import (
-    EventType,
     LastAction,
     OrderLogOut,
-    OrderLogStatus,
     Position,
     RuntimeState,
     StatusResponse,
+    StrategyConfig,
 )
 from libs.schema.tables import OrderLog, Strategy
-from services.api.deps import READS, REDIS, current_user, path_uuid
+from libs.trading.runs import plan_run
+from services.api.deps import CALENDAR, READS, REDIS, current_user, path_uuid
 from services.api.errors import field_error, json_response
-from services.api.strategies import own_strategy
+from services.api.pnl import RunFills, latest_run_fills, money
+from services.api.strategies import own_strategy, strategy_out
 
 log = structlog.get_logger("api")
 
-_POSITION_AFTER = {EventType.BUY: Position.bought, EventType.SELL: Position.sold,
-                   EventType.STOPLOSS: Position.exited_by_sl}
 ORDERS_DEFAULT_LIMIT, ORDERS_MAX_LIMIT = 100, 1000
 
 
@@ -46,44 +48,77 @@ def _price(raw: bytes | None) -> float | None:
 
 async def build_status(app: web.Application, row: Strategy) -> dict:
     """Return the 4.7 status of a strategy row."""
-    redis = app[REDIS]
-    async with redis.pipeline(transaction=False) as pipe:
-        pipe.get(keys.strategy_key(row.id))
-        pipe.hgetall(keys.runtime_key(row.id))
-        pipe.get(keys.price_key(row.symbol))
-        config_raw, runtime_raw, price_raw = await pipe.execute()
-    last_price = _price(price_raw)
+    async with app[READS]() as session:
+        return (await build_statuses(app, session, [row]))[0]
+
+
+async def build_statuses(app: web.Application, session: Any, rows: list[Strategy]) -> list[dict]:
+    """Return the statuses of strategy rows, in order: one Redis pipeline, one Postgres query."""
+    if not rows:
+        return []
+    async with app[REDIS].pipeline(transaction=False) as pipe:
+        for row in rows:
+            pipe.get(keys.strategy_key(row.id))
+            pipe.hgetall(keys.runtime_key(row.id))
+            pipe.get(keys.price_key(row.symbol))
+        replies = await pipe.execute()
+    fills = await latest_run_fills(session, rows)
+    return [_status(app, row, fills[row.id], *replies[3 * i:3 * i + 3]) for i, row in enumerate(rows)]
+
+
+def _status(app: web.Application, row: Strategy, fills: RunFills, config_raw: bytes | None,
+            runtime_raw: dict | None, price_raw: bytes | None) -> dict:
+    market = last_price = _price(price_raw)
+    state, config = None, None
     if config_raw and runtime_raw:
         try:
             state = RuntimeState.from_redis_hash(runtime_raw)
+            config = StrategyConfig.model_validate_json(config_raw)
         except ValidationError:
             log.warning("runtime state unreadable", strategy_id=str(row.id))
-        else:
-            out = StatusResponse(status=row.status, position=state.position, last_action=state.last_action,
-                                 last_price=last_price if last_price is not None else state.last_price,
-                                 timestamp=state.updated_at or datetime.now(UTC))
-            return out.model_dump(mode="json")
-    last = await _last_fill(app, row)
-    out = StatusResponse(
-        status=row.status,
-        position=_POSITION_AFTER[last.event_type] if last else Position.none,
-        last_action=LastAction(last.event_type.value) if last else None,
-        last_price=last_price,
-        timestamp=last.created_at if last else row.updated_at,
-    )
+            state = None
+    extra: dict[str, Any] = {}
+    if state is not None and config is not None:
+        if state.position == Position.bought and fills.entry_price is None and state.last_action == LastAction.BUY:
+            # The BUY's row is not in Postgres yet; the executor wrote its fill price to runtime.
+            fills.entered, fills.entry_price, fills.quantity = True, state.last_price, config.quantity
+        position, last_action = state.position, state.last_action
+        timestamp = state.updated_at or datetime.now(UTC)
+        if last_price is None:
+            last_price = state.last_price
+        extra = _next_action(app, config, position)
+    else:
+        position = fills.position
+        last_action = LastAction(fills.exit_kind.value) if fills.exit_kind else \
+            LastAction.BUY if fills.entered else None
+        timestamp = fills.last_at or row.updated_at
+    out = StatusResponse(status=row.status, position=position, last_action=last_action, last_price=last_price,
+                         timestamp=timestamp, **money(fills, market if position == Position.bought else None),
+                         **extra)
     return out.model_dump(mode="json")
 
 
-async def _last_fill(app: web.Application, row: Strategy) -> OrderLog | None:
-    """Return the newest successful BUY/SELL/STOPLOSS row of the strategy's latest run."""
-    if row.started_at is None:
-        return None
-    stmt = (select(OrderLog)
-            .where(OrderLog.strategy_id == row.id, OrderLog.status == OrderLogStatus.success,
-                   OrderLog.event_type.in_(list(_POSITION_AFTER)), OrderLog.created_at >= row.started_at)
-            .order_by(OrderLog.created_at.desc()).limit(1))
-    async with app[READS]() as session:
-        return await session.scalar(stmt)
+def _next_action(app: web.Application, config: StrategyConfig, position: Position) -> dict[str, Any]:
+    """Return the next scheduled order of a loaded run and when it is due."""
+    if position not in (Position.none, Position.bought):
+        return {}
+    try:
+        plan = plan_run(config, app[CALENDAR], datetime.fromisoformat(config.run_id))
+    except ValueError:
+        return {}
+    event = plan.buy if position == Position.none else plan.sell
+    return {"next_action": event.event_type.value, "next_action_at": event.trigger_time}
+
+
+async def list_strategies(request: web.Request) -> web.Response:
+    """List the caller's strategies, oldest first, each with its live status and money."""
+    user_id = current_user(request)
+    async with request.app[READS]() as session:
+        rows = list(await session.scalars(select(Strategy).where(Strategy.user_id == user_id)
+                                          .order_by(Strategy.created_at, Strategy.id)))
+        statuses = await build_statuses(request.app, session, rows)
+    return json_response([{**strategy_out(row), **live, "status": row.status.value}
+                          for row, live in zip(rows, statuses, strict=True)])
 
 
 async def status(request: web.Request) -> web.Response:

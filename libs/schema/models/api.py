@@ -207,13 +207,25 @@ class StrategyOut(_Response):
 
 
 class StatusResponse(_Response):
-    """Live status of a strategy (SCHEMA 4.7)."""
+    """Live status of a strategy (SCHEMA 4.7), with the money of its latest run.
+
+    Prices and P&L come from confirmed fills (the broker's average prices),
+    never from requested prices; unrealized P&L marks an open position to the
+    last traded price.
+    """
 
     status: StrategyStatus
     position: Position
     last_action: LastAction | None = None
     last_price: float | None = None
     timestamp: datetime
+    entry_average_price: float | None = Field(None, description="Average fill price of the run's BUY.")
+    exit_average_price: float | None = Field(None, description="Average fill price of the run's exit.")
+    filled_quantity: int | None = Field(None, description="Shares bought by the run's filled BUY.")
+    realized_pnl: float | None = Field(None, description="(exit - entry) x quantity once exited, in rupees.")
+    unrealized_pnl: float | None = Field(None, description="(last price - entry) x quantity while bought.")
+    next_action: Literal["BUY", "SELL"] | None = Field(None, description="Next scheduled order of a running run.")
+    next_action_at: datetime | None = Field(None, description="When the next scheduled order is due (UTC).")
 
 
 class OrderLogOut(_Response):
