@@ -24,8 +24,8 @@ from libs.schema.models import (
     TokenOut,
     UserOut,
 )
-from libs.schema.models.dashboard import PositionOut, StrategyListItem, SummaryOut, TradeOut
-from services.api import auth, broker, positions, run_control, status, strategies, tradebook
+from libs.schema.models.dashboard import PositionOut, StrategyListItem, StreamTicketOut, SummaryOut, TradeOut
+from services.api import auth, broker, live, positions, run_control, status, strategies, tradebook
 from services.api.errors import json_response
 from services.api.openapi import Op, build_openapi
 from services.api.status import ORDERS_DEFAULT_LIMIT, ORDERS_MAX_LIMIT
@@ -112,6 +112,13 @@ def api_ops() -> list[Op]:
            response=SummaryOut),
         Op("GET", f"{V1}/orders", tradebook.trade_book, "Trade book: confirmed fills, newest first (JSON or CSV)",
            "money", response=TradeOut, many=True, errors=(422,), query=_TRADE_QUERY),
+        Op("POST", f"{V1}/stream/ticket", live.ticket, "A 60-second ticket that opens the caller's event stream",
+           "live", response=StreamTicketOut),
+        Op("GET", f"{V1}/stream", live.stream, "Server-Sent Events: strategies, order-log rows, broker state",
+           "live", auth=False, media_type="text/event-stream", raw_schema={"type": "string"},
+           query=({"name": "ticket", "in": "query", "required": True, "schema": {"type": "string"},
+                   "description": "From POST /api/v1/stream/ticket (EventSource cannot send headers)."},),
+           errors=(401,)),
     ]
 
 

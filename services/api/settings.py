@@ -50,6 +50,10 @@ class ApiSettings(ServiceSettings):
     """How long stop waits for an executor holding the strategy's lock (an order in flight)."""
     instruments_ttl_s: int = Field(2 * 86400, ge=60)
     """TTL of the daily instruments cache."""
+    stream_interval_s: float = Field(1.0, ge=0.1, le=60)
+    """How often a dashboard event stream looks for changes."""
+    stream_ticket_ttl_s: int = Field(60, ge=5, le=3600)
+    """Lifetime of a stream ticket (it only opens the caller's event stream)."""
 
     @property
     def port(self) -> int:
