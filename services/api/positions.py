@@ -9,6 +9,7 @@ JSON error shape (503 retry, 409 when the token needs a new login).
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any
 from uuid import UUID
 
@@ -16,7 +17,9 @@ from aiohttp import web
 from sqlalchemy import select
 
 from libs.broker.kite import BrokerError, BrokerErrorKind
+from libs.schema import keys
 from libs.schema.models.dashboard import PositionOut, PositionStrategy
+from libs.schema.models.types import SYMBOL_PATTERN
 from libs.schema.tables import OrderLog, Strategy
 from services.api.broker import (
     broker_unavailable,
@@ -25,9 +28,11 @@ from services.api.broker import (
     mark_invalid,
     require_valid,
 )
-from services.api.deps import GATEWAY, READS, SESSIONS, current_user
-from services.api.errors import json_response
+from services.api.deps import GATEWAY, READS, REDIS, SESSIONS, current_user
+from services.api.errors import field_error, json_response
 from services.api.tradebook import today
+
+SYMBOL_RE = re.compile(SYMBOL_PATTERN)
 
 
 async def positions(request: web.Request) -> web.Response:
@@ -71,3 +76,29 @@ async def _strategies_by_symbol(request: web.Request, user_id: UUID,
         if all(s.id != sid for s in listed):
             listed.append(PositionStrategy(id=sid, symbol=symbol, status=status))
     return out
+
+
+async def quote(request: web.Request) -> web.Response:
+    """Return a symbol's last price: the live tick if Tickwise watches it, else the broker's LTP."""
+    user_id = current_user(request)
+    symbol = request.query.get("symbol", "").strip().upper()
+    if not SYMBOL_RE.fullmatch(symbol):
+        raise field_error(["query", "symbol"], "must be 1-30 characters of A-Z, 0-9, &, _ or -", "symbol_format")
+    raw = await request.app[REDIS].get(keys.price_key(symbol))
+    if raw is not None:
+        return json_response({"symbol": symbol, "last_price": float(raw), "source": "ticks"})
+    async with request.app[SESSIONS]() as session:
+        creds = require_valid(await load_credentials(request.app, session, user_id))
+    assert creds.access_token is not None
+    instrument = f"NSE:{symbol}"
+    try:
+        data = await request.app[GATEWAY].ltp(creds.api_key, creds.access_token, [instrument])
+    except BrokerError as exc:
+        if exc.kind == BrokerErrorKind.AUTH:
+            await mark_invalid(request.app, user_id)
+            raise credentials_invalid() from None
+        raise broker_unavailable(exc) from None
+    if instrument not in data:
+        raise field_error(["query", "symbol"], f"{symbol} is not in the broker's NSE instrument list",
+                          "unknown_symbol")
+    return json_response({"symbol": symbol, "last_price": float(data[instrument]["last_price"]), "source": "broker"})

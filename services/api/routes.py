@@ -25,7 +25,9 @@ from libs.schema.models import (
     UserOut,
 )
 from libs.schema.models.dashboard import PositionOut, StrategyListItem, StreamTicketOut, SummaryOut, TradeOut
+from libs.schema.models.types import SYMBOL_PATTERN
 from services.api import auth, broker, live, positions, run_control, status, strategies, tradebook
+from services.api.docs import docs_ops
 from services.api.errors import json_response
 from services.api.openapi import Op, build_openapi
 from services.api.status import ORDERS_DEFAULT_LIMIT, ORDERS_MAX_LIMIT
@@ -108,6 +110,12 @@ def api_ops() -> list[Op]:
            response=OrderLogOut, many=True, errors=(422,), query=(_LIMIT,)),
         Op("GET", f"{V1}/positions", positions.positions, "Day positions from the broker, with their strategies",
            "money", response=PositionOut, many=True, errors=(409, 503)),
+        Op("GET", f"{V1}/quote", positions.quote, "Last price of a symbol (live tick, else the broker's LTP)",
+           "money", raw_schema={"type": "object", "properties": {"symbol": {"type": "string"},
+                                                                 "last_price": {"type": "number"},
+                                                                 "source": {"enum": ["ticks", "broker"]}}},
+           errors=(409, 422, 503), query=({"name": "symbol", "in": "query", "required": True,
+                                           "schema": {"type": "string", "pattern": SYMBOL_PATTERN}},)),
         Op("GET", f"{V1}/summary", tradebook.summary, "Today's totals: strategies, orders, P&L", "money",
            response=SummaryOut),
         Op("GET", f"{V1}/orders", tradebook.trade_book, "Trade book: confirmed fills, newest first (JSON or CSV)",
@@ -129,6 +137,7 @@ def ops(health_routes: list[web.RouteDef]) -> list[Op]:
     return [
         *api_ops(),
         Op("GET", "/openapi.json", openapi_json, "This document", "meta", auth=False),
+        *docs_ops(),
         Op("GET", "/healthz", health["/healthz"], "Process is up", "meta", auth=False, raw_schema=probe),
         Op("GET", "/readyz", health["/readyz"], "Redis and Postgres answer", "meta", auth=False,
            errors=(503,), raw_schema=probe),

@@ -17,6 +17,7 @@ from pydantic import (
     model_validator,
 )
 
+from libs.schema.models.messages import plain_message
 from libs.schema.models.types import (
     BrokerToken,
     ClockTime,
@@ -263,8 +264,9 @@ def error_details(error: ValidationError) -> list[dict[str, Any]]:
     """Return a ValidationError as JSON-safe `details`: loc, msg and type of each problem.
 
     Inputs are left out on purpose: they may be passwords or broker secrets.
+    Messages are plain language (`libs.schema.models.messages`): what a person reads next to the field.
     """
     return [
-        {"loc": list(item["loc"]), "msg": item["msg"], "type": item["type"]}
-        for item in error.errors(include_url=False, include_context=False, include_input=False)
+        {"loc": list(item["loc"]), "msg": plain_message(dict(item)), "type": item["type"]}
+        for item in error.errors(include_url=False, include_context=True, include_input=False)
     ]
