@@ -16,6 +16,12 @@ __all__ = [
     "CONTROL_STREAM",
     "EXECUTORS_GROUP",
     "LOG_WRITERS_GROUP",
+    "NOTIFIERS_GROUP",
+    "NOTIFY_DEAD_STREAM",
+    "NOTIFY_MAXLEN",
+    "NOTIFY_PENDING",
+    "NOTIFY_SCHEDULE",
+    "NOTIFY_STREAM",
     "ORDERS_DEAD_STREAM",
     "ORDERS_STREAM",
     "ORDER_LOGS_DEAD_STREAM",
@@ -147,6 +153,33 @@ EXECUTORS_GROUP = "executors"
 
 # Consumer group of Postgres writers on ORDER_LOGS_STREAM.
 LOG_WRITERS_GROUP = "log-writers"
+
+
+# --- notifications ------------------------------------------------------------
+
+# STREAM, field `notice` = JSON of a Notice (order filled, run failed, token
+# expired, kill switch) for its user; consumed by NOTIFIERS_GROUP. Written in
+# the executor's commit script. Trimmed with MAXLEN: an entry is only a
+# hand-over, acked once fanned out into NOTIFY_SCHEDULE.
+NOTIFY_STREAM = "notify:events"
+NOTIFY_MAXLEN = 100_000
+
+# Consumer group of notification deliverers (API processes) on NOTIFY_STREAM.
+NOTIFIERS_GROUP = "notifiers"
+
+# ZSET of deliveries, member = "{notice_id}|{channel}", score = epoch ms when
+# the next attempt is due; a claimed member is pushed one lease ahead, so a
+# crashed deliverer's attempt is retried by another. No TTL: members leave on
+# success or when dead-lettered.
+NOTIFY_SCHEDULE = "notify:schedule"
+
+# HASH member -> JSON {notice, channel, attempt} of every delivery in
+# NOTIFY_SCHEDULE. No TTL, for the same reason.
+NOTIFY_PENDING = "notify:pending"
+
+# STREAM of deliveries given up after the attempt limit, with the last error;
+# kept for humans to inspect. Trimmed with MAXLEN, no TTL.
+NOTIFY_DEAD_STREAM = "notify:dead"
 
 
 # --- broker limits and caches -------------------------------------------------

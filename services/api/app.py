@@ -33,6 +33,7 @@ from services.api.errors import error_middleware
 from services.api.instruments import INSTRUMENTS_LOCK
 from services.api.live import CLOSING, TICKETS, StreamTickets, close_streams
 from services.api.metrics import METRICS, ApiMetrics, request_context_middleware
+from services.api.notify import notifier_ctx
 from services.api.openapi import add_routes
 from services.api.routes import OPENAPI, openapi_document, ops
 from services.api.security import LoginThrottle, Passwords, Tokens, build_secretbox, jwt_secret
@@ -60,6 +61,7 @@ def build_app(settings: ApiSettings, *, box: SecretBox | None = None) -> web.App
     add_routes(app, all_ops)
     app[OPENAPI] = openapi_document(all_ops)
     app.cleanup_ctx.append(_resources)
+    app.cleanup_ctx.append(notifier_ctx)
     return app
 
 

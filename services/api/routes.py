@@ -25,8 +25,19 @@ from libs.schema.models import (
     UserOut,
 )
 from libs.schema.models.dashboard import PositionOut, StrategyListItem, StreamTicketOut, SummaryOut, TradeOut
+from libs.schema.models.notify import NotificationSettingsIn, NotificationSettingsOut
 from libs.schema.models.types import SYMBOL_PATTERN
-from services.api import auth, broker, live, positions, run_control, status, strategies, tradebook
+from services.api import (
+    auth,
+    broker,
+    live,
+    notify_routes,
+    positions,
+    run_control,
+    status,
+    strategies,
+    tradebook,
+)
 from services.api.docs import docs_ops
 from services.api.errors import json_response
 from services.api.openapi import Op, build_openapi
@@ -120,6 +131,16 @@ def api_ops() -> list[Op]:
            response=SummaryOut),
         Op("GET", f"{V1}/orders", tradebook.trade_book, "Trade book: confirmed fills, newest first (JSON or CSV)",
            "money", response=TradeOut, many=True, errors=(422,), query=_TRADE_QUERY),
+        Op("GET", f"{V1}/notifications", notify_routes.get_settings, "Where the caller's notifications go",
+           "notifications", response=NotificationSettingsOut),
+        Op("PUT", f"{V1}/notifications", notify_routes.put_settings,
+           "Set webhook URL / Telegram chat (a new webhook secret is shown once)", "notifications",
+           body=NotificationSettingsIn, response=NotificationSettingsOut),
+        Op("POST", f"{V1}/notifications/secret", notify_routes.rotate_secret,
+           "Rotate the webhook signing secret (shown once)", "notifications", response=NotificationSettingsOut,
+           errors=(409,)),
+        Op("POST", f"{V1}/notifications/test", notify_routes.send_test, "Queue a test notification",
+           "notifications", status=202, raw_schema={"type": "object", "properties": {"queued": {"type": "string"}}}),
         Op("POST", f"{V1}/stream/ticket", live.ticket, "A 60-second ticket that opens the caller's event stream",
            "live", response=StreamTicketOut),
         Op("GET", f"{V1}/stream", live.stream, "Server-Sent Events: strategies, order-log rows, broker state",

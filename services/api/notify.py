@@ -1,0 +1,354 @@
+"""Deliver notifications at least once, off the trading path: webhook (signed) and Telegram.
+
+Contract:
+- Producers XADD a `Notice` to `notify:events` (the executor inside its commit
+  script, the API for its own events). Trading never waits on delivery.
+- A deliverer (a background task of each API process, owned by aiohttp's
+  cleanup_ctx) reads the stream in group `notifiers`, and fans each notice out
+  into one delivery per configured channel of its user: HSET `notify:pending`
+  + ZADD `notify:schedule` + XACK in one transaction, so nothing is lost
+  between the stream and the schedule.
+- Due deliveries are claimed by a script that pushes their score one lease
+  ahead (another replica, or this one after a crash, retries after the lease),
+  and sent with a timeout, at most `notify_concurrency` at once: a hanging or
+  failing receiver only holds its own delivery slot.
+- Success removes the delivery; failure reschedules it with exponential
+  backoff and jitter; after `notify_max_attempts` it moves to `notify:dead`.
+- Receivers deduplicate by the notice id (header `X-Tickwise-Event-Id`).
+  Webhook bodies are signed: `X-Tickwise-Signature: v1=hex(HMAC-SHA256(secret,
+  "{X-Tickwise-Timestamp}.{body}"))`; receivers reject stale timestamps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import ipaddress
+import os
+import random
+import secrets
+import socket
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+from uuid import UUID
+
+import aiohttp
+import orjson
+import structlog
+from aiohttp import web
+from redis.asyncio import Redis
+from redis.exceptions import RedisError, ResponseError
+
+from libs.schema import keys
+from libs.schema.models.notify import Notice
+from libs.schema.tables import NotificationSettings
+from libs.service.secretbox import SecretBox
+from services.api.deps import BOX, READS, REDIS, SETTINGS
+from services.api.settings import ApiSettings
+
+log = structlog.get_logger("api.notify")
+
+DEAD_MAXLEN = 100_000
+SETTINGS_CACHE_S = 5.0
+
+# KEYS: schedule, pending; ARGV: now ms, lease ms, max count. Returns [member, payload, ...] claimed.
+_CLAIM = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
+local out = {}
+for _, member in ipairs(due) do
+  local payload = redis.call('HGET', KEYS[2], member)
+  if payload then
+    redis.call('ZADD', KEYS[1], tonumber(ARGV[1]) + tonumber(ARGV[2]), member)
+    table.insert(out, member)
+    table.insert(out, payload)
+  else
+    redis.call('ZREM', KEYS[1], member)
+  end
+end
+return out
+"""
+
+
+def sign(secret: str, timestamp: str, body: bytes) -> str:
+    """Return the webhook signature header value of a body sent at `timestamp` (unix seconds)."""
+    digest = hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+    return "v1=" + digest
+
+
+def secret_aad(user_id: UUID) -> str:
+    return f"notification_settings:{user_id}:webhook_secret"
+
+
+def new_webhook_secret() -> str:
+    return "whsec_" + secrets.token_urlsafe(32)
+
+
+async def emit(redis: Redis, notice: Notice) -> None:
+    """Queue a notice for delivery (the API's own events: token expired, kill switch, test)."""
+    await redis.xadd(keys.NOTIFY_STREAM, {"notice": notice.model_dump_json()}, maxlen=keys.NOTIFY_MAXLEN,
+                     approximate=True)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One user's channels, decrypted for sending."""
+
+    webhook_url: str | None
+    webhook_secret: str | None
+    telegram_chat_id: str | None
+
+
+class RefusedTarget(Exception):
+    """The webhook points somewhere this deployment must not call (loopback, private ranges)."""
+
+
+class Deliverer:
+    """Move notices from the stream into the schedule, and send what is due."""
+
+    def __init__(self, app: web.Application, redis: Redis, name: str) -> None:
+        self.app, self.redis, self.name = app, redis, name
+        self.settings: ApiSettings = app[SETTINGS]
+        self.box: SecretBox = app[BOX]
+        self._claim = redis.register_script(_CLAIM)
+        self._targets: dict[UUID, tuple[float, Target | None]] = {}
+        self._inflight: set[asyncio.Task[None]] = set()  # at most notify_concurrency
+        self.http: aiohttp.ClientSession | None = None
+        self.sent = self.failed = 0
+
+    @property
+    def allow_private(self) -> bool:
+        allowed = self.settings.notify_allow_private_targets
+        return bool(self.settings.kite_root) if allowed is None else allowed
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Fan out and dispatch until `stop`; then wait (bounded) for deliveries in flight."""
+        await self._ensure_group()
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.settings.notify_timeout_s),
+                                         connector=aiohttp.TCPConnector(limit=0)) as http:
+            self.http = http
+            fan_out = asyncio.create_task(self._fan_out_loop(stop), name="notify-fan-out")
+            try:
+                await self._dispatch_loop(stop)
+            finally:
+                fan_out.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await fan_out
+                if self._inflight:
+                    await asyncio.wait(self._inflight, timeout=self.settings.notify_timeout_s)
+                for task in self._inflight:
+                    task.cancel()
+        log.info("notifier stopped", sent=self.sent, failed=self.failed)
+
+    async def _ensure_group(self) -> None:
+        try:
+            await self.redis.xgroup_create(keys.NOTIFY_STREAM, keys.NOTIFIERS_GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    # -- stream -> schedule ------------------------------------------------------------------
+    async def _fan_out_loop(self, stop: asyncio.Event) -> None:
+        pending_first = True
+        while not stop.is_set():
+            try:
+                # Our own unacked entries first (a restart), then new ones.
+                reply = await self.redis.xreadgroup(keys.NOTIFIERS_GROUP, self.name,
+                                                    {keys.NOTIFY_STREAM: "0" if pending_first else ">"},
+                                                    count=100, block=None if pending_first else 1000)
+                entries = [(i, f) for _s, es in reply or [] for i, f in es]
+                if pending_first and not entries:
+                    pending_first = False
+                    continue
+                for msg_id, fields in entries:
+                    await self._fan_out(msg_id, fields)
+                await self._claim_abandoned()
+            except RedisError as exc:
+                if "NOGROUP" in str(exc):
+                    await self._ensure_group()
+                    continue
+                log.warning("notify stream read failed; retrying", error=str(exc)[:200])
+                await asyncio.sleep(1)
+
+    async def _claim_abandoned(self) -> None:
+        # Entries read by a deliverer that died before fanning them out.
+        _next, claimed, *_ = await self.redis.xautoclaim(keys.NOTIFY_STREAM, keys.NOTIFIERS_GROUP, self.name,
+                                                         min_idle_time=60_000, count=50)
+        for msg_id, fields in claimed or []:
+            if fields:
+                await self._fan_out(msg_id, fields)
+
+    async def _fan_out(self, msg_id: bytes, fields: dict[bytes, bytes]) -> None:
+        try:
+            notice = Notice.model_validate_json(fields.get(b"notice", b""))
+        except ValueError:
+            log.error("notice unreadable; dropped", msg_id=msg_id.decode())
+            await self.redis.xack(keys.NOTIFY_STREAM, keys.NOTIFIERS_GROUP, msg_id)
+            return
+        target = await self._target(notice.user_id)
+        channels = [c for c, on in (("webhook", target and target.webhook_url),
+                                    ("telegram", target and target.telegram_chat_id
+                                     and self.settings.telegram_bot_token)) if on]
+        now_ms = int(time.time() * 1000)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for channel in channels:
+                member = f"{notice.id}|{channel}"
+                payload = orjson.dumps({"notice": notice.model_dump(mode="json"), "channel": channel, "attempt": 0})
+                pipe.hsetnx(keys.NOTIFY_PENDING, member, payload)
+                pipe.zadd(keys.NOTIFY_SCHEDULE, {member: now_ms}, nx=True)
+            pipe.xack(keys.NOTIFY_STREAM, keys.NOTIFIERS_GROUP, msg_id)
+            pipe.xdel(keys.NOTIFY_STREAM, msg_id)
+            await pipe.execute()
+
+    async def _target(self, user_id: UUID) -> Target | None:
+        cached = self._targets.get(user_id)
+        if cached is not None and time.monotonic() - cached[0] < SETTINGS_CACHE_S:
+            return cached[1]
+        async with self.app[READS]() as session:
+            row = await session.get(NotificationSettings, user_id)
+        target = None
+        if row is not None and (row.webhook_url or row.telegram_chat_id):
+            secret = self.box.decrypt(row.webhook_secret, secret_aad(user_id)) if row.webhook_secret else None
+            target = Target(row.webhook_url, secret, row.telegram_chat_id)
+        if len(self._targets) > 10_000:
+            self._targets.clear()
+        self._targets[user_id] = (time.monotonic(), target)
+        return target
+
+    # -- schedule -> receivers ---------------------------------------------------------------
+    async def _dispatch_loop(self, stop: asyncio.Event) -> None:
+        lease_ms = int((self.settings.notify_timeout_s + 30) * 1000)
+        while not stop.is_set():
+            free = self.settings.notify_concurrency - len(self._inflight)
+            claimed: list[Any] = []
+            if free > 0:
+                try:
+                    claimed = await self._claim(keys=[keys.NOTIFY_SCHEDULE, keys.NOTIFY_PENDING],
+                                                args=[int(time.time() * 1000), lease_ms, min(free, 100)])
+                except RedisError as exc:
+                    log.warning("notify schedule read failed; retrying", error=str(exc)[:200])
+            for member, payload in zip(claimed[::2], claimed[1::2], strict=True):
+                task = asyncio.create_task(self._deliver(member.decode(), orjson.loads(payload)))
+                self._inflight.add(task)
+                task.add_done_callback(self._inflight.discard)
+            if not claimed:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), self.settings.notify_poll_s)
+
+    async def _deliver(self, member: str, item: dict[str, Any]) -> None:
+        notice = Notice.model_validate(item["notice"])
+        attempt = int(item["attempt"]) + 1
+        error = None
+        try:
+            target = await self._target(notice.user_id)
+            if item["channel"] == "webhook":
+                if target is None or not target.webhook_url or not target.webhook_secret:
+                    error = None  # turned off meanwhile: nothing to send
+                else:
+                    await self._post_webhook(target.webhook_url, target.webhook_secret, notice)
+            elif target is not None and target.telegram_chat_id:
+                await self._post_telegram(target.telegram_chat_id, notice)
+        except RefusedTarget as exc:
+            error, attempt = str(exc), self.settings.notify_max_attempts  # retrying cannot help
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+            error = f"{type(exc).__name__}: {str(exc)[:200]}"
+        except RedisError as exc:
+            error = f"redis: {str(exc)[:200]}"
+        try:
+            await self._settle(member, item, notice, attempt, error)
+        except RedisError as exc:
+            log.warning("notify settle failed; the lease will retry it", member=member, error=str(exc)[:200])
+
+    async def _settle(self, member: str, item: dict[str, Any], notice: Notice, attempt: int,
+                      error: str | None) -> None:
+        if error is None:
+            self.sent += 1
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.zrem(keys.NOTIFY_SCHEDULE, member)
+                pipe.hdel(keys.NOTIFY_PENDING, member)
+                await pipe.execute()
+            return
+        self.failed += 1
+        if attempt >= self.settings.notify_max_attempts:
+            log.error("notification dead-lettered", notice_id=notice.id, channel=item["channel"], attempts=attempt,
+                      error=error)
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.xadd(keys.NOTIFY_DEAD_STREAM, {"notice": orjson.dumps(item["notice"]), "channel": item["channel"],
+                                                    "attempts": attempt, "error": error},
+                          maxlen=DEAD_MAXLEN, approximate=True)
+                pipe.zrem(keys.NOTIFY_SCHEDULE, member)
+                pipe.hdel(keys.NOTIFY_PENDING, member)
+                await pipe.execute()
+            return
+        ceiling = min(self.settings.notify_backoff_cap_s, self.settings.notify_backoff_base_s * 2 ** (attempt - 1))
+        delay = random.uniform(ceiling / 2, ceiling)
+        log.warning("notification failed; retrying", notice_id=notice.id, channel=item["channel"], attempt=attempt,
+                    retry_in_s=round(delay, 2), error=error)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(keys.NOTIFY_PENDING, member, orjson.dumps({**item, "attempt": attempt, "error": error}))
+            pipe.zadd(keys.NOTIFY_SCHEDULE, {member: int((time.time() + delay) * 1000)})
+            await pipe.execute()
+
+    async def _post_webhook(self, url: str, secret: str, notice: Notice) -> None:
+        await self._check_target(url)
+        body = notice.model_dump_json().encode()
+        stamp = str(int(time.time()))
+        headers = {"Content-Type": "application/json", "User-Agent": "Tickwise-Webhook/1",
+                   "X-Tickwise-Event-Id": notice.id, "X-Tickwise-Event": notice.type,
+                   "X-Tickwise-Timestamp": stamp, "X-Tickwise-Signature": sign(secret, stamp, body)}
+        assert self.http is not None
+        async with self.http.post(url, data=body, headers=headers, allow_redirects=False) as resp:
+            await resp.read()
+            if not 200 <= resp.status < 300:
+                raise aiohttp.ClientResponseError(resp.request_info, (), status=resp.status,
+                                                  message=f"receiver answered {resp.status}")
+
+    async def _post_telegram(self, chat_id: str, notice: Notice) -> None:
+        base = self.settings.telegram_api_base.rstrip("/")
+        url = f"{base}/bot{self.settings.telegram_bot_token}/sendMessage"
+        assert self.http is not None
+        async with self.http.post(url, json={"chat_id": chat_id, "text": notice.text(),
+                                             "disable_web_page_preview": True}) as resp:
+            await resp.read()
+            if not 200 <= resp.status < 300:
+                # The URL holds the bot token: never put it in the error.
+                raise ValueError(f"Telegram answered {resp.status}")
+
+    async def _check_target(self, url: str) -> None:
+        if self.allow_private:
+            return
+        host = urlsplit(url).hostname or ""
+        port = urlsplit(url).port or 443
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        for info in infos:
+            address = ipaddress.ip_address(info[4][0])
+            if not address.is_global:
+                raise RefusedTarget(f"webhook host {host} resolves to a non-public address")
+
+
+NOTIFIER = web.AppKey("notifier", Deliverer)
+
+
+async def notifier_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Run the deliverer for the app's lifetime (started after the pools, stopped before they close)."""
+    if not app[SETTINGS].notify_enabled:
+        yield
+        return
+    stop = asyncio.Event()
+    deliverer = Deliverer(app, app[REDIS], f"api-{socket.gethostname()}-{os.getpid()}")
+    app[NOTIFIER] = deliverer
+    task = asyncio.create_task(deliverer.run(stop), name="notifier")
+    try:
+        yield
+    finally:
+        stop.set()
+        try:
+            await asyncio.wait_for(task, app[SETTINGS].notify_timeout_s + 5)
+        except TimeoutError:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
