@@ -36,6 +36,7 @@ from libs.service.logging import register_secret, scrub
 from libs.service.secretbox import SecretBox, SecretBoxError
 from services.api.deps import BOX, GATEWAY, READS, REDIS, SESSIONS, current_user, read_model
 from services.api.errors import ApiError, field_error, json_response
+from services.api.notify import token_expired
 
 log = structlog.get_logger("api")
 
@@ -141,6 +142,7 @@ async def mark_invalid(app: web.Application, user_id: UUID) -> None:
         if row is not None:
             await write_broker_hash(app[REDIS], row)
     log.info("broker credentials marked invalid", user_id=str(user_id))
+    await token_expired(app[REDIS], user_id)
 
 
 async def _store(app: web.Application, user_id: UUID, *, api_key: str, api_secret: str, access_token: str,

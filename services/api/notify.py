@@ -33,6 +33,7 @@ import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 from uuid import UUID
@@ -48,6 +49,7 @@ from libs.schema import keys
 from libs.schema.models.notify import Notice
 from libs.schema.tables import NotificationSettings
 from libs.service.secretbox import SecretBox
+from libs.trading.calendar import IST
 from services.api.deps import BOX, READS, REDIS, SETTINGS
 from services.api.settings import ApiSettings
 
@@ -92,6 +94,14 @@ async def emit(redis: Redis, notice: Notice) -> None:
     """Queue a notice for delivery (the API's own events: token expired, kill switch, test)."""
     await redis.xadd(keys.NOTIFY_STREAM, {"notice": notice.model_dump_json()}, maxlen=keys.NOTIFY_MAXLEN,
                      approximate=True)
+
+
+async def token_expired(redis: Redis, user_id: UUID) -> None:
+    """Tell the user their Kite token needs a new login (one notice id per user and IST day)."""
+    now = datetime.now(UTC)
+    day = now.astimezone(IST).date().isoformat()
+    await emit(redis, Notice(id=f"token-expired-{user_id}-{day}", type="token_expired", user_id=user_id,
+                             occurred_at=now, data={"message": "the broker refused the access token"}))
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,12 @@ async def test_trader_story_live_in_the_browser(e2e_stack: Stack, http: aiohttp.
     await page.click("#connect button[type=submit]")
     await expect(page.locator("#b-valid .badge")).to_have_text("Valid")
 
+    # Notifications: the webhook's signing secret is shown once, right after saving.
+    await page.fill("#notify input[name=webhook_url]", "http://127.0.0.1:9/tickwise-hook")
+    await page.click("#notify button[type=submit]")
+    await expect(page.locator("#notify-secret")).to_contain_text("Signing secret (shown once): whsec_")
+    assert (await trader.call("GET", "/notifications"))["webhook_secret"] is None
+
     # Creating: the stop-loss warning names the current price; errors sit next to their field, in words.
     await trader.tick("TATAMOTORS", 780)
     await trader.tick("HINDUNILVR", 2450)

@@ -149,6 +149,7 @@ function enter() {
   call("GET", "/me").then((me) => { if (token === mine) $("who").textContent = me.name + " · " + me.email; },
     (e) => { if (token) setMsg(e.message); });
   loadRoutes().then(() => { if (token === mine) showOptional(); });
+  call("GET", "/notifications").then((n) => { if (token === mine) renderNotify(n); }, () => {});
   refreshAll();
   refreshSlow();
   openStream();
@@ -166,7 +167,7 @@ function logout(reason) {
   ["rows", "pos-rows", "trade-rows"].forEach((id) => $(id).replaceChildren());
   ["who", "b-connected", "b-valid", "b-hint", "b-updated", "updated", "pos-msg", "trades-msg", "broker-msg", "quote",
     "s-realized", "s-open", "s-orders", "s-running", "s-exited", "s-failed"].forEach((id) => { $(id).textContent = ""; });
-  ["b-expired", "mode", "live", "sl-warn"].forEach((id) => $(id).classList.add("hidden"));
+  ["b-expired", "mode", "live", "sl-warn", "notify-secret"].forEach((id) => $(id).classList.add("hidden"));
   document.querySelectorAll("form").forEach((f) => { f.reset(); clearErrors(f); });
   document.querySelectorAll("#app, #logout").forEach((n) => n.classList.add("hidden"));
   $("auth").classList.remove("hidden");
@@ -460,6 +461,16 @@ function renderTrades(list) {
   }));
 }
 
+function renderNotify(n) {
+  const form = $("notify");
+  form.elements.webhook_url.value = n.webhook_url || "";
+  form.elements.telegram_chat_id.value = n.telegram_chat_id || "";
+  $("telegram-field").classList.toggle("hidden", !n.telegram_available);
+  const secret = $("notify-secret");
+  secret.classList.toggle("hidden", !n.webhook_secret);
+  secret.textContent = n.webhook_secret ? "Signing secret (shown once): " + n.webhook_secret : "";
+}
+
 // -- create / edit and the stop-loss warning -------------------------------------------------
 let quoteTimer = null;
 let quoted = null; // { symbol, last_price }
@@ -564,6 +575,21 @@ onSubmit("password", async (v, form) => {
   await call("POST", "/me/password", { current_password: v.current_password, new_password: v.new_password });
   form.reset();
   return "Password changed.";
+});
+onSubmit("notify", async (v) => {
+  const body = { webhook_url: v.webhook_url.trim() || null };
+  if (!$("telegram-field").classList.contains("hidden")) body.telegram_chat_id = (v.telegram_chat_id || "").trim() || null;
+  const out = await call("PUT", "/notifications", body);
+  renderNotify(out);
+  return out.webhook_secret ? "Saved. Copy the signing secret now: it is not shown again." : "Saved.";
+});
+$("notify-test").addEventListener("click", async () => {
+  const out = $("notify").querySelector(".form-msg");
+  try {
+    await call("POST", "/notifications/test", {});
+    out.textContent = "Test queued: it arrives within a few seconds.";
+    out.classList.add("ok");
+  } catch (e) { out.textContent = e.message; out.classList.remove("ok"); }
 });
 $("cancel-edit").addEventListener("click", () => { clearErrors($("create")); endEdit(); });
 $("create").elements.symbol.addEventListener("input", onSymbolInput);
