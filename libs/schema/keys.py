@@ -13,7 +13,9 @@ from datetime import date
 from uuid import UUID
 
 __all__ = [
+    "CONTROL_MAXLEN",
     "CONTROL_STREAM",
+    "DEAD_MAXLEN",
     "EXECUTORS_GROUP",
     "LOG_WRITERS_GROUP",
     "NOTIFIERS_GROUP",
@@ -130,7 +132,8 @@ SCHEDULE_WAKEUP_CHANNEL = "schedule:wakeup"
 # --- streams and consumer groups ----------------------------------------------
 
 # STREAM, field `event` = JSON of an event; consumed by EXECUTORS_GROUP.
-# No TTL; trimmed with MAXLEN because acked entries are history only.
+# No TTL; the scheduler trims it (XTRIM MINID) below every group's last
+# delivered-and-acked entry, because acked entries are history only.
 ORDERS_STREAM = "queue:orders"
 
 # STREAM of events delivered too often: fields event, reason, msg_id,
@@ -147,6 +150,14 @@ ORDER_LOGS_DEAD_STREAM = "queue:order_logs:dead"
 # STREAM, field `event` = JSON of a ControlMessage (started/stopped/position)
 # telling market listeners what to watch. Trimmed with MAXLEN, no TTL.
 CONTROL_STREAM = "control:strategies"
+
+# Approximate MAXLEN of CONTROL_STREAM: listeners read it live and rebuild from
+# a scan at start, so only recent entries matter; 100k covers hours of churn.
+CONTROL_MAXLEN = 100_000
+
+# Approximate MAXLEN of each dead-letter stream (ORDERS_DEAD_STREAM,
+# ORDER_LOGS_DEAD_STREAM): kept for humans, bounded so a flood cannot fill Redis.
+DEAD_MAXLEN = 100_000
 
 # Consumer group of executors on ORDERS_STREAM.
 EXECUTORS_GROUP = "executors"

@@ -1,7 +1,7 @@
-"""Declare the Postgres tables (SCHEMA 1) as SQLAlchemy 2.0 typed models.
+"""Declare the Postgres tables (data model §1) as SQLAlchemy 2.0 typed models.
 
 Postgres holds intent: users, their broker credentials, strategies and the
-order log. Column names are SCHEMA.md's; extra columns are noted where they
+order log. Column names are the data model's (docs/data-model.md); extra columns are noted where they
 are declared. Check constraints repeat the pydantic validation so that a row
 written by any path obeys the same rules. The alembic migrations in
 `libs/schema/migrations` must produce exactly this schema (a test compares).
@@ -56,7 +56,7 @@ class Base(DeclarativeBase):
 
 
 def _pg_enum(enum_class: type, name: str) -> Enum:
-    # Store the enum *values* ("created"), which is what SCHEMA.md spells.
+    # Store the enum *values* ("created"), which is what docs/data-model.md spells.
     return Enum(
         enum_class,
         name=name,
@@ -80,7 +80,7 @@ def _updated_at() -> Mapped[datetime]:
 
 
 class User(Base):
-    """A registered user (SCHEMA 1.1)."""
+    """A registered user (data model §1.1)."""
 
     __tablename__ = "users"
     __table_args__ = (
@@ -98,7 +98,7 @@ class User(Base):
 
 
 class BrokerCredential(Base):
-    """A user's Kite credentials, encrypted at rest (SCHEMA 1.2); one per user."""
+    """A user's Kite credentials, encrypted at rest (data model §1.2); one per user."""
 
     __tablename__ = "broker_credentials"
 
@@ -125,7 +125,7 @@ class BrokerCredential(Base):
 
 
 class Strategy(Base):
-    """A user's scheduled buy/sell strategy and its lifecycle (SCHEMA 1.3, 6)."""
+    """A user's scheduled buy/sell strategy and its lifecycle (data model §1.3, §6)."""
 
     __tablename__ = "strategies"
     __table_args__ = (
@@ -161,7 +161,7 @@ class Strategy(Base):
 
 
 class OrderLog(Base):
-    """One recorded order action of a strategy (SCHEMA 1.4).
+    """One recorded order action of a strategy (data model §1.4).
 
     `id` is derived from the stream entry (`order_log_id`), so the Postgres
     writer inserts with ON CONFLICT (id) DO NOTHING and re-deliveries are free.

@@ -18,12 +18,12 @@ class ServiceSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="TICKWISE_", frozen=True, extra="ignore", populate_by_name=True)
 
-    redis_url: str = Field("redis://127.0.0.1:6379/0", validation_alias=_env("REDIS_URL"))
-    """Redis URL: runtime state, schedule and streams."""
+    redis_url: str = Field("redis://127.0.0.1:6379/0", validation_alias=_env("REDIS_URL"), repr=False)
+    """Redis URL: runtime state, schedule and streams (may carry a password: kept out of repr)."""
     database_url: str = Field(
-        "postgresql+psycopg://postgres@127.0.0.1:5432/tickwise", validation_alias=_env("DATABASE_URL")
+        "postgresql+psycopg://postgres@127.0.0.1:5432/tickwise", validation_alias=_env("DATABASE_URL"), repr=False
     )
-    """SQLAlchemy URL of Postgres (users, strategies, order_logs)."""
+    """SQLAlchemy URL of Postgres (users, strategies, order_logs; may carry a password: kept out of repr)."""
     log_level: str = "INFO"
     """Minimum log level."""
     log_format: Literal["json", "console"] = "json"

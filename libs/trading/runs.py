@@ -30,7 +30,7 @@ from libs.schema.models import (
 )
 from libs.trading.calendar import MarketCalendar, epoch_ms
 
-CONTROL_MAXLEN = 100_000
+CONTROL_MAXLEN = keys.CONTROL_MAXLEN
 
 _LOAD = """
 redis.call('SET', KEYS[1], ARGV[1])

@@ -55,7 +55,6 @@ from services.api.settings import ApiSettings
 
 log = structlog.get_logger("api.notify")
 
-DEAD_MAXLEN = 100_000
 SETTINGS_CACHE_S = 5.0
 
 # KEYS: schedule, pending; ARGV: now ms, lease ms, max count. Returns [member, payload, ...] claimed.
@@ -289,7 +288,7 @@ class Deliverer:
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.xadd(keys.NOTIFY_DEAD_STREAM, {"notice": orjson.dumps(item["notice"]), "channel": item["channel"],
                                                     "attempts": attempt, "error": error},
-                          maxlen=DEAD_MAXLEN, approximate=True)
+                          maxlen=keys.DEAD_MAXLEN, approximate=True)
                 pipe.zrem(keys.NOTIFY_SCHEDULE, member)
                 pipe.hdel(keys.NOTIFY_PENDING, member)
                 await pipe.execute()

@@ -115,7 +115,7 @@ def api_ops() -> list[Op]:
            body=StartStrategyRequest, response=StatusResponse, errors=(404, 409, 503)),
         Op("POST", f"{V1}/strategies/stop", run_control.stop, "Stop a strategy run (optionally square off)",
            "runs", body=StopStrategyRequest, response=StatusResponse, errors=(404, 409, 503)),
-        Op("GET", f"{V1}/strategies/{{id}}/status", status.status, "Live status (SCHEMA 4.7)", "runs",
+        Op("GET", f"{V1}/strategies/{{id}}/status", status.status, "Live status (data model §4.7)", "runs",
            response=StatusResponse),
         Op("GET", f"{V1}/strategies/{{id}}/orders", status.orders, "Order log, newest first", "runs",
            response=OrderLogOut, many=True, errors=(422,), query=(_LIMIT,)),

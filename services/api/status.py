@@ -1,4 +1,4 @@
-"""Strategy status (SCHEMA 4.7) with the money of the latest run, and order log reads.
+"""Strategy status (data model §4.7) with the money of the latest run, and order log reads.
 
 While a run is loaded, position and last action come from `runtime:{id}` and
 the price from the listener's `price:{SYM}`; otherwise from the run's
@@ -47,7 +47,7 @@ def _price(raw: bytes | None) -> float | None:
 
 
 async def build_status(app: web.Application, row: Strategy) -> dict:
-    """Return the 4.7 status of a strategy row."""
+    """Return the §4.7 status of a strategy row."""
     async with app[READS]() as session:
         return (await build_statuses(app, session, [row]))[0]
 

@@ -37,7 +37,7 @@ from libs.service.logging import get_logger
 from services.executor import metrics
 from services.executor.consumer import ensure_group, is_nogroup
 
-DEAD_MAXLEN = 100_000
+DEAD_MAXLEN = keys.DEAD_MAXLEN
 _PERMANENT = (IntegrityError, DataError)
 # One statement for every batch, executed with a list of rows: SQLAlchemy caches
 # its compiled form and sends the rows as multi-row VALUES pages

@@ -10,10 +10,10 @@ from libs.service.settings import ServiceSettings
 class ExecutorSettings(ServiceSettings):
     """Executor and order-log writer settings; every field has a safe local default."""
 
-    secret_key: str = Field("", validation_alias=AliasChoices("TICKWISE_SECRET_KEY", "SECRET_KEY"))
+    secret_key: str = Field("", validation_alias=AliasChoices("TICKWISE_SECRET_KEY", "SECRET_KEY"), repr=False)
     """Base64 AES-256 key that decrypts `broker:{user_id}` ciphertexts."""
     secret_keys_retired: str = Field(
-        "", validation_alias=AliasChoices("TICKWISE_SECRET_KEYS_RETIRED", "SECRET_KEYS_RETIRED"))
+        "", validation_alias=AliasChoices("TICKWISE_SECRET_KEYS_RETIRED", "SECRET_KEYS_RETIRED"), repr=False)
     """Comma-separated retired keys, still accepted for decryption."""
     kite_root: str | None = Field(None, validation_alias=AliasChoices("TICKWISE_KITE_ROOT", "KITE_ROOT"))
     """Kite REST root (the simulator's URL in paper mode; None = real Kite)."""

@@ -32,8 +32,8 @@ from libs.service.logging import get_logger
 from services.executor.ratelimit import TAKE_SLOT_FN
 
 _log = get_logger("executor.lock")
-CONTROL_MAXLEN = 100_000
-DEAD_MAXLEN = 100_000
+CONTROL_MAXLEN = keys.CONTROL_MAXLEN
+DEAD_MAXLEN = keys.DEAD_MAXLEN
 
 _LOCK = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then

@@ -7,7 +7,7 @@ replicas) on `queue:orders`, carrying `trigger_price` and the run's
 
 How the stop-loss index stays in sync: through the `control:strategies`
 stream, not keyspace notifications. The executor XADDs a `position` message in
-the same MULTI as its HSET of runtime position, and load_run/unload_run add
+the same Lua commit script as its HSET of runtime position, and load_run/unload_run add
 `started`/`stopped` in their Lua scripts, so every change arrives once, in
 order, with the fields needed (symbol, stop_loss, run_id) and nothing to read
 back. Notifications are fire-and-forget (lost while disconnected), would need

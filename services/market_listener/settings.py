@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pydantic import Field
+
 from libs.service.settings import ServiceSettings
 
 
@@ -12,9 +14,9 @@ class ListenerSettings(ServiceSettings):
     """Kite REST root (instruments list); None means the real Kite API."""
     kite_ws_root: str | None = None
     """Kite ticker WebSocket root; None means the real Kite ticker."""
-    market_data_api_key: str = ""
+    market_data_api_key: str = Field("", repr=False)
     """api_key of the designated market-data account (ticks are the same for every user)."""
-    market_data_access_token: str = ""
+    market_data_access_token: str = Field("", repr=False)
     """access_token of the market-data account."""
     exchange: str = "NSE"
     """Exchange whose instruments are watched."""

@@ -1,4 +1,4 @@
-"""Status (SCHEMA 4.7) from Redis while loaded, from Postgres afterwards; the order log."""
+"""Status (data model §4.7) from Redis while loaded, from Postgres afterwards; the order log."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Model the HTTP API's request and response bodies (SCHEMA 4)."""
+"""Model the HTTP API's request and response bodies (data model §4)."""
 
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ class _Response(BaseModel):
 # --- auth ---------------------------------------------------------------------
 
 class RegisterRequest(_SecretRequest):
-    """Create an account (SCHEMA 4.1)."""
+    """Create an account (data model §4.1)."""
 
     email: Email
     password: Password
@@ -87,7 +87,7 @@ class RegisterRequest(_SecretRequest):
 
 
 class LoginRequest(_SecretRequest):
-    """Exchange email and password for a token (SCHEMA 4.2)."""
+    """Exchange email and password for a token (data model §4.2)."""
 
     email: Email
     # No minimum beyond non-empty: the stored hash decides, not the length rule.
@@ -114,7 +114,7 @@ class TokenOut(_Response):
 # --- broker -------------------------------------------------------------------
 
 class BrokerConnectRequest(_SecretRequest):
-    """Store and verify Kite credentials (SCHEMA 4.3)."""
+    """Store and verify Kite credentials (data model §4.3)."""
 
     api_key: BrokerToken
     api_secret: SecretBrokerToken
@@ -147,7 +147,7 @@ class BrokerConnectOut(_Response):
 # --- strategies ---------------------------------------------------------------
 
 class StrategyCreateRequest(_Request):
-    """Create a strategy (SCHEMA 4.4)."""
+    """Create a strategy (data model §4.4)."""
 
     symbol: Symbol
     buy_time: ClockTime
@@ -178,13 +178,13 @@ class StrategyUpdateRequest(_Request):
 
 
 class StartStrategyRequest(_Request):
-    """Start a strategy (SCHEMA 4.5)."""
+    """Start a strategy (data model §4.5)."""
 
     strategy_id: UUID
 
 
 class StopStrategyRequest(_Request):
-    """Stop a strategy (SCHEMA 4.6); square_off sells an open position."""
+    """Stop a strategy (data model §4.6); square_off sells an open position."""
 
     strategy_id: UUID
     square_off: bool = Field(default=False, strict=True)
@@ -208,7 +208,7 @@ class StrategyOut(_Response):
 
 
 class StatusResponse(_Response):
-    """Live status of a strategy (SCHEMA 4.7), with the money of its latest run.
+    """Live status of a strategy (data model §4.7), with the money of its latest run.
 
     Prices and P&L come from confirmed fills (the broker's average prices),
     never from requested prices; unrealized P&L marks an open position to the

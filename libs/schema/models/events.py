@@ -1,4 +1,4 @@
-"""Model the events on `queue:orders` and in the `schedule` ZSET (SCHEMA 3).
+"""Model the events on `queue:orders` and in the `schedule` ZSET (data model §3).
 
 `Event` is a union discriminated on `event_type`. `parse_event` is the one
 way to read an event off the wire; `event_to_json` the one way to write it,
@@ -40,7 +40,8 @@ __all__ = [
     "parse_event",
 ]
 
-# SCHEMA 2.5 lists SAFETY_ABORT among queue events, SCHEMA 3 calls it ABORT.
+# The original schema listed SAFETY_ABORT among queue events and called it ABORT elsewhere
+# (docs/data-model.md §8).
 # Both are read; ABORT is what we write.
 _EVENT_TYPE_ALIASES = {"SAFETY_ABORT": EventType.ABORT.value}
 
@@ -55,8 +56,8 @@ class MalformedEvent(ValueError):
 
 class _EventBase(BaseModel):
     # Extra fields are ignored so that an older executor can still read events
-    # from a newer scheduler during a rolling deploy (and SCHEMA 2.5's
-    # `timestamp` does not poison an entry).
+    # from a newer scheduler during a rolling deploy (and the original schema's
+    # `timestamp` field does not poison an entry).
     model_config = ConfigDict(frozen=True, extra="ignore")
 
     strategy_id: UUID

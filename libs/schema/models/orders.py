@@ -1,4 +1,4 @@
-"""Model broker orders and the order-log rows the executor records (SCHEMA 5, 1.4)."""
+"""Model broker orders and the order-log rows the executor records (data model §5, §1.4)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ TAG_PATTERN = r"^[A-Za-z0-9]{1,20}$"
 
 
 class BrokerOrder(BaseModel):
-    """A market order as sent to Kite (SCHEMA 5), with its idempotency tag."""
+    """A market order as sent to Kite (data model §5), with its idempotency tag."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 

@@ -27,7 +27,7 @@ __all__ = ["ControlMessage", "RuntimeState", "StrategyConfig", "StrategyLifecycl
 
 
 class StrategyConfig(BaseModel):
-    """Static config of a running strategy, stored as JSON in `strategy:{id}` (SCHEMA 2.1)."""
+    """Static config of a running strategy, stored as JSON in `strategy:{id}` (data model §2.1)."""
 
     # Unknown fields are ignored, not rejected: during a rolling deploy a newer
     # writer may add fields that an older reader must still load.
@@ -56,7 +56,7 @@ class StrategyConfig(BaseModel):
 
 
 class RuntimeState(BaseModel):
-    """Live state of a strategy run, stored as the HASH `runtime:{id}` (SCHEMA 2.2).
+    """Live state of a strategy run, stored as the HASH `runtime:{id}` (data model §2.2).
 
     Writers HSET single fields (see `hash_fields`) rather than rewriting the
     whole hash; a field absent from the hash reads as None (or its default).
@@ -103,7 +103,7 @@ def _text(value: bytes | str) -> str:
 
 
 class StrategyLifecycle(BaseModel):
-    """Lifecycle status of a strategy with its last start and stop (SCHEMA 6)."""
+    """Lifecycle status of a strategy with its last start and stop (data model §6)."""
 
     model_config = ConfigDict(from_attributes=True)
 

@@ -44,7 +44,7 @@ __all__ = [
 # --- enums --------------------------------------------------------------------
 
 class StrategyStatus(StrEnum):
-    """Lifecycle of a strategy (SCHEMA 6)."""
+    """Lifecycle of a strategy (data model §6)."""
 
     created = "created"
     running = "running"
@@ -54,7 +54,7 @@ class StrategyStatus(StrEnum):
 
 
 class Position(StrEnum):
-    """Position of a strategy run, the executor's state machine (SCHEMA 2.2)."""
+    """Position of a strategy run, the executor's state machine (data model §2.2)."""
 
     none = "none"
     bought = "bought"
@@ -63,14 +63,14 @@ class Position(StrEnum):
 
 
 class LockState(StrEnum):
-    """Whether an executor is working on the strategy (SCHEMA 2.2)."""
+    """Whether an executor is working on the strategy (data model §2.2)."""
 
     free = "free"
     locked = "locked"
 
 
 class EventType(StrEnum):
-    """Kind of event on `queue:orders` and in `order_logs` (SCHEMA 3)."""
+    """Kind of event on `queue:orders` and in `order_logs` (data model §3)."""
 
     BUY = "BUY"
     SELL = "SELL"
@@ -88,14 +88,14 @@ class OrderLogStatus(StrEnum):
 
 
 class TransactionType(StrEnum):
-    """Side of a broker order (SCHEMA 5)."""
+    """Side of a broker order (data model §5)."""
 
     BUY = "BUY"
     SELL = "SELL"
 
 
 class LastAction(StrEnum):
-    """Last order action taken for a strategy (SCHEMA 4.7)."""
+    """Last order action taken for a strategy (data model §4.7)."""
 
     BUY = "BUY"
     SELL = "SELL"
