@@ -37,11 +37,10 @@ from sqlalchemy import select
 
 from libs.schema.models import OrderLogOut
 from libs.schema.models.dashboard import StreamTicketOut
-from libs.schema.tables import BrokerCredential, OrderLog, Strategy
+from libs.schema.tables import BrokerCredential, OrderLog
 from services.api.deps import READS, SETTINGS, current_user
 from services.api.errors import ApiError, json_response
-from services.api.status import build_statuses
-from services.api.strategies import strategy_out
+from services.api.status import strategy_items
 
 log = structlog.get_logger("api")
 
@@ -151,14 +150,11 @@ class _Feed:
     async def changes(self) -> list[tuple[str, Any]]:
         """Return the events to send now: every changed view of this user, and new order-log rows."""
         async with self.app[READS]() as session:
-            rows = list(await session.scalars(select(Strategy).where(Strategy.user_id == self.user_id)
-                                              .order_by(Strategy.created_at, Strategy.id)))
-            statuses = await build_statuses(self.app, session, rows)
+            rows, items = await strategy_items(self.app, session, self.user_id)
             broker = await session.get(BrokerCredential, self.user_id)
             orders = await self._new_orders(session)
         views = {
-            "strategies": [{**strategy_out(r), **s, "status": r.status.value}
-                           for r, s in zip(rows, statuses, strict=True)],
+            "strategies": items,
             "broker": {"connected": broker is not None, "is_valid": bool(broker and broker.is_valid),
                        "api_key_hint": broker.api_key_hint if broker else None,
                        "updated_at": broker.updated_at.isoformat() if broker else None},

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from typing import Any
+from uuid import UUID
 
 import structlog
 from aiohttp import web
@@ -114,11 +115,17 @@ async def list_strategies(request: web.Request) -> web.Response:
     """List the caller's strategies, oldest first, each with its live status and money."""
     user_id = current_user(request)
     async with request.app[READS]() as session:
-        rows = list(await session.scalars(select(Strategy).where(Strategy.user_id == user_id)
-                                          .order_by(Strategy.created_at, Strategy.id)))
-        statuses = await build_statuses(request.app, session, rows)
-    return json_response([{**strategy_out(row), **live, "status": row.status.value}
-                          for row, live in zip(rows, statuses, strict=True)])
+        _rows, items = await strategy_items(request.app, session, user_id)
+    return json_response(items)
+
+
+async def strategy_items(app: web.Application, session: Any, user_id: UUID) -> tuple[list[Strategy], list[dict]]:
+    """Return the user's strategies, oldest first, and each one's list item (row, status and money)."""
+    rows = list(await session.scalars(select(Strategy).where(Strategy.user_id == user_id)
+                                      .order_by(Strategy.created_at, Strategy.id)))
+    statuses = await build_statuses(app, session, rows)
+    return rows, [{**strategy_out(row), **live, "status": row.status.value}
+                  for row, live in zip(rows, statuses, strict=True)]
 
 
 async def status(request: web.Request) -> web.Response:
