@@ -18,10 +18,11 @@ accounts and were bought at the simulator with their entry tags, and the
 figure is from the POST to the simulator's `received_at` of the exit order
 (GET /sim/orders?tag=). A bare loopback Redis round trip and a bare HTTP round
 trip to the simulator are measured in the same run and printed with ratios.
-With BENCH_HANGING_WEBHOOKS=N (e.g. 100), the executor scenarios also run an
-API process (the notification deliverer) and give N of the probed strategies'
-owners a webhook that never answers, so every exit's notice hangs: the
-tick-to-SELL figures then show whether notifications delay trading.
+With BENCH_HANGING_WEBHOOKS=N set (even 0), the executor scenarios also run an
+API process (it runs the notification deliverer, as in production) and give N
+of the probed strategies' owners a webhook that never answers (a receiver in
+its own process), so every exit's notice hangs: compare the tick-to-SELL
+figures of N=0 and N=100 to see whether notifications delay trading.
 The symbols are the first 500 NSE equities of the simulator's instruments list
 priced at Rs 50 or more.
 """
@@ -37,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -194,10 +196,10 @@ async def follow_stoplosses(redis: Redis, arrivals: dict[str, asyncio.Future]) -
                     fut.set_result(now)
 
 
-HANGING_WEBHOOKS = int(os.environ.get("BENCH_HANGING_WEBHOOKS", "0"))
+WITH_API = "BENCH_HANGING_WEBHOOKS" in os.environ
+HANGING_WEBHOOKS = int(os.environ.get("BENCH_HANGING_WEBHOOKS") or "0")
 ACCOUNTS = max(20, HANGING_WEBHOOKS)
 HANG_URL: list[str] = []  # the hanging receiver's URL, once started
-HANG_HITS = [0]
 
 
 async def with_executor(redis: Redis, redis_url: str, database_url: str, sim_url: str, admin: SimAdmin, n: int,
@@ -247,7 +249,7 @@ async def with_executor(redis: Redis, redis_url: str, database_url: str, sim_url
     port = free_port()
     procs = [start_executor({**env, "TICKWISE_HEALTH_PORT": str(port)}, log_dir / "executor.log")]
     ports = [port]
-    if HANG_URL:
+    if WITH_API:
         ports.append(free_port())
         procs.append(start_executor({**env, "TICKWISE_HEALTH_PORT": str(ports[-1]),
                                      "TICKWISE_NOTIFY_ALLOW_PRIVATE_TARGETS": "true"}, log_dir / "api.log",
@@ -416,7 +418,7 @@ async def run() -> None:
                          ratio_to_http_rtt=round(r["p50"] / http_rtt, 1))
                     emit("tick_to_stoploss_p99", r["p99"], "ms", **params)
                 if (ROOT / "services" / "executor" / "__main__.py").exists():
-                    hang = await hanging_receiver() if HANGING_WEBHOOKS else None
+                    hang = hanging_receiver() if HANGING_WEBHOOKS else None
                     with running_postgres(Path(tmp) / "pg") as db_url:
                         upgrade_head(db_url)
                         for n, rate in SCENARIOS:
@@ -424,8 +426,9 @@ async def run() -> None:
                             results.append({**r, "executor": True})
                             params = {k: r.get(k) for k in ("strategies", "symbols", "ticks_per_s",
                                                             "achieved_ticks_per_s", "full_samples", "missed")}
-                            params["hanging_webhooks"] = HANGING_WEBHOOKS
-                            params["webhook_calls_hanging"] = HANG_HITS[0]
+                            if WITH_API:
+                                params["hanging_webhooks"] = HANGING_WEBHOOKS
+                                params["webhook_calls_hanging"] = await hanging_calls(session)
                             emit("tick_to_sell_at_broker_p50", r.get("full_p50", -1), "ms", **params,
                                  listener_leg_p50=round(r["p50"], 3),
                                  ratio_to_redis_rtt=round(r.get("full_p50", 0) / redis_rtt, 1),
@@ -433,29 +436,53 @@ async def run() -> None:
                             emit("tick_to_sell_at_broker_p99", r.get("full_p99", -1), "ms", **params,
                                  listener_leg_p99=round(r["p99"], 3))
                     if hang is not None:
-                        await hang.cleanup()
+                        hang.terminate()
+                        hang.wait(timeout=15)
         finally:
             await redis.aclose()
             server.stop()
     plot(results, redis_rtt, http_rtt)
 
 
-async def hanging_receiver() -> web.AppRunner:
-    """Start a webhook receiver on loopback that accepts every request and never answers."""
+def hanging_receiver() -> subprocess.Popen[bytes]:
+    """Start, in its own process, a webhook receiver on loopback that accepts requests and never answers."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "bench.bench_stoploss", "--hanging-receiver", str(port)],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/calls", timeout=1):
+                break
+        except OSError:
+            time.sleep(0.1)
+    HANG_URL.append(f"http://127.0.0.1:{port}/hook")
+    return proc
+
+
+async def hanging_calls(session: aiohttp.ClientSession) -> int:
+    """Return how many webhook calls the hanging receiver has held open or timed out."""
+    if not HANG_URL:
+        return 0
+    async with session.get(HANG_URL[0].replace("/hook", "/calls")) as resp:
+        return int(await resp.text())
+
+
+def serve_hanging_receiver(port: int) -> None:
+    calls = [0]
 
     async def hang(_request: web.Request) -> web.Response:
-        HANG_HITS[0] += 1
+        calls[0] += 1
         await asyncio.sleep(3600)
         return web.Response()
 
+    async def count(_request: web.Request) -> web.Response:
+        return web.Response(text=str(calls[0]))
+
     app = web.Application()
     app.router.add_post("/hook", hang)
-    runner = web.AppRunner(app, shutdown_timeout=0.1)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    HANG_URL.append(f"http://127.0.0.1:{port}/hook")
-    return runner
+    app.router.add_get("/calls", count)
+    web.run_app(app, host="127.0.0.1", port=port, print=None, shutdown_timeout=0.1)
 
 
 def plot(results: list[dict[str, Any]], redis_rtt: float, http_rtt: float) -> None:
@@ -479,4 +506,7 @@ def plot(results: list[dict[str, Any]], redis_rtt: float, http_rtt: float) -> No
     fig.savefig(OUT_PNG, dpi=110)
 
 if __name__ == "__main__":
-    asyncio.run(run())
+    if sys.argv[1:2] == ["--hanging-receiver"]:
+        serve_hanging_receiver(int(sys.argv[2]))
+    else:
+        asyncio.run(run())
