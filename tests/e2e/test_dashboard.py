@@ -32,7 +32,7 @@ async def fill_strategy(page: Page, symbol: str, stop_loss: str, quantity: str, 
     form = page.locator("#create")
     await form.locator("input[name=symbol]").fill(symbol)
     await form.locator("input[name=buy_time]").fill(ist_clock(buy_in_s))
-    await form.locator("input[name=sell_time]").fill(ist_clock(900))
+    await form.locator("input[name=sell_time]").fill(ist_clock(300))
     await form.locator("input[name=stop_loss]").fill(stop_loss)
     await form.locator("input[name=quantity]").fill(quantity)
 
@@ -146,7 +146,7 @@ async def test_trader_story_live_in_the_browser(e2e_stack: Stack, http: aiohttp.
 
 @pytest.mark.timeout(90)
 async def test_dashboard_logs_in_and_shows_the_traders_strategy(trader: Trader, browser: Browser) -> None:
-    sid = await trader.strategy("INFY", buy_in_s=1800, sell_in_s=2400, stop_loss=1400, quantity=3)
+    sid = await trader.strategy("INFY", buy_in_s=300, sell_in_s=360, stop_loss=1400, quantity=3)
     me = await trader.call("GET", "/me")
     errors = PageErrors()
     page = await new_page(browser, errors)

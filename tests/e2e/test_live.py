@@ -12,6 +12,7 @@ import aiohttp
 import pytest
 
 from tests.e2e.harness import Stack, Trader
+from tests.support.eventually import eventually
 
 
 class EventStream:
@@ -78,7 +79,7 @@ async def test_stream_pushes_fills_and_prices_and_never_another_users_data(
     mine = await open_stream(trader, http)
     theirs = await open_stream(other, http)
     streams += [mine, theirs]
-    await other.strategy("MARUTI", buy_in_s=1800, sell_in_s=2400, stop_loss=10000, quantity=1)
+    await other.strategy("MARUTI", buy_in_s=240, sell_in_s=300, stop_loss=10000, quantity=1, start=False)
     await trader.tick("WIPRO", 290)
     sid = await trader.strategy("WIPRO", buy_in_s=2, sell_in_s=300, stop_loss=280, quantity=4)
 
@@ -89,9 +90,19 @@ async def test_stream_pushes_fills_and_prices_and_never_another_users_data(
     await mine.wait_for(bought)
     await mine.wait_for(lambda name, data: name == "orders" and any(
         o["strategy_id"] == sid and o["event_type"] == "BUY" and o["status"] == "success" for o in data))
+    # The price moves (the paper market walks, and we push a tick): each move is pushed with its open P&L.
     await trader.tick("WIPRO", 293.5)
-    await mine.wait_for(lambda name, data: name == "strategies" and any(
-        s["id"] == sid and s["last_price"] == 293.5 and s["unrealized_pnl"] is not None for s in data))
+
+    def marked(name: str, data: Any) -> bool:
+        return name == "strategies" and any(
+            s["id"] == sid and s["position"] == "bought" and s["last_price"] is not None
+            and s["entry_average_price"] is not None and s["unrealized_pnl"] == round(
+                (s["last_price"] - s["entry_average_price"]) * 4, 2) for s in data)
+
+    await mine.wait_for(marked)
+    await eventually(lambda: len({s["last_price"] for name, data in mine.events if name == "strategies"
+                                  for s in data if s["id"] == sid and s["position"] == "bought"}) >= 2,
+                     timeout=20, interval=0.1)
     await trader.call("POST", "/strategies/stop", {"strategy_id": sid, "square_off": True})
 
     # The other user's stream carried their own strategy and nothing of this trader's.
