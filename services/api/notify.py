@@ -56,6 +56,7 @@ from services.api.settings import ApiSettings
 log = structlog.get_logger("api.notify")
 
 SETTINGS_CACHE_S = 5.0
+SHUTDOWN_GRACE_S = 1.0
 
 # KEYS: schedule, pending; ARGV: now ms, lease ms, max count. Returns [member, payload, ...] claimed.
 _CLAIM = """
@@ -135,7 +136,7 @@ class Deliverer:
         return bool(self.settings.kite_root) if allowed is None else allowed
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Fan out and dispatch until `stop`; then wait (bounded) for deliveries in flight."""
+        """Fan out and dispatch until `stop`; then give deliveries in flight a short grace."""
         await self._ensure_group()
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.settings.notify_timeout_s),
                                          connector=aiohttp.TCPConnector(limit=0)) as http:
@@ -147,10 +148,13 @@ class Deliverer:
                 fan_out.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await fan_out
+                # A short grace only: a cancelled delivery's lease runs out and it is sent again later.
                 if self._inflight:
-                    await asyncio.wait(self._inflight, timeout=self.settings.notify_timeout_s)
-                for task in self._inflight:
+                    await asyncio.wait(self._inflight, timeout=SHUTDOWN_GRACE_S)
+                pending = list(self._inflight)
+                for task in pending:
                     task.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
         log.info("notifier stopped", sent=self.sent, failed=self.failed)
 
     async def _ensure_group(self) -> None:
