@@ -30,7 +30,7 @@ def test_validation_messages_are_plain_words(change: dict, loc: list, msg: str) 
     assert [(d["loc"], d["msg"]) for d in details] == [(loc, msg)]
     line = summary_message(details)
     assert "Input should" not in line and "Value error" not in line
-    assert line.startswith(("Quantity", "Stop-loss", "Buy_time", "Extra"))
+    assert line.startswith(("Quantity", "Stop-loss", "buy_time", "Extra"))
 
 
 def _row(sid: uuid.UUID, kind: str, price: float | None, at: int, **request: object) -> OrderLog:

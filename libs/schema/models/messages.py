@@ -86,5 +86,5 @@ def summary_message(details: list[dict[str, Any]]) -> str:
     parts = []
     for item in details[:5]:
         label = field_label(item.get("loc") or [])
-        parts.append(f"{label} {item['msg']}" if label else item["msg"][:1].upper() + item["msg"][1:])
+        parts.append(f"{label} {item['msg']}" if label else item["msg"])
     return "; ".join(parts) or "the request is not valid"
