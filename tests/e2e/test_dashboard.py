@@ -63,12 +63,6 @@ async def test_trader_story_live_in_the_browser(e2e_stack: Stack, http: aiohttp.
     await page.click("#connect button[type=submit]")
     await expect(page.locator("#b-valid .badge")).to_have_text("Valid")
 
-    # Notifications: the webhook's signing secret is shown once, right after saving.
-    await page.fill("#notify input[name=webhook_url]", "http://127.0.0.1:9/tickwise-hook")
-    await page.click("#notify button[type=submit]")
-    await expect(page.locator("#notify-secret")).to_contain_text("Signing secret (shown once): whsec_")
-    assert (await trader.call("GET", "/notifications"))["webhook_secret"] is None
-
     # Creating: the stop-loss warning names the current price; errors sit next to their field, in words.
     await trader.tick("TATAMOTORS", 780)
     await trader.tick("HINDUNILVR", 2450)
@@ -134,6 +128,12 @@ async def test_trader_story_live_in_the_browser(e2e_stack: Stack, http: aiohttp.
     await tata.locator("button", has_text="Orders").click()
     await expect(page.locator("#rows > tr.log")).to_contain_text("Stop-loss exit")
     await page.screenshot(path=str(SCREENSHOTS / "dashboard.png"), full_page=True)
+
+    # Notifications: the webhook's signing secret is shown once, right after saving.
+    await page.fill("#notify input[name=webhook_url]", "http://127.0.0.1:9/tickwise-hook")
+    await page.click("#notify button[type=submit]")
+    await expect(page.locator("#notify-secret")).to_contain_text("Signing secret (shown once): whsec_")
+    assert (await trader.call("GET", "/notifications"))["webhook_secret"] is None
     assert errors.items == []
 
     docs = await new_page(browser, errors)

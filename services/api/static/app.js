@@ -442,7 +442,7 @@ function renderPositions(list, err) {
     const pnl = el("td", signed(p.pnl), signCls(p.pnl));
     tr.append(el("td", p.symbol), el("td", show(p.quantity), "num"), el("td", p.quantity ? money(p.average_price) : "-", "num"),
       el("td", money(p.last_price), "num"), pnl,
-      el("td", p.strategies.length ? p.strategies.map((s) => s.symbol + " · " + (STATUS_WORDS[s.status] || s.status)).join(", ") : "not Tickwise"));
+      el("td", p.strategies.length ? p.strategies.map((s) => STATUS_WORDS[s.status] || s.status).join(", ") : "not Tickwise"));
     return tr;
   }));
 }
