@@ -5,10 +5,25 @@ function or constant from here and never build a key string themselves, so a
 rename is one edit and a grep for the function finds every user.
 
 Ids may be passed as `uuid.UUID` or `str`; both yield the same key.
+
+Redis Cluster: every key ends in a hash tag, `{p<partition>.<n>}`, naming one
+of N partitions (`configure_partitions(N)`, 1 by default). A strategy's keys
+carry its own partition's tag (`partition_of(strategy_id)`), and so do the
+shared streams and sets its scripts write (`orders_stream(p)`, `schedule_key(p)`,
+`control_stream(p)`, `order_logs_stream(p)`, `symbol_strategies_key(sym, p)`):
+every script then touches one hash slot, and the N partitions' slots are spread
+evenly over the 16384 slots, so over the cluster's masters. Partition 0's tag
+does not depend on N, so the constants (`ORDERS_STREAM`, `SCHEDULE`, ...) name
+partition 0 in every deployment, and with N = 1 they name everything there is.
+docs/cluster.md says why and what N may be.
 """
 
 from __future__ import annotations
 
+import binascii
+import functools
+import itertools
+import zlib
 from datetime import date
 from uuid import UUID
 
@@ -31,18 +46,38 @@ __all__ = [
     "SCHEDULE",
     "SCHEDULE_WAKEUP_CHANNEL",
     "STATE_MARKER",
+    "MAX_PARTITIONS",
+    "SLOTS",
     "broker_credentials_key",
+    "configure_partitions",
+    "control_stream",
     "exit_attempt_key",
+    "hash_slot",
     "instruments_key",
     "lock_key",
     "login_throttle_addr_key",
     "login_throttle_email_key",
+    "notify_dead_stream",
+    "notify_pending",
+    "notify_schedule",
+    "notify_stream",
+    "order_logs_dead_stream",
+    "order_logs_stream",
     "order_rate_key",
+    "orders_dead_stream",
+    "orders_stream",
+    "partition_count",
+    "partition_of",
+    "partition_tag",
     "price_key",
     "runtime_key",
+    "schedule_key",
+    "state_marker_key",
     "stoploss_marker_key",
     "strategy_key",
+    "strategy_key_pattern",
     "symbol_strategies_key",
+    "symbol_strategies_pattern",
 ]
 
 Id = UUID | str
@@ -60,27 +95,100 @@ def _symbol(symbol: str) -> str:
     return symbol.strip().upper()
 
 
+# --- partitions and hash slots ------------------------------------------------
+
+SLOTS = 16384
+MAX_PARTITIONS = 1024
+# Each partition's tag hashes into the first _TAG_WINDOW slots of its 1/N of the
+# slot space; 16384 / MAX_PARTITIONS keeps the windows apart.
+_TAG_WINDOW = SLOTS // MAX_PARTITIONS
+_partitions = 1
+
+
+def hash_slot(key: str | bytes) -> int:
+    """Return the Redis Cluster slot of `key` (CRC16 of its hash tag, as Redis computes it)."""
+    raw = key.encode() if isinstance(key, str) else key
+    start = raw.find(b"{")
+    if start >= 0:
+        end = raw.find(b"}", start + 1)
+        if end > start + 1:
+            raw = raw[start + 1:end]
+    return binascii.crc_hqx(raw, 0) % SLOTS
+
+
+def configure_partitions(count: int) -> None:
+    """Set N, the number of partitions (from the services' settings, once at start)."""
+    global _partitions
+    if not 1 <= count <= MAX_PARTITIONS:
+        raise ValueError(f"partition count must be 1..{MAX_PARTITIONS}, not {count}")
+    _partitions = count
+
+
+def partition_count() -> int:
+    """Return N."""
+    return _partitions
+
+
+def partition_of(entity_id: Id) -> int:
+    """Return the partition of a strategy, user or account id (stable for a given N)."""
+    # CRC32, not hash(): the same id must land in the same partition in every process.
+    return zlib.crc32(_id(entity_id).encode()) % _partitions
+
+
+@functools.cache
+def _tag_text(partition: int, count: int) -> str:
+    first = partition * SLOTS // count
+    for n in itertools.count():
+        text = f"p{partition}.{n}"
+        if first <= hash_slot(text) < first + _TAG_WINDOW:
+            return text
+    raise AssertionError("unreachable")
+
+
+def partition_tag(partition: int) -> str:
+    """Return `{p<partition>.<n>}`, the hash tag of one partition's keys."""
+    if not 0 <= partition < _partitions:
+        raise ValueError(f"partition {partition} outside 0..{_partitions - 1}")
+    # Partition 0's window is slots 0..15 whatever N is, so its tag never changes.
+    return "{" + _tag_text(partition, 1 if partition == 0 else _partitions) + "}"
+
+
+def _tagged(name: str, entity_id: Id) -> str:
+    return f"{name}:{partition_tag(partition_of(entity_id))}"
+
+
 # --- strategy state -----------------------------------------------------------
 
 def strategy_key(strategy_id: Id) -> str:
-    """Return `strategy:{id}`."""
+    """Return `strategy:<id>:{tag}` (tag: the strategy's partition)."""
     # STRING, JSON of StrategyConfig of a running strategy. No TTL: it lives
     # exactly as long as the strategy runs and is deleted on stop/exit.
-    return f"strategy:{_id(strategy_id)}"
+    return _tagged(f"strategy:{_id(strategy_id)}", strategy_id)
 
 
 def runtime_key(strategy_id: Id) -> str:
-    """Return `runtime:{id}`."""
+    """Return `runtime:<id>:{tag}` (tag: the strategy's partition)."""
     # HASH of RuntimeState fields (HSET single fields). No TTL: it is the state
     # machine of a live run; rebuilt from the broker's order book if lost.
-    return f"runtime:{_id(strategy_id)}"
+    return _tagged(f"runtime:{_id(strategy_id)}", strategy_id)
 
 
-def symbol_strategies_key(symbol: str) -> str:
-    """Return `symbol:{SYM}:strategies`."""
-    # SET of ids of running strategies on SYM, read by the market listener.
-    # No TTL: membership follows start/stop, not time.
-    return f"symbol:{_symbol(symbol)}:strategies"
+def symbol_strategies_key(symbol: str, partition: int = 0) -> str:
+    """Return `symbol:<SYM>:strategies:{tag}`: SYM's running strategies of one partition."""
+    # SET of ids of running strategies on SYM whose partition is `partition`
+    # (start/stop scripts write it with the strategy's keys), read by the market
+    # listener. No TTL: membership follows start/stop, not time.
+    return f"symbol:{_symbol(symbol)}:strategies:{partition_tag(partition)}"
+
+
+def symbol_strategies_pattern() -> str:
+    """Return the SCAN pattern of every symbol set of every partition."""
+    return "symbol:*:strategies:*"
+
+
+def strategy_key_pattern() -> str:
+    """Return the SCAN pattern of every `strategy:` key of every partition."""
+    return "strategy:*"
 
 
 def price_key(symbol: str) -> str:
@@ -91,38 +199,50 @@ def price_key(symbol: str) -> str:
 
 
 def lock_key(strategy_id: Id) -> str:
-    """Return `lock_state:{id}`."""
+    """Return `lock_state:<id>:{tag}` (tag: the strategy's partition)."""
     # STRING, owner token of the executor working on the strategy. Set with
     # PX so a crashed executor's lock expires instead of blocking the strategy.
-    return f"lock_state:{_id(strategy_id)}"
+    return _tagged(f"lock_state:{_id(strategy_id)}", strategy_id)
 
 
 def stoploss_marker_key(strategy_id: Id, run_id: str) -> str:
-    """Return `stoploss:fired:{id}:{run_id}`."""
+    """Return `stoploss:fired:<id>:<run_id>:{tag}` (tag: the strategy's partition)."""
     # STRING set NX when a listener fires STOPLOSS: one per strategy run. Given
     # a TTL of a day or more by the writer; the run_id already scopes it.
-    return f"stoploss:fired:{_id(strategy_id)}:{run_id}"
+    return _tagged(f"stoploss:fired:{_id(strategy_id)}:{run_id}", strategy_id)
 
 
 def exit_attempt_key(strategy_id: Id, run_id: str) -> str:
-    """Return `exit:attempted:{id}:{run_id}`."""
+    """Return `exit:attempted:<id>:<run_id>:{tag}` (tag: the strategy's partition)."""
     # STRING set by the executor just before it sends a run's exit order, so any
     # later exit event (another executor, after a crash) looks the exit tag up
     # at the broker before placing. EX of two days; the run_id scopes it.
-    return f"exit:attempted:{_id(strategy_id)}:{run_id}"
+    return _tagged(f"exit:attempted:{_id(strategy_id)}:{run_id}", strategy_id)
 
 
-# STRING written by the scheduler after each rebuild from Postgres. Its absence
-# while Redis's run_id is unchanged means Redis lost its data (FLUSHALL, an empty
-# replica promoted): rebuild. No TTL: it must outlive everything it vouches for.
-STATE_MARKER = "tickwise:state"
+def state_marker_key(partition: int) -> str:
+    """Return `tickwise:state:{tag}`."""
+    # STRING written by the scheduler after each rebuild from Postgres, one per
+    # partition (in a cluster each lives on its partition's master). Its absence
+    # while Redis's run_id is unchanged means Redis lost that data (FLUSHALL, an
+    # empty replica promoted): rebuild. No TTL: it must outlive what it vouches for.
+    return f"tickwise:state:{partition_tag(partition)}"
+
+
+STATE_MARKER = state_marker_key(0)
 
 
 # --- scheduling ---------------------------------------------------------------
 
-# ZSET, member = canonical JSON of a due event, score = epoch ms due. No TTL:
-# members leave when moved to ORDERS_STREAM or when their strategy stops.
-SCHEDULE = "schedule"
+def schedule_key(partition: int) -> str:
+    """Return `schedule:{tag}`."""
+    # ZSET, member = canonical JSON of a due event of this partition's strategies,
+    # score = epoch ms due. No TTL: members leave when moved to the partition's
+    # orders stream or when their strategy stops.
+    return f"schedule:{partition_tag(partition)}"
+
+
+SCHEDULE = schedule_key(0)
 
 # Pub/sub channel, published to whenever SCHEDULE gains an earlier member, so
 # sleeping schedulers wake up early. Pub/sub holds nothing, so no TTL.
@@ -131,25 +251,50 @@ SCHEDULE_WAKEUP_CHANNEL = "schedule:wakeup"
 
 # --- streams and consumer groups ----------------------------------------------
 
-# STREAM, field `event` = JSON of an event; consumed by EXECUTORS_GROUP.
-# No TTL; the scheduler trims it (XTRIM MINID) below every group's last
-# delivered-and-acked entry, because acked entries are history only.
-ORDERS_STREAM = "queue:orders"
+# Each stream below exists once per partition; the constant names partition 0's.
 
-# STREAM of events delivered too often: fields event, reason, msg_id,
-# deliveries. Kept for humans to inspect; trimmed with MAXLEN, no TTL.
-ORDERS_DEAD_STREAM = "queue:orders:dead"
+def orders_stream(partition: int) -> str:
+    """Return `queue:orders:{tag}`."""
+    # STREAM, field `event` = JSON of an event of this partition's strategies;
+    # consumed by EXECUTORS_GROUP (one group per partition's stream). No TTL; the
+    # scheduler trims it (XTRIM MINID) below every group's last delivered-and-acked
+    # entry, because acked entries are history only.
+    return f"queue:orders:{partition_tag(partition)}"
 
-# STREAM, field `row` = JSON of an OrderLogRow; consumed by LOG_WRITERS_GROUP.
-# No TTL: rows must wait here through a Postgres outage.
-ORDER_LOGS_STREAM = "queue:order_logs"
 
-# STREAM of order-log rows Postgres refused for good; kept for inspection.
-ORDER_LOGS_DEAD_STREAM = "queue:order_logs:dead"
+def orders_dead_stream(partition: int) -> str:
+    """Return `queue:orders:dead:{tag}`."""
+    # STREAM of events delivered too often: fields event, reason, msg_id,
+    # deliveries. Kept for humans to inspect; trimmed with MAXLEN, no TTL.
+    return f"queue:orders:dead:{partition_tag(partition)}"
 
-# STREAM, field `event` = JSON of a ControlMessage (started/stopped/position)
-# telling market listeners what to watch. Trimmed with MAXLEN, no TTL.
-CONTROL_STREAM = "control:strategies"
+
+def order_logs_stream(partition: int) -> str:
+    """Return `queue:order_logs:{tag}`."""
+    # STREAM, field `row` = JSON of an OrderLogRow; consumed by LOG_WRITERS_GROUP.
+    # No TTL: rows must wait here through a Postgres outage.
+    return f"queue:order_logs:{partition_tag(partition)}"
+
+
+def order_logs_dead_stream(partition: int) -> str:
+    """Return `queue:order_logs:dead:{tag}`."""
+    # STREAM of order-log rows Postgres refused for good; kept for inspection.
+    return f"queue:order_logs:dead:{partition_tag(partition)}"
+
+
+def control_stream(partition: int) -> str:
+    """Return `control:strategies:{tag}`."""
+    # STREAM, field `event` = JSON of a ControlMessage (started/stopped/position)
+    # about this partition's strategies, telling market listeners what to watch.
+    # Trimmed with MAXLEN, no TTL.
+    return f"control:strategies:{partition_tag(partition)}"
+
+
+ORDERS_STREAM = orders_stream(0)
+ORDERS_DEAD_STREAM = orders_dead_stream(0)
+ORDER_LOGS_STREAM = order_logs_stream(0)
+ORDER_LOGS_DEAD_STREAM = order_logs_dead_stream(0)
+CONTROL_STREAM = control_stream(0)
 
 # Approximate MAXLEN of CONTROL_STREAM: listeners read it live and rebuild from
 # a scan at start, so only recent entries matter; 100k covers hours of churn.
@@ -167,41 +312,64 @@ LOG_WRITERS_GROUP = "log-writers"
 
 
 # --- notifications ------------------------------------------------------------
+# Per partition, like the order path's streams: the executor's commit script
+# XADDs a strategy's notice to its partition's stream (one slot), and each
+# partition's deliveries are scheduled and dead-lettered beside it, so every
+# MULTI of the deliverer names one slot too.
 
-# STREAM, field `notice` = JSON of a Notice (order filled, run failed, token
-# expired, kill switch) for its user; consumed by NOTIFIERS_GROUP. Written in
-# the executor's commit script. Trimmed with MAXLEN: an entry is only a
-# hand-over, acked once fanned out into NOTIFY_SCHEDULE.
-NOTIFY_STREAM = "notify:events"
+def notify_stream(partition: int) -> str:
+    """Return `notify:events:{tag}`."""
+    # STREAM, field `notice` = JSON of a Notice (order filled, run failed, token
+    # expired, kill switch); consumed by NOTIFIERS_GROUP. Trimmed with
+    # NOTIFY_MAXLEN: an entry is only a hand-over, acked and deleted once fanned
+    # out into notify_schedule(partition).
+    return f"notify:events:{partition_tag(partition)}"
+
+
+def notify_schedule(partition: int) -> str:
+    """Return `notify:schedule:{tag}`."""
+    # ZSET of deliveries, member = "{notice_id}|{channel}", score = epoch ms when
+    # the next attempt is due; a claimed member is pushed one lease ahead, so a
+    # crashed deliverer's attempt is retried by another. No TTL: members leave on
+    # success or when dead-lettered.
+    return f"notify:schedule:{partition_tag(partition)}"
+
+
+def notify_pending(partition: int) -> str:
+    """Return `notify:pending:{tag}`."""
+    # HASH member -> JSON {notice, channel, attempt} of every delivery in
+    # notify_schedule(partition). No TTL, for the same reason.
+    return f"notify:pending:{partition_tag(partition)}"
+
+
+def notify_dead_stream(partition: int) -> str:
+    """Return `notify:dead:{tag}`."""
+    # STREAM of deliveries given up after the attempt limit, with the last
+    # error; kept for humans to inspect. Trimmed with DEAD_MAXLEN, no TTL.
+    return f"notify:dead:{partition_tag(partition)}"
+
+
+NOTIFY_STREAM = notify_stream(0)
+NOTIFY_SCHEDULE = notify_schedule(0)
+NOTIFY_PENDING = notify_pending(0)
+NOTIFY_DEAD_STREAM = notify_dead_stream(0)
 NOTIFY_MAXLEN = 100_000
 
-# Consumer group of notification deliverers (API processes) on NOTIFY_STREAM.
+# Consumer group of notification deliverers (API processes) on each notify_stream.
 NOTIFIERS_GROUP = "notifiers"
-
-# ZSET of deliveries, member = "{notice_id}|{channel}", score = epoch ms when
-# the next attempt is due; a claimed member is pushed one lease ahead, so a
-# crashed deliverer's attempt is retried by another. No TTL: members leave on
-# success or when dead-lettered.
-NOTIFY_SCHEDULE = "notify:schedule"
-
-# HASH member -> JSON {notice, channel, attempt} of every delivery in
-# NOTIFY_SCHEDULE. No TTL, for the same reason.
-NOTIFY_PENDING = "notify:pending"
-
-# STREAM of deliveries given up after the attempt limit, with the last error;
-# kept for humans to inspect. Trimmed with MAXLEN, no TTL.
-NOTIFY_DEAD_STREAM = "notify:dead"
 
 
 # --- broker limits and caches -------------------------------------------------
 
 def order_rate_key(api_key_fp: str) -> str:
-    """Return `ratelimit:orders:{fp}` for a Kite api_key fingerprint."""
+    """Return `ratelimit:orders:<fp>:{tag}` for a Kite api_key fingerprint (tag: the fp's partition)."""
     # Rate limiter shared by all executors for one Kite api_key: a ZSET log of
     # order times over a rolling window (Kite counts per rolling second, which a
     # refilling token bucket overshoots). Keyed by the fingerprint so the key
     # itself never appears in Redis. PX TTL of one window: idle means empty.
-    return f"ratelimit:orders:{api_key_fp}"
+    # One key per account whatever N is (the limit is the account's): a script
+    # may take a slot together with a strategy's keys only when their tags agree.
+    return _tagged(f"ratelimit:orders:{api_key_fp}", api_key_fp)
 
 
 def instruments_key(exchange: str, day: date | str) -> str:
@@ -213,26 +381,32 @@ def instruments_key(exchange: str, day: date | str) -> str:
 
 
 def broker_credentials_key(user_id: Id) -> str:
-    """Return `broker:{user_id}`."""
+    """Return `broker:<user_id>:{tag}` (tag: the user's partition)."""
     # HASH api_key, access_token (AES-GCM ciphertexts copied verbatim from
     # Postgres), api_key_fp, is_valid ("1"/"0"): the order path's credentials,
     # written by the API on connect/session/start. No TTL: Postgres is the
-    # source and every start rewrites it.
-    return f"broker:{_id(user_id)}"
+    # source and every start rewrites it. Read together with a strategy's keys
+    # only when their tags agree (always with N = 1).
+    return _tagged(f"broker:{_id(user_id)}", user_id)
 
 
 # --- API login throttling -----------------------------------------------------
 
+# Both counters of one login attempt change in one MULTI, so in a cluster they
+# must share a slot: every throttle key carries this one fixed tag (tiny, rare writes).
+_THROTTLE_TAG = "{throttle}"
+
+
 def login_throttle_email_key(email_digest: str) -> str:
-    """Return `throttle:login:email:{digest}`."""
+    """Return `throttle:login:email:<digest>:{throttle}`."""
     # STRING counter of failed logins for one account, EX 60: a short window
     # slows guessing without locking a user out for long. A digest, not the
     # address, so Redis holds no personal data.
-    return f"throttle:login:email:{email_digest}"
+    return f"throttle:login:email:{email_digest}:{_THROTTLE_TAG}"
 
 
 def login_throttle_addr_key(addr: str) -> str:
-    """Return `throttle:login:addr:{addr}`."""
+    """Return `throttle:login:addr:<addr>:{throttle}`."""
     # STRING counter of failed logins from one client address, EX 60, for the
     # same reason as the per-email counter.
-    return f"throttle:login:addr:{addr}"
+    return f"throttle:login:addr:{addr}:{_THROTTLE_TAG}"

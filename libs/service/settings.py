@@ -20,6 +20,10 @@ class ServiceSettings(BaseSettings):
 
     redis_url: str = Field("redis://127.0.0.1:6379/0", validation_alias=_env("REDIS_URL"), repr=False)
     """Redis URL: runtime state, schedule and streams (may carry a password: kept out of repr)."""
+    redis_cluster: bool = False
+    """True: `redis_url` names one node of a Redis Cluster (the client learns the rest and follows MOVED)."""
+    redis_partitions: int = Field(1, ge=1, le=1024)
+    """N, the partitions of the shared Redis keys (docs/cluster.md); the same in every process."""
     database_url: str = Field(
         "postgresql+psycopg://postgres@127.0.0.1:5432/tickwise", validation_alias=_env("DATABASE_URL"), repr=False
     )

@@ -6,6 +6,10 @@ control message, in one Lua script: a crash midway leaves nothing half-loaded.
 Unload (stop, exit, failure) removes the same keys and members and tells the
 listeners. RETRY entries of an unloaded run may stay in `schedule`; the
 executor skips events whose run is no longer loaded, so they are harmless.
+
+Every key a script touches is in the strategy's partition (`keys.partition_of`):
+its own keys, the partition's `schedule`, symbol set and control stream, so
+each script runs in one hash slot of a Redis Cluster.
 """
 
 from __future__ import annotations
@@ -102,10 +106,11 @@ async def load_run(redis: Redis, config: StrategyConfig, plan: RunPlan, *, now: 
     state = runtime or RuntimeState(position=Position.none, updated_at=now or datetime.now(UTC))
     flat: list[str] = [x for pair in state.to_redis_hash().items() for x in pair]
     sid = str(config.strategy_id)
+    part = keys.partition_of(sid)
     await redis.eval(
         _LOAD, 5,
-        keys.strategy_key(sid), keys.runtime_key(sid), keys.symbol_strategies_key(config.symbol),
-        keys.SCHEDULE, keys.CONTROL_STREAM,
+        keys.strategy_key(sid), keys.runtime_key(sid), keys.symbol_strategies_key(config.symbol, part),
+        keys.schedule_key(part), keys.control_stream(part),
         dumps(config), dumps(flat), sid,
         event_to_json(plan.buy), plan.buy_due_ms, event_to_json(plan.sell), plan.sell_due_ms,
         dumps(started_message(config)), CONTROL_MAXLEN, keys.SCHEDULE_WAKEUP_CHANNEL,
@@ -117,18 +122,20 @@ async def unload_run(redis: Redis, config: StrategyConfig, plan: RunPlan) -> boo
     sid = str(config.strategy_id)
     msg = ControlMessage(action="stopped", strategy_id=config.strategy_id, symbol=config.symbol,
                          run_id=config.run_id)
+    part = keys.partition_of(sid)
     existed = await redis.eval(
         _UNLOAD, 5,
-        keys.strategy_key(sid), keys.runtime_key(sid), keys.symbol_strategies_key(config.symbol),
-        keys.SCHEDULE, keys.CONTROL_STREAM,
+        keys.strategy_key(sid), keys.runtime_key(sid), keys.symbol_strategies_key(config.symbol, part),
+        keys.schedule_key(part), keys.control_stream(part),
         sid, event_to_json(plan.buy), event_to_json(plan.sell), dumps(msg), CONTROL_MAXLEN,
     )
     return bool(existed)
 
 
 async def schedule_event(redis: Redis, event: Event, due_ms: int) -> None:
-    """Add one event to `schedule` and wake sleeping schedulers."""
-    await redis.eval(_SCHEDULE, 1, keys.SCHEDULE, event_to_json(event), due_ms, keys.SCHEDULE_WAKEUP_CHANNEL)
+    """Add one event to its strategy's partition of `schedule` and wake sleeping schedulers."""
+    await redis.eval(_SCHEDULE, 1, keys.schedule_key(keys.partition_of(event.strategy_id)), event_to_json(event),
+                     due_ms, keys.SCHEDULE_WAKEUP_CHANNEL)
 
 
 async def loaded_config(redis: Redis, strategy_id: str) -> StrategyConfig | None:

@@ -7,13 +7,13 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
-from redis.asyncio import BlockingConnectionPool, Redis
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 
 from libs.broker.kite import KiteGateway
 from libs.schema.migrate import sync_database_url
 from libs.service.health import HealthServer
+from libs.service.redis_client import connect_redis
 from libs.service.secretbox import SecretBox
 from libs.trading.calendar import MarketCalendar
 from services.api.deps import (
@@ -70,9 +70,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     engine = create_async_engine(sync_database_url(settings.database_url), pool_size=settings.db_pool_size,
                                  max_overflow=settings.db_pool_size, pool_pre_ping=True, pool_timeout=5)
-    pool = BlockingConnectionPool.from_url(settings.redis_url, max_connections=settings.redis_max_connections,
-                                           timeout=5, socket_connect_timeout=2, socket_timeout=5)
-    redis = Redis(connection_pool=pool)
+    redis = connect_redis(settings, max_connections=settings.redis_max_connections, blocking_timeout_s=5,
+                          socket_connect_timeout=2, socket_timeout=5)
     gateway = KiteGateway(root=settings.kite_root, timeout_s=settings.kite_timeout_s)
     passwords = Passwords(settings)
     app[ENGINE], app[SESSIONS], app[REDIS] = engine, async_sessionmaker(engine, expire_on_commit=False), redis
@@ -85,7 +84,6 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         passwords.close()
         gateway.close()
         await redis.aclose()
-        await pool.disconnect()
         await engine.dispose()
 
 

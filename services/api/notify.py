@@ -1,13 +1,14 @@
 """Deliver notifications at least once, off the trading path: webhook (signed) and Telegram.
 
 Contract:
-- Producers XADD a `Notice` to `notify:events` (the executor inside its commit
-  script, the API for its own events). Trading never waits on delivery.
+- Producers XADD a `Notice` to `notify:events` of a partition (the executor
+  inside its commit script, in the strategy's partition; the API for its own
+  events, in the user's). Trading never waits on delivery.
 - A deliverer (a background task of each API process, owned by aiohttp's
-  cleanup_ctx) reads the stream in group `notifiers`, and fans each notice out
+  cleanup_ctx) reads every partition's stream in group `notifiers`, and fans each notice out
   into one delivery per configured channel of its user: HSET `notify:pending`
   + ZADD `notify:schedule` + XACK in one transaction, so nothing is lost
-  between the stream and the schedule.
+  between the stream and the schedule (all three share the partition's slot).
 - Due deliveries are claimed by a script that pushes their score one lease
   ahead (another replica, or this one after a crash, retries after the lease),
   and sent with a timeout, at most `notify_concurrency` at once: a hanging or
@@ -91,9 +92,9 @@ def new_webhook_secret() -> str:
 
 
 async def emit(redis: Redis, notice: Notice) -> None:
-    """Queue a notice for delivery (the API's own events: token expired, kill switch, test)."""
-    await redis.xadd(keys.NOTIFY_STREAM, {"notice": notice.model_dump_json()}, maxlen=keys.NOTIFY_MAXLEN,
-                     approximate=True)
+    """Queue a notice for delivery (the API's own events: token expired, kill switch, test), in its user's partition."""
+    await redis.xadd(keys.notify_stream(keys.partition_of(notice.user_id)), {"notice": notice.model_dump_json()},
+                     maxlen=keys.NOTIFY_MAXLEN, approximate=True)
 
 
 async def token_expired(redis: Redis, user_id: UUID) -> None:
@@ -136,18 +137,21 @@ class Deliverer:
         return bool(self.settings.kite_root) if allowed is None else allowed
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Fan out and dispatch until `stop`; then give deliveries in flight a short grace."""
-        await self._ensure_group()
+        """Fan out and dispatch every partition until `stop`; then give deliveries in flight a short grace."""
+        partitions = range(keys.partition_count())
+        for partition in partitions:
+            await self._ensure_group(partition)
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.settings.notify_timeout_s),
                                          connector=aiohttp.TCPConnector(limit=0)) as http:
             self.http = http
-            fan_out = asyncio.create_task(self._fan_out_loop(stop), name="notify-fan-out")
+            fan_outs = [asyncio.create_task(self._fan_out_loop(stop, p), name=f"notify-fan-out-{p}")
+                        for p in partitions]
             try:
                 await self._dispatch_loop(stop)
             finally:
-                fan_out.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await fan_out
+                for task in fan_outs:
+                    task.cancel()
+                await asyncio.gather(*fan_outs, return_exceptions=True)
                 # A short grace only: a cancelled delivery's lease runs out and it is sent again later.
                 if self._inflight:
                     await asyncio.wait(self._inflight, timeout=SHUTDOWN_GRACE_S)
@@ -157,64 +161,68 @@ class Deliverer:
                 await asyncio.gather(*pending, return_exceptions=True)
         log.info("notifier stopped", sent=self.sent, failed=self.failed)
 
-    async def _ensure_group(self) -> None:
+    async def _ensure_group(self, partition: int) -> None:
         try:
-            await self.redis.xgroup_create(keys.NOTIFY_STREAM, keys.NOTIFIERS_GROUP, id="0", mkstream=True)
+            await self.redis.xgroup_create(keys.notify_stream(partition), keys.NOTIFIERS_GROUP, id="0",
+                                           mkstream=True)
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
 
     # -- stream -> schedule ------------------------------------------------------------------
-    async def _fan_out_loop(self, stop: asyncio.Event) -> None:
+    async def _fan_out_loop(self, stop: asyncio.Event, partition: int) -> None:
+        stream = keys.notify_stream(partition)
         pending_first = True
         while not stop.is_set():
             try:
                 # Our own unacked entries first (a restart), then new ones.
                 reply = await self.redis.xreadgroup(keys.NOTIFIERS_GROUP, self.name,
-                                                    {keys.NOTIFY_STREAM: "0" if pending_first else ">"},
+                                                    {stream: "0" if pending_first else ">"},
                                                     count=100, block=None if pending_first else 1000)
                 entries = [(i, f) for _s, es in reply or [] for i, f in es]
                 if pending_first and not entries:
                     pending_first = False
                     continue
                 for msg_id, fields in entries:
-                    await self._fan_out(msg_id, fields)
-                await self._claim_abandoned()
+                    await self._fan_out(partition, msg_id, fields)
+                await self._claim_abandoned(partition)
             except RedisError as exc:
                 if "NOGROUP" in str(exc):
-                    await self._ensure_group()
+                    await self._ensure_group(partition)
                     continue
                 log.warning("notify stream read failed; retrying", error=str(exc)[:200])
                 await asyncio.sleep(1)
 
-    async def _claim_abandoned(self) -> None:
+    async def _claim_abandoned(self, partition: int) -> None:
         # Entries read by a deliverer that died before fanning them out.
-        _next, claimed, *_ = await self.redis.xautoclaim(keys.NOTIFY_STREAM, keys.NOTIFIERS_GROUP, self.name,
-                                                         min_idle_time=60_000, count=50)
+        _next, claimed, *_ = await self.redis.xautoclaim(keys.notify_stream(partition), keys.NOTIFIERS_GROUP,
+                                                         self.name, min_idle_time=60_000, count=50)
         for msg_id, fields in claimed or []:
             if fields:
-                await self._fan_out(msg_id, fields)
+                await self._fan_out(partition, msg_id, fields)
 
-    async def _fan_out(self, msg_id: bytes, fields: dict[bytes, bytes]) -> None:
+    async def _fan_out(self, partition: int, msg_id: bytes, fields: dict[bytes, bytes]) -> None:
+        stream = keys.notify_stream(partition)
         try:
             notice = Notice.model_validate_json(fields.get(b"notice", b""))
         except ValueError:
             log.error("notice unreadable; dropped", msg_id=msg_id.decode())
-            await self.redis.xack(keys.NOTIFY_STREAM, keys.NOTIFIERS_GROUP, msg_id)
+            await self.redis.xack(stream, keys.NOTIFIERS_GROUP, msg_id)
             return
         target = await self._target(notice.user_id)
         channels = [c for c, on in (("webhook", target and target.webhook_url),
                                     ("telegram", target and target.telegram_chat_id
                                      and self.settings.telegram_bot_token)) if on]
         now_ms = int(time.time() * 1000)
+        # One slot: the partition's stream, schedule and pending hash share its hash tag.
         async with self.redis.pipeline(transaction=True) as pipe:
             for channel in channels:
                 member = f"{notice.id}|{channel}"
                 payload = orjson.dumps({"notice": notice.model_dump(mode="json"), "channel": channel, "attempt": 0})
-                pipe.hsetnx(keys.NOTIFY_PENDING, member, payload)
-                pipe.zadd(keys.NOTIFY_SCHEDULE, {member: now_ms}, nx=True)
-            pipe.xack(keys.NOTIFY_STREAM, keys.NOTIFIERS_GROUP, msg_id)
-            pipe.xdel(keys.NOTIFY_STREAM, msg_id)
+                pipe.hsetnx(keys.notify_pending(partition), member, payload)
+                pipe.zadd(keys.notify_schedule(partition), {member: now_ms}, nx=True)
+            pipe.xack(stream, keys.NOTIFIERS_GROUP, msg_id)
+            pipe.xdel(stream, msg_id)
             await pipe.execute()
 
     async def _target(self, user_id: UUID) -> Target | None:
@@ -236,23 +244,27 @@ class Deliverer:
     async def _dispatch_loop(self, stop: asyncio.Event) -> None:
         lease_ms = int((self.settings.notify_timeout_s + 30) * 1000)
         while not stop.is_set():
-            free = self.settings.notify_concurrency - len(self._inflight)
-            claimed: list[Any] = []
-            if free > 0:
+            found = 0
+            for partition in range(keys.partition_count()):
+                free = self.settings.notify_concurrency - len(self._inflight)
+                if free <= 0:
+                    break
                 try:
-                    claimed = await self._claim(keys=[keys.NOTIFY_SCHEDULE, keys.NOTIFY_PENDING],
+                    claimed = await self._claim(keys=[keys.notify_schedule(partition), keys.notify_pending(partition)],
                                                 args=[int(time.time() * 1000), lease_ms, min(free, 100)])
                 except RedisError as exc:
                     log.warning("notify schedule read failed; retrying", error=str(exc)[:200])
-            for member, payload in zip(claimed[::2], claimed[1::2], strict=True):
-                task = asyncio.create_task(self._deliver(member.decode(), orjson.loads(payload)))
-                self._inflight.add(task)
-                task.add_done_callback(self._inflight.discard)
-            if not claimed:
+                    continue
+                found += len(claimed)
+                for member, payload in zip(claimed[::2], claimed[1::2], strict=True):
+                    task = asyncio.create_task(self._deliver(partition, member.decode(), orjson.loads(payload)))
+                    self._inflight.add(task)
+                    task.add_done_callback(self._inflight.discard)
+            if not found:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), self.settings.notify_poll_s)
 
-    async def _deliver(self, member: str, item: dict[str, Any]) -> None:
+    async def _deliver(self, partition: int, member: str, item: dict[str, Any]) -> None:
         notice = Notice.model_validate(item["notice"])
         attempt = int(item["attempt"]) + 1
         error = None
@@ -272,17 +284,18 @@ class Deliverer:
         except RedisError as exc:
             error = f"redis: {str(exc)[:200]}"
         try:
-            await self._settle(member, item, notice, attempt, error)
+            await self._settle(partition, member, item, notice, attempt, error)
         except RedisError as exc:
             log.warning("notify settle failed; the lease will retry it", member=member, error=str(exc)[:200])
 
-    async def _settle(self, member: str, item: dict[str, Any], notice: Notice, attempt: int,
+    async def _settle(self, partition: int, member: str, item: dict[str, Any], notice: Notice, attempt: int,
                       error: str | None) -> None:
+        schedule, pending = keys.notify_schedule(partition), keys.notify_pending(partition)
         if error is None:
             self.sent += 1
             async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.zrem(keys.NOTIFY_SCHEDULE, member)
-                pipe.hdel(keys.NOTIFY_PENDING, member)
+                pipe.zrem(schedule, member)
+                pipe.hdel(pending, member)
                 await pipe.execute()
             return
         self.failed += 1
@@ -290,11 +303,12 @@ class Deliverer:
             log.error("notification dead-lettered", notice_id=notice.id, channel=item["channel"], attempts=attempt,
                       error=error)
             async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.xadd(keys.NOTIFY_DEAD_STREAM, {"notice": orjson.dumps(item["notice"]), "channel": item["channel"],
-                                                    "attempts": attempt, "error": error},
+                pipe.xadd(keys.notify_dead_stream(partition), {"notice": orjson.dumps(item["notice"]),
+                                                               "channel": item["channel"], "attempts": attempt,
+                                                               "error": error},
                           maxlen=keys.DEAD_MAXLEN, approximate=True)
-                pipe.zrem(keys.NOTIFY_SCHEDULE, member)
-                pipe.hdel(keys.NOTIFY_PENDING, member)
+                pipe.zrem(schedule, member)
+                pipe.hdel(pending, member)
                 await pipe.execute()
             return
         ceiling = min(self.settings.notify_backoff_cap_s, self.settings.notify_backoff_base_s * 2 ** (attempt - 1))
@@ -302,8 +316,8 @@ class Deliverer:
         log.warning("notification failed; retrying", notice_id=notice.id, channel=item["channel"], attempt=attempt,
                     retry_in_s=round(delay, 2), error=error)
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(keys.NOTIFY_PENDING, member, orjson.dumps({**item, "attempt": attempt, "error": error}))
-            pipe.zadd(keys.NOTIFY_SCHEDULE, {member: int((time.time() + delay) * 1000)})
+            pipe.hset(pending, member, orjson.dumps({**item, "attempt": attempt, "error": error}))
+            pipe.zadd(schedule, {member: int((time.time() + delay) * 1000)})
             await pipe.execute()
 
     async def _post_webhook(self, url: str, secret: str, notice: Notice) -> None:

@@ -185,10 +185,11 @@ async def _square_off(redis: Redis, config: StrategyConfig, plan: RunPlan, now: 
                              run_id=config.run_id)
     sell = SellEvent(strategy_id=config.strategy_id, run_id=config.run_id, trading_day=plan.trading_day,
                      trigger_time=now, metadata={"square_off": True})
+    part = keys.partition_of(sid)  # every key below is in the strategy's partition: one hash slot
     result = await redis.eval(
         _SQUARE_OFF, 6,
-        keys.strategy_key(sid), keys.runtime_key(sid), keys.symbol_strategies_key(config.symbol),
-        keys.SCHEDULE, keys.CONTROL_STREAM, keys.ORDERS_STREAM,
+        keys.strategy_key(sid), keys.runtime_key(sid), keys.symbol_strategies_key(config.symbol, part),
+        keys.schedule_key(part), keys.control_stream(part), keys.orders_stream(part),
         sid, event_to_json(plan.buy), event_to_json(plan.sell), dumps(stopped), CONTROL_MAXLEN,
         event_to_json(sell),
     )

@@ -5,6 +5,12 @@ entries a dead consumer left pending are taken over with XAUTOCLAIM once idle
 longer than `claim_idle_ms`, with their delivery count from XPENDING so that
 an entry that keeps failing ends in the dead-letter stream. A handler error
 leaves the entry pending (never acked), so it is retried by a later claim.
+
+With N partitions (docs/cluster.md) there is one `queue:orders` stream and one
+group per partition; this consumer reads every partition's stream with its own
+XREADGROUP (a cluster cannot read streams of several slots in one call) under
+one shared in-flight bound, so replicas share every partition's work and any
+replica takes over any dead one's entries.
 """
 
 from __future__ import annotations
@@ -51,54 +57,71 @@ class OrderConsumer:
         self.log = get_logger("executor.consumer", consumer=name)
         self.resume = asyncio.Event()
         self.resume.set()
-        self._inflight: dict[str, asyncio.Task[None]] = {}
+        # In-flight entries by (partition, msg id): ids are unique per stream only.
+        self._inflight: dict[tuple[int, str], asyncio.Task[None]] = {}
+        self._reading = 0  # slots promised to reads still in flight (one per partition at most)
         self._slot_freed = asyncio.Event()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Read and handle entries until `stop`; then drain within the grace period."""
         claimer = asyncio.create_task(self._claim_loop(stop), name="orders-claimer")
         try:
-            while not stop.is_set():
-                if not self.resume.is_set():
-                    await _wait_any(self.resume.wait(), stop.wait())
-                    continue
-                free = self.settings.max_in_flight - len(self._inflight)
-                if free <= 0:
-                    self._slot_freed.clear()
-                    await _wait_any(self._slot_freed.wait(), stop.wait())
-                    continue
-                try:
-                    reply = await self.redis.xreadgroup(keys.EXECUTORS_GROUP, self.name, {keys.ORDERS_STREAM: ">"},
-                                                        count=free, block=self.settings.read_block_ms)
-                except ResponseError as error:
-                    if is_nogroup(error) or "no longer exists" in str(error):
-                        await self.on_state_lost("consumer group missing")
-                    else:
-                        self.log.error("redis refused XREADGROUP; retrying", error=str(error))
-                        await _sleep_unless(stop, 0.5)
-                    continue
-                except (RedisConnectionError, RedisTimeoutError) as error:
-                    self.log.warning("redis unavailable; retrying", error=str(error))
-                    await _sleep_unless(stop, 0.5)
-                    continue
-                for _stream, entries in reply or []:
-                    for msg_id, fields in entries:
-                        self._start(_text(msg_id), fields, 1)
+            async with asyncio.TaskGroup() as readers:
+                for partition in range(keys.partition_count()):
+                    readers.create_task(self._read_loop(stop, partition), name=f"orders-reader-{partition}")
         finally:
             await self._drain()
             claimer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await claimer
 
-    def _start(self, msg_id: str, fields: dict[bytes, bytes], deliveries: int) -> None:
-        if msg_id in self._inflight:
+    async def _read_loop(self, stop: asyncio.Event, partition: int) -> None:
+        stream = keys.orders_stream(partition)
+        # The partitions' readers share the in-flight bound: a blocked read holds its count
+        # until its entries start, and asks for at most its share, so that every partition's
+        # reader can block at once (with one partition: the whole bound, as ever).
+        share = max(1, self.settings.max_in_flight // keys.partition_count())
+        while not stop.is_set():
+            if not self.resume.is_set():
+                await _wait_any(self.resume.wait(), stop.wait())
+                continue
+            free = min(share, self.settings.max_in_flight - len(self._inflight) - self._reading)
+            if free <= 0:
+                self._slot_freed.clear()
+                await _wait_any(self._slot_freed.wait(), stop.wait())
+                continue
+            self._reading += free
+            try:
+                reply = await self.redis.xreadgroup(keys.EXECUTORS_GROUP, self.name, {stream: ">"},
+                                                    count=free, block=self.settings.read_block_ms)
+            except ResponseError as error:
+                if is_nogroup(error) or "no longer exists" in str(error):
+                    await self.on_state_lost("consumer group missing")
+                else:
+                    self.log.error("redis refused XREADGROUP; retrying", error=str(error))
+                    await _sleep_unless(stop, 0.5)
+                continue
+            except (RedisConnectionError, RedisTimeoutError) as error:
+                self.log.warning("redis unavailable; retrying", error=str(error))
+                await _sleep_unless(stop, 0.5)
+                continue
+            finally:
+                self._reading -= free
+                self._slot_freed.set()  # another partition's reader may now have room
+            for _stream, entries in reply or []:
+                for msg_id, fields in entries:
+                    self._start(_text(msg_id), fields, 1, partition)
+
+    def _start(self, msg_id: str, fields: dict[bytes, bytes], deliveries: int, partition: int = 0) -> None:
+        if (partition, msg_id) in self._inflight:
             return
-        self._inflight[msg_id] = asyncio.create_task(self._handle(msg_id, fields, deliveries), name=f"order-{msg_id}")
+        self._inflight[(partition, msg_id)] = asyncio.create_task(
+            self._handle(msg_id, fields, deliveries, partition), name=f"order-{partition}-{msg_id}")
         metrics.IN_FLIGHT.set(len(self._inflight))
 
-    async def _handle(self, msg_id: str, fields: dict[bytes, bytes], deliveries: int) -> None:
+    async def _handle(self, msg_id: str, fields: dict[bytes, bytes], deliveries: int, partition: int = 0) -> None:
         try:
-            await self.handler.handle_entry(msg_id, fields, deliveries)
+            await self.handler.handle_entry(msg_id, fields, deliveries, partition=partition)
         except LockTimeout as error:
             self.log.warning("strategy lock busy; entry left pending", msg_id=msg_id, error=str(error))
         except LockLost as error:
@@ -109,7 +132,7 @@ class OrderConsumer:
         except Exception:  # noqa: BLE001 - one bad event must not stop the consumer; it stays pending
             self.log.exception("event handling crashed; entry left pending", msg_id=msg_id)
         finally:
-            self._inflight.pop(msg_id, None)
+            self._inflight.pop((partition, msg_id), None)
             metrics.IN_FLIGHT.set(len(self._inflight))
             self._slot_freed.set()
 
@@ -130,32 +153,42 @@ class OrderConsumer:
         # An event waiting on its lock or the rate limit is not abandoned: reset
         # its idle time (JUSTID does not count a delivery) so that no claimer,
         # this one included, takes it and inflates its delivery count.
-        ids = list(self._inflight)
-        if ids:
-            await self.redis.xclaim(keys.ORDERS_STREAM, keys.EXECUTORS_GROUP, self.name, 0, ids, justid=True)
+        by_partition: dict[int, list[str]] = {}
+        for partition, msg_id in self._inflight:
+            by_partition.setdefault(partition, []).append(msg_id)
+        for partition, ids in by_partition.items():
+            await self.redis.xclaim(keys.orders_stream(partition), keys.EXECUTORS_GROUP, self.name, 0, ids,
+                                    justid=True)
 
     async def claim_abandoned(self) -> int:
-        """Take over entries pending too long elsewhere; return how many were started."""
+        """Take over entries pending too long elsewhere, in every partition; return how many were started."""
+        started = 0
+        for partition in range(keys.partition_count()):
+            started += await self._claim_partition(partition)
+        return started
+
+    async def _claim_partition(self, partition: int) -> int:
+        stream = keys.orders_stream(partition)
         started, cursor = 0, "0-0"
         while True:
             free = self.settings.max_in_flight - len(self._inflight)
             if free <= 0:
                 return started
-            reply: Any = await self.redis.xautoclaim(keys.ORDERS_STREAM, keys.EXECUTORS_GROUP, self.name,
+            reply: Any = await self.redis.xautoclaim(stream, keys.EXECUTORS_GROUP, self.name,
                                                      min_idle_time=self.settings.claim_idle_ms,
                                                      start_id=cursor, count=free)
             cursor, entries = _text(reply[0]), [(_text(i), f) for i, f in reply[1] if f is not None]
             if entries:
-                counts = await self._delivery_counts([i for i, _ in entries])
+                counts = await self._delivery_counts(stream, [i for i, _ in entries])
                 for msg_id, fields in entries:
                     self.log.warning("claimed abandoned entry", msg_id=msg_id, deliveries=counts.get(msg_id, 2))
-                    self._start(msg_id, fields, counts.get(msg_id, 2))
+                    self._start(msg_id, fields, counts.get(msg_id, 2), partition)
                     started += 1
             if cursor == "0-0" or not entries:
                 return started
 
-    async def _delivery_counts(self, ids: list[str]) -> dict[str, int]:
-        pending = await self.redis.xpending_range(keys.ORDERS_STREAM, keys.EXECUTORS_GROUP, min=ids[0],
+    async def _delivery_counts(self, stream: str, ids: list[str]) -> dict[str, int]:
+        pending = await self.redis.xpending_range(stream, keys.EXECUTORS_GROUP, min=ids[0],
                                                   max=ids[-1], count=len(ids) * 4 + 10, consumername=self.name)
         return {_text(p["message_id"]): int(p["times_delivered"]) for p in pending}
 

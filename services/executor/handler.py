@@ -74,18 +74,24 @@ class OrderHandler:
         self._configs: dict[str, tuple[bytes, StrategyConfig]] = {}
         self._owners: dict[str, str] = {}
 
-    async def handle_entry(self, msg_id: str, fields: dict[bytes, bytes], deliveries: int) -> bool:
-        """Handle one entry; return True once it is acked (False leaves it pending)."""
+    async def handle_entry(self, msg_id: str, fields: dict[bytes, bytes], deliveries: int,
+                           partition: int = 0) -> bool:
+        """Handle one entry of `partition`'s stream; return True once it is acked (False leaves it pending)."""
         raw = fields.get(b"event")
         if deliveries > self.settings.max_deliveries:
             return await self._dead(msg_id, raw or b"", f"delivered {deliveries} times "
-                                    f"(limit {self.settings.max_deliveries})", deliveries)
+                                    f"(limit {self.settings.max_deliveries})", deliveries, partition)
         if raw is None:
-            return await self._dead(msg_id, b"", "entry has no `event` field", deliveries)
+            return await self._dead(msg_id, b"", "entry has no `event` field", deliveries, partition)
         try:
             event = parse_event(raw)
         except MalformedEvent as error:
-            return await self._dead(msg_id, raw, f"malformed event: {error.reason}", deliveries)
+            return await self._dead(msg_id, raw, f"malformed event: {error.reason}", deliveries, partition)
+        if keys.partition_of(event.strategy_id) != partition:
+            # Every producer writes an event to its strategy's partition; one found elsewhere
+            # (N changed without draining) cannot be committed in one slot with its run's keys.
+            return await self._dead(msg_id, raw, f"event of partition {keys.partition_of(event.strategy_id)} "
+                                    f"found in partition {partition}'s stream", deliveries, partition)
         sid = str(event.strategy_id)
         log = self.log.bind(strategy_id=sid, event_type=event.event_type.value, attempt=event.attempt, msg_id=msg_id)
         # One round trip takes the lock and reads all the state machine needs,
@@ -97,11 +103,13 @@ class OrderHandler:
             await self.finish(event, msg_id, outcome, config, log, held)
         return True
 
-    async def _dead(self, msg_id: str, raw: bytes, reason: str, deliveries: int) -> bool:
+    async def _dead(self, msg_id: str, raw: bytes, reason: str, deliveries: int, partition: int = 0) -> bool:
         # A given-up event of the loaded run would leave it stuck (a position with no exit
         # left, `strategy:{id}` making start/delete answer 409): the dead letter queues an
         # ABORT of that run in the same step. Not for a dead ABORT: that would loop.
         event = _event_or_none(raw)
+        if event is not None and keys.partition_of(event.strategy_id) != partition:
+            event = None  # its run's keys are in another slot: no ABORT from here
         abort = None
         if event is not None and not isinstance(event, AbortEvent):
             kind = event.retry_of if isinstance(event, RetryEvent) else event.event_type
@@ -112,7 +120,8 @@ class OrderHandler:
                                              f"square off by hand if a position is held")
         aborted = await self.state.dead_letter(
             msg_id, raw, reason, deliveries,
-            (str(event.strategy_id), event.run_id, event_to_json(abort)) if event is not None and abort else None)
+            (str(event.strategy_id), event.run_id, event_to_json(abort)) if event is not None and abort else None,
+            partition=partition)
         metrics.DEAD_LETTERS.labels(stream=keys.ORDERS_DEAD_STREAM).inc()
         self.log.error("entry dead-lettered", msg_id=msg_id, reason=reason, deliveries=deliveries,
                        strategy_id=str(event.strategy_id) if event is not None else None, run_aborted=aborted)
@@ -403,7 +412,7 @@ class OrderHandler:
         if ended is not None:
             plan = plan_run(ended, self.calendar, datetime.fromisoformat(ended.run_id))
             await unload_run(self.redis, ended, plan)
-            await self.state.ack(msg_id, held)
+            await self.state.ack(msg_id, held, strategy_id=str(event.strategy_id))
         self.processed += 1
         if outcome.status == OrderLogStatus.failed:
             self.failed += 1

@@ -10,7 +10,8 @@ stream is a buffer, Postgres the record) only after the commit. While Postgres
 is down the batch is retried with capped backoff, forever: rows wait in the
 stream, nothing is acked or lost, and trading goes on (the order path never
 touches Postgres). A row Postgres refuses for good goes to
-`queue:order_logs:dead`.
+`queue:order_logs:dead`. With N partitions each partition's stream has its
+group and its own loop here (a cluster cannot read several slots in one call).
 """
 
 from __future__ import annotations
@@ -56,8 +57,14 @@ class OrderLogWriter:
         self.written = 0
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Write rows until `stop`; a batch being retried is left pending for the next writer."""
-        await ensure_group(self.redis, keys.ORDER_LOGS_STREAM, keys.LOG_WRITERS_GROUP)
+        """Write rows of every partition until `stop`; a batch being retried is left pending for the next writer."""
+        async with asyncio.TaskGroup() as loops:
+            for partition in range(keys.partition_count()):
+                loops.create_task(self._run_partition(stop, partition), name=f"order-log-writer-{partition}")
+
+    async def _run_partition(self, stop: asyncio.Event, partition: int) -> None:
+        stream = keys.order_logs_stream(partition)
+        await ensure_group(self.redis, stream, keys.LOG_WRITERS_GROUP)
         claim_at = 0.0
         loop = asyncio.get_running_loop()
         drained = False
@@ -68,23 +75,23 @@ class OrderLogWriter:
             try:
                 if loop.time() >= claim_at:
                     claim_at = loop.time() + max(1.0, self.claim_idle_ms / 4000)
-                    entries = await self._claimed()
+                    entries = await self._claimed(stream)
                 else:
                     entries = []
                 if not entries:
                     reply = await self.redis.xreadgroup(keys.LOG_WRITERS_GROUP, self.name,
-                                                        {keys.ORDER_LOGS_STREAM: ">"}, count=self.batch,
+                                                        {stream: ">"}, count=self.batch,
                                                         block=self.block_ms)
                     entries = [(_text(i), f) for _s, es in reply or [] for i, f in es]
-                if entries and not await self.write(entries, stop):
+                if entries and not await self.write(entries, stop, partition):
                     return  # stopping while Postgres is down: the rows wait in the stream for the next writer
                 drained = not entries
-                await self._update_lag()
+                await self._update_lag(stream)
             except ResponseError as error:
                 if is_nogroup(error) or "no longer exists" in str(error):
                     # Redis lost the stream (flush or restart): recreate and go on.
                     with contextlib.suppress(RedisError):
-                        await ensure_group(self.redis, keys.ORDER_LOGS_STREAM, keys.LOG_WRITERS_GROUP)
+                        await ensure_group(self.redis, stream, keys.LOG_WRITERS_GROUP)
                     continue
                 self.log.error("redis refused a command; retrying", error=str(error))
                 drained = stop.is_set()
@@ -98,19 +105,24 @@ class OrderLogWriter:
                 drained = stop.is_set()
                 await _sleep_unless(stop, 1.0)
 
-    async def _claimed(self) -> list[tuple[str, dict[bytes, bytes]]]:
-        reply: Any = await self.redis.xautoclaim(keys.ORDER_LOGS_STREAM, keys.LOG_WRITERS_GROUP, self.name,
+    async def _claimed(self, stream: str) -> list[tuple[str, dict[bytes, bytes]]]:
+        reply: Any = await self.redis.xautoclaim(stream, keys.LOG_WRITERS_GROUP, self.name,
                                                  min_idle_time=self.claim_idle_ms, start_id="0-0", count=self.batch)
         return [(_text(i), f) for i, f in reply[1] if f is not None]
 
-    async def write(self, entries: list[tuple[str, dict[bytes, bytes]]], stop: asyncio.Event) -> bool:
-        """Commit a batch (retrying through outages), then ack and delete it; False if stopped first."""
+    async def write(self, entries: list[tuple[str, dict[bytes, bytes]]], stop: asyncio.Event,
+                    partition: int = 0) -> bool:
+        """Commit a batch of `partition`'s stream (retrying through outages), then ack and delete it.
+
+        Return False if stopped first.
+        """
+        stream = keys.order_logs_stream(partition)
         rows: list[tuple[str, OrderLogRow]] = []
         for msg_id, fields in entries:
             try:
                 rows.append((msg_id, OrderLogRow.model_validate_json(fields[b"row"])))
             except (KeyError, ValidationError, ValueError) as error:
-                await self._dead(msg_id, fields.get(b"row", b""), f"malformed row: {error}")
+                await self._dead(msg_id, fields.get(b"row", b""), f"malformed row: {error}", partition)
         delay = 0.1
         while rows:
             try:
@@ -136,12 +148,12 @@ class OrderLogWriter:
             refused = {}
         for msg_id, reason in refused.items():
             raw = next(f.get(b"row", b"") for i, f in entries if i == msg_id)
-            await self._dead(msg_id, raw, reason)
+            await self._dead(msg_id, raw, reason, partition)
         done = [msg_id for msg_id, _ in rows if msg_id not in refused]
         if done:
             async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.xack(keys.ORDER_LOGS_STREAM, keys.LOG_WRITERS_GROUP, *done)
-                pipe.xdel(keys.ORDER_LOGS_STREAM, *done)
+                pipe.xack(stream, keys.LOG_WRITERS_GROUP, *done)
+                pipe.xdel(stream, *done)
                 await pipe.execute()
             self.written += len(done)
             metrics.WRITER_ROWS.inc(len(done))
@@ -181,19 +193,20 @@ class OrderLogWriter:
                         failure_reason=row.failure_reason, updated_at=func.now()))
         return refused
 
-    async def _dead(self, msg_id: str, raw: bytes, reason: str) -> None:
+    async def _dead(self, msg_id: str, raw: bytes, reason: str, partition: int = 0) -> None:
+        stream = keys.order_logs_stream(partition)  # its dead stream shares the slot: one MULTI
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(keys.ORDER_LOGS_DEAD_STREAM, {"row": raw, "reason": reason, "msg_id": msg_id},
+            pipe.xadd(keys.order_logs_dead_stream(partition), {"row": raw, "reason": reason, "msg_id": msg_id},
                       maxlen=DEAD_MAXLEN, approximate=True)
-            pipe.xack(keys.ORDER_LOGS_STREAM, keys.LOG_WRITERS_GROUP, msg_id)
-            pipe.xdel(keys.ORDER_LOGS_STREAM, msg_id)
+            pipe.xack(stream, keys.LOG_WRITERS_GROUP, msg_id)
+            pipe.xdel(stream, msg_id)
             await pipe.execute()
         metrics.DEAD_LETTERS.labels(stream=keys.ORDER_LOGS_DEAD_STREAM).inc()
         self.log.error("order-log row dead-lettered", msg_id=msg_id, reason=reason)
 
-    async def _update_lag(self) -> None:
+    async def _update_lag(self, stream: str) -> None:
         with contextlib.suppress(RedisError):
-            for group in await self.redis.xinfo_groups(keys.ORDER_LOGS_STREAM):
+            for group in await self.redis.xinfo_groups(stream):
                 if _text(group["name"]) == keys.LOG_WRITERS_GROUP:
                     metrics.WRITER_LAG.set(int(group.get("pending") or 0) + int(group.get("lag") or 0))
 

@@ -53,7 +53,9 @@ class Outcome:
     def row(self, event: Event, user_id: Any, msg_id: str) -> OrderLogRow:
         """Return the order-log row of this outcome; its id is derived from the stream entry."""
         return OrderLogRow(
-            id=order_log_id(keys.ORDERS_STREAM, msg_id), strategy_id=event.strategy_id, user_id=user_id,
+            # The entry is in its strategy's partition's stream: ids are unique per stream.
+            id=order_log_id(keys.orders_stream(keys.partition_of(event.strategy_id)), msg_id),
+            strategy_id=event.strategy_id, user_id=user_id,
             event_type=event.event_type, request_payload=self.request, response_payload=self.response,
             status=self.status, trading_day=event.trading_day, broker_order_id=self.order_id, tag=self.tag,
             stream_msg_id=msg_id, created_at=datetime.now(UTC), run_id=event.run_id,

@@ -4,8 +4,13 @@ The tag is the idempotency key: when in doubt (an entry order, a retry, a
 redelivered entry, any ambiguous failure) the day's order book is searched
 for it first, and a live or filled order carrying it is confirmed instead of
 placing another. Order history is polled until COMPLETE, REJECTED or
-CANCELLED; a fill that cannot be confirmed in time is an AMBIGUOUS error, so
-the retry that follows looks the tag up again rather than placing twice.
+CANCELLED, through whatever statuses come before (PUT ORDER REQ RECEIVED,
+VALIDATION PENDING, OPEN PENDING, OPEN while partial fills accumulate); a
+fill that cannot be confirmed in time is an AMBIGUOUS error, so the retry
+that follows looks the tag up again rather than placing twice. The price
+recorded is the broker's average over the order's fills (several trades
+when the order walked the depth), never a requested or last price, along
+with the quantity actually filled.
 """
 
 from __future__ import annotations
@@ -37,17 +42,35 @@ class OrderResult:
     status_message: str | None
     found_by_tag: bool
     broker_order: dict[str, Any]
+    filled_quantity: int = 0
 
     @property
     def filled(self) -> bool:
         return self.status == COMPLETE
 
+    @property
+    def partially_filled(self) -> bool:
+        """Ended without completing, yet some of it traded (a position of filled_quantity is held)."""
+        return self.status != COMPLETE and self.filled_quantity > 0
+
     def payload(self) -> dict[str, Any]:
         """Return the broker's reply as stored in order_logs (no credentials in it)."""
+        order = self.broker_order
         return {"order_id": self.order_id, "status": self.status, "average_price": self.average_price,
                 "status_message": self.status_message, "found_by_tag": self.found_by_tag,
-                "filled_quantity": self.broker_order.get("filled_quantity"),
-                "order_timestamp": str(self.broker_order.get("order_timestamp") or "") or None}
+                "quantity": order.get("quantity"), "filled_quantity": self.filled_quantity,
+                "order_timestamp": str(order.get("order_timestamp") or "") or None}
+
+
+def result_of(order_id: str, order: dict[str, Any], *, found_by_tag: bool) -> OrderResult:
+    """Build the result from the broker's final order state: its fill average and filled quantity."""
+    filled = int(order.get("filled_quantity") or 0)
+    price = order.get("average_price")
+    # Kite reports 0 as the average of an order with no fills: that is no price at all.
+    average = float(price) if price and filled else None
+    return OrderResult(order_id=order_id, status=str(order.get("status") or ""), average_price=average,
+                       status_message=order.get("status_message"), found_by_tag=found_by_tag,
+                       broker_order=order, filled_quantity=filled)
 
 
 class OrderPlacer:
@@ -61,13 +84,15 @@ class OrderPlacer:
     async def find_by_tag(self, creds: KiteCredentials, tag: str, *, accept_dead: bool) -> dict[str, Any] | None:
         """Return the order carrying `tag` that counts, or None.
 
-        A live or filled order always counts. A rejected or cancelled one only
-        if `accept_dead` (an entry: its rejection is the answer); an exit that
-        was rejected may be placed again under the same tag.
+        A live or filled order always counts, and so does a cancelled one that
+        partly filled (placing the full quantity again would trade too much).
+        A rejected or cancelled one with no fills only if `accept_dead` (an
+        entry: its rejection is the answer); such an exit may be placed again
+        under the same tag.
         """
         tagged = [o for o in await self.gateway.orders(creds.api_key, creds.access_token)
                   if o.get("tag") == tag or tag in (o.get("tags") or [])]
-        live = [o for o in tagged if o.get("status") not in DEAD]
+        live = [o for o in tagged if o.get("status") not in DEAD or int(o.get("filled_quantity") or 0) > 0]
         if live:
             return live[-1]
         return tagged[-1] if tagged and accept_dead else None
@@ -131,11 +156,7 @@ class OrderPlacer:
             last = history[-1] if history else {}
             status = str(last.get("status") or "")
             if status in TERMINAL:
-                price = last.get("average_price")
-                return OrderResult(order_id=order_id, status=status,
-                                   average_price=float(price) if price else None,
-                                   status_message=last.get("status_message"), found_by_tag=found_by_tag,
-                                   broker_order=last)
+                return result_of(order_id, last, found_by_tag=found_by_tag)
             if time.monotonic() >= deadline:
                 raise BrokerError(BrokerErrorKind.AMBIGUOUS,
                                   f"order {order_id} not confirmed within {self.fill_timeout_s}s (status {status})")

@@ -12,6 +12,10 @@ Redis' clock (TIME) is used, so replicas on different hosts agree.
 An exit passes the key of its exit-attempt marker: the script sets it in the
 same step as it grants the slot, i.e. right before the order is sent, so a
 later exit event looks the shared exit tag up first (one round trip, not two).
+In a Redis Cluster the marker (the strategy's partition) and the rate key (the
+account's) may be in different slots: then the marker is SET right after the
+slot is granted, still before the order is sent; a crash in between wastes a
+slot and sends nothing, so the marker still precedes every exit order.
 """
 
 from __future__ import annotations
@@ -83,13 +87,16 @@ class OrderRateLimiter:
         deadline = started + self.max_wait_s
         script_keys = [keys.order_rate_key(api_key_fp)]
         ttl = 0
-        if mark is not None:
+        separate_mark = mark is not None and keys.hash_slot(mark[0]) != keys.hash_slot(script_keys[0])
+        if mark is not None and not separate_mark:
             script_keys.append(mark[0])
             ttl = mark[1]
         while True:
             wait_ms = int(await self._script(keys=script_keys, args=[self.limit, self.window_ms, self.member(), ttl]))
             now = time.monotonic()
             if wait_ms == 0:
+                if separate_mark:
+                    await self._redis.set(mark[0], "1", ex=mark[1])
                 waited = now - started
                 metrics.RATE_WAIT.observe(waited)
                 return waited

@@ -115,7 +115,7 @@ class Reconciler:
         except Exception as error:  # noqa: BLE001 - Postgres down: fall back to Redis
             self.log.warning("postgres unavailable for reconciliation; using loaded configs",
                              error=f"{type(error).__name__}: {error}")
-        async for key in self.redis.scan_iter(match=keys.strategy_key("*"), count=1000):
+        async for key in self.redis.scan_iter(match=keys.strategy_key_pattern(), count=1000):
             raw = await self.redis.get(key)
             if raw:
                 loaded = StrategyConfig.model_validate_json(raw)
@@ -204,7 +204,8 @@ class Reconciler:
                 return 0
             fields = RuntimeState.hash_fields(position=Position.none, updated_at=now)
         flat = [x for pair in fields.items() for x in pair]
-        if not await self._rebuild(keys=[keys.runtime_key(sid), keys.CONTROL_STREAM, keys.strategy_key(sid)],
+        control = keys.control_stream(keys.partition_of(sid))  # the strategy's partition: one slot
+        if not await self._rebuild(keys=[keys.runtime_key(sid), control, keys.strategy_key(sid)],
                                    args=[dumps(flat), dumps(_position_message(config, Position(fields["position"]))),
                                          CONTROL_MAXLEN, config.run_id]):
             self.log.warning("another run of the strategy was loaded meanwhile; not reconciled", strategy_id=sid,
@@ -226,7 +227,8 @@ class Reconciler:
             status=OrderLogStatus.success, trading_day=plan.trading_day, broker_order_id=str(order["order_id"]),
             tag=order.get("tag"), created_at=now, run_id=config.run_id, strategy_status="exited")
         loaded = await self._exited_script(
-            keys=[keys.ORDER_LOGS_STREAM, keys.CONTROL_STREAM, keys.strategy_key(sid)],
+            keys=[keys.order_logs_stream(keys.partition_of(sid)), keys.control_stream(keys.partition_of(sid)),
+                  keys.strategy_key(sid)],
             args=[dumps(row), dumps(_position_message(config, position)), CONTROL_MAXLEN, config.run_id])
         if not loaded:
             self.log.warning("another run of the strategy was loaded meanwhile; not reconciled", strategy_id=sid,

@@ -8,7 +8,6 @@ import os
 import socket
 import uuid
 
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
@@ -16,6 +15,7 @@ from libs.broker.kite import KiteGateway
 from libs.schema import keys
 from libs.service.health import HealthServer
 from libs.service.logging import get_logger
+from libs.service.redis_client import connect_redis, server_run_id
 from libs.service.secretbox import SecretBox
 from libs.trading.calendar import MarketCalendar
 from services.executor.consumer import OrderConsumer, ensure_group
@@ -41,8 +41,9 @@ class ExecutorService:
         self.settings = settings
         self.name = settings.consumer_name or consumer_name()
         self.log = get_logger("executor", consumer=self.name)
-        self.redis = Redis.from_url(settings.redis_url, max_connections=settings.max_in_flight * 2 + 16,
-                                    health_check_interval=30)
+        # In-flight events share one bound; each partition adds a blocked reader and a writer loop.
+        self.redis = connect_redis(settings, max_connections=settings.max_in_flight * 2 + 16
+                                   + 2 * settings.redis_partitions, health_check_interval=30)
         self.engine: AsyncEngine = create_async_engine(settings.database_url, pool_pre_ping=True, pool_size=2,
                                                        max_overflow=2, pool_timeout=settings.reconcile_pg_timeout_s)
         self.gateway = KiteGateway(settings.kite_root, max_workers=settings.broker_workers,
@@ -78,16 +79,16 @@ class ExecutorService:
             raise RuntimeError("not consuming (starting or reconciling)")
 
     async def _server_run_id(self) -> str:
-        info = await self.redis.info("server")
-        return str(info.get("run_id"))
+        return await server_run_id(self.redis)
 
     async def recover(self, trigger: str) -> None:
         """Pause consuming, create the groups, rebuild runtime from the broker, resume."""
         async with self._reconcile_lock:
             self.consumer.resume.clear()
             try:
-                await ensure_group(self.redis, keys.ORDERS_STREAM, keys.EXECUTORS_GROUP)
-                await ensure_group(self.redis, keys.ORDER_LOGS_STREAM, keys.LOG_WRITERS_GROUP)
+                for partition in range(keys.partition_count()):
+                    await ensure_group(self.redis, keys.orders_stream(partition), keys.EXECUTORS_GROUP)
+                    await ensure_group(self.redis, keys.order_logs_stream(partition), keys.LOG_WRITERS_GROUP)
                 await self.reconciler.run(trigger)
             finally:
                 self.consumer.resume.set()
@@ -139,7 +140,8 @@ class ExecutorService:
                 return
             await self.recover("start")
             self.ready.set()
-            self.log.info("executor consuming", stream=keys.ORDERS_STREAM, group=keys.EXECUTORS_GROUP,
+            self.log.info("executor consuming", stream=keys.ORDERS_STREAM, partitions=keys.partition_count(),
+                          group=keys.EXECUTORS_GROUP,
                           health_port=self.health_port)
             writer_stop = asyncio.Event()
             async with asyncio.TaskGroup() as tasks:

@@ -11,6 +11,15 @@ reads and the release: taking the lock returns, in the same step, everything
 the state machine reads under it (config, runtime, the exit-attempt marker and,
 when the owner is known, the credential ciphertexts), and the commit that acks
 also releases the lock (compare-and-delete, as before).
+
+Redis Cluster: every script touches one hash slot. A strategy's keys and the
+streams its scripts write (its partition's `queue:orders`, `queue:order_logs`,
+`control:strategies`, dead letters) share the partition's hash tag, and every
+event of a strategy is in its partition's stream, so the commit stays one
+atomic step. The user's credentials and the account's rate-limit key have
+their own partitions: they join the lock-and-read step only when their tag is
+the strategy's (always with N = 1); otherwise the handler reads them in a
+separate round trip, as it does when it does not know the owner yet.
 """
 
 from __future__ import annotations
@@ -228,6 +237,11 @@ class OrderState:
         lock, runtime = keys.lock_key(strategy_id), keys.runtime_key(strategy_id)
         marker = keys.exit_attempt_key(strategy_id, run_id)
         script_keys = [lock, runtime, keys.strategy_key(strategy_id), marker]
+        slot = keys.hash_slot(lock)
+        if credentials_user is not None and keys.hash_slot(keys.broker_credentials_key(credentials_user)) != slot:
+            credentials_user = None  # another slot: the handler reads them on their own
+        if exit_slot is not None and keys.hash_slot(exit_slot[1]) != slot:
+            exit_slot = None  # another slot: the handler takes the slot on its own
         if credentials_user is not None:
             script_keys.append(keys.broker_credentials_key(credentials_user))
         token = self._token()
@@ -305,9 +319,11 @@ class OrderState:
         """
         flat = [x for pair in (runtime_fields or {}).items() for x in pair]
         release = held is not None and ack_msg_id is not None
+        part = keys.partition_of(strategy_id)
         await self._commit(
-            keys=[keys.runtime_key(strategy_id), keys.strategy_key(strategy_id), keys.ORDER_LOGS_STREAM,
-                  keys.CONTROL_STREAM, keys.ORDERS_STREAM, keys.lock_key(strategy_id), keys.NOTIFY_STREAM],
+            keys=[keys.runtime_key(strategy_id), keys.strategy_key(strategy_id), keys.order_logs_stream(part),
+                  keys.control_stream(part), keys.orders_stream(part), keys.lock_key(strategy_id),
+                  keys.notify_stream(part)],
             args=[run_id, dumps(flat) if flat else b"", control or b"", row, CONTROL_MAXLEN,
                   abort_event or b"", keys.EXECUTORS_GROUP, ack_msg_id or b"", held.token if release else b"",
                   notice or b"", keys.NOTIFY_MAXLEN],
@@ -315,24 +331,26 @@ class OrderState:
         if release:
             held.released = True
 
-    async def ack(self, msg_id: str, held: Held | None = None) -> None:
-        """Ack the entry (and release `held` in the same step)."""
+    async def ack(self, msg_id: str, held: Held | None = None, *, strategy_id: str | None = None) -> None:
+        """Ack the entry of `held`'s (or `strategy_id`'s) partition (and release `held` in the same step)."""
+        sid = held.strategy_id if held is not None else strategy_id
+        stream = keys.orders_stream(keys.partition_of(sid)) if sid is not None else keys.ORDERS_STREAM
         if held is None:
-            await self.redis.xack(keys.ORDERS_STREAM, keys.EXECUTORS_GROUP, msg_id)
+            await self.redis.xack(stream, keys.EXECUTORS_GROUP, msg_id)
             return
-        sid = held.strategy_id
-        await self._ack_release(keys=[keys.ORDERS_STREAM, keys.lock_key(sid), keys.runtime_key(sid)],
+        await self._ack_release(keys=[stream, keys.lock_key(sid), keys.runtime_key(sid)],
                                 args=[keys.EXECUTORS_GROUP, msg_id, held.token])
         held.released = True
 
     async def dead_letter(self, msg_id: str, raw: bytes, reason: str, deliveries: int,
-                          abort: tuple[str, str, bytes] | None = None) -> bool:
-        """Move an entry to `queue:orders:dead` with its reason and ack it, atomically.
+                          abort: tuple[str, str, bytes] | None = None, *, partition: int = 0) -> bool:
+        """Move an entry of `partition`'s stream to its `queue:orders:dead` with its reason and ack it, atomically.
 
-        `abort` = (strategy_id, run_id, ABORT event JSON): queue that ABORT in the same
-        step if that run is the one loaded; return True if it was queued.
+        `abort` = (strategy_id, run_id, ABORT event JSON), a strategy of the same
+        partition: queue that ABORT in the same step if that run is the one loaded;
+        return True if it was queued.
         """
-        script_keys = [keys.ORDERS_DEAD_STREAM, keys.ORDERS_STREAM]
+        script_keys = [keys.orders_dead_stream(partition), keys.orders_stream(partition)]
         args: list[Any] = [raw, reason, msg_id, deliveries, keys.EXECUTORS_GROUP, DEAD_MAXLEN]
         if abort is not None:
             script_keys.append(keys.strategy_key(abort[0]))

@@ -26,6 +26,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--orders-per-second", type=int, default=10)
     p.add_argument("--daily-order-cap", type=int, default=3000)
     p.add_argument("--hold-seconds", type=float, default=60.0, help="timeout-after-accept hold")
+    p.add_argument("--depth-quantity", type=int, default=500, help="average shares per depth level")
+    p.add_argument("--market-calendar", choices=("always_open", "nse"), default="always_open",
+                   help="nse blocks MIS orders from 15:20 IST")
+    p.add_argument("--clock-offset-s", type=float, default=0.0, help="shift of the simulator's clock")
     p.add_argument("--log-level", default="info")
     return p.parse_args(argv)
 
@@ -47,7 +51,8 @@ def main(argv: list[str] | None = None) -> None:
         seed=args.seed, slippage_bps=args.slippage_bps, tick_interval_ms=args.tick_interval_ms,
         walk_bps=args.walk_bps, replay=args.replay, replay_loop=args.replay_loop,
         orders_per_second=args.orders_per_second, daily_order_cap=args.daily_order_cap,
-        hold_seconds=args.hold_seconds,
+        hold_seconds=args.hold_seconds, depth_quantity=args.depth_quantity,
+        market_calendar=args.market_calendar, clock_offset_s=args.clock_offset_s,
     )
     structlog.get_logger("kite_sim").info("kite sim starting", host=args.host, port=args.port, seed=args.seed)
     # No access log: benchmarks push thousands of requests and it would dominate.

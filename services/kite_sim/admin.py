@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 import structlog
 from aiohttp import web
+from yarl import URL
 
 from services.kite_sim.book import Book
 from services.kite_sim.faults import FaultConfigError, Faults
@@ -92,6 +93,8 @@ class AdminApi:
             web.post("/sim/accounts/{api_key}/request_token", self.request_token),
             web.post("/sim/ticks", self.ticks),
             web.get("/sim/orders", self.orders),
+            web.post("/sim/liquidity", self.set_liquidity),
+            web.get("/sim/liquidity", self.get_liquidity),
             web.post("/sim/faults", self.set_faults),
             web.get("/sim/faults", self.get_faults),
             web.post("/sim/slippage", self.set_slippage),
@@ -101,16 +104,22 @@ class AdminApi:
 
     @admin_endpoint
     async def create_account(self, request: web.Request) -> Any:
-        """Open an account: optional JSON {"user_name", "daily_order_cap"}."""
+        """Open an account: optional JSON {"user_name", "daily_order_cap", "postback_url"}."""
         body = await read_json(request) or {}
         if not isinstance(body, dict):
             raise AdminError(400, "expected a JSON object")
         cap = body.get("daily_order_cap")
-        account = self.book.create_account(body.get("user_name"), int(cap) if cap else None)
-        log.info("account created", user_id=account.user_id)
+        postback_url = body.get("postback_url") or None
+        if postback_url is not None:
+            url = URL(str(postback_url))
+            if url.scheme not in ("http", "https") or not url.host:
+                raise AdminError(400, "postback_url must be an http(s) URL")
+            postback_url = str(url)
+        account = self.book.create_account(body.get("user_name"), int(cap) if cap else None, postback_url)
+        log.info("account created", user_id=account.user_id, postback=postback_url is not None)
         return {"api_key": account.api_key, "api_secret": account.api_secret,
                 "access_token": account.access_token, "user_id": account.user_id,
-                "user_name": account.user_name}
+                "user_name": account.user_name, "postback_url": account.postback_url}
 
     def _account(self, request: web.Request) -> Any:
         account = self.book.accounts.get(request.match_info["api_key"])
@@ -165,6 +174,32 @@ class AdminApi:
         else:
             source = self.book.orders.values()
         return [o.as_admin() for o in source if tag is None or o.tag == tag]
+
+    @admin_endpoint
+    async def set_liquidity(self, request: web.Request) -> Any:
+        """Change how fills happen: {"slippage_bps", "depth_quantity"} (either; /sim/reset restores both)."""
+        body = await read_json(request) or {}
+        if not isinstance(body, dict) or set(body) - {"slippage_bps", "depth_quantity"}:
+            raise AdminError(400, "expected a JSON object with slippage_bps and/or depth_quantity")
+        try:
+            slippage = float(body.get("slippage_bps", self.book.slippage * 10_000))
+            depth = int(body.get("depth_quantity", self.book.liquidity.depth_quantity))
+        except (TypeError, ValueError):
+            raise AdminError(400, "slippage_bps and depth_quantity must be numbers") from None
+        if not 0 <= slippage <= 1000 or depth < 1:
+            raise AdminError(400, "slippage_bps must be within 0..1000 and depth_quantity at least 1")
+        self.book.slippage, self.book.liquidity.depth_quantity = slippage / 10_000, depth
+        log.info("liquidity set", slippage_bps=slippage, depth_quantity=depth)
+        return self._liquidity()
+
+    @admin_endpoint
+    async def get_liquidity(self, request: web.Request) -> Any:
+        """Return the fill settings."""
+        return self._liquidity()
+
+    def _liquidity(self) -> dict[str, Any]:
+        return {"slippage_bps": round(self.book.slippage * 10_000, 6),
+                "depth_quantity": self.book.liquidity.depth_quantity}
 
     @admin_endpoint
     async def set_faults(self, request: web.Request) -> Any:

@@ -12,10 +12,14 @@ import orjson
 import structlog
 from aiohttp import web
 
+from libs.service.clock import OffsetClock
+from libs.trading.calendar import CalendarMode
 from services.kite_sim.admin import AdminApi
 from services.kite_sim.book import Book
 from services.kite_sim.faults import Faults
 from services.kite_sim.market import DATA_FILE, Market, load_instruments, load_replay, run_replay, run_walk
+from services.kite_sim.order_rules import OrderRules
+from services.kite_sim.postbacks import OrderUpdates
 from services.kite_sim.rest import KiteRest
 from services.kite_sim.ticks import TickHub, make_ticker_handler
 
@@ -46,12 +50,19 @@ class SimSettings:
     """How long timeout-after-accept holds a response (unless faults change)."""
     instruments_file: Path = DATA_FILE
     """Instruments dump; its last_price column gives the base prices."""
+    depth_quantity: int = 500
+    """Average shares at each of the five depth levels; larger orders fill across levels."""
+    market_calendar: CalendarMode = "always_open"
+    """`always_open` accepts MIS orders at any hour; `nse` blocks them from 15:20 IST."""
+    clock_offset_s: float = 0.0
+    """Shift of the simulator's clock (order times, MIS cutoff) from the wall clock."""
 
 
 MARKET_KEY = web.AppKey("market", Market)
 BOOK_KEY = web.AppKey("book", Book)
 FAULTS_KEY = web.AppKey("faults", Faults)
 HUB_KEY = web.AppKey("hub", TickHub)
+UPDATES_KEY = web.AppKey("updates", OrderUpdates)
 SETTINGS_KEY = web.AppKey("settings", SimSettings)
 
 
@@ -63,19 +74,33 @@ async def healthz(request: web.Request) -> web.Response:
     return web.Response(body=orjson.dumps(body), content_type="application/json")
 
 
-async def not_found_as_kite(request: web.Request, handler: web.Handler) -> web.StreamResponse:
-    """Answer unknown routes in Kite's error envelope, as the real API does."""
+ERROR_TYPES = {400: "InputException", 403: "TokenException", 429: "NetworkException"}
+
+
+async def errors_as_kite(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+    """Answer unknown routes, unsupported methods and other HTTP errors in Kite's error envelope."""
     try:
         return await handler(request)
-    except web.HTTPNotFound:
-        body = {"status": "error", "error_type": "GeneralException", "message": "Route not found", "data": None}
-        return web.Response(status=404, body=orjson.dumps(body), content_type="application/json")
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        if isinstance(exc, web.HTTPNotFound):
+            message = "Route not found"
+        elif isinstance(exc, web.HTTPMethodNotAllowed):
+            message = f"Method {request.method} not allowed on this route"
+        else:
+            message = exc.text or exc.reason
+        body = {"status": "error", "error_type": ERROR_TYPES.get(exc.status, "GeneralException"),
+                "message": message, "data": None}
+        return web.Response(status=exc.status, body=orjson.dumps(body), content_type="application/json")
 
 
 async def background_tasks(app: web.Application) -> AsyncIterator[None]:
     """Own the price source and heartbeat tasks for the app's lifetime."""
     settings, market, hub = app[SETTINGS_KEY], app[MARKET_KEY], app[HUB_KEY]
-    tasks = [asyncio.create_task(hub.run_heartbeat(), name="heartbeat")]
+    tasks = [asyncio.create_task(hub.run_heartbeat(), name="heartbeat"),
+             asyncio.create_task(app[BOOK_KEY].run_refills(), name="refills"),
+             asyncio.create_task(app[UPDATES_KEY].run(), name="postbacks")]
     if settings.replay is not None:
         steps = load_replay(settings.replay, market)
         tasks.append(asyncio.create_task(run_replay(market, steps, settings.replay_loop), name="replay"))
@@ -100,15 +125,19 @@ def build_app(settings: SimSettings | None = None) -> web.Application:
     settings = settings or SimSettings()
     market = Market(load_instruments(settings.instruments_file), seed=settings.seed, walk_bps=settings.walk_bps)
     book = Book(market, slippage_bps=settings.slippage_bps, orders_per_second=settings.orders_per_second,
-                daily_order_cap=settings.daily_order_cap)
+                daily_order_cap=settings.daily_order_cap, depth_quantity=settings.depth_quantity,
+                seed=settings.seed, clock=OffsetClock(settings.clock_offset_s))
     faults = Faults(seed=settings.seed, hold_seconds=settings.hold_seconds)
     hub = TickHub(market)
-    app = web.Application(middlewares=[web.middleware(not_found_as_kite)])
-    app[SETTINGS_KEY], app[MARKET_KEY], app[BOOK_KEY], app[FAULTS_KEY], app[HUB_KEY] = (
-        settings, market, book, faults, hub)
+    updates = OrderUpdates(hub)
+    book.add_order_listener(updates.announce)
+    app = web.Application(middlewares=[web.middleware(errors_as_kite)])
+    app[SETTINGS_KEY], app[MARKET_KEY], app[BOOK_KEY], app[FAULTS_KEY], app[HUB_KEY], app[UPDATES_KEY] = (
+        settings, market, book, faults, hub, updates)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/ws", make_ticker_handler(hub, book.authenticate))
-    app.router.add_routes(KiteRest(market, book, faults).routes())
+    rules = OrderRules(market, book, calendar=settings.market_calendar)
+    app.router.add_routes(KiteRest(market, book, faults, rules).routes())
     app.router.add_routes(AdminApi(market, book, faults, hub).routes())
     app.cleanup_ctx.append(background_tasks)
     app.on_shutdown.append(release_on_shutdown)

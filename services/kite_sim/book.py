@@ -1,30 +1,61 @@
 """Accounts, order book, fills, positions and Kite's per-account order limits.
 
+Orders walk Kite's status sequence (PUT ORDER REQ RECEIVED, VALIDATION
+PENDING, OPEN PENDING, then OPEN or TRIGGER PENDING, ..., COMPLETE,
+CANCELLED or REJECTED) and fill against the seeded depth of depth.py: an
+order larger than the displayed depth fills across several levels, one trade
+per level. A MARKET (or triggered SL-M) order keeps filling as the refill loop
+brings fresh liquidity until it is COMPLETE; a LIMIT order rests with what
+is left and fills further on later ticks. SL and SL-M orders wait in TRIGGER
+PENDING until a tick crosses their trigger price.
+
 Every operation is O(1) in the number of orders, except listing an
-account's orders and matching resting LIMIT orders of a symbol whose price
-moved (O(open orders on that symbol)).
+account's orders and matching the resting, trigger-pending and working
+orders of a symbol whose price moved (O(such orders on that symbol)).
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import secrets
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
-from zoneinfo import ZoneInfo
 
+from libs.service.clock import Clock, SystemClock
+from services.kite_sim.depth import Liquidity
 from services.kite_sim.market import Instrument, Market, Quote, round_to_tick
+from services.kite_sim.orders import (
+    CANCEL_PENDING,
+    LIVE,
+    MARKET_TYPES,
+    MODIFIED,
+    MODIFY_PENDING,
+    MODIFY_VALIDATION_PENDING,
+    OPEN_PENDING,
+    PUT_RECEIVED,
+    TRIGGER_PENDING,
+    TRIGGER_TYPES,
+    UPDATE,
+    VALIDATION_PENDING,
+)
 
-IST = ZoneInfo("Asia/Kolkata")
-OPEN, COMPLETE, CANCELLED, REJECTED = "OPEN", "COMPLETE", "CANCELLED", "REJECTED"
+# Re-exported: these lived here before orders.py and other modules import them from the book.
+from services.kite_sim.orders import CANCELLED as CANCELLED
+from services.kite_sim.orders import COMPLETE as COMPLETE
+from services.kite_sim.orders import IST as IST
+from services.kite_sim.orders import OPEN as OPEN
+from services.kite_sim.orders import REJECTED as REJECTED
+from services.kite_sim.orders import Fill as Fill
+from services.kite_sim.orders import Order as Order
+from services.kite_sim.orders import kite_time as kite_time
 
-
-def kite_time(epoch: float) -> str:
-    """Format an epoch as Kite does: IST wall clock, second precision."""
-    return datetime.fromtimestamp(epoch, IST).strftime("%Y-%m-%d %H:%M:%S")
+REFILL_INTERVAL_S = 0.1
+OrderListener = Callable[[Order, str], None]
 
 
 @dataclass(slots=True)
@@ -44,138 +75,7 @@ class Account:
     recent_orders: deque[float] = field(default_factory=deque)
     orders_today: int = 0
     login_time: float = field(default_factory=time.time)
-
-
-@dataclass(slots=True)
-class Fill:
-    """One trade against an order."""
-
-    trade_id: str
-    quantity: int
-    price_paise: int
-    at: float
-
-
-@dataclass(slots=True)
-class Order:
-    """An order and its state transitions (the order history)."""
-
-    order_id: str
-    account: Account
-    instrument: Instrument
-    variety: str
-    transaction_type: str
-    quantity: int
-    product: str
-    order_type: str
-    validity: str
-    price_paise: int
-    market_protection: float
-    tag: str | None
-    received_at: float
-    received_mono: float
-    status: str = OPEN
-    status_message: str | None = None
-    filled_quantity: int = 0
-    average_paise: int = 0
-    updated_at: float = 0.0
-    fills: list[Fill] = field(default_factory=list)
-    history: list[tuple[str, float, str | None, int, int]] = field(default_factory=list)
-
-    def transition(self, status: str, at: float, message: str | None = None) -> None:
-        """Move to a new status and record it in the history."""
-        self.status = status
-        self.status_message = message
-        self.updated_at = at
-        self.history.append((status, at, message, self.filled_quantity, self.average_paise))
-
-    def as_kite(self, entry: tuple[str, float, str | None, int, int] | None = None) -> dict[str, Any]:
-        """Render the order (or one history entry) as Kite's order dict."""
-        status, at, message, filled, avg = entry or (
-            self.status, self.updated_at, self.status_message, self.filled_quantity, self.average_paise)
-        ins = self.instrument
-        done = status in (COMPLETE, CANCELLED, REJECTED)
-        return {
-            "placed_by": self.account.user_id,
-            "order_id": self.order_id,
-            "exchange_order_id": None if status == REJECTED else f"1{self.order_id[-15:]}",
-            "parent_order_id": None,
-            "status": status,
-            "status_message": message,
-            "status_message_raw": message,
-            "order_timestamp": kite_time(at),
-            "exchange_update_timestamp": None if status == REJECTED else kite_time(at),
-            "exchange_timestamp": None if status == REJECTED else kite_time(self.received_at),
-            "variety": self.variety,
-            "modified": False,
-            "exchange": ins.exchange,
-            "tradingsymbol": ins.tradingsymbol,
-            "instrument_token": ins.instrument_token,
-            "order_type": self.order_type,
-            "transaction_type": self.transaction_type,
-            "validity": self.validity,
-            "validity_ttl": 0,
-            "product": self.product,
-            "quantity": self.quantity,
-            "disclosed_quantity": 0,
-            "price": self.price_paise / 100,
-            "trigger_price": 0,
-            "average_price": avg / 100,
-            "filled_quantity": filled,
-            "pending_quantity": 0 if done else self.quantity - filled,
-            "cancelled_quantity": self.quantity - filled if status == CANCELLED else 0,
-            "market_protection": self.market_protection,
-            "meta": {},
-            "tag": self.tag,
-            "tags": [self.tag] if self.tag else [],
-            "guid": self.order_id,
-        }
-
-    def trades_as_kite(self) -> list[dict[str, Any]]:
-        """Render the order's fills as Kite's trade dicts."""
-        ins = self.instrument
-        return [
-            {
-                "trade_id": f.trade_id,
-                "order_id": self.order_id,
-                "exchange_order_id": f"1{self.order_id[-15:]}",
-                "tradingsymbol": ins.tradingsymbol,
-                "exchange": ins.exchange,
-                "instrument_token": ins.instrument_token,
-                "product": self.product,
-                "average_price": f.price_paise / 100,
-                "quantity": f.quantity,
-                "transaction_type": self.transaction_type,
-                "fill_timestamp": kite_time(f.at),
-                "order_timestamp": kite_time(self.received_at),
-                "exchange_timestamp": kite_time(f.at),
-            }
-            for f in self.fills
-        ]
-
-    def as_admin(self) -> dict[str, Any]:
-        """Render the order for the admin listing (what the broker received)."""
-        return {
-            "order_id": self.order_id,
-            "api_key": self.account.api_key,
-            "user_id": self.account.user_id,
-            "tag": self.tag,
-            "tradingsymbol": self.instrument.tradingsymbol,
-            "exchange": self.instrument.exchange,
-            "transaction_type": self.transaction_type,
-            "quantity": self.quantity,
-            "filled_quantity": self.filled_quantity,
-            "order_type": self.order_type,
-            "product": self.product,
-            "variety": self.variety,
-            "price": self.price_paise / 100,
-            "status": self.status,
-            "status_message": self.status_message,
-            "average_price": self.average_paise / 100,
-            "order_timestamp": kite_time(self.received_at),
-            "received_at": self.received_at,
-            "received_at_monotonic": self.received_mono,
-        }
+    postback_url: str | None = None
 
 
 @dataclass(slots=True)
@@ -242,32 +142,64 @@ class LimitExceeded(Exception):
         self.per_second = per_second
 
 
+@dataclass(frozen=True, slots=True)
+class Modification:
+    """The new values of a modify request (already validated)."""
+
+    quantity: int
+    price_paise: int
+    trigger_paise: int
+    order_type: str
+    market_protection: float
+
+
 class Book:
-    """Keep accounts and orders; fill MARKET orders, match LIMIT orders on price moves."""
+    """Keep accounts and orders; fill them against the seeded depth as prices move."""
 
     def __init__(self, market: Market, slippage_bps: float = 0.0, orders_per_second: int = 10,
-                 daily_order_cap: int = 3000) -> None:
+                 daily_order_cap: int = 3000, *, depth_quantity: int = 500, seed: int = 1,
+                 clock: Clock | None = None) -> None:
         self.market = market
         self.slippage = slippage_bps / 10_000
         self.orders_per_second = orders_per_second
         self.daily_order_cap = daily_order_cap
+        self.clock: Clock = clock or SystemClock()
+        self.liquidity = Liquidity(seed, depth_quantity)
+        self._defaults = (self.slippage, depth_quantity)
         self.accounts: dict[str, Account] = {}
         self.orders: dict[str, Order] = {}
-        self.open_limits: dict[int, dict[str, Order]] = {}
+        self.open_limits: dict[int, dict[str, Order]] = {}  # resting LIMIT (and triggered SL) orders
+        self.triggers: dict[int, dict[str, Order]] = {}  # SL / SL-M orders in TRIGGER PENDING
+        self.working: dict[str, Order] = {}  # MARKET orders waiting for liquidity to finish filling
+        # A tuple, not a list: wiring, not state (a state file that saves the book's containers skips it).
+        self.order_listeners: tuple[OrderListener, ...] = ()
         # Ids keep counting across resets so that an id is never reused in one process.
         self._order_seq = itertools.count(1)
         self._trade_seq = itertools.count(1)
         self._user_seq = itertools.count(1)
         self._day_prefix = datetime.now(IST).strftime("%y%m%d")
-        market.listeners.append(self.match_limits)
+        market.listeners.append(self.match_orders)
 
     def reset(self) -> None:
-        """Forget every account and order."""
+        """Forget every account and order; restore the start-up liquidity settings."""
         self.accounts.clear()
         self.orders.clear()
         self.open_limits.clear()
+        self.triggers.clear()
+        self.working.clear()
+        self.liquidity.reset()
+        self.slippage, self.liquidity.depth_quantity = self._defaults
 
-    def create_account(self, user_name: str | None = None, daily_order_cap: int | None = None) -> Account:
+    def add_order_listener(self, listener: OrderListener) -> None:
+        """Call `listener(order, status)` on every order update (OPEN, UPDATE, COMPLETE, ...)."""
+        self.order_listeners += (listener,)
+
+    def now(self) -> float:
+        """Return the simulator's epoch time (its clock may be offset for tests)."""
+        return self.clock.time()
+
+    def create_account(self, user_name: str | None = None, daily_order_cap: int | None = None,
+                       postback_url: str | None = None) -> Account:
         """Open a new account with fresh credentials."""
         n = next(self._user_seq)
         account = Account(
@@ -277,6 +209,7 @@ class Book:
             user_id=f"SM{n:04d}",
             user_name=user_name or f"Paper Trader {n}",
             daily_order_cap=daily_order_cap or self.daily_order_cap,
+            postback_url=postback_url,
         )
         self.accounts[account.api_key] = account
         return account
@@ -315,66 +248,191 @@ class Book:
 
     def new_order(self, account: Account, ins: Instrument, *, variety: str, transaction_type: str, quantity: int,
                   product: str, order_type: str, validity: str, price_paise: int, market_protection: float,
-                  tag: str | None) -> Order:
-        """Record an accepted order request in the book, status OPEN."""
-        now = time.time()
+                  tag: str | None, trigger_paise: int = 0) -> Order:
+        """Record an accepted order request in the book, up to VALIDATION PENDING."""
+        now = self.now()
         order = Order(
             order_id=f"{self._day_prefix}{next(self._order_seq):09d}",
             account=account, instrument=ins, variety=variety, transaction_type=transaction_type,
             quantity=quantity, product=product, order_type=order_type, validity=validity,
             price_paise=price_paise, market_protection=market_protection, tag=tag,
-            received_at=now, received_mono=time.monotonic(),
+            received_at=now, received_mono=time.monotonic(), trigger_paise=trigger_paise,
         )
+        order.pass_through((PUT_RECEIVED, VALIDATION_PENDING), now)
         account.orders[order.order_id] = order
         self.orders[order.order_id] = order
         return order
 
     def reject(self, order: Order, message: str) -> None:
         """Reject an order before it reaches the exchange."""
-        order.transition(REJECTED, time.time(), message)
+        order.transition(REJECTED, self.now(), message)
+        self._announce(order, REJECTED)
 
     def execute(self, order: Order) -> None:
-        """Open the order and fill it if the price allows."""
-        order.transition(OPEN, time.time())
-        quote = self.market.quote(order.instrument)
-        if order.order_type == "MARKET":
-            self._fill(order, self._market_fill_price(order, quote.last))
-        elif self._crosses(order, quote.last):
-            # A marketable LIMIT trades at the market, never worse than its limit.
-            self._fill(order, self._limit_fill_price(order, quote.last))
-        elif order.validity == "IOC":
-            order.transition(CANCELLED, time.time(), "IOC order cancelled: no match")
-        else:
-            self.open_limits.setdefault(order.instrument.instrument_token, {})[order.order_id] = order
+        """Send the order to the exchange: wait for its trigger, or open it and fill what the depth allows."""
+        now = self.now()
+        if order.order_type in TRIGGER_TYPES:
+            order.pass_through((OPEN_PENDING, TRIGGER_PENDING), now)
+            self.triggers.setdefault(order.instrument.instrument_token, {})[order.order_id] = order
+            self._announce(order, TRIGGER_PENDING)
+            return
+        order.pass_through((OPEN_PENDING, OPEN), now)
+        self._announce(order, OPEN)
+        self._work(order)
 
     def cancel(self, order: Order) -> bool:
-        """Cancel a resting order; False if it is no longer open."""
-        if order.status != OPEN:
+        """Cancel what is left of an open or trigger-pending order; False if it is no longer live."""
+        if order.status not in LIVE:
             return False
-        self.open_limits.get(order.instrument.instrument_token, {}).pop(order.order_id, None)
-        order.transition(CANCELLED, time.time(), None)
+        self._unpark(order)
+        now = self.now()
+        order.transition(CANCEL_PENDING, now)
+        order.cancelled_quantity = order.quantity - order.filled_quantity
+        order.transition(CANCELLED, now)
+        self._announce(order, CANCELLED)
         return True
 
-    def match_limits(self, quotes: list[Quote]) -> None:
-        """Fill resting LIMIT orders whose price the new ticks crossed."""
-        if not self.open_limits:
+    def modify(self, order: Order, change: Modification) -> bool:
+        """Apply a validated modification to a live order; False if it is no longer live."""
+        if order.status not in LIVE:
+            return False
+        self._unpark(order)
+        now = self.now()
+        back_to = order.status
+        order.pass_through((MODIFY_VALIDATION_PENDING, MODIFY_PENDING), now)
+        order.quantity, order.price_paise = change.quantity, change.price_paise
+        order.trigger_paise, order.order_type = change.trigger_paise, change.order_type
+        order.market_protection = change.market_protection
+        order.modifications += 1
+        order.transition(MODIFIED, now)
+        self._announce(order, UPDATE)
+        if order.order_type in TRIGGER_TYPES and back_to == TRIGGER_PENDING:
+            order.transition(TRIGGER_PENDING, now)
+            self.triggers.setdefault(order.instrument.instrument_token, {})[order.order_id] = order
+        else:
+            order.transition(OPEN, now)
+            self._work(order)
+        return True
+
+    def match_orders(self, quotes: list[Quote]) -> None:
+        """On new ticks: fire crossed triggers, fill crossed LIMIT orders, go on filling MARKET orders."""
+        if not (self.open_limits or self.triggers or self.working):
             return
+        working = {o.instrument.instrument_token for o in self.working.values()}
         for quote in quotes:
-            resting = self.open_limits.get(quote.instrument.instrument_token)
-            if not resting:
-                continue
-            for order in [o for o in resting.values() if self._crosses(o, quote.last)]:
-                del resting[order.order_id]
-                self._fill(order, self._limit_fill_price(order, quote.last))
+            token = quote.instrument.instrument_token
+            pending = self.triggers.get(token)
+            if pending:
+                for order in [o for o in pending.values() if self._triggered(o, quote.last)]:
+                    del pending[order.order_id]
+                    order.transition(OPEN, self.now())
+                    self._announce(order, OPEN)
+                    self._work(order)
+                if not pending:
+                    del self.triggers[token]
+            if token in working:
+                for order in [o for o in self.working.values() if o.instrument.instrument_token == token]:
+                    self._continue_market(order)
+            resting = self.open_limits.get(token)
+            if resting:
+                for order in [o for o in resting.values() if self._crosses(o, quote.last)]:
+                    self._take(order, order.price_paise)
+                    if order.status != OPEN:
+                        del resting[order.order_id]
+                if not resting:
+                    del self.open_limits[token]
+
+    def refill(self) -> None:
+        """Bring fresh liquidity to instruments with unfinished MARKET orders and fill on."""
+        if not self.working:
+            return
+        for token in {o.instrument.instrument_token for o in self.working.values()}:
+            self.liquidity.refill(token)
+        for order in list(self.working.values()):
+            self._continue_market(order)
+
+    async def run_refills(self, interval_s: float = REFILL_INTERVAL_S) -> None:
+        """Refill liquidity forever, so every MARKET order ends COMPLETE within a few intervals."""
+        while True:
+            await asyncio.sleep(interval_s)
+            self.refill()
 
     def positions_of(self, account: Account) -> list[dict[str, Any]]:
         """Render an account's positions marked to market."""
         return [p.as_kite(self.market.quote(p.instrument)) for p in account.positions.values()]
 
-    def _market_fill_price(self, order: Order, last: int) -> int:
-        ins = order.instrument
+    def depth_of(self, ins: Instrument) -> dict[str, list[dict[str, int | float]]]:
+        """Return the displayed depth (what fills left of it) in Kite's quote shape."""
+        quote = self.market.quote(ins)
+        book = {}
+        for key, side in (("buy", "SELL"), ("sell", "BUY")):  # bids are what a SELL takes
+            book[key] = [{"price": lvl.price / 100, "quantity": lvl.quantity, "orders": 1}
+                         for lvl in self.liquidity.levels(quote, side)]
+        return book
+
+    def _announce(self, order: Order, status: str) -> None:
+        for listener in self.order_listeners:
+            listener(order, status)
+
+    def _unpark(self, order: Order) -> None:
+        token = order.instrument.instrument_token
+        for parked in (self.open_limits, self.triggers):
+            orders = parked.get(token)
+            if orders is not None:
+                orders.pop(order.order_id, None)
+                if not orders:
+                    del parked[token]  # keeps the "nothing to match" check of every tick O(1)
+        self.working.pop(order.order_id, None)
+
+    def _work(self, order: Order) -> None:
+        """Fill an OPEN order as far as the depth allows; park what is left."""
+        market = order.order_type in MARKET_TYPES
+        self._take(order, None if market else order.price_paise)
+        if order.status != OPEN:
+            return
+        if market:
+            self.working[order.order_id] = order
+        elif order.validity == "IOC":
+            order.cancelled_quantity = order.quantity - order.filled_quantity
+            order.transition(CANCELLED, self.now(), "IOC order cancelled: no match" if not order.filled_quantity
+                             else "IOC order partially filled; the rest is cancelled")
+            self._announce(order, CANCELLED)
+        else:
+            self.open_limits.setdefault(order.instrument.instrument_token, {})[order.order_id] = order
+
+    def _continue_market(self, order: Order) -> None:
+        self._take(order, None)
+        if order.status != OPEN:
+            self.working.pop(order.order_id, None)
+
+    def _take(self, order: Order, limit_paise: int | None) -> None:
+        """Fill against the depth, one trade per level, at most down (or up) to the limit."""
+        remaining = order.quantity - order.filled_quantity
+        levels = self.liquidity.take(self.market.quote(order.instrument), order.transaction_type, remaining,
+                                     limit_paise)
+        if not levels:
+            return
+        now = self.now()
+        taken = 0
+        for price, qty in levels:
+            self._fill(order, qty, price if limit_paise is not None else self._slipped(order, price), now)
+            taken += qty
+        if taken == remaining:
+            order.transition(COMPLETE, now)
+            self._announce(order, COMPLETE)
+        else:
+            order.transition(OPEN, now)  # the history shows the fill progressing
+            self._announce(order, UPDATE)
+
+    def _slipped(self, order: Order, paise: int) -> int:
         sign = 1 if order.transaction_type == "BUY" else -1
-        return round_to_tick(last * (1 + sign * self.slippage), ins.tick_paise)
+        return round_to_tick(paise * (1 + sign * self.slippage), order.instrument.tick_paise)
+
+    @staticmethod
+    def _triggered(order: Order, last: int) -> bool:
+        if order.transaction_type == "BUY":
+            return last >= order.trigger_paise
+        return last <= order.trigger_paise
 
     @staticmethod
     def _crosses(order: Order, last: int) -> bool:
@@ -382,20 +440,10 @@ class Book:
             return last <= order.price_paise
         return last >= order.price_paise
 
-    @staticmethod
-    def _limit_fill_price(order: Order, last: int) -> int:
-        if order.transaction_type == "BUY":
-            return min(last, order.price_paise)
-        return max(last, order.price_paise)
-
-    def _fill(self, order: Order, price_paise: int) -> None:
-        now = time.time()
-        qty = order.quantity - order.filled_quantity
+    def _fill(self, order: Order, qty: int, price_paise: int, now: float) -> None:
         order.fills.append(Fill(f"{next(self._trade_seq):08d}", qty, price_paise, now))
-        total = order.average_paise * order.filled_quantity + price_paise * qty
         order.filled_quantity += qty
-        order.average_paise = round(total / order.filled_quantity)
-        order.transition(COMPLETE, now)
+        order.filled_value += qty * price_paise
         self.market.record_fill(order.instrument, qty, price_paise)
         key = (order.instrument.tradingsymbol, order.product)
         pos = order.account.positions.get(key)

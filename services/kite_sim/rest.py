@@ -18,15 +18,10 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from services.kite_sim.book import OPEN, Account, Book, LimitExceeded, Order, kite_time
+from services.kite_sim.book import Account, Book, LimitExceeded, Order, kite_time
 from services.kite_sim.faults import Faults
 from services.kite_sim.market import Market
-
-VARIETIES = {"regular", "amo"}
-PRODUCTS = {"CNC", "MIS", "NRML"}
-ORDER_TYPES = {"MARKET", "LIMIT"}
-VALIDITIES = {"DAY", "IOC"}
-MAX_TAG_LENGTH = 20
+from services.kite_sim.order_rules import ORDER_TYPES, PRODUCTS, OrderRules, RuleViolation
 
 Handler = Callable[["KiteRest", web.Request, Account | None], Awaitable[Any]]
 
@@ -100,10 +95,11 @@ def profile_of(account: Account) -> dict[str, Any]:
 class KiteRest:
     """Serve the Kite REST surface over a market, a book and a fault plan."""
 
-    def __init__(self, market: Market, book: Book, faults: Faults) -> None:
+    def __init__(self, market: Market, book: Book, faults: Faults, rules: OrderRules | None = None) -> None:
         self.market = market
         self.book = book
         self.faults = faults
+        self.rules = rules or OrderRules(market, book)
 
     def routes(self) -> list[web.RouteDef]:
         """Return the Kite routes."""
@@ -117,6 +113,7 @@ class KiteRest:
             web.post("/orders/{variety}", self.place_order),
             web.get("/orders/{order_id}", self.order_history),
             web.get("/orders/{order_id}/trades", self.order_trades),
+            web.put("/orders/{variety}/{order_id}", self.modify_order),
             web.delete("/orders/{variety}/{order_id}", self.cancel_order),
             web.get("/trades", self.trades),
             web.get("/portfolio/positions", self.positions),
@@ -206,7 +203,11 @@ class KiteRest:
                 raise KiteError(429, "NetworkException", str(exc)) from exc
             raise input_error(str(exc)) from exc
         form = await request.post()
-        order = self.book.new_order(account, **self._validated(request.match_info["variety"], form))
+        try:
+            fields = self.rules.placement(request.match_info["variety"], form)
+        except RuleViolation as exc:
+            raise KiteError(400, exc.error_type, exc.message) from exc
+        order = self.book.new_order(account, **fields)
         faults = self.faults
         if faults.roll(faults.config.reject_rate, "orders"):
             self.book.reject(order, "RMS:Rule: simulated rejection (fault injection)")
@@ -216,59 +217,6 @@ class KiteRest:
             # The order is in the book; the client just never hears back.
             await faults.hold()
         return {"order_id": order.order_id}
-
-    def _validated(self, variety: str, form: Any) -> dict[str, Any]:
-        """Check an order form as Kite's OMS would; return new_order kwargs."""
-        if variety not in VARIETIES:
-            raise input_error(f"Invalid or unsupported `variety`: {variety}.")
-        exchange = str(form.get("exchange", ""))
-        symbol = str(form.get("tradingsymbol", ""))
-        ins = self.market.by_symbol.get(symbol)
-        if exchange != "NSE" or ins is None:
-            raise input_error(f"Invalid `tradingsymbol` or `exchange`: {exchange}:{symbol}.")
-        transaction_type = str(form.get("transaction_type", ""))
-        if transaction_type not in ("BUY", "SELL"):
-            raise input_error("Invalid `transaction_type`.")
-        product = str(form.get("product", ""))
-        if product not in PRODUCTS:
-            raise input_error("Invalid `product`.")
-        order_type = str(form.get("order_type", ""))
-        if order_type not in ORDER_TYPES:
-            raise input_error(f"Invalid or unsupported `order_type`: {order_type}.")
-        validity = str(form.get("validity", "DAY"))
-        if validity not in VALIDITIES:
-            raise input_error("Invalid `validity`.")
-        try:
-            quantity = int(str(form.get("quantity", "")))
-        except ValueError:
-            raise input_error("Invalid `quantity`.") from None
-        if quantity <= 0 or quantity % ins.lot_size:
-            raise input_error(f"Quantity should be a positive multiple of lot size {ins.lot_size}.")
-        tag = form.get("tag")
-        tag = str(tag) if tag is not None and str(tag) != "" else None
-        if tag is not None and (len(tag) > MAX_TAG_LENGTH or not tag.replace("_", "").isalnum()):
-            raise input_error("Invalid `tag`: at most 20 alphanumeric characters.")
-        price_paise, protection = 0, 0.0
-        if order_type == "LIMIT":
-            try:
-                price_paise = round(float(str(form.get("price", ""))) * 100)
-            except ValueError:
-                raise input_error("Invalid `price`.") from None
-            if price_paise <= 0:
-                raise input_error("Invalid `price`.")
-            if price_paise % ins.tick_paise:
-                raise input_error(f"Tick size for this script is {ins.tick_paise / 100:.2f}.")
-        else:
-            raw = form.get("market_protection")
-            try:
-                protection = float(str(raw))
-            except ValueError:
-                raise input_error("`market_protection` is required for MARKET orders (-1 or 0-100).") from None
-            if not (protection == -1 or 0 < protection <= 100):
-                raise input_error("Invalid `market_protection`: use -1 (auto) or a percentage in (0, 100].")
-        return {"ins": ins, "variety": variety, "transaction_type": transaction_type, "quantity": quantity,
-                "product": product, "order_type": order_type, "validity": validity,
-                "price_paise": price_paise, "market_protection": protection, "tag": tag}
 
     def _own_order(self, account: Account, order_id: str) -> Order:
         order = account.orders.get(order_id)
@@ -296,11 +244,24 @@ class KiteRest:
         return [t for o in account.orders.values() for t in o.trades_as_kite()]
 
     @kite_endpoint("orders")
-    async def cancel_order(self, request: web.Request, account: Account | None) -> Any:
-        """Cancel an open order."""
+    async def modify_order(self, request: web.Request, account: Account | None) -> Any:
+        """Modify quantity, price, trigger price or order type of an open or trigger-pending order."""
         assert account is not None
         order = self._own_order(account, request.match_info["order_id"])
-        if order.status != OPEN or not self.book.cancel(order):
+        form = await request.post()
+        try:
+            change = self.rules.modification(order, form)
+        except RuleViolation as exc:
+            raise KiteError(400, exc.error_type, exc.message) from exc
+        self.book.modify(order, change)
+        return {"order_id": order.order_id}
+
+    @kite_endpoint("orders")
+    async def cancel_order(self, request: web.Request, account: Account | None) -> Any:
+        """Cancel what is left of an open or trigger-pending order."""
+        assert account is not None
+        order = self._own_order(account, request.match_info["order_id"])
+        if not self.book.cancel(order):
             raise input_error(f"Order cannot be cancelled as it is {order.status}.")
         return {"order_id": order.order_id}
 

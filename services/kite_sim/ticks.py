@@ -263,3 +263,26 @@ def apply_ticker_message(hub: TickHub, conn: TickConnection, text: str) -> str |
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
         return "malformed message"
     return None
+
+
+def send_text_to_account(hub: TickHub, api_key: str, text: str) -> int:
+    """Queue a text message (an order update) on every ticker connection of one account; return how many.
+
+    Unlike ticks, a text message is never the one dropped: if a connection is
+    far behind, its oldest queued frame makes room.
+    """
+    sent = 0
+    for conn in hub.connections:
+        if conn.api_key != api_key:
+            continue
+        if conn.queue.full():
+            conn.queue.get_nowait()
+            conn.dropped += 1
+        conn.queue.put_nowait(text)
+        sent += 1
+    return sent
+
+
+def has_connection(hub: TickHub, api_key: str) -> bool:
+    """Tell whether the account has a ticker connection open."""
+    return any(conn.api_key == api_key for conn in hub.connections)

@@ -37,12 +37,11 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from redis.asyncio import Redis
-
 from libs.broker.kite import KiteGateway
 from libs.service.health import HealthServer
 from libs.service.lifecycle import Shutdown, supervise
 from libs.service.logging import configure_logging, get_logger, register_secret
+from libs.service.redis_client import connect_redis
 from libs.trading.calendar import MarketCalendar
 from services.market_listener.service import FeedLost, MarketListener
 from services.market_listener.settings import ListenerSettings
@@ -54,7 +53,7 @@ async def serve(settings: ListenerSettings) -> int:
     register_secret(settings.market_data_access_token)
     shutdown = Shutdown()
     shutdown.install()
-    redis = Redis.from_url(settings.redis_url, health_check_interval=5)
+    redis = connect_redis(settings, health_check_interval=5)
     gateway = KiteGateway(root=settings.kite_root, max_workers=2)
     listener = MarketListener(settings, redis, gateway, MarketCalendar(settings.market_calendar))
 

@@ -169,12 +169,21 @@ class MarketListener:
     # --- control stream -------------------------------------------------------------------------------
 
     async def follow_control_forever(self) -> None:
-        """Load the current state, then apply control messages from where the snapshot began."""
-        last_id = await self._load_state()
+        """Load the current state, then apply control messages from where the snapshot began.
+
+        One follower per partition's control stream (a cluster cannot XREAD streams of
+        several slots at once); a strategy's messages are all in its partition's stream,
+        so each strategy's messages still apply in order.
+        """
+        last_ids = await self._load_state()
+        async with asyncio.TaskGroup() as followers:
+            for stream, last_id in last_ids.items():
+                followers.create_task(self._follow_control(stream, last_id), name=f"control-{stream}")
+
+    async def _follow_control(self, stream: str, last_id: bytes | str) -> None:
         while not self.stopping.is_set():
             try:
-                reply = await self.redis.xread({keys.CONTROL_STREAM: last_id}, count=500,
-                                               block=self.settings.control_block_ms)
+                reply = await self.redis.xread({stream: last_id}, count=500, block=self.settings.control_block_ms)
             except (RedisError, OSError) as exc:
                 log.warning("control stream unavailable; retrying", error=str(exc))
                 await self._pause(0.5)
@@ -189,23 +198,25 @@ class MarketListener:
                 await self._pause(0.5)
             self._publish_tokens()
 
-    async def _load_state(self) -> bytes | str:
+    async def _load_state(self) -> dict[str, bytes | str]:
         delay = 0.2
         while True:
             try:
-                newest = await self.redis.xrevrange(keys.CONTROL_STREAM, count=1)
-                last_id = newest[0][0] if newest else "0-0"
+                last_ids: dict[str, bytes | str] = {}
+                for partition in range(keys.partition_count()):
+                    stream = keys.control_stream(partition)
+                    newest = await self.redis.xrevrange(stream, count=1)
+                    last_ids[stream] = newest[0][0] if newest else "0-0"
                 await self._scan_running()
-                return last_id
+                return last_ids
             except (RedisError, OSError) as exc:
                 log.warning("state not loaded; retrying", error=str(exc))
                 await self._pause(delay)
                 delay = min(delay * 2, 5.0)
 
     async def _scan_running(self) -> None:
-        # symbol_strategies_key("*") is the key pattern of every symbol set, built by keys.py itself.
         ids: list[str] = []
-        async for key in self.redis.scan_iter(match=keys.symbol_strategies_key("*"), count=1000):
+        async for key in self.redis.scan_iter(match=keys.symbol_strategies_pattern(), count=1000):
             ids.extend(m.decode() for m in await self.redis.smembers(key))
         for start in range(0, len(ids), 500):
             chunk = ids[start:start + 500]

@@ -7,9 +7,10 @@ event, and a crash cannot leave a marker without its event.
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import NoScriptError
 
 from libs.schema import keys
@@ -43,7 +44,9 @@ class StoplossEmitter:
         self.sha = await self.redis.script_load(_FIRE)
 
     def _args(self, watch: Watch, price: float) -> tuple[object, ...]:
-        return (2, keys.stoploss_marker_key(watch.strategy_id, watch.run_id), keys.ORDERS_STREAM,
+        # The marker and the stream are both in the strategy's partition: one hash slot.
+        return (2, keys.stoploss_marker_key(watch.strategy_id, watch.run_id),
+                keys.orders_stream(keys.partition_of(watch.strategy_id)),
                 self.marker_ttl_s, stoploss_json(watch, price))
 
     async def fire(self, fired: list[tuple[Watch, float]]) -> list[bytes | None]:
@@ -57,6 +60,9 @@ class StoplossEmitter:
             except NoScriptError:
                 await self.load()
                 return [await self.redis.evalsha(self.sha, *args[0])]
+        if isinstance(self.redis, RedisCluster):
+            # A cluster pipeline cannot carry scripts: one concurrent call each, routed by slot.
+            return list(await asyncio.gather(*(self.redis.eval(_FIRE, *a) for a in args)))
         async with self.redis.pipeline(transaction=False) as pipe:
             for a in args:
                 pipe.evalsha(self.sha, *a)

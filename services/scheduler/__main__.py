@@ -15,12 +15,12 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from libs.service.health import HealthServer
 from libs.service.lifecycle import Shutdown, supervise
 from libs.service.logging import configure_logging, get_logger
+from libs.service.redis_client import connect_redis
 from libs.trading.calendar import MarketCalendar
 from services.scheduler.service import Scheduler
 from services.scheduler.settings import SchedulerSettings
@@ -31,7 +31,7 @@ async def serve(settings: SchedulerSettings) -> int:
     log = get_logger("scheduler")
     shutdown = Shutdown()
     shutdown.install()
-    redis = Redis.from_url(settings.redis_url, health_check_interval=5)
+    redis = connect_redis(settings, health_check_interval=5)
     engine = create_async_engine(settings.database_url, pool_pre_ping=True, pool_size=2)
     scheduler = Scheduler(settings, redis, engine, MarketCalendar(settings.market_calendar))
 

@@ -3,18 +3,22 @@
 One Lua script reads up to `batch` members with score <= now, XADDs each to
 the stream and ZREMs them, in one atomic step: two schedulers can race on the
 same member and only one XADD happens, because Redis runs scripts one at a time.
+With N partitions the script runs once per partition, from `schedule_key(p)` to
+`orders_stream(p)`: both in partition p's hash slot, so it is one step in a
+Redis Cluster too, and the partitions on different masters move in parallel.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 
 from prometheus_client import Counter, Histogram
-from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, ResponseError
 
 from libs.schema import keys
+from libs.service.redis_client import AnyRedis
 
 _MOVE_DUE = """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[2]))
@@ -64,14 +68,14 @@ class MovedEvent:
 class DueMover:
     """Own the move script and the lateness bookkeeping."""
 
-    def __init__(self, redis: Redis, *, batch_size: int = 500) -> None:
+    def __init__(self, redis: AnyRedis, *, batch_size: int = 500) -> None:
         self.redis = redis
         self.batch_size = batch_size
         self._sha: str | None = None
         self.moved_total = 0
 
-    async def _eval(self, now_ms: int) -> list[bytes]:
-        args = (2, keys.SCHEDULE, keys.ORDERS_STREAM, now_ms, self.batch_size)
+    async def _eval(self, partition: int, now_ms: int) -> list[bytes]:
+        args = (2, keys.schedule_key(partition), keys.orders_stream(partition), now_ms, self.batch_size)
         if self._sha is not None:
             try:
                 return await self.redis.evalsha(self._sha, *args)
@@ -80,20 +84,27 @@ class DueMover:
         self._sha = await self.redis.script_load(_MOVE_DUE)
         return await self.redis.evalsha(self._sha, *args)
 
-    async def move_all_due(self) -> list[MovedEvent]:
-        """Move every due event, batch after batch; return them.
-
-        Bookkeeping (lateness histogram, counters) waits until every batch is
-        moved, so a burst of due events reaches the stream as fast as Redis
-        can take it.
-        """
-        replies: list[tuple[list[bytes], float]] = []
+    async def _move_partition(self, partition: int, replies: list[tuple[list[bytes], float]]) -> None:
         while True:
-            reply = await self._eval(int(time.time() * 1000))
+            reply = await self._eval(partition, int(time.time() * 1000))
             if reply:
                 replies.append((reply, time.time() * 1000))
             if len(reply) < 2 * self.batch_size:
-                break
+                return
+
+    async def move_all_due(self) -> list[MovedEvent]:
+        """Move every due event of every partition, batch after batch; return them.
+
+        Bookkeeping (lateness histogram, counters) waits until every batch is
+        moved, so a burst of due events reaches the streams as fast as Redis
+        can take it; partitions move concurrently (each on its own master).
+        """
+        replies: list[tuple[list[bytes], float]] = []
+        count = keys.partition_count()
+        if count == 1:
+            await self._move_partition(0, replies)
+        else:
+            await asyncio.gather(*(self._move_partition(p, replies) for p in range(count)))
         moved: list[MovedEvent] = []
         per_type: dict[str, int] = {}
         for reply, done_ms in replies:
@@ -110,11 +121,19 @@ class DueMover:
         return moved
 
     async def seconds_until_next_due(self) -> float | None:
-        """Return how long until the earliest member is due, or None if `schedule` is empty."""
-        head = await self.redis.zrange(keys.SCHEDULE, 0, 0, withscores=True)
-        if not head:
+        """Return how long until the earliest member of any partition is due, or None if all are empty."""
+        count = keys.partition_count()
+        if count == 1:
+            heads = [await self.redis.zrange(keys.SCHEDULE, 0, 0, withscores=True)]
+        else:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for p in range(count):
+                    pipe.zrange(keys.schedule_key(p), 0, 0, withscores=True)
+                heads = await pipe.execute()
+        firsts = [head[0][1] for head in heads if head]
+        if not firsts:
             return None
-        return max(0.0, head[0][1] / 1000 - time.time())
+        return max(0.0, min(firsts) / 1000 - time.time())
 
 
 def _stream_id(raw: bytes | str) -> tuple[int, int]:
@@ -123,7 +142,15 @@ def _stream_id(raw: bytes | str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-async def trim_acked_orders(redis: Redis) -> int:
+async def trim_acked_orders(redis: AnyRedis) -> int:
+    """Trim every partition's `queue:orders` (see trim_acked_stream); return how many entries went."""
+    trimmed = 0
+    for partition in range(keys.partition_count()):
+        trimmed += await trim_acked_stream(redis, keys.orders_stream(partition))
+    return trimmed
+
+
+async def trim_acked_stream(redis: AnyRedis, stream: str) -> int:
     """Delete `queue:orders` entries every consumer group has delivered and acked; return how many.
 
     Nothing else trims the stream (executors only ack), so it would grow by every event
@@ -133,7 +160,7 @@ async def trim_acked_orders(redis: Redis) -> int:
     the executors' group starts at 0 and must still see every entry.
     """
     try:
-        groups = await redis.xinfo_groups(keys.ORDERS_STREAM)
+        groups = await redis.xinfo_groups(stream)
     except ResponseError:
         return 0  # no stream yet
     if not groups:
@@ -143,10 +170,10 @@ async def trim_acked_orders(redis: Redis) -> int:
         name = group["name"]
         bound = _stream_id(group["last-delivered-id"])
         if group["pending"]:
-            summary = await redis.xpending(keys.ORDERS_STREAM, name)
+            summary = await redis.xpending(stream, name)
             if summary.get("min"):
                 bound = min(bound, _stream_id(summary["min"]))
         floor = bound if floor is None else min(floor, bound)
     if floor is None or floor == (0, 0):
         return 0
-    return int(await redis.xtrim(keys.ORDERS_STREAM, minid=f"{floor[0]}-{floor[1]}", approximate=False))
+    return int(await redis.xtrim(stream, minid=f"{floor[0]}-{floor[1]}", approximate=False))

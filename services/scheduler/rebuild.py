@@ -81,16 +81,23 @@ def _ms(moment: datetime) -> int:
 
 
 async def sweep_stale_buys(redis: Redis, calendar: MarketCalendar, grace_s: float) -> int:
-    """Take BUYs past the grace window out of `schedule` and unload their runs; return how many."""
+    """Take BUYs past the grace window out of every partition's `schedule` and unload their runs; return how many."""
+    count = 0
+    for partition in range(keys.partition_count()):
+        count += await _sweep_partition(redis, calendar, grace_s, keys.schedule_key(partition))
+    return count
+
+
+async def _sweep_partition(redis: Redis, calendar: MarketCalendar, grace_s: float, schedule: str) -> int:
     cutoff = int(time.time() * 1000 - grace_s * 1000)
-    stale = await redis.zrangebyscore(keys.SCHEDULE, "-inf", f"({cutoff}", withscores=True)
+    stale = await redis.zrangebyscore(schedule, "-inf", f"({cutoff}", withscores=True)
     count = 0
     for member, score in stale:
         try:
             event = loads(member)
         except ValueError:
             continue
-        if event.get("event_type") != "BUY" or not await redis.zrem(keys.SCHEDULE, member):
+        if event.get("event_type") != "BUY" or not await redis.zrem(schedule, member):
             continue
         count += 1
         MISSED.inc()
@@ -210,7 +217,7 @@ async def _load_missing(conn: AsyncConnection, redis: Redis, row: Strategy, conf
         # runtime too if the executor already rebuilt it from the broker's book (bought): a fresh
         # `none` would hide the position from the listener, and its stop-loss would go unwatched.
         await load_run(redis, config, plan, runtime=await _surviving_runtime(redis, sid))
-        await redis.zrem(keys.SCHEDULE, event_to_json(plan.buy))
+        await redis.zrem(keys.schedule_key(keys.partition_of(sid)), event_to_json(plan.buy))
         report.loaded += 1
         log.warning("run reloaded after its entry; exit scheduled", strategy_id=sid, event_type="SELL",
                     tag=entry_tag, late=plan.sell_due_ms < now_ms)
@@ -232,16 +239,17 @@ async def _surviving_runtime(redis: Redis, sid: str) -> RuntimeState | None:
 
 async def _readd_ahead(redis: Redis, row: Strategy, plan: RunPlan, report: RebuildReport) -> None:
     raw = await redis.hget(keys.runtime_key(row.id), "position")
+    schedule = keys.schedule_key(keys.partition_of(row.id))
     position = raw.decode() if raw else Position.none.value
     wanted = []
     if position == Position.none.value:
         wanted = [(plan.buy, plan.buy_due_ms), (plan.sell, plan.sell_due_ms)]
     elif position == Position.bought.value:
         wanted = [(plan.sell, plan.sell_due_ms)]
-        if await redis.zscore(keys.SCHEDULE, event_to_json(plan.sell)) is not None and \
+        if await redis.zscore(schedule, event_to_json(plan.sell)) is not None and \
                 plan.sell_due_ms < time.time() * 1000:
             log.warning("missed sell fired late while bought", strategy_id=str(row.id), event_type="SELL")
     now_ms = time.time() * 1000
     ahead = {event_to_json(event): due for event, due in wanted if due > now_ms}
     if ahead:
-        report.readded += await redis.zadd(keys.SCHEDULE, ahead, nx=True)
+        report.readded += await redis.zadd(schedule, ahead, nx=True)

@@ -13,6 +13,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from libs.schema import keys
+from libs.service.redis_client import server_run_id
 from libs.trading.calendar import MarketCalendar
 from services.scheduler.mover import DueMover, trim_acked_orders
 from services.scheduler.rebuild import rebuild_schedule, sweep_stale_buys
@@ -101,7 +102,7 @@ class Scheduler:
                 log.warning("queue:orders not trimmed", error=str(exc))
                 continue
             if trimmed:
-                log.info("acked events trimmed", stream=keys.ORDERS_STREAM, count=trimmed)
+                log.info("acked events trimmed", partitions=keys.partition_count(), count=trimmed)
 
     async def follow_wakeups(self) -> None:
         """Wake the mover whenever `schedule` gains an earlier member."""
@@ -124,20 +125,37 @@ class Scheduler:
         """Ask for a rebuild at start, whenever Redis's run_id changes, and when Redis lost its data."""
         while not self.stopping.is_set():
             try:
-                run_id = (await self.redis.info("server"))["run_id"]
+                run_id = await server_run_id(self.redis)
                 if run_id != self.redis_run_id:
                     if self.redis_run_id is not None:
                         log.warning("redis restarted; rebuilding schedule", old_run_id=self.redis_run_id,
                                     run_id=run_id)
                     self.redis_run_id = run_id
                     self.rebuild_needed.set()
-                elif self.rebuilds and not self.rebuild_needed.is_set() \
-                        and not await self.redis.exists(keys.STATE_MARKER):
+                elif self.rebuilds and not self.rebuild_needed.is_set() and not await self._markers_present():
                     log.warning("redis lost its data; rebuilding schedule", run_id=run_id)
                     self.rebuild_needed.set()
             except (RedisError, OSError):
                 pass  # the mover logs Redis outages; this loop just keeps looking
             await self._pause(self.settings.redis_check_interval_s)
+
+    async def _markers_present(self) -> bool:
+        # One marker per partition: in a cluster each sits on its partition's master, so
+        # one master losing its data (an empty replica promoted) is seen too.
+        count = keys.partition_count()
+        if count == 1:
+            return bool(await self.redis.exists(keys.STATE_MARKER))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for p in range(count):
+                pipe.exists(keys.state_marker_key(p))
+            return all(await pipe.execute())
+
+    async def _set_markers(self) -> None:
+        stamp = datetime.now(UTC).isoformat()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for p in range(keys.partition_count()):
+                pipe.set(keys.state_marker_key(p), stamp)
+            await pipe.execute()
 
     async def rebuild_when_needed(self) -> None:
         """Rebuild from Postgres when asked, retrying with backoff while it is down."""
@@ -150,7 +168,7 @@ class Scheduler:
             while not self.stopping.is_set():
                 try:
                     # Marked before rebuilding: data lost during the rebuild asks for another one.
-                    await self.redis.set(keys.STATE_MARKER, datetime.now(UTC).isoformat())
+                    await self._set_markers()
                     await rebuild_schedule(self.engine, self.redis, self.calendar, grace_s=self.settings.grace_s)
                     self.rebuilds += 1
                     break

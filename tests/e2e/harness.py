@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
 import aiohttp
+import pytest
 
 from deploy.local.procs import pid_alive, stop_pid
 from deploy.local.stack import LocalStack
 from libs.trading.calendar import IST
+from tests.support.postgres import open_to_postgres
 
 
 class Stack:
@@ -75,6 +79,23 @@ class Stack:
 
     def log(self, instance: str) -> str:
         return (self.local.logs / f"{instance}.log").read_text(errors="replace")
+
+
+@contextmanager
+def running_stack(run_dir: Path, env: Mapping[str, str], replicas: tuple[str, ...] = ()) -> Iterator[Stack]:
+    """Run a stack whose every process gets `env` on top of the stack's own; stop it after."""
+    open_to_postgres(run_dir)
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in env.items():
+            patch.setenv(key, value)  # the stack hands its environment to every process it starts
+        stack = Stack(run_dir)
+        try:
+            stack.up()
+            for service in replicas:
+                stack.add_replica(service)
+            yield stack
+        finally:
+            stack.down()
 
 
 def ist_clock(offset_s: float) -> str:

@@ -8,8 +8,7 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
-from tests.e2e.harness import Stack, Trader
-from tests.support.postgres import open_to_postgres
+from tests.e2e.harness import Stack, Trader, running_stack
 
 # Short enough for tests to see take-overs within seconds; long against normal handling.
 FAULT_ENV = {
@@ -25,18 +24,8 @@ FAULT_ENV = {
 
 @pytest.fixture(scope="module")
 def fault_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    run_dir = tmp_path_factory.mktemp("fault-stack")
-    open_to_postgres(run_dir)
-    with pytest.MonkeyPatch.context() as env:
-        for key, value in FAULT_ENV.items():
-            env.setenv(key, value)  # the stack hands its environment to every process it starts
-        stack = Stack(run_dir)
-        try:
-            stack.up()
-            stack.add_replica("executor")
-            yield stack
-        finally:
-            stack.down()
+    with running_stack(tmp_path_factory.mktemp("fault-stack"), FAULT_ENV, replicas=("executor",)) as stack:
+        yield stack
 
 
 @pytest.fixture

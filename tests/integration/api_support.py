@@ -57,11 +57,15 @@ def make_settings(redis_url: str, database_url: str, sim_url: str, **overrides: 
 
 
 def clock(offset_s: int) -> str:
-    """Return IST wall-clock time `offset_s` from now as HH:MM:SS (clamped inside the day)."""
-    moment = datetime.now(IST) + timedelta(seconds=offset_s)
-    if moment.date() != datetime.now(IST).date():
-        moment = datetime.now(IST).replace(hour=23, minute=59, second=59)
-    return moment.strftime("%H:%M:%S")
+    """Return an IST wall-clock time `offset_s` (up to 3 h) ahead, as HH:MM:SS, never firing in a test.
+
+    From 21:00 IST on, `now + offset` could cross midnight and put a sell
+    before its buy, so the base moves 12 h back: the times are then earlier
+    than now, a start schedules them for the next day, and their order holds.
+    """
+    now = datetime.now(IST)
+    base = now if now.hour < 21 else now - timedelta(hours=12)
+    return (base + timedelta(seconds=offset_s)).strftime("%H:%M:%S")
 
 
 @dataclass

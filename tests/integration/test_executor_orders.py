@@ -154,7 +154,7 @@ async def test_sell_cancels_an_entry_still_open_at_the_broker_before_ending_the_
     kite = KiteConnect(run.account.api_key, access_token=run.account.access_token, root=sim.base_url)
     entry_id = await asyncio.to_thread(
         kite.place_order, variety="regular", exchange="NSE", tradingsymbol="INFY", transaction_type="BUY",
-        quantity=1, product="MIS", order_type="LIMIT", price=1.0, tag=run.tag("entry"))
+        quantity=1, product="MIS", order_type="LIMIT", price=1300.0, tag=run.tag("entry"))
     await enqueue(redis, run.sell())
     await eventually(lambda: _unloaded(redis, run))
     entry = broker_orders(sim, run.tag("entry"))

@@ -14,6 +14,8 @@ from kiteconnect.exceptions import GeneralException, InputException, NetworkExce
 
 from tests.support.kite_sim import SimAdmin, run_sim
 
+pytest_plugins = ["tests.integration.kite_sim_support"]
+
 SLIPPAGE_BPS = 10
 
 
@@ -22,23 +24,6 @@ def sim_url() -> Iterator[str]:
     # The walk is off so prices move only when a test says so.
     with run_sim(slippage_bps=SLIPPAGE_BPS, tick_interval_ms=0, seed=7) as url:
         yield url
-
-
-@pytest.fixture
-def admin(sim_url: str) -> SimAdmin:
-    admin = SimAdmin(sim_url)
-    admin.reset()
-    return admin
-
-
-@pytest.fixture
-def account(admin: SimAdmin) -> dict[str, Any]:
-    return admin.create_account("Asha Rao")
-
-
-@pytest.fixture
-def kite(sim_url: str, account: dict[str, Any]) -> KiteConnect:
-    return KiteConnect(account["api_key"], access_token=account["access_token"], root=sim_url, timeout=5)
 
 
 def market_order(kite: KiteConnect, symbol: str, side: str, qty: int = 1, **extra: Any) -> str:
@@ -91,7 +76,8 @@ def test_market_orders_fill_at_pushed_price_with_slippage(kite: KiteConnect, adm
     sell_id = market_order(kite, "INFY", "SELL", 10)
 
     buy = kite.order_history(buy_id)
-    assert [h["status"] for h in buy] == ["OPEN", "COMPLETE"]
+    assert [h["status"] for h in buy] == [
+        "PUT ORDER REQ RECEIVED", "VALIDATION PENDING", "OPEN PENDING", "OPEN", "COMPLETE"]
     assert buy[-1]["average_price"] == pytest.approx(1501.50)  # 1500 * (1 + 10bps)
     assert buy[-1]["filled_quantity"] == 10 and buy[-1]["pending_quantity"] == 0
     sell = kite.order_history(sell_id)
@@ -119,7 +105,7 @@ def test_limit_order_rests_until_price_crosses_and_can_be_cancelled(kite: KiteCo
     assert kite.order_history(resting)[-1]["status"] == "OPEN"
     admin.ticks(("SBIN", 789.50))
     history = kite.order_history(resting)
-    assert [h["status"] for h in history] == ["OPEN", "COMPLETE"]
+    assert [h["status"] for h in history][-2:] == ["OPEN", "COMPLETE"]
     assert history[-1]["average_price"] == pytest.approx(789.50)
 
     assert kite.cancel_order("regular", to_cancel) == to_cancel
@@ -213,8 +199,10 @@ def test_timeout_after_accept_places_the_order_but_never_answers(
 def test_reject_fault_shows_rejected_in_history(kite: KiteConnect, admin: SimAdmin) -> None:
     admin.set_faults(reject_rate=1.0)
     order_id = market_order(kite, "SBIN", "SELL", 3)
-    (entry,) = kite.order_history(order_id)
-    assert entry["status"] == "REJECTED" and entry["status_message"]
+    history = kite.order_history(order_id)
+    assert [h["status"] for h in history] == ["PUT ORDER REQ RECEIVED", "VALIDATION PENDING", "REJECTED"]
+    entry = history[-1]
+    assert entry["status"] == "REJECTED" and entry["status_message"] and entry["exchange_order_id"] is None
     assert entry["filled_quantity"] == 0
     assert kite.order_trades(order_id) == []
     assert kite.positions()["net"] == []

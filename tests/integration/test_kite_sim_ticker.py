@@ -18,6 +18,8 @@ from twisted.internet import reactor
 from tests.support.eventually import eventually_sync
 from tests.support.kite_sim import SimAdmin, run_sim, ws_root
 
+pytest_plugins = ["tests.integration.kite_sim_support"]  # admin, account
+
 RECONNECT_DELAY_S = 0.2
 
 
@@ -96,18 +98,6 @@ class TickerProbe:
 def sim_url() -> Iterator[str]:
     with run_sim(tick_interval_ms=0, seed=3) as url:
         yield url
-
-
-@pytest.fixture
-def admin(sim_url: str) -> SimAdmin:
-    admin = SimAdmin(sim_url)
-    admin.reset()
-    return admin
-
-
-@pytest.fixture
-def account(admin: SimAdmin) -> dict[str, Any]:
-    return admin.create_account()
 
 
 @pytest.fixture(scope="module")

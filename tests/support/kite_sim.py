@@ -11,7 +11,7 @@ Public API (stable; tests/conftest.py and other suites may rely on it):
   is picked (and retried if another process grabbed it first).
 - `ws_root(base_url)`: the `root=` for `KiteTicker` (`ws://127.0.0.1:PORT/ws`).
 - `SimAdmin(base_url)`: thin client of `/sim/*`: `create_account()`,
-  `request_token()`, `expire()`, `ticks()`, `orders()`, `set_faults()`,
+  `request_token()`, `expire()`, `ticks()`, `orders()`, `set_liquidity()`, `set_faults()`,
   `faults()`, `drop_ws()`, `reset()`, `health()`.
 
 Only the standard library is used, so the helper works in any test suite.
@@ -140,9 +140,11 @@ class SimAdmin:
         """Return `/healthz`."""
         return self.call("GET", "/healthz")
 
-    def create_account(self, user_name: str | None = None, daily_order_cap: int | None = None) -> dict[str, Any]:
-        """Open an account: {api_key, api_secret, access_token, user_id, user_name}."""
-        body = {k: v for k, v in {"user_name": user_name, "daily_order_cap": daily_order_cap}.items() if v}
+    def create_account(self, user_name: str | None = None, daily_order_cap: int | None = None,
+                       postback_url: str | None = None) -> dict[str, Any]:
+        """Open an account: {api_key, api_secret, access_token, user_id, user_name, postback_url}."""
+        body = {k: v for k, v in {"user_name": user_name, "daily_order_cap": daily_order_cap,
+                                  "postback_url": postback_url}.items() if v}
         return self.call("POST", "/sim/accounts", body)
 
     def request_token(self, api_key: str) -> str:
@@ -162,6 +164,10 @@ class SimAdmin:
         """List every order the simulator received, optionally filtered."""
         query = {k: v for k, v in {"api_key": api_key, "tag": tag}.items() if v is not None}
         return self.call("GET", "/sim/orders", query=query)
+
+    def set_liquidity(self, **settings: Any) -> dict[str, Any]:
+        """Change fills: slippage_bps and/or depth_quantity (reset() restores the start-up values)."""
+        return self.call("POST", "/sim/liquidity", settings)
 
     def set_faults(self, **faults: Any) -> dict[str, Any]:
         """Replace fault settings (latency_ms, error_rate, timeout_after_accept_rate, ...)."""
