@@ -192,6 +192,9 @@ class Deliverer:
                     continue
                 log.warning("notify stream read failed; retrying", error=str(exc)[:200])
                 await asyncio.sleep(1)
+            except Exception:  # noqa: BLE001 - Postgres down, say: entries stay pending and are claimed again
+                log.exception("notify fan-out failed; retrying", partition=partition)
+                await asyncio.sleep(1)
 
     async def _claim_abandoned(self, partition: int) -> None:
         # Entries read by a deliverer that died before fanning them out.
@@ -283,6 +286,9 @@ class Deliverer:
             error = f"{type(exc).__name__}: {str(exc)[:200]}"
         except RedisError as exc:
             error = f"redis: {str(exc)[:200]}"
+        except Exception as exc:  # noqa: BLE001 - settled as a failed attempt, never a lost delivery
+            log.exception("notification attempt failed", notice_id=notice.id)
+            error = f"{type(exc).__name__}"
         try:
             await self._settle(partition, member, item, notice, attempt, error)
         except RedisError as exc:
