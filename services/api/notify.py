@@ -258,18 +258,30 @@ class Deliverer:
                 except RedisError as exc:
                     log.warning("notify schedule read failed; retrying", error=str(exc)[:200])
                     continue
+                except Exception:  # noqa: BLE001 - what was claimed comes due again after its lease
+                    log.exception("notify schedule claim failed", partition=partition)
+                    continue
                 found += len(claimed)
                 for member, payload in zip(claimed[::2], claimed[1::2], strict=True):
-                    task = asyncio.create_task(self._deliver(partition, member.decode(), orjson.loads(payload)))
+                    task = asyncio.create_task(self._deliver(partition, member.decode(), payload))
                     self._inflight.add(task)
                     task.add_done_callback(self._inflight.discard)
             if not found:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), self.settings.notify_poll_s)
 
-    async def _deliver(self, partition: int, member: str, item: dict[str, Any]) -> None:
-        notice = Notice.model_validate(item["notice"])
-        attempt = int(item["attempt"]) + 1
+    async def _deliver(self, partition: int, member: str, payload: bytes) -> None:
+        try:
+            item = orjson.loads(payload)
+            notice = Notice.model_validate(item["notice"])
+            attempt = int(item["attempt"]) + 1
+        except (ValueError, KeyError, TypeError):
+            log.error("notification delivery unreadable; dropped", member=member)
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.zrem(keys.notify_schedule(partition), member)
+                pipe.hdel(keys.notify_pending(partition), member)
+                await pipe.execute()
+            return
         error = None
         try:
             target = await self._target(notice.user_id)
