@@ -15,18 +15,14 @@ Contract:
   failing receiver only holds its own delivery slot.
 - Success removes the delivery; failure reschedules it with exponential
   backoff and jitter; after `notify_max_attempts` it moves to `notify:dead`.
-- Receivers deduplicate by the notice id (header `X-Tickwise-Event-Id`).
-  Webhook bodies are signed: `X-Tickwise-Signature: v1=hex(HMAC-SHA256(secret,
-  "{X-Tickwise-Timestamp}.{body}"))`; receivers reject stale timestamps.
+- Receivers deduplicate by the notice id (header `X-Tickwise-Event-Id`);
+  webhook bodies are signed (`services.api.notify_send`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import hmac
-import ipaddress
 import os
 import random
 import secrets
@@ -36,7 +32,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urlsplit
 from uuid import UUID
 
 import aiohttp
@@ -52,6 +47,7 @@ from libs.schema.tables import NotificationSettings
 from libs.service.secretbox import SecretBox
 from libs.trading.calendar import IST
 from services.api.deps import BOX, READS, REDIS, SETTINGS
+from services.api.notify_send import RefusedTarget, Senders
 from services.api.settings import ApiSettings
 
 log = structlog.get_logger("api.notify")
@@ -75,12 +71,6 @@ for _, member in ipairs(due) do
 end
 return out
 """
-
-
-def sign(secret: str, timestamp: str, body: bytes) -> str:
-    """Return the webhook signature header value of a body sent at `timestamp` (unix seconds)."""
-    digest = hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
-    return "v1=" + digest
 
 
 def secret_aad(user_id: UUID) -> str:
@@ -114,10 +104,6 @@ class Target:
     telegram_chat_id: str | None
 
 
-class RefusedTarget(Exception):
-    """The webhook points somewhere this deployment must not call (loopback, private ranges)."""
-
-
 class Deliverer:
     """Move notices from the stream into the schedule, and send what is due."""
 
@@ -128,13 +114,8 @@ class Deliverer:
         self._claim = redis.register_script(_CLAIM)
         self._targets: dict[UUID, tuple[float, Target | None]] = {}
         self._inflight: set[asyncio.Task[None]] = set()  # at most notify_concurrency
-        self.http: aiohttp.ClientSession | None = None
+        self.send: Senders | None = None
         self.sent = self.failed = 0
-
-    @property
-    def allow_private(self) -> bool:
-        allowed = self.settings.notify_allow_private_targets
-        return bool(self.settings.kite_root) if allowed is None else allowed
 
     async def run(self, stop: asyncio.Event) -> None:
         """Fan out and dispatch every partition until `stop`; then give deliveries in flight a short grace."""
@@ -143,7 +124,7 @@ class Deliverer:
             await self._ensure_group(partition)
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.settings.notify_timeout_s),
                                          connector=aiohttp.TCPConnector(limit=0)) as http:
-            self.http = http
+            self.send = Senders(self.settings, http)
             fan_outs = [asyncio.create_task(self._fan_out_loop(stop, p), name=f"notify-fan-out-{p}")
                         for p in partitions]
             try:
@@ -283,15 +264,16 @@ class Deliverer:
                 await pipe.execute()
             return
         error = None
+        assert self.send is not None
         try:
             target = await self._target(notice.user_id)
             if item["channel"] == "webhook":
                 if target is None or not target.webhook_url or not target.webhook_secret:
                     error = None  # turned off meanwhile: nothing to send
                 else:
-                    await self._post_webhook(target.webhook_url, target.webhook_secret, notice)
+                    await self.send.webhook(target.webhook_url, target.webhook_secret, notice)
             elif target is not None and target.telegram_chat_id:
-                await self._post_telegram(target.telegram_chat_id, notice)
+                await self.send.telegram(target.telegram_chat_id, notice)
         except RefusedTarget as exc:
             error, attempt = str(exc), self.settings.notify_max_attempts  # retrying cannot help
         except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
@@ -337,43 +319,6 @@ class Deliverer:
             pipe.hset(pending, member, orjson.dumps({**item, "attempt": attempt, "error": error}))
             pipe.zadd(schedule, {member: int((time.time() + delay) * 1000)})
             await pipe.execute()
-
-    async def _post_webhook(self, url: str, secret: str, notice: Notice) -> None:
-        await self._check_target(url)
-        body = notice.model_dump_json().encode()
-        stamp = str(int(time.time()))
-        headers = {"Content-Type": "application/json", "User-Agent": "Tickwise-Webhook/1",
-                   "X-Tickwise-Event-Id": notice.id, "X-Tickwise-Event": notice.type,
-                   "X-Tickwise-Timestamp": stamp, "X-Tickwise-Signature": sign(secret, stamp, body)}
-        assert self.http is not None
-        async with self.http.post(url, data=body, headers=headers, allow_redirects=False) as resp:
-            await resp.read()
-            if not 200 <= resp.status < 300:
-                raise aiohttp.ClientResponseError(resp.request_info, (), status=resp.status,
-                                                  message=f"receiver answered {resp.status}")
-
-    async def _post_telegram(self, chat_id: str, notice: Notice) -> None:
-        base = self.settings.telegram_api_base.rstrip("/")
-        url = f"{base}/bot{self.settings.telegram_bot_token}/sendMessage"
-        assert self.http is not None
-        async with self.http.post(url, json={"chat_id": chat_id, "text": notice.text(),
-                                             "disable_web_page_preview": True}) as resp:
-            await resp.read()
-            if not 200 <= resp.status < 300:
-                # The URL holds the bot token: never put it in the error.
-                raise ValueError(f"Telegram answered {resp.status}")
-
-    async def _check_target(self, url: str) -> None:
-        if self.allow_private:
-            return
-        host = urlsplit(url).hostname or ""
-        port = urlsplit(url).port or 443
-        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        for info in infos:
-            address = ipaddress.ip_address(info[4][0])
-            if not address.is_global:
-                raise RefusedTarget(f"webhook host {host} resolves to a non-public address")
-
 
 NOTIFIER = web.AppKey("notifier", Deliverer)
 
