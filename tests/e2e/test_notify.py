@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 import pytest
 from aiohttp import web
 
-from deploy.local.procs import free_port
 from tests.e2e.harness import Trader
 from tests.support.eventually import eventually
+from tests.support.receiver import serve_on_loopback
 
 
 @dataclass
@@ -51,16 +51,9 @@ class Receiver:
 @pytest.fixture
 async def receiver() -> AsyncIterator[Receiver]:
     found = Receiver()
-    app = web.Application()
-    app.router.add_post("/flaky", found.flaky)
-    app.router.add_post("/hang", found.hang)
-    runner = web.AppRunner(app, shutdown_timeout=0.5)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    found.url = f"http://127.0.0.1:{port}"
-    yield found
-    await runner.cleanup()
+    async with serve_on_loopback([web.post("/flaky", found.flaky), web.post("/hang", found.hang)]) as base:
+        found.url = base
+        yield found
 
 
 @pytest.mark.timeout(90)

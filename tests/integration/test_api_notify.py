@@ -10,9 +10,9 @@ import orjson
 import pytest
 from aiohttp import web
 
-from deploy.local.procs import free_port
 from libs.schema import keys
 from tests.support.eventually import eventually
+from tests.support.receiver import serve_on_loopback
 
 pytest_plugins = ["tests.integration.api_support"]
 
@@ -40,16 +40,10 @@ class Receiver:
 @pytest.fixture
 async def receiver() -> AsyncIterator[Receiver]:
     found = Receiver()
-    app = web.Application()
-    app.router.add_post("/bot{token}/sendMessage", found.send_message)
-    app.router.add_post("/broken", found.broken)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    found.base = f"http://127.0.0.1:{port}"
-    yield found
-    await runner.cleanup()
+    routes = [web.post("/bot{token}/sendMessage", found.send_message), web.post("/broken", found.broken)]
+    async with serve_on_loopback(routes) as base:
+        found.base = base
+        yield found
 
 
 async def test_telegram_messages_go_to_the_configured_bot_api(api_factory, receiver: Receiver) -> None:
