@@ -39,6 +39,7 @@ __all__ = [
     "NOTIFY_PENDING",
     "NOTIFY_SCHEDULE",
     "NOTIFY_STREAM",
+    "OPERATOR_HALT",
     "ORDERS_DEAD_STREAM",
     "ORDERS_STREAM",
     "ORDER_LOGS_DEAD_STREAM",
@@ -49,6 +50,7 @@ __all__ = [
     "MAX_PARTITIONS",
     "SLOTS",
     "broker_credentials_key",
+    "broker_login_state_key",
     "configure_partitions",
     "control_stream",
     "exit_attempt_key",
@@ -78,6 +80,7 @@ __all__ = [
     "strategy_key_pattern",
     "symbol_strategies_key",
     "symbol_strategies_pattern",
+    "token_check_key",
 ]
 
 Id = UUID | str
@@ -230,6 +233,12 @@ def state_marker_key(partition: int) -> str:
 
 
 STATE_MARKER = state_marker_key(0)
+
+
+# STRING set and cleared by an operator with redis-cli (`SET tickwise:halt "<reason>"`,
+# `DEL tickwise:halt`): while it exists executors place no new entries (BUYs are
+# skipped with the reason), exits still go out. No TTL: a halt lasts until cleared.
+OPERATOR_HALT = "tickwise:halt"
 
 
 # --- scheduling ---------------------------------------------------------------
@@ -410,3 +419,22 @@ def login_throttle_addr_key(addr: str) -> str:
     # STRING counter of failed logins from one client address, EX 60, for the
     # same reason as the per-email counter.
     return f"throttle:login:addr:{addr}:{_THROTTLE_TAG}"
+
+
+# --- the Kite session's daily life --------------------------------------------
+
+def broker_login_state_key(nonce: str) -> str:
+    """Return `broker:login:state:<nonce>` (no hash tag: a single-key SET NX)."""
+    # STRING set NX by the login callback when it accepts a state: a replayed state
+    # finds it and is refused. EX a little past the state's own lifetime, after
+    # which the signature's expiry refuses it anyway.
+    return f"broker:login:state:{nonce}"
+
+
+def token_check_key(user_id: Id, day: date | str) -> str:
+    """Return `token:checked:<user_id>:<yyyy-mm-dd>` (no hash tag: a single-key SET NX)."""
+    # STRING set NX by the scheduler that runs a user's pre-open token check on a
+    # trading day, so replicas neither check nor notify twice. EX of two days: the
+    # day is in the name, the TTL only cleans up.
+    day_text = day.isoformat() if isinstance(day, date) else day
+    return f"token:checked:{_id(user_id)}:{day_text}"

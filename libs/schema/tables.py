@@ -14,6 +14,7 @@ from datetime import date, datetime, time
 from typing import Any
 
 from sqlalchemy import (
+    ARRAY,
     Boolean,
     CheckConstraint,
     Date,
@@ -101,6 +102,9 @@ class BrokerCredential(Base):
     """A user's Kite credentials, encrypted at rest (data model §1.2); one per user."""
 
     __tablename__ = "broker_credentials"
+    __table_args__ = (
+        CheckConstraint("token_state IN ('valid', 'expired', 'unknown')", name="token_state_known"),
+    )
 
     user_id: Mapped[uuid.UUID] = mapped_column(
         Uuid, ForeignKey("users.id", ondelete="CASCADE"), primary_key=True
@@ -120,6 +124,13 @@ class BrokerCredential(Base):
     # Extra: the Kite profile the token belongs to.
     broker_user_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     broker_user_name: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    # Extra (0003): the access token's daily life. `token_state` is the broker's last answer
+    # (valid / expired = TokenException / unknown = never asked or the broker did not answer);
+    # `token_issued_at` is when the stored token was accepted (it dies at the next 06:00 IST).
+    token_state: Mapped[str] = mapped_column(String(16), nullable=False, server_default="unknown",
+                                             default="unknown")
+    token_checked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    token_issued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     created_at: Mapped[datetime] = _created_at()
     updated_at: Mapped[datetime] = _updated_at()
 
@@ -133,6 +144,7 @@ class Strategy(Base):
         CheckConstraint("stop_loss > 0", name="stop_loss_positive"),
         CheckConstraint("buy_time < sell_time", name="buy_before_sell"),
         CheckConstraint("symbol ~ '^[A-Z0-9&_-]{1,30}$'", name="symbol_format"),
+        CheckConstraint("repeat IN ('once', 'trading_days')", name="repeat_known"),
         Index("ix_strategies_user_id", "user_id"),
         Index("ix_strategies_status", "status"),
     )
@@ -156,6 +168,10 @@ class Strategy(Base):
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     stopped_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     failure_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # Extras (0003): `once` trades one run per start; `trading_days` re-arms after every run
+    # for the next trading day, on `weekdays` only when set (0 = Monday ... 6 = Sunday).
+    repeat: Mapped[str] = mapped_column(String(16), nullable=False, server_default="once", default="once")
+    weekdays: Mapped[list[int] | None] = mapped_column(ARRAY(Integer), nullable=True)
     created_at: Mapped[datetime] = _created_at()
     updated_at: Mapped[datetime] = _updated_at()
 

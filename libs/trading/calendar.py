@@ -69,17 +69,26 @@ class MarketCalendar:
                 f"(MIS square-off at {MIS_SQUARE_OFF.isoformat()} minus the safety margin)"
             )
 
-    def next_run_day(self, buy_time: time, now: datetime) -> date:
-        """Return the next trading day on which `buy_time` (IST) is still ahead of `now`."""
+    def next_run_day(self, buy_time: time, now: datetime, weekdays: Iterable[int] | None = None) -> date:
+        """Return the next trading day on which `buy_time` (IST) is still ahead of `now`.
+
+        `weekdays` (0 = Monday): only those days of the week count; None = every.
+        """
+        allowed = None if weekdays is None else frozenset(weekdays)
         local = now.astimezone(IST)
         day = local.date()
         if local.time() >= buy_time:
             day += timedelta(days=1)
         for _ in range(400):
-            if self.is_trading_day(day):
+            if self.is_trading_day(day) and (allowed is None or day.weekday() in allowed):
                 return day
             day += timedelta(days=1)
         raise CalendarError("no trading day within a year")
+
+    def next_trading_day_at(self, t: time, now: datetime) -> datetime:
+        """Return the next instant at IST wall-clock `t` on a trading day, strictly after `now`."""
+        day = self.next_run_day(t, now)
+        return self.at(day, t)
 
     @staticmethod
     def at(day: date, t: time) -> datetime:

@@ -14,6 +14,7 @@ each script runs in one hash slot of a Redis Cluster.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any
@@ -32,7 +33,10 @@ from libs.schema.models import (
     StrategyConfig,
     event_to_json,
 )
+from libs.service.logging import get_logger
 from libs.trading.calendar import MarketCalendar, epoch_ms
+
+_log = get_logger("runs")
 
 CONTROL_MAXLEN = keys.CONTROL_MAXLEN
 
@@ -88,7 +92,7 @@ def run_id_for(started_at: datetime) -> str:
 
 def plan_run(config: StrategyConfig, calendar: MarketCalendar, started_at: datetime) -> RunPlan:
     """Return the BUY and SELL of the run started at `started_at` (deterministic)."""
-    day = calendar.next_run_day(config.buy_time, started_at)
+    day = calendar.next_run_day(config.buy_time, started_at, config.weekdays)
     common = {"strategy_id": config.strategy_id, "run_id": config.run_id, "trading_day": day}
     buy = BuyEvent(**common, trigger_time=calendar.at(day, config.buy_time))
     sell = SellEvent(**common, trigger_time=calendar.at(day, config.sell_time))
@@ -115,6 +119,36 @@ async def load_run(redis: Redis, config: StrategyConfig, plan: RunPlan, *, now: 
         event_to_json(plan.buy), plan.buy_due_ms, event_to_json(plan.sell), plan.sell_due_ms,
         dumps(started_message(config)), CONTROL_MAXLEN, keys.SCHEDULE_WAKEUP_CHANNEL,
     )
+
+
+async def commit_loaded_run(session: Any, redis: Redis, config: StrategyConfig, plan: RunPlan, *, now: datetime,
+                            before_load: Callable[[], Awaitable[None]] | None = None) -> None:
+    """Load a started run into Redis, then commit `session` (which marked it running); never half of it.
+
+    If the load fails the transaction rolls back; if the commit fails the load is undone.
+    """
+    try:
+        if before_load is not None:
+            await before_load()
+        await load_run(redis, config, plan, now=now)
+    except BaseException:
+        await session.rollback()
+        raise
+    await commit_or_undo(session, lambda: unload_run(redis, config, plan), "start", config.strategy_id)
+
+
+async def commit_or_undo(session: Any, undo: Callable[[], Awaitable[Any]], action: str,
+                         strategy_id: Any) -> None:
+    """Commit `session`; if the commit fails, undo the Redis half (loudly if that fails too) and re-raise."""
+    try:
+        await session.commit()
+    except BaseException:
+        try:
+            await undo()
+        except Exception:
+            _log.exception("undo failed: Redis and Postgres disagree until the next rebuild", action=action,
+                           strategy_id=str(strategy_id))
+        raise
 
 
 async def unload_run(redis: Redis, config: StrategyConfig, plan: RunPlan) -> bool:
@@ -154,4 +188,5 @@ def config_for(strategy: Any, *, api_key_fp: str | None = None, instrument_token
         quantity=strategy.quantity, status="running", run_id=run_id_for(strategy.started_at),
         exchange=getattr(strategy, "exchange", None) or "NSE", product=getattr(strategy, "product", None) or "MIS",
         instrument_token=instrument_token, api_key_fp=api_key_fp,
+        weekdays=tuple(strategy.weekdays) if getattr(strategy, "weekdays", None) else None,
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
@@ -34,6 +35,7 @@ from libs.schema.models import (
 from libs.schema.tables import BrokerCredential, Strategy
 from libs.service.logging import register_secret, scrub
 from libs.service.secretbox import SecretBox, SecretBoxError
+from libs.trading.tokens import token_expires_at
 from services.api.deps import BOX, GATEWAY, READS, REDIS, SESSIONS, current_user, read_model
 from services.api.errors import ApiError, field_error, json_response
 from services.api.notify import token_expired
@@ -80,7 +82,8 @@ def broker_unavailable(exc: BrokerError) -> ApiError:
 async def write_broker_hash(redis: Redis, row: BrokerCredential) -> None:
     """Mirror a credentials row into `broker:{user_id}` for the order path (ciphertexts only)."""
     key = keys.broker_credentials_key(row.user_id)
-    fields = {"api_key": row.api_key, "api_key_fp": row.api_key_fp, "is_valid": "1" if row.is_valid else "0"}
+    fields = {"api_key": row.api_key, "api_key_fp": row.api_key_fp, "is_valid": "1" if row.is_valid else "0",
+              "token_state": row.token_state}
     if row.access_token:
         fields["access_token"] = row.access_token
     async with redis.pipeline(transaction=True) as pipe:
@@ -145,13 +148,26 @@ async def mark_invalid(app: web.Application, user_id: UUID) -> None:
     await token_expired(app[REDIS], user_id)
 
 
+def token_fields(is_valid: bool) -> dict[str, Any]:
+    """Return the token-state columns of credentials the broker just answered about."""
+    now = datetime.now(UTC)
+    return {"token_state": "valid" if is_valid else "expired", "token_checked_at": now,
+            "token_issued_at": now if is_valid else None}
+
+
+def token_status(row: BrokerCredential) -> dict[str, Any]:
+    """Return the token-state fields of `GET /broker` (state, last checked, 06:00 IST expiry)."""
+    return {"token_state": row.token_state, "token_checked_at": row.token_checked_at,
+            "token_expires_at": token_expires_at(row.token_issued_at) if row.token_state == "valid" else None}
+
+
 async def _store(app: web.Application, user_id: UUID, *, api_key: str, api_secret: str, access_token: str,
                  is_valid: bool, profile: dict[str, Any] | None) -> BrokerCredential:
     box: SecretBox = app[BOX]
     values = {c: box.encrypt(v, aad(user_id, c)) for c, v in
               (("api_key", api_key), ("api_secret", api_secret), ("access_token", access_token))}
     values |= {"is_valid": is_valid, "key_id": box.current_key_id, "api_key_hint": api_key_hint(api_key),
-               "api_key_fp": api_key_fingerprint(api_key)}
+               "api_key_fp": api_key_fingerprint(api_key), **token_fields(is_valid)}
     if profile is not None:
         values |= {"broker_user_id": str(profile.get("user_id") or "")[:64] or None,
                    "broker_user_name": str(profile.get("user_name") or "")[:200] or None}
@@ -257,9 +273,20 @@ async def status(request: web.Request) -> web.Response:
     user_id = current_user(request)
     async with request.app[READS]() as session:
         row = await session.get(BrokerCredential, user_id)
+    return json_response(await broker_status(request.app, user_id, row))
+
+
+async def broker_status(app: web.Application, user_id: UUID, row: BrokerCredential | None) -> dict:
+    """Return the broker status of a credentials row (also pushed by the dashboard's event stream)."""
     if row is None:
-        out = BrokerStatusOut(connected=False, is_valid=False)
-    else:
-        out = BrokerStatusOut(connected=True, is_valid=row.is_valid, api_key_hint=row.api_key_hint,
-                              updated_at=row.updated_at)
-    return json_response(out.model_dump(mode="json"))
+        return BrokerStatusOut(connected=False, is_valid=False).model_dump(mode="json")
+    token = token_status(row)
+    # The executor records a token the broker refused at order time in Redis only (it never
+    # writes Postgres): that answer is newer than a `valid` one here, for the same token.
+    seen = await app[REDIS].hmget(keys.broker_credentials_key(user_id), "access_token", "token_state")
+    refused = seen[1] == b"expired" and seen[0] is not None and seen[0].decode() == row.access_token
+    if refused:
+        token |= {"token_state": "expired", "token_expires_at": None}
+    out = BrokerStatusOut(connected=True, is_valid=row.is_valid and not refused,
+                          api_key_hint=row.api_key_hint, updated_at=row.updated_at, **token)
+    return out.model_dump(mode="json")

@@ -38,6 +38,7 @@ from sqlalchemy import select
 from libs.schema.models import OrderLogOut
 from libs.schema.models.dashboard import StreamTicketOut
 from libs.schema.tables import BrokerCredential, OrderLog
+from services.api.broker import broker_status
 from services.api.deps import READS, SETTINGS, current_user
 from services.api.errors import ApiError, json_response
 from services.api.status import strategy_items
@@ -155,9 +156,7 @@ class _Feed:
             orders = await self._new_orders(session)
         views = {
             "strategies": items,
-            "broker": {"connected": broker is not None, "is_valid": bool(broker and broker.is_valid),
-                       "api_key_hint": broker.api_key_hint if broker else None,
-                       "updated_at": broker.updated_at.isoformat() if broker else None},
+            "broker": await broker_status(self.app, self.user_id, broker),
         }
         events: list[tuple[str, Any]] = []
         for name, data in views.items():

@@ -32,7 +32,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import aiohttp
 import orjson
@@ -93,6 +93,12 @@ async def token_expired(redis: Redis, user_id: UUID) -> None:
     day = now.astimezone(IST).date().isoformat()
     await emit(redis, Notice(id=f"token-expired-{user_id}-{day}", type="token_expired", user_id=user_id,
                              occurred_at=now, data={"message": "the broker refused the access token"}))
+
+
+async def kill_switch_used(redis: Redis, user_id: UUID, data: dict[str, Any]) -> None:
+    """Tell the user their kill switch was pressed, and what it did."""
+    await emit(redis, Notice(id=f"kill-switch-{uuid4()}", type="kill_switch", user_id=user_id,
+                             occurred_at=datetime.now(UTC), data=data))
 
 
 @dataclass(frozen=True)

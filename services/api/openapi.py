@@ -45,6 +45,7 @@ class Op:
     query: tuple[dict[str, Any], ...] = ()
     media_type: str = "application/json"
     raw_schema: dict[str, Any] = field(default_factory=dict)
+    redirect: str | None = None  # a 303 the operation answers browsers with, described here
 
     @property
     def operation_id(self) -> str:
@@ -89,6 +90,9 @@ def build_openapi(ops: list[Op], *, title: str = "Tickwise API", version: str = 
             operation["requestBody"] = {"required": True, "content": {
                 "application/json": {"schema": refs[(op.body, "validation")]}}}
         operation["responses"] = {str(op.status): _success(op, refs)}
+        if op.redirect:
+            operation["responses"]["303"] = {"description": op.redirect, "headers": {
+                "Location": {"schema": {"type": "string"}, "description": "Where the browser goes next."}}}
         for code in op.statuses():
             operation["responses"][str(code)] = {"description": _REASONS.get(code, "Error"),
                                                  "content": {"application/json": {"schema": error_ref}}}

@@ -10,8 +10,11 @@ from aiohttp import web
 from libs.schema.models import (
     BrokerConnectOut,
     BrokerConnectRequest,
+    BrokerLoginOut,
     BrokerSessionRequest,
     BrokerStatusOut,
+    KillSwitchOut,
+    KillSwitchRequest,
     LoginRequest,
     OrderLogOut,
     RegisterRequest,
@@ -30,6 +33,8 @@ from libs.schema.models.types import SYMBOL_PATTERN
 from services.api import (
     auth,
     broker,
+    kill_switch,
+    kite_login,
     live,
     notify_routes,
     positions,
@@ -72,6 +77,19 @@ async def openapi_json(request: web.Request) -> web.Response:
     return json_response(request.app[OPENAPI])
 
 
+def _query(name: str, description: str, required: bool = False) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": required, "description": description,
+            "schema": {"type": "string"}}
+
+
+_CALLBACK_QUERY = (
+    _query("state", "The signed state Tickwise put in Kite's redirect_params (single use).", True),
+    _query("request_token", "Kite's one-time request token.", True),
+    _query("status", "`success` when the user logged in at Kite.", True),
+    _query("action", "`login`."),
+    _query("type", "`login`."),
+)
+
 _LIMIT = {"name": "limit", "in": "query", "required": False,
           "schema": {"type": "integer", "minimum": 1, "maximum": ORDERS_MAX_LIMIT, "default": ORDERS_DEFAULT_LIMIT}}
 
@@ -99,8 +117,18 @@ def api_ops() -> list[Op]:
            body=BrokerConnectRequest, response=BrokerConnectOut, errors=(409, 503)),
         Op("POST", f"{V1}/broker/session", broker.new_session, "Exchange a Kite request_token (daily login)",
            "broker", body=BrokerSessionRequest, response=BrokerConnectOut, errors=(409, 503)),
-        Op("GET", f"{V1}/broker", broker.status, "Broker connection state (no secrets)", "broker",
+        Op("GET", f"{V1}/broker", broker.status, "Broker connection and token state (no secrets)", "broker",
            response=BrokerStatusOut),
+        Op("GET", f"{V1}/broker/login", kite_login.login, "Kite login URL with a signed single-use state",
+           "broker", response=BrokerLoginOut, errors=(409,)),
+        Op("GET", f"{V1}/broker/callback", kite_login.callback,
+           "Kite login redirect: check the state, exchange the request_token, store the token", "broker",
+           response=BrokerConnectOut, auth=False, errors=(400, 403, 409, 422, 503), query=_CALLBACK_QUERY,
+           redirect="Browsers (no `Accept: application/json`) go back to the dashboard with "
+                    "`?broker_login=success` or `?broker_login=error&code=...&message=...`."),
+        Op("POST", f"{V1}/kill-switch", kill_switch.press,
+           "Stop every running strategy (square_off: sell every held position once)", "runs",
+           body=KillSwitchRequest, response=KillSwitchOut, errors=(503,)),
         Op("POST", f"{V1}/strategies", strategies.create, "Create a strategy", "strategies",
            body=StrategyCreateRequest, status=201, response=StrategyOut, errors=(409, 503)),
         Op("GET", f"{V1}/strategies", status.list_strategies, "List the caller's strategies with status and P&L",

@@ -39,9 +39,12 @@ from libs.schema.models import (
 )
 from libs.schema.models import StrategyStatus as S
 from libs.schema.tables import BrokerCredential, Strategy
+from libs.trading.repeat import end_series
 from libs.trading.runs import (
     CONTROL_MAXLEN,
     RunPlan,
+    commit_loaded_run,
+    commit_or_undo,
     config_for,
     load_run,
     loaded_config,
@@ -52,6 +55,7 @@ from services.api.broker import load_credentials, require_valid, write_broker_ha
 from services.api.deps import CALENDAR, REDIS, SESSIONS, SETTINGS, current_user, read_model
 from services.api.errors import ApiError, json_response
 from services.api.instruments import instrument_token
+from services.api.kite_login import require_live_token
 from services.api.status import build_status
 from services.api.strategies import check_times, own_strategy
 
@@ -90,6 +94,7 @@ async def start(request: web.Request) -> web.Response:
         if row.status == S.running:
             return json_response(await build_status(app, row))
         creds = require_valid(await load_credentials(app, session, user_id))
+    await require_live_token(app, user_id)
     check_times(app, row.buy_time, row.sell_time)
     token = await instrument_token(app, user_id, row.symbol)
     redis = app[REDIS]
@@ -106,18 +111,12 @@ async def start(request: web.Request) -> web.Response:
         config = config_for(row, api_key_fp=creds.api_key_fp, instrument_token=token)
         plan = plan_run(config, app[CALENDAR], now)
         broker_row = await session.get(BrokerCredential, user_id)
-        try:
+
+        async def mirror_credentials() -> None:
             if broker_row is not None:
                 await write_broker_hash(redis, broker_row)
-            await load_run(redis, config, plan, now=now)
-        except BaseException:
-            await session.rollback()
-            raise
-        try:
-            await session.commit()
-        except BaseException:
-            await _undo(unload_run(redis, config, plan), "start", row.id)
-            raise
+
+        await commit_loaded_run(session, redis, config, plan, now=now, before_load=mirror_credentials)
         await session.refresh(row)
     log.info("strategy started", strategy_id=str(row.id), run_id=config.run_id,
              trading_day=plan.trading_day.isoformat(), buy_due_ms=plan.buy_due_ms)
@@ -131,23 +130,35 @@ async def stop(request: web.Request) -> web.Response:
     body = await read_model(request, StopStrategyRequest)
     async with app[SESSIONS]() as session:
         row = await own_strategy(session, user_id, body.strategy_id)
+        if row.status != S.running and await end_series(session, user_id, row.id):
+            await session.refresh(row)  # a repeating strategy between runs: no next run
     if row.status != S.running:
         return json_response(await build_status(app, row))
-    redis = app[REDIS]
-    owner = await _acquire_lock(redis, row.id, app[SETTINGS].stop_lock_wait_s)
-    try:
-        row = await _stop_locked(app, user_id, body.strategy_id, body.square_off)
-    finally:
-        await redis.eval(_RELEASE, 1, keys.lock_key(body.strategy_id), owner)
+    row, _ = await stop_run(app, user_id, body.strategy_id, body.square_off, app[SETTINGS].stop_lock_wait_s)
     return json_response(await build_status(app, row))
 
 
-async def _stop_locked(app: web.Application, user_id: UUID, strategy_id: UUID, square_off: bool) -> Strategy:
+async def stop_run(app: web.Application, user_id: UUID, strategy_id: UUID, square_off: bool,
+                   lock_wait_s: float) -> tuple[Strategy, bool]:
+    """Stop one run under its executor lock; return the row and whether a square-off SELL was queued.
+
+    409 `strategy_busy` if an order stays in flight longer than lock_wait_s.
+    """
+    redis = app[REDIS]
+    owner = await _acquire_lock(redis, strategy_id, lock_wait_s)
+    try:
+        return await _stop_locked(app, user_id, strategy_id, square_off)
+    finally:
+        await redis.eval(_RELEASE, 1, keys.lock_key(strategy_id), owner)
+
+
+async def _stop_locked(app: web.Application, user_id: UUID, strategy_id: UUID,
+                       square_off: bool) -> tuple[Strategy, bool]:
     redis = app[REDIS]
     async with app[SESSIONS]() as session:
         row = await own_strategy(session, user_id, strategy_id, for_update=True)
         if row.status != S.running or row.started_at is None:
-            return row
+            return row, False
         rebuilt = config_for(row)
         config = await loaded_config(redis, str(row.id))
         if config is None or config.run_id != rebuilt.run_id:
@@ -166,16 +177,14 @@ async def _stop_locked(app: web.Application, user_id: UUID, strategy_id: UUID, s
         except BaseException:
             await session.rollback()
             raise
-        try:
-            await session.commit()
-        except BaseException:
+        async def reload() -> None:
             if saved and not squared:
-                await _undo(load_run(redis, config, plan, runtime=RuntimeState.from_redis_hash(saved)),
-                            "stop", row.id)
-            raise
+                await load_run(redis, config, plan, runtime=RuntimeState.from_redis_hash(saved))
+
+        await commit_or_undo(session, reload, "stop", row.id)
         await session.refresh(row)
     log.info("strategy stopped", strategy_id=str(row.id), run_id=config.run_id, square_off=squared)
-    return row
+    return row, squared
 
 
 async def _square_off(redis: Redis, config: StrategyConfig, plan: RunPlan, now: datetime) -> bool:
@@ -206,11 +215,3 @@ async def _acquire_lock(redis: Redis, strategy_id: UUID, wait_s: float) -> str:
         if time.monotonic() >= deadline:
             raise ApiError(409, "strategy_busy", "an order of this strategy is in flight; retry in a moment")
         await asyncio.sleep(0.05)
-
-
-async def _undo(step, what: str, strategy_id: UUID) -> None:  # noqa: ANN001
-    try:
-        await step
-    except Exception:
-        log.exception("undo failed: Redis and Postgres disagree until the next rebuild",
-                      action=what, strategy_id=str(strategy_id))

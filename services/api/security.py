@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -93,6 +94,10 @@ class Tokens:
     def __init__(self, secret: bytes, lifetime_s: int) -> None:
         self._secret = secret
         self.lifetime_s = lifetime_s
+
+    def derive(self, purpose: bytes) -> bytes:
+        """Return a key for another signing purpose, derived from (never equal to) the token key."""
+        return hmac.new(self._secret, b"tickwise-derive:" + purpose, hashlib.sha256).digest()
 
     def issue(self, user_id: UUID) -> str:
         now = int(time.time())

@@ -74,6 +74,22 @@ class ApiSettings(ServiceSettings):
     """The operator's Telegram bot token; empty = Telegram notifications off."""
     telegram_api_base: str = "https://api.telegram.org"
     """Telegram Bot API base URL (tests point it at a local receiver)."""
+    kite_login_root: str | None = None
+    """Root of Kite's browser login (`/connect/login`); None = the simulator's kite_root in paper mode,
+    else https://kite.zerodha.com."""
+    login_state_ttl_s: int = Field(600, ge=30, le=3600)
+    """How long a Kite login link (its signed `state`) stays usable, once."""
+    dashboard_url: str = Field("/", repr=False)
+    """Where the Kite login callback sends the browser back to (with `?broker_login=...`)."""
+    token_check_cache_s: float = Field(30.0, ge=0)
+    """Start reuses the broker's `valid` answer about a token this long before asking again."""
+    kill_switch_lock_wait_s: float = Field(15.0, ge=0)
+    """How long the kill switch waits per strategy for an order in flight before answering `busy`."""
+
+    @property
+    def login_root(self) -> str:
+        """Return where `/connect/login` is served: Kite's login site, or the paper broker."""
+        return (self.kite_login_root or self.kite_root or "https://kite.zerodha.com").rstrip("/")
 
     @property
     def port(self) -> int:

@@ -26,9 +26,12 @@ from libs.schema.models import (
     RuntimeState,
     StatusResponse,
     StrategyConfig,
+    StrategyStatus,
 )
 from libs.schema.tables import OrderLog, Strategy
-from libs.trading.runs import plan_run
+from libs.trading.calendar import CalendarError
+from libs.trading.runs import config_for, plan_run
+from libs.trading.tokens import SESSION_EXPIRED_REASON
 from services.api.deps import CALENDAR, READS, REDIS, current_user, path_uuid
 from services.api.errors import field_error, json_response
 from services.api.pnl import RunFills, latest_run_fills, money
@@ -62,13 +65,14 @@ async def build_statuses(app: web.Application, session: Any, rows: list[Strategy
             pipe.get(keys.strategy_key(row.id))
             pipe.hgetall(keys.runtime_key(row.id))
             pipe.get(keys.price_key(row.symbol))
+            pipe.hmget(keys.broker_credentials_key(row.user_id), "token_state", "is_valid")
         replies = await pipe.execute()
     fills = await latest_run_fills(session, rows)
-    return [_status(app, row, fills[row.id], *replies[3 * i:3 * i + 3]) for i, row in enumerate(rows)]
+    return [_status(app, row, fills[row.id], *replies[4 * i:4 * i + 4]) for i, row in enumerate(rows)]
 
 
 def _status(app: web.Application, row: Strategy, fills: RunFills, config_raw: bytes | None,
-            runtime_raw: dict | None, price_raw: bytes | None) -> dict:
+            runtime_raw: dict | None, price_raw: bytes | None, token: list[bytes | None]) -> dict:
     market = last_price = _price(price_raw)
     state, config = None, None
     if config_raw and runtime_raw:
@@ -78,7 +82,6 @@ def _status(app: web.Application, row: Strategy, fills: RunFills, config_raw: by
         except ValidationError:
             log.warning("runtime state unreadable", strategy_id=str(row.id))
             state = None
-    extra: dict[str, Any] = {}
     if state is not None and config is not None:
         if state.position == Position.bought and fills.entry_price is None and state.last_action == LastAction.BUY:
             # The BUY's row is not in Postgres yet; the executor wrote its fill price to runtime.
@@ -87,28 +90,37 @@ def _status(app: web.Application, row: Strategy, fills: RunFills, config_raw: by
         timestamp = state.updated_at or datetime.now(UTC)
         if last_price is None:
             last_price = state.last_price
-        extra = _next_action(app, config, position)
     else:
         position = fills.position
         last_action = LastAction(fills.exit_kind.value) if fills.exit_kind else \
             LastAction.BUY if fills.entered else None
         timestamp = fills.last_at or row.updated_at
     out = StatusResponse(status=row.status, position=position, last_action=last_action, last_price=last_price,
-                         timestamp=timestamp, **money(fills, market if position == Position.bought else None),
-                         **extra)
+                         timestamp=timestamp, **money(fills, market if position == Position.bought else None))
+    token_state, is_valid = token
+    return _with_day(app, row, out, token_state or (b"expired" if is_valid == b"0" else None))
+
+
+def _with_day(app: web.Application, row: Strategy, out: StatusResponse, token_state: bytes | None) -> dict:
+    """Add the run's trading day, its next buy/sell, repeat, and whether it needs a Kite login."""
+    out.repeat = row.repeat or "once"  # type: ignore[assignment]
+    running = row.status == StrategyStatus.running
+    if row.started_at is not None:
+        try:
+            plan = plan_run(config_for(row), app[CALENDAR], row.started_at)
+        except (CalendarError, ValueError):
+            plan = None
+        if plan is not None:
+            out.trading_day = plan.trading_day
+            if running and out.position == Position.none:
+                out.next_buy_at = plan.buy.trigger_time
+            if running and out.position in (Position.none, Position.bought):
+                out.next_sell_at = plan.sell.trigger_time
+    if running and token_state == b"expired":
+        out.needs_login, out.reason = True, SESSION_EXPIRED_REASON + " (GET /api/v1/broker/login) before buy time"
+    elif row.status == StrategyStatus.failed:
+        out.reason = row.failure_reason
     return out.model_dump(mode="json")
-
-
-def _next_action(app: web.Application, config: StrategyConfig, position: Position) -> dict[str, Any]:
-    """Return the next scheduled order of a loaded run and when it is due."""
-    if position not in (Position.none, Position.bought):
-        return {}
-    try:
-        plan = plan_run(config, app[CALENDAR], datetime.fromisoformat(config.run_id))
-    except ValueError:
-        return {}
-    event = plan.buy if position == Position.none else plan.sell
-    return {"next_action": event.event_type.value, "next_action_at": event.trigger_time}
 
 
 async def list_strategies(request: web.Request) -> web.Response:

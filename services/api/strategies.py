@@ -16,7 +16,13 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from libs.schema import keys
-from libs.schema.models import StrategyCreateRequest, StrategyOut, StrategyStatus, StrategyUpdateRequest
+from libs.schema.models import (
+    StrategyCreateRequest,
+    StrategyOut,
+    StrategyStatus,
+    StrategyUpdateRequest,
+    weekday_numbers,
+)
 from libs.schema.tables import Strategy
 from libs.trading.calendar import CalendarError
 from services.api.deps import CALENDAR, READS, REDIS, SESSIONS, current_user, path_uuid, read_model
@@ -65,7 +71,8 @@ async def create(request: web.Request) -> web.Response:
     check_times(request.app, body.buy_time, body.sell_time)
     await instrument_token(request.app, user_id, body.symbol)
     row = Strategy(user_id=user_id, symbol=body.symbol, buy_time=body.buy_time, sell_time=body.sell_time,
-                   stop_loss=body.stop_loss, quantity=body.quantity, status=StrategyStatus.created)
+                   stop_loss=body.stop_loss, quantity=body.quantity, status=StrategyStatus.created,
+                   repeat=body.repeat, weekdays=weekday_numbers(body.weekdays))
     async with request.app[SESSIONS]() as session:
         session.add(row)
         try:
@@ -92,8 +99,10 @@ async def patch(request: web.Request) -> web.Response:
     body = await read_model(request, StrategyUpdateRequest)
     changes = body.model_dump(exclude_unset=True)
     for name, value in changes.items():
-        if value is None:
+        if value is None and name != "weekdays":  # weekdays: null = every trading day
             raise field_error([name], f"{name} cannot be null; leave it out to keep it", "null_not_allowed")
+    if "weekdays" in changes:
+        changes["weekdays"] = weekday_numbers(changes["weekdays"])
     async with request.app[SESSIONS]() as session:
         row = await own_strategy(session, user_id, strategy_id)
         not_while_running(row, "change")
@@ -106,6 +115,10 @@ async def patch(request: web.Request) -> web.Response:
         merged_buy, merged_sell = changes.get("buy_time", row.buy_time), changes.get("sell_time", row.sell_time)
         if not merged_buy < merged_sell:  # changed by a concurrent PATCH meanwhile
             raise field_error(["sell_time"], "buy_time must be before sell_time", "buy_before_sell")
+        if changes.get("repeat", row.repeat) == "once" and changes.get("weekdays", row.weekdays) is not None:
+            if "repeat" not in changes:
+                raise field_error(["weekdays"], "weekdays need repeat `trading_days`", "weekdays_need_repeat")
+            changes["weekdays"] = None  # back to one-off: the weekday choice goes with it
         for name, value in changes.items():
             setattr(row, name, value)
         await session.commit()

@@ -31,6 +31,7 @@ class KiteCredentials:
     api_key: str = field(repr=False)
     access_token: str = field(repr=False)
     api_key_fp: str
+    token_ct: bytes = field(default=b"", repr=False)  # the ciphertext it came from (to record a refusal)
 
 
 class CredentialStore:
@@ -71,7 +72,7 @@ class CredentialStore:
         register_secret(api_key)
         register_secret(token)
         fp = fields.get(b"api_key_fp")
-        creds = KiteCredentials(api_key, token, fp.decode() if fp else api_key_fingerprint(api_key))
+        creds = KiteCredentials(api_key, token, fp.decode() if fp else api_key_fingerprint(api_key), token_ct)
         if len(self._cache) >= self._max:
             self._cache.clear()
             self._fps.clear()

@@ -40,8 +40,10 @@ from libs.service.logging import get_logger
 from libs.trading.calendar import MarketCalendar
 from libs.trading.runs import plan_run, schedule_event, unload_run
 from libs.trading.tags import intent_of, order_tag
+from libs.trading.tokens import SESSION_EXPIRED_REASON, mirror_expired
 from services.executor import metrics
 from services.executor.credentials import CredentialStore, CredentialsUnavailable, KiteCredentials
+from services.executor.halt import OperatorHalt
 from services.executor.notices import outcome_notice
 from services.executor.outcome import Outcome, skipped
 from services.executor.placement import COMPLETE, OrderPlacer, OrderResult
@@ -73,6 +75,7 @@ class OrderHandler:
         # the credentials together with the lock); bounded, cleared when full.
         self._configs: dict[str, tuple[bytes, StrategyConfig]] = {}
         self._owners: dict[str, str] = {}
+        self.halt = OperatorHalt(redis)
 
     async def handle_entry(self, msg_id: str, fields: dict[bytes, bytes], deliveries: int,
                            partition: int = 0) -> bool:
@@ -205,6 +208,12 @@ class OrderHandler:
         lookup = kind == EventType.BUY or event.attempt > 1 or deliveries > 1 or bool(exit_attempted)
         if kind == EventType.BUY and position != Position.none:
             return skipped(event, f"BUY needs position none, found {position.value}"), config
+        if kind == EventType.BUY and (halt := await self.halt.reason()) is not None:
+            # Nothing is held, so the run ends now rather than at a SELL with nothing to sell.
+            out = skipped(event, f"operator halt: no new entries ({halt})")
+            out.unload, out.strategy_status = config, "failed"
+            out.failure_reason = f"entry skipped: operator halt ({halt})"
+            return out, config
         if kind != EventType.BUY and position in EXIT_POSITIONS:
             # Already exited; if the run is still loaded a crash came between the
             # exit's commit and its unload, so finish that unload now.
@@ -282,6 +291,7 @@ class OrderHandler:
             return self.abort_now(event, request, {"error": str(error)}, tag, "credentials", log)
         except BrokerError as error:
             if error.kind == BrokerErrorKind.AUTH:
+                await mirror_expired(self.redis, config.user_id, creds.token_ct)
                 return self.abort_now(event, request, error.as_payload(), tag, "auth", log)
             if error.kind == BrokerErrorKind.FINAL and kind == EventType.BUY:
                 return self.fail_run(event, config, request, error.as_payload(), tag, None,
@@ -346,7 +356,9 @@ class OrderHandler:
     def abort_now(self, event: Event, request: dict[str, Any], response: dict[str, Any], tag: str | None,
                   kind: str, log: Any) -> Outcome:
         """Queue an ABORT for the run (credentials or token refused): retrying cannot help."""
-        reason = f"broker refused the credentials: {response.get('message') or response.get('error')}"
+        detail = response.get('message') or response.get('error')
+        reason = f"{SESSION_EXPIRED_REASON} (broker: {detail})" if kind == "auth" else \
+            f"broker refused the credentials: {detail}"
         log.error("broker credentials refused; aborting the run", reason=reason)
         return Outcome(OrderLogStatus.failed, request, response, tag=tag, abort=self._abort_event(event, reason))
 

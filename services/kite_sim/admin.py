@@ -76,6 +76,17 @@ async def read_json(request: web.Request) -> Any:
         raise AdminError(400, f"invalid JSON: {exc}") from exc
 
 
+def _http_url(body: dict[str, Any], name: str) -> str | None:
+    """Return body[name] as a normalised http(s) URL, None if absent; 400 otherwise."""
+    raw = body.get(name) or None
+    if raw is None:
+        return None
+    url = URL(str(raw))
+    if url.scheme not in ("http", "https") or not url.host:
+        raise AdminError(400, f"{name} must be an http(s) URL")
+    return str(url)
+
+
 class AdminApi:
     """Serve `/sim/*` over the simulator's state."""
 
@@ -104,22 +115,19 @@ class AdminApi:
 
     @admin_endpoint
     async def create_account(self, request: web.Request) -> Any:
-        """Open an account: optional JSON {"user_name", "daily_order_cap", "postback_url"}."""
+        """Open an account: optional JSON {"user_name", "daily_order_cap", "postback_url", "redirect_url"}."""
         body = await read_json(request) or {}
         if not isinstance(body, dict):
             raise AdminError(400, "expected a JSON object")
         cap = body.get("daily_order_cap")
-        postback_url = body.get("postback_url") or None
-        if postback_url is not None:
-            url = URL(str(postback_url))
-            if url.scheme not in ("http", "https") or not url.host:
-                raise AdminError(400, "postback_url must be an http(s) URL")
-            postback_url = str(url)
+        postback_url, redirect_url = _http_url(body, "postback_url"), _http_url(body, "redirect_url")
         account = self.book.create_account(body.get("user_name"), int(cap) if cap else None, postback_url)
+        account.redirect_url = redirect_url
         log.info("account created", user_id=account.user_id, postback=postback_url is not None)
         return {"api_key": account.api_key, "api_secret": account.api_secret,
                 "access_token": account.access_token, "user_id": account.user_id,
-                "user_name": account.user_name, "postback_url": account.postback_url}
+                "user_name": account.user_name, "postback_url": account.postback_url,
+                "redirect_url": account.redirect_url}
 
     def _account(self, request: web.Request) -> Any:
         account = self.book.accounts.get(request.match_info["api_key"])

@@ -17,6 +17,7 @@ from libs.trading.calendar import CalendarMode
 from services.kite_sim.admin import AdminApi
 from services.kite_sim.book import Book
 from services.kite_sim.faults import Faults
+from services.kite_sim.login import KiteLogin
 from services.kite_sim.market import DATA_FILE, Market, load_instruments, load_replay, run_replay, run_walk
 from services.kite_sim.order_rules import OrderRules
 from services.kite_sim.postbacks import OrderUpdates
@@ -139,6 +140,7 @@ def build_app(settings: SimSettings | None = None) -> web.Application:
     rules = OrderRules(market, book, calendar=settings.market_calendar)
     app.router.add_routes(KiteRest(market, book, faults, rules).routes())
     app.router.add_routes(AdminApi(market, book, faults, hub).routes())
+    app.router.add_routes(KiteLogin(book).routes())
     app.cleanup_ctx.append(background_tasks)
     app.on_shutdown.append(release_on_shutdown)
     return app

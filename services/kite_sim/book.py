@@ -76,6 +76,7 @@ class Account:
     orders_today: int = 0
     login_time: float = field(default_factory=time.time)
     postback_url: str | None = None
+    redirect_url: str | None = None  # the Kite app's registered redirect URL (the browser login's target)
 
 
 @dataclass(slots=True)

@@ -42,12 +42,16 @@ async def serve(settings: SchedulerSettings) -> int:
                           checks={"redis": redis_ready})
     port = await health.start()
     log.info("scheduler started", health_port=port, calendar=settings.market_calendar,
-             grace_s=settings.grace_s, batch_size=settings.batch_size)
+             grace_s=settings.grace_s, batch_size=settings.batch_size,
+             preopen_check_time=settings.preopen_check_time.isoformat(),
+             token_check=scheduler.gateway is not None)
     try:
         code = await supervise(scheduler.run(), scheduler.stop, shutdown, name="scheduler",
                                grace_s=settings.shutdown_grace_s, log=log)
     finally:
         await health.stop()
+        if scheduler.gateway is not None:
+            scheduler.gateway.close()
         await redis.aclose()
         await engine.dispose()
     log.info("scheduler stopped", moved=scheduler.mover.moved_total, rebuilds=scheduler.rebuilds,

@@ -11,13 +11,13 @@ Redis Cluster too, and the partitions on different masters move in parallel.
 from __future__ import annotations
 
 import asyncio
-import time
 from dataclasses import dataclass
 
 from prometheus_client import Counter, Histogram
 from redis.exceptions import NoScriptError, ResponseError
 
 from libs.schema import keys
+from libs.service.clock import Clock, SystemClock
 from libs.service.redis_client import AnyRedis
 
 _MOVE_DUE = """
@@ -68,9 +68,10 @@ class MovedEvent:
 class DueMover:
     """Own the move script and the lateness bookkeeping."""
 
-    def __init__(self, redis: AnyRedis, *, batch_size: int = 500) -> None:
+    def __init__(self, redis: AnyRedis, *, batch_size: int = 500, clock: Clock | None = None) -> None:
         self.redis = redis
         self.batch_size = batch_size
+        self.clock = clock or SystemClock()
         self._sha: str | None = None
         self.moved_total = 0
 
@@ -86,9 +87,9 @@ class DueMover:
 
     async def _move_partition(self, partition: int, replies: list[tuple[list[bytes], float]]) -> None:
         while True:
-            reply = await self._eval(partition, int(time.time() * 1000))
+            reply = await self._eval(partition, int(self.clock.time() * 1000))
             if reply:
-                replies.append((reply, time.time() * 1000))
+                replies.append((reply, self.clock.time() * 1000))
             if len(reply) < 2 * self.batch_size:
                 return
 
@@ -133,7 +134,7 @@ class DueMover:
         firsts = [head[0][1] for head in heads if head]
         if not firsts:
             return None
-        return max(0.0, min(firsts) / 1000 - time.time())
+        return max(0.0, min(firsts) / 1000 - self.clock.time())
 
 
 def _stream_id(raw: bytes | str) -> tuple[int, int]:

@@ -10,11 +10,13 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
 from libs.schema import keys
+from libs.service.clock import Clock, SystemClock
 from libs.service.redis_client import server_run_id
 from libs.trading.calendar import MarketCalendar
+from services.scheduler.daily import DailyTasks
 from services.scheduler.mover import DueMover, trim_acked_orders
 from services.scheduler.rebuild import rebuild_schedule, sweep_stale_buys
 from services.scheduler.settings import SchedulerSettings
@@ -28,14 +30,17 @@ class Scheduler:
     """Own the mover loop, the wake-up subscriber, the Redis watch and the rebuilds."""
 
     def __init__(self, settings: SchedulerSettings, redis: Redis, engine: AsyncEngine,
-                 calendar: MarketCalendar) -> None:
+                 calendar: MarketCalendar, clock: Clock | None = None) -> None:
         self.settings = settings
         self.redis = redis
         self.engine = engine
         self.calendar = calendar
-        self.mover = DueMover(redis, batch_size=settings.batch_size)
+        self.clock = clock or SystemClock()
+        self.mover = DueMover(redis, batch_size=settings.batch_size, clock=self.clock)
         self.wakeup = asyncio.Event()
         self.stopping = asyncio.Event()
+        self.daily, self.gateway = DailyTasks.build(settings, redis, async_sessionmaker(engine), calendar,
+                                                    self.clock, self.stopping)
         self.rebuild_needed = asyncio.Event()
         self.rebuilds = 0
         self.redis_run_id: str | None = None
@@ -55,6 +60,8 @@ class Scheduler:
             tasks.create_task(self.watch_redis_restarts(), name="redis-watch")
             tasks.create_task(self.rebuild_when_needed(), name="rebuild")
             tasks.create_task(self.trim_orders_forever(), name="trim")
+            tasks.create_task(self.daily.preopen_checks_forever(), name="preopen-check")
+            tasks.create_task(self.daily.rearm_forever(), name="rearm")
 
     async def _sweep_before_moving(self) -> None:
         delay = 0.2

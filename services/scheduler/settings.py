@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from datetime import time
+
+from pydantic import AliasChoices, Field
+
+from libs.schema.models import ClockTime
 from libs.service.settings import ServiceSettings
 
 
@@ -20,3 +25,16 @@ class SchedulerSettings(ServiceSettings):
     """Longest backoff between attempts to rebuild from Postgres while it is down."""
     trim_interval_s: float = 60.0
     """How often acked entries are trimmed from queue:orders (nothing else trims it)."""
+    secret_key: str = Field("", repr=False, validation_alias=AliasChoices("TICKWISE_SECRET_KEY", "SECRET_KEY"))
+    """Base64 AES key of broker secrets, to read tokens for the pre-open check (empty: check off, warned)."""
+    secret_keys_retired: str = Field("", repr=False, validation_alias=AliasChoices(
+        "TICKWISE_SECRET_KEYS_RETIRED", "SECRET_KEYS_RETIRED"))
+    """Comma-separated retired keys that still decrypt."""
+    kite_root: str | None = Field(None, validation_alias=AliasChoices("TICKWISE_KITE_ROOT", "KITE_ROOT"))
+    """Kite REST root for the token check's profile calls; None = the real Kite API."""
+    kite_timeout_s: float = 7.0
+    """Timeout of one profile call."""
+    preopen_check_time: ClockTime = time(8, 45)
+    """IST time, on trading days, of the token check of every account with running strategies."""
+    rearm_interval_s: float = Field(1.0, gt=0)
+    """How often ended runs of repeating strategies are looked for (and armed for their next day)."""

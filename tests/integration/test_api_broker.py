@@ -47,13 +47,14 @@ async def test_connect_verifies_with_the_broker_and_stores_ciphertext(api, clean
         box.decrypt(row["api_secret"], aad(user.id, "access_token"))
     cached = {k.decode(): v.decode() for k, v in (await redis.hgetall(keys.broker_credentials_key(user.id))).items()}
     assert cached == {"api_key": row["api_key"], "access_token": row["access_token"],
-                      "api_key_fp": api_key_fingerprint(account["api_key"]), "is_valid": "1"}
+                      "api_key_fp": api_key_fingerprint(account["api_key"]), "is_valid": "1", "token_state": "valid"}
 
 
 async def test_broker_status_shows_a_hint_and_never_a_secret(api) -> None:
     user = await api.user("Bob")
     assert (await api.v1("GET", "/broker", user=user, expect=200)).body == {
-        "connected": False, "is_valid": False, "api_key_hint": None, "updated_at": None}
+        "connected": False, "is_valid": False, "api_key_hint": None, "updated_at": None, "token_state": "unknown",
+        "token_checked_at": None, "token_expires_at": None}
     account = await api.connect(user)
     reply = await api.v1("GET", "/broker", user=user, expect=200)
     assert reply.body["connected"] is True and reply.body["is_valid"] is True

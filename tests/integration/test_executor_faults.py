@@ -147,7 +147,7 @@ async def test_expired_token_aborts_the_run(redis: Redis, engine: AsyncEngine, s
         rows = await rows_of(engine, run, 2)
         await eventually(lambda: _status(engine, run, StrategyStatus.failed))
     assert [(r.event_type.value, r.status.value) for r in rows] == [("BUY", "failed"), ("ABORT", "failed")]
-    assert "credentials" in (await strategy_row(engine, run)).failure_reason
+    assert "Kite session expired: log in again" in (await strategy_row(engine, run)).failure_reason
     assert not await redis.exists(keys.strategy_key(run.sid))
     assert sim.orders(api_key=run.account.api_key) == []
 

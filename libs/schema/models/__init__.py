@@ -3,10 +3,14 @@
 from libs.schema.models.api import (
     BrokerConnectOut,
     BrokerConnectRequest,
+    BrokerLoginOut,
     BrokerSessionRequest,
     BrokerStatusOut,
     ErrorBody,
     ErrorResponse,
+    KillSwitchOut,
+    KillSwitchRequest,
+    KillSwitchResult,
     LoginRequest,
     OrderLogOut,
     RegisterRequest,
@@ -19,6 +23,7 @@ from libs.schema.models.api import (
     TokenOut,
     UserOut,
     error_details,
+    weekday_numbers,
 )
 from libs.schema.models.events import (
     AbortEvent,
@@ -57,6 +62,7 @@ __all__ = [
     "AbortEvent",
     "BrokerConnectOut",
     "BrokerConnectRequest",
+    "BrokerLoginOut",
     "BrokerOrder",
     "BrokerSessionRequest",
     "BrokerStatusOut",
@@ -67,6 +73,9 @@ __all__ = [
     "ErrorBody",
     "ErrorResponse",
     "Event",
+    "KillSwitchOut",
+    "KillSwitchRequest",
+    "KillSwitchResult",
     "EventType",
     "LastAction",
     "LockState",
@@ -104,4 +113,5 @@ __all__ = [
     "format_validation_error",
     "order_log_id",
     "parse_event",
+    "weekday_numbers",
 ]

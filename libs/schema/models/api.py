@@ -9,6 +9,7 @@ from uuid import UUID
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     EmailStr,
     Field,
@@ -36,10 +37,14 @@ from libs.schema.models.types import (
 __all__ = [
     "BrokerConnectOut",
     "BrokerConnectRequest",
+    "BrokerLoginOut",
     "BrokerSessionRequest",
     "BrokerStatusOut",
     "ErrorBody",
     "ErrorResponse",
+    "KillSwitchOut",
+    "KillSwitchRequest",
+    "KillSwitchResult",
     "LoginRequest",
     "OrderLogOut",
     "RegisterRequest",
@@ -51,13 +56,36 @@ __all__ = [
     "StrategyUpdateRequest",
     "TokenOut",
     "UserOut",
+    "WEEKDAYS",
+    "Weekday",
     "error_details",
+    "weekday_numbers",
 ]
 
 # Emails are stored lower-cased, so both register and login compare that form.
 Email = Annotated[EmailStr, AfterValidator(str.lower)]
 Password = Annotated[str, Field(min_length=8, max_length=128, repr=False)]
 PersonName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
+
+WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+Repeat = Literal["once", "trading_days"]
+TokenState = Literal["valid", "expired", "unknown"]
+
+
+def weekday_numbers(names: list[str] | None) -> list[int] | None:
+    """Return weekday names as sorted numbers (0 = Monday), None for None."""
+    return None if names is None else sorted({WEEKDAYS.index(name) for name in names})
+
+
+def _weekday_names(value: Any) -> Any:
+    # Rows store numbers; the API speaks names.
+    if isinstance(value, list | tuple):
+        return [WEEKDAYS[v] if isinstance(v, int) and 0 <= v < 7 else v for v in value]
+    return value
+
+
+Weekdays = Annotated[list[Weekday], Field(min_length=1, max_length=7)]
 
 
 class _Request(BaseModel):
@@ -134,6 +162,16 @@ class BrokerStatusOut(_Response):
     is_valid: bool
     api_key_hint: str | None = None
     updated_at: datetime | None = None
+    token_state: TokenState = Field("unknown", description="The broker's last answer about the access token.")
+    token_checked_at: datetime | None = Field(None, description="When the broker was last asked.")
+    token_expires_at: datetime | None = Field(None, description="06:00 IST after the token was issued.")
+
+
+class BrokerLoginOut(_Response):
+    """Where to send the browser for today's Kite login."""
+
+    login_url: str
+    state_expires_in: int = Field(description="Seconds the login link stays usable (once).")
 
 
 class BrokerConnectOut(_Response):
@@ -154,11 +192,19 @@ class StrategyCreateRequest(_Request):
     sell_time: ClockTime
     stop_loss: StopLoss
     quantity: Quantity
+    repeat: Repeat = Field("once", description="`trading_days`: run again on every trading day until stopped.")
+    weekdays: Weekdays | None = Field(None, description="With `trading_days`: only these days of the week.")
 
     @model_validator(mode="after")
     def _check_times(self) -> Self:
         require_buy_before_sell(self.buy_time, self.sell_time)
+        _require_repeat_for_weekdays(self.repeat, self.weekdays)
         return self
+
+
+def _require_repeat_for_weekdays(repeat: str | None, weekdays: list[str] | None) -> None:
+    if weekdays is not None and repeat == "once":
+        raise ValueError("weekdays need repeat `trading_days`")
 
 
 class StrategyUpdateRequest(_Request):
@@ -169,11 +215,14 @@ class StrategyUpdateRequest(_Request):
     sell_time: ClockTime | None = None
     stop_loss: StopLoss | None = None
     quantity: Quantity | None = None
+    repeat: Repeat | None = None
+    weekdays: Weekdays | None = None
 
     @model_validator(mode="after")
     def _check_times(self) -> Self:
         # With one time given, the API checks it against the stored other one.
         require_buy_before_sell(self.buy_time, self.sell_time)
+        _require_repeat_for_weekdays(self.repeat, self.weekdays)
         return self
 
 
@@ -205,10 +254,12 @@ class StrategyOut(_Response):
     started_at: datetime | None = None
     stopped_at: datetime | None = None
     failure_reason: str | None = None
+    repeat: Repeat = "once"
+    weekdays: Annotated[list[Weekday] | None, BeforeValidator(_weekday_names)] = None
 
 
 class StatusResponse(_Response):
-    """Live status of a strategy (data model §4.7), with the money of its latest run.
+    """Live status of a strategy (data model §4.7): the day it trades, whether it needs a login, and money.
 
     Prices and P&L come from confirmed fills (the broker's average prices),
     never from requested prices; unrealized P&L marks an open position to the
@@ -225,8 +276,39 @@ class StatusResponse(_Response):
     filled_quantity: int | None = Field(None, description="Shares bought by the run's filled BUY.")
     realized_pnl: float | None = Field(None, description="(exit - entry) x quantity once exited, in rupees.")
     unrealized_pnl: float | None = Field(None, description="(last price - entry) x quantity while bought.")
-    next_action: Literal["BUY", "SELL"] | None = Field(None, description="Next scheduled order of a running run.")
-    next_action_at: datetime | None = Field(None, description="When the next scheduled order is due (UTC).")
+    trading_day: date | None = Field(None, description="The day the current (or last) run trades.")
+    next_buy_at: datetime | None = Field(None, description="When the running run buys, if it has not yet.")
+    next_sell_at: datetime | None = Field(None, description="When the running run sells, if it holds or will.")
+    repeat: Repeat = "once"
+    needs_login: bool = Field(False, description="The Kite session is expired: the run cannot trade until "
+                                                 "the user logs in (GET /api/v1/broker/login).")
+    reason: str | None = Field(None, description="Why the strategy needs attention, or why it failed.")
+
+
+class KillSwitchRequest(_Request):
+    """Stop every running strategy of the caller; optionally square off every held position."""
+
+    square_off: bool = Field(default=False, strict=True)
+
+
+class KillSwitchResult(_Response):
+    """What the kill switch did to one strategy."""
+
+    strategy_id: UUID
+    symbol: str
+    status: StrategyStatus
+    position: Position
+    action: Literal["stopped", "squaring_off", "unchanged", "busy"] = Field(
+        description="`stopped`: unloaded; `squaring_off`: stopped, its exit order is queued; `unchanged`: "
+                    "it was not running; `busy`: an order stayed in flight, press again.")
+
+
+class KillSwitchOut(_Response):
+    """Per-strategy summary of a kill-switch press."""
+
+    strategies: list[KillSwitchResult]
+    stopped: int
+    squaring_off: int
 
 
 class OrderLogOut(_Response):

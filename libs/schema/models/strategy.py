@@ -48,6 +48,10 @@ class StrategyConfig(BaseModel):
     api_key_fp: str | None = Field(
         default=None, description="Fingerprint of the owner's Kite api_key, for rate limiting."
     )
+    # Part of the run's plan (which day it trades), so every process plans it alike.
+    weekdays: tuple[int, ...] | None = Field(
+        default=None, description="Days of the week (0 = Monday) a repeating strategy trades on; None = every."
+    )
 
     @model_validator(mode="after")
     def _check_times(self) -> Self:

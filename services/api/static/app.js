@@ -189,6 +189,7 @@ async function loadRoutes() {
 function showOptional() {
   $("kite-login").classList.toggle("hidden", !routes.has("GET /api/v1/broker/login"));
   $("kill").classList.toggle("hidden", !routes.has("POST /api/v1/kill-switch"));
+  $("kite-callback").classList.toggle("hidden", !routes.has("GET /api/v1/broker/login"));
   $("password").classList.toggle("hidden", !routes.has("POST /api/v1/me/password"));
 }
 
@@ -306,6 +307,8 @@ function renderBroker(b) { // only these fields; the API never sends secrets and
   $("b-hint").textContent = show(b.api_key_hint);
   $("b-updated").textContent = when(b.updated_at);
   $("b-expired").classList.toggle("hidden", !b.connected || b.is_valid);
+  $("b-token").textContent = !b.connected || !b.token_state ? "-" : b.token_state + (b.token_expires_at
+    ? " until " + when(b.token_expires_at) : "") + (b.token_checked_at ? " (checked " + when(b.token_checked_at) + ")" : "");
 }
 
 function makeRow(id) {
@@ -354,8 +357,10 @@ function renderStrategies(list) {
     c.pnl.title = s.realized_pnl !== null && s.realized_pnl !== undefined ? "realized" : "open (marked to the last price)";
     c.status.replaceChildren(badgeEl(STATUS_WORDS[s.status] || show(s.status), s.status));
     if (s.status === "failed" && s.failure_reason) c.status.appendChild(el("span", s.failure_reason, "reason"));
+    if (s.needs_login) c.status.appendChild(el("span", s.reason, "reason"));
     c.position.replaceChildren(positionBadge(s));
-    c.next.textContent = s.next_action ? (EVENT_WORDS[s.next_action] || s.next_action) + " · " + when(s.next_action_at) : "-";
+    const next = s.next_buy_at ? "Buy · " + when(s.next_buy_at) : s.next_sell_at ? "Sell · " + when(s.next_sell_at) : "-";
+    c.next.textContent = next + (s.repeat === "trading_days" ? " · every trading day" : "");
     c.next.className = "next";
     const key = [s.status, s.position, expanded.has(s.id)].join("|");
     if (r.key !== key) { r.key = key; c.actions.replaceChildren(...actions(s)); } // buttons only on change
@@ -509,6 +514,7 @@ function startEdit(s) {
   const form = $("create");
   clearErrors(form);
   for (const name of ["symbol", "buy_time", "sell_time", "stop_loss", "quantity"]) form.elements[name].value = s[name];
+  form.elements.repeat.checked = s.repeat === "trading_days";
   $("form-title").textContent = "Edit " + s.symbol + " strategy";
   form.querySelector("button[type=submit]").textContent = "Save changes";
   $("cancel-edit").classList.remove("hidden");
@@ -529,7 +535,7 @@ function endEdit() {
 
 async function saveStrategy(v) {
   const body = { symbol: v.symbol.trim().toUpperCase(), buy_time: clock(v.buy_time), sell_time: clock(v.sell_time),
-    stop_loss: num(v.stop_loss), quantity: num(v.quantity) };
+    stop_loss: num(v.stop_loss), quantity: num(v.quantity), repeat: v.repeat ? "trading_days" : "once" };
   if (editing) {
     const changed = Object.fromEntries(Object.entries(body).filter(([k, val]) => val !== editing[k]));
     const out = await call("PATCH", "/strategies/" + encodeURIComponent(editing.id), changed);
@@ -605,12 +611,23 @@ $("kite-login").addEventListener("click", async () => {
 $("kill").addEventListener("click", async () => {
   if (!window.confirm("Stop every running strategy and square off open positions now?")) return;
   try {
-    await call("POST", "/kill-switch", {});
-    $("broker-msg").textContent = "Kill switch used: strategies are stopping.";
+    const out = await call("POST", "/kill-switch", { square_off: true });
+    $("broker-msg").textContent = "Kill switch used: " + out.stopped + " stopped, " + out.squaring_off
+      + " squaring off.";
   } catch (e) { $("broker-msg").textContent = e.message; }
   refreshAll();
 });
 $("logout").addEventListener("click", () => logout(""));
+$("callback-url").textContent = location.origin + "/api/v1/broker/callback";
+{ // back from Kite's login: say how it went, then drop the query from the address bar
+  const q = new URLSearchParams(location.search);
+  if (q.get("broker_login")) {
+    const ok = q.get("broker_login") === "success";
+    window.addEventListener("load", () => setMsg(ok ? "Kite login done: today's session is stored."
+      : "Kite login failed: " + (q.get("message") || q.get("code") || "unknown error")));
+    history.replaceState(null, "", location.pathname);
+  }
+}
 document.addEventListener("visibilitychange", () => { if (!document.hidden && token) { refreshAll(); refreshSlow(); } });
 setInterval(() => { $("clock").textContent = CLOCK.format(new Date()); }, 1000);
 $("clock").textContent = CLOCK.format(new Date());
