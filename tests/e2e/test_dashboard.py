@@ -5,6 +5,7 @@ The story test also writes the README's screenshots to docs/screenshots/.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from uuid import uuid4
 
@@ -66,9 +67,11 @@ async def test_trader_story_live_in_the_browser(e2e_stack: Stack, http: aiohttp.
     # Creating: the stop-loss warning names the current price; errors sit next to their field, in words.
     await trader.tick("TATAMOTORS", 780)
     await trader.tick("HINDUNILVR", 2450)
-    await fill_strategy(page, "TATAMOTORS", "800", "0", buy_in_s=12)
-    await expect(page.locator("#quote")).to_have_text("Current price ₹780.00")
-    await expect(page.locator("#sl-warn")).to_contain_text("Stop-loss ₹800.00 is at or above the current price ₹780.00")
+    await fill_strategy(page, "TATAMOTORS", "900", "0", buy_in_s=12)
+    # The paper market walks: whatever price the page shows, the warning names that same price.
+    await expect(page.locator("#quote")).to_have_text(re.compile(r"^Current price ₹7\d\d\.\d\d$"))
+    shown = (await page.inner_text("#quote")).removeprefix("Current price ")
+    await expect(page.locator("#sl-warn")).to_contain_text(f"Stop-loss ₹900.00 is at or above the current price {shown}")
     await page.click("#create button[type=submit]")
     await expect(page.locator("#create label:has(input[name=quantity]) .field-err")).to_have_text("must be at least 1")
     await page.screenshot(path=str(SCREENSHOTS / "strategy-form.png"))

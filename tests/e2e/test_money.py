@@ -48,7 +48,7 @@ async def test_pnl_equals_the_brokers_fills_with_slippage(trader: Trader, slippa
     lt_buy = next(o for o in _fills(orders, "E") if o["tradingsymbol"] == "LT")
     assert bought["entry_average_price"] == lt_buy["average_price"] != 3500
     assert bought["filled_quantity"] == 3 and bought["realized_pnl"] is None
-    assert bought["next_action"] == "SELL" and bought["next_action_at"]
+    assert bought["next_buy_at"] is None and bought["next_sell_at"]
     if bought["last_price"] is not None:
         assert bought["unrealized_pnl"] == round((bought["last_price"] - lt_buy["average_price"]) * 3, 2)
 
