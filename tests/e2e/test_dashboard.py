@@ -172,6 +172,13 @@ async def test_dashboard_logs_in_and_shows_the_traders_strategy(trader: Trader, 
     assert (await trader.status(sid))["status"] == "stopped"
     await expect(strategy.locator("td.actions button")).to_have_text(["Start", "Edit", "Delete", "Orders"])
 
+    # Start it again, then press the kill switch (the confirm dialog is accepted): everything stops.
+    await strategy.locator("td.actions button", has_text="Start").click()
+    await expect(strategy.locator("td.status .badge")).to_have_text("Running")
+    await page.click("#kill")
+    await expect(page.locator("#broker-msg")).to_have_text("Kill switch used: 1 stopped, 0 squaring off.")
+    await expect(strategy.locator("td.status .badge")).to_have_text("Stopped")
+
     await page.click("#logout")
     await expect(page.locator("#login")).to_be_visible()
     assert await page.evaluate("sessionStorage.getItem('tickwise.token')") is None
