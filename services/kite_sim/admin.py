@@ -108,7 +108,6 @@ class AdminApi:
             web.get("/sim/liquidity", self.get_liquidity),
             web.post("/sim/faults", self.set_faults),
             web.get("/sim/faults", self.get_faults),
-            web.post("/sim/slippage", self.set_slippage),
             web.post("/sim/ws/drop", self.drop_ws),
             web.post("/sim/reset", self.reset),
         ]
@@ -226,16 +225,6 @@ class AdminApi:
     async def get_faults(self, request: web.Request) -> Any:
         """Return the fault settings."""
         return self.faults.as_dict()
-
-    @admin_endpoint
-    async def set_slippage(self, request: web.Request) -> Any:
-        """Set the MARKET fill slippage in basis points (`{"bps": 25}`), as `--slippage-bps` does at start."""
-        body = await read_json(request) or {}
-        bps = body.get("bps") if isinstance(body, dict) else None
-        if not isinstance(bps, int | float) or isinstance(bps, bool) or not 0 <= bps <= 1000:
-            raise AdminError(400, "bps must be a number from 0 to 1000")
-        self.book.slippage = bps / 10_000
-        return {"bps": bps}
 
     @admin_endpoint
     async def drop_ws(self, request: web.Request) -> Any:

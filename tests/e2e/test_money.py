@@ -15,11 +15,12 @@ SLIPPAGE_BPS = 35
 
 @pytest.fixture
 async def slippage(trader: Trader) -> AsyncIterator[None]:
-    await trader.sim("POST", "slippage", {"bps": SLIPPAGE_BPS})
+    before = await trader.sim("GET", "liquidity")
+    await trader.sim("POST", "liquidity", {"slippage_bps": SLIPPAGE_BPS})
     try:
         yield
     finally:
-        await trader.sim("POST", "slippage", {"bps": 0})
+        await trader.sim("POST", "liquidity", before)
 
 
 def _fills(orders: list[dict], tag_kind: str) -> list[dict]:
