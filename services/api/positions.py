@@ -44,7 +44,7 @@ async def positions(request: web.Request) -> web.Response:
     assert creds.access_token is not None
     try:
         book, orders = await asyncio.gather(gateway.positions(creds.api_key, creds.access_token),
-                                            gateway.orders(creds.api_key, creds.access_token))
+                                            gateway.day_orders(creds.api_key, creds.access_token))
     except BrokerError as exc:
         if exc.kind == BrokerErrorKind.AUTH:
             await mark_invalid(request.app, user_id)
