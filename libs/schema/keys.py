@@ -33,6 +33,12 @@ __all__ = [
     "DEAD_MAXLEN",
     "EXECUTORS_GROUP",
     "LOG_WRITERS_GROUP",
+    "NOTIFIERS_GROUP",
+    "NOTIFY_DEAD_STREAM",
+    "NOTIFY_MAXLEN",
+    "NOTIFY_PENDING",
+    "NOTIFY_SCHEDULE",
+    "NOTIFY_STREAM",
     "OPERATOR_HALT",
     "ORDERS_DEAD_STREAM",
     "ORDERS_STREAM",
@@ -55,6 +61,10 @@ __all__ = [
     "login_throttle_addr_key",
     "login_throttle_email_key",
     "login_throttle_pair_key",
+    "notify_dead_stream",
+    "notify_pending",
+    "notify_schedule",
+    "notify_stream",
     "order_logs_dead_stream",
     "order_logs_stream",
     "order_rate_key",
@@ -332,6 +342,54 @@ EXECUTORS_GROUP = "executors"
 
 # Consumer group of Postgres writers on ORDER_LOGS_STREAM.
 LOG_WRITERS_GROUP = "log-writers"
+
+
+# --- notifications ------------------------------------------------------------
+# Per partition, like the order path's streams: the executor's commit script
+# XADDs a strategy's notice to its partition's stream (one slot), and each
+# partition's deliveries are scheduled and dead-lettered beside it, so every
+# MULTI of the deliverer names one slot too.
+
+def notify_stream(partition: int) -> str:
+    """Return `notify:events:{tag}`."""
+    # STREAM, field `notice` = JSON of a Notice (order filled, run failed, token
+    # expired, kill switch); consumed by NOTIFIERS_GROUP. Trimmed with
+    # NOTIFY_MAXLEN: an entry is only a hand-over, acked and deleted once fanned
+    # out into notify_schedule(partition).
+    return f"notify:events:{partition_tag(partition)}"
+
+
+def notify_schedule(partition: int) -> str:
+    """Return `notify:schedule:{tag}`."""
+    # ZSET of deliveries, member = "{notice_id}|{channel}", score = epoch ms when
+    # the next attempt is due; a claimed member is pushed one lease ahead, so a
+    # crashed deliverer's attempt is retried by another. No TTL: members leave on
+    # success or when dead-lettered.
+    return f"notify:schedule:{partition_tag(partition)}"
+
+
+def notify_pending(partition: int) -> str:
+    """Return `notify:pending:{tag}`."""
+    # HASH member -> JSON {notice, channel, attempt} of every delivery in
+    # notify_schedule(partition). No TTL, for the same reason.
+    return f"notify:pending:{partition_tag(partition)}"
+
+
+def notify_dead_stream(partition: int) -> str:
+    """Return `notify:dead:{tag}`."""
+    # STREAM of deliveries given up after the attempt limit, with the last
+    # error; kept for humans to inspect. Trimmed with DEAD_MAXLEN, no TTL.
+    return f"notify:dead:{partition_tag(partition)}"
+
+
+NOTIFY_STREAM = notify_stream(0)
+NOTIFY_SCHEDULE = notify_schedule(0)
+NOTIFY_PENDING = notify_pending(0)
+NOTIFY_DEAD_STREAM = notify_dead_stream(0)
+NOTIFY_MAXLEN = 100_000
+
+# Consumer group of notification deliverers (API processes) on each notify_stream.
+NOTIFIERS_GROUP = "notifiers"
 
 
 # --- broker limits and caches -------------------------------------------------

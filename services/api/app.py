@@ -32,7 +32,9 @@ from services.api.deps import (
 )
 from services.api.errors import error_middleware
 from services.api.instruments import INSTRUMENTS_LOCK
+from services.api.live import CLOSING, TICKETS, StreamTickets, close_streams
 from services.api.metrics import METRICS, ApiMetrics, request_context_middleware
+from services.api.notify import notifier_ctx
 from services.api.openapi import add_routes
 from services.api.routes import OPENAPI, openapi_document, ops
 from services.api.security import (
@@ -54,7 +56,10 @@ def build_app(settings: ApiSettings, *, box: SecretBox | None = None) -> web.App
     app[SETTINGS] = settings
     app[BOX] = box
     app[CALENDAR] = MarketCalendar(settings.market_calendar, sell_safety_margin_s=settings.sell_safety_margin_s)
-    app[TOKENS] = Tokens(jwt_secret(settings, settings.secret_key or None), settings.jwt_lifetime_s)
+    secret = jwt_secret(settings, settings.secret_key or None)
+    app[TOKENS] = Tokens(secret, settings.jwt_lifetime_s)
+    app[TICKETS], app[CLOSING] = StreamTickets(secret, settings.stream_ticket_ttl_s), asyncio.Event()
+    app.on_shutdown.append(close_streams)
     app[INSTRUMENTS_LOCK] = asyncio.Lock()
     registry = CollectorRegistry()
     app[METRICS] = ApiMetrics(registry)
@@ -65,6 +70,7 @@ def build_app(settings: ApiSettings, *, box: SecretBox | None = None) -> web.App
     app[OPENAPI] = openapi_document(all_ops)
     app.cleanup_ctx.append(_resources)
     app.on_response_prepare.append(_security_headers)
+    app.cleanup_ctx.append(notifier_ctx)
     return app
 
 

@@ -38,6 +38,7 @@ from libs.service.secretbox import SecretBox, SecretBoxError
 from libs.trading.tokens import token_expires_at
 from services.api.deps import BOX, GATEWAY, READS, REDIS, SESSIONS, current_user, read_model
 from services.api.errors import ApiError, field_error, json_response
+from services.api.notify import token_expired
 
 log = structlog.get_logger("api")
 
@@ -144,6 +145,7 @@ async def mark_invalid(app: web.Application, user_id: UUID) -> None:
         if row is not None:
             await write_broker_hash(app[REDIS], row)
     log.info("broker credentials marked invalid", user_id=str(user_id))
+    await token_expired(app[REDIS], user_id)
 
 
 def token_fields(is_valid: bool) -> dict[str, Any]:
@@ -280,16 +282,20 @@ async def status(request: web.Request) -> web.Response:
     user_id = current_user(request)
     async with request.app[READS]() as session:
         row = await session.get(BrokerCredential, user_id)
+    return json_response(await broker_status(request.app, user_id, row))
+
+
+async def broker_status(app: web.Application, user_id: UUID, row: BrokerCredential | None) -> dict:
+    """Return the broker status of a credentials row (also pushed by the dashboard's event stream)."""
     if row is None:
-        out = BrokerStatusOut(connected=False, is_valid=False)
-    else:
-        token = token_status(row)
-        # The executor records a token the broker refused at order time in Redis only (it never
-        # writes Postgres): that answer is newer than a `valid` one here, for the same token.
-        seen = await request.app[REDIS].hmget(keys.broker_credentials_key(user_id), "access_token", "token_state")
-        refused = seen[1] == b"expired" and seen[0] is not None and seen[0].decode() == row.access_token
-        if refused:
-            token |= {"token_state": "expired", "token_expires_at": None}
-        out = BrokerStatusOut(connected=True, is_valid=row.is_valid and not refused,
-                              api_key_hint=row.api_key_hint, updated_at=row.updated_at, **token)
-    return json_response(out.model_dump(mode="json"))
+        return BrokerStatusOut(connected=False, is_valid=False).model_dump(mode="json")
+    token = token_status(row)
+    # The executor records a token the broker refused at order time in Redis only (it never
+    # writes Postgres): that answer is newer than a `valid` one here, for the same token.
+    seen = await app[REDIS].hmget(keys.broker_credentials_key(user_id), "access_token", "token_state")
+    refused = seen[1] == b"expired" and seen[0] is not None and seen[0].decode() == row.access_token
+    if refused:
+        token |= {"token_state": "expired", "token_expires_at": None}
+    out = BrokerStatusOut(connected=True, is_valid=row.is_valid and not refused,
+                          api_key_hint=row.api_key_hint, updated_at=row.updated_at, **token)
+    return out.model_dump(mode="json")

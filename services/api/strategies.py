@@ -1,4 +1,4 @@
-"""Strategy CRUD: create (symbol checked against the broker), list, read, patch, delete.
+"""Strategy CRUD: create (symbol checked against the broker), read, patch, delete (the list is in status).
 
 A running strategy cannot be changed or deleted (409): its config is loaded
 in Redis and the executors act on that copy. Delete is soft (`deleted_at`):
@@ -130,16 +130,6 @@ async def create(request: web.Request) -> web.Response:
         await session.refresh(row)
     log.info("strategy created", strategy_id=str(row.id), user_id=str(user_id), symbol=row.symbol)
     return json_response(strategy_out(row), status=201)
-
-
-async def list_all(request: web.Request) -> web.Response:
-    """List the caller's strategies, oldest first."""
-    user_id = current_user(request)
-    async with request.app[READS]() as session:
-        rows = await session.scalars(select(Strategy).where(Strategy.user_id == user_id,
-                                                            Strategy.deleted_at.is_(None))
-                                     .order_by(Strategy.created_at, Strategy.id))
-        return json_response([strategy_out(row) for row in rows])
 
 
 async def get_one(request: web.Request) -> web.Response:

@@ -46,6 +46,7 @@ from libs.trading.tokens import SESSION_EXPIRED_REASON, mirror_expired
 from services.executor import metrics
 from services.executor.credentials import CredentialStore, CredentialsUnavailable, KiteCredentials
 from services.executor.halt import OperatorHalt
+from services.executor.notices import outcome_notice
 from services.executor.outcome import Outcome, skipped
 from services.executor.placement import COMPLETE, OrderPlacer, OrderResult
 from services.executor.ratelimit import RateLimitTimeout
@@ -504,7 +505,8 @@ class OrderHandler:
             strategy_id=str(event.strategy_id), run_id=event.run_id, row=dumps(row), runtime_fields=outcome.runtime,
             control=dumps(outcome.control) if outcome.control else None,
             abort_event=event_to_json(outcome.abort) if outcome.abort else None,
-            ack_msg_id=None if ended is not None else msg_id, held=held)
+            ack_msg_id=None if ended is not None else msg_id, held=held,
+            notice=outcome_notice(event, outcome, config, row, held.runtime if held is not None else {}))
         if ended is not None:
             plan = plan_run(ended, self.calendar, datetime.fromisoformat(ended.run_id))
             await unload_run(self.redis, ended, plan)

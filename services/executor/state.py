@@ -107,9 +107,10 @@ local function release(lock, runtime, token)
 end
 """
 
-# KEYS: runtime, strategy, order_logs, control, orders, lock
+# KEYS: runtime, strategy, order_logs, control, orders, lock, notify
 # ARGV: run_id, runtime fields (JSON flat list or ''), control JSON or '', row JSON,
-#       control maxlen, abort event JSON or '', group, msg id to ack or '', lock token to release or ''
+#       control maxlen, abort event JSON or '', group, msg id to ack or '', lock token to release or '',
+#       notice JSON or '', notify maxlen'
 # Runtime is only written while the same run is loaded: a late event must not
 # resurrect the hash of an unloaded run. The lock is released only with the ack
 # (an entry acked is done; one not acked yet is still being worked on).
@@ -124,6 +125,7 @@ if ARGV[2] ~= '' then
   end
 end
 redis.call('XADD', KEYS[3], '*', 'row', ARGV[4])
+if ARGV[10] ~= '' then redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[11], '*', 'notice', ARGV[10]) end
 if ARGV[6] ~= '' then redis.call('XADD', KEYS[5], '*', 'event', ARGV[6]) end
 if ARGV[8] ~= '' then
   redis.call('XACK', KEYS[5], ARGV[7], ARGV[8])
@@ -357,8 +359,8 @@ class OrderState:
 
     async def commit(self, *, strategy_id: str, run_id: str, row: bytes, runtime_fields: dict[str, str] | None,
                      control: bytes | None, abort_event: bytes | None, ack_msg_id: str | None,
-                     held: Held | None = None) -> None:
-        """Write runtime, control message, log row and follow-up event; ack if asked, all at once.
+                     held: Held | None = None, notice: bytes | None = None) -> None:
+        """Write runtime, control message, log row, follow-up event and notice; ack if asked, all at once.
 
         With an ack and a `held` lock, the lock is released in the same step.
         """
@@ -367,9 +369,11 @@ class OrderState:
         part = keys.partition_of(strategy_id)
         await self._commit(
             keys=[keys.runtime_key(strategy_id), keys.strategy_key(strategy_id), keys.order_logs_stream(part),
-                  keys.control_stream(part), keys.orders_stream(part), keys.lock_key(strategy_id)],
+                  keys.control_stream(part), keys.orders_stream(part), keys.lock_key(strategy_id),
+                  keys.notify_stream(part)],
             args=[run_id, dumps(flat) if flat else b"", control or b"", row, CONTROL_MAXLEN,
-                  abort_event or b"", keys.EXECUTORS_GROUP, ack_msg_id or b"", held.token if release else b""],
+                  abort_event or b"", keys.EXECUTORS_GROUP, ack_msg_id or b"", held.token if release else b"",
+                  notice or b"", keys.NOTIFY_MAXLEN],
         )
         if release:
             held.released = True

@@ -323,7 +323,7 @@ def test_error_details_give_loc_msg_and_type_only() -> None:
     with pytest.raises(ValidationError) as caught:
         StrategyCreateRequest.model_validate(strategy_with(quantity=0))
     assert error_details(caught.value) == [
-        {"loc": ["quantity"], "msg": "Input should be greater than or equal to 1", "type": "greater_than_equal"}]
+        {"loc": ["quantity"], "msg": "must be at least 1", "type": "greater_than_equal"}]
 
 
 def test_error_response_has_the_one_api_error_shape() -> None:

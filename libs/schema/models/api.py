@@ -19,6 +19,7 @@ from pydantic import (
     model_validator,
 )
 
+from libs.schema.models.messages import plain_message
 from libs.schema.models.types import (
     BrokerToken,
     ClockTime,
@@ -326,13 +327,23 @@ class StrategyOut(_Response):
 
 
 class StatusResponse(_Response):
-    """Live status of a strategy (data model §4.7), with the day it trades and whether it needs a login."""
+    """Live status of a strategy (data model §4.7): the day it trades, whether it needs a login, and money.
+
+    Prices and P&L come from confirmed fills (the broker's average prices),
+    never from requested prices; unrealized P&L marks an open position to the
+    last traded price.
+    """
 
     status: StrategyStatus
     position: Position
     last_action: LastAction | None = None
     last_price: float | None = None
     timestamp: datetime
+    entry_average_price: float | None = Field(None, description="Average fill price of the run's BUY.")
+    exit_average_price: float | None = Field(None, description="Average fill price of the run's exit.")
+    filled_quantity: int | None = Field(None, description="Shares bought by the run's filled BUY.")
+    realized_pnl: float | None = Field(None, description="(exit - entry) x quantity once exited, in rupees.")
+    unrealized_pnl: float | None = Field(None, description="(last price - entry) x quantity while bought.")
     trading_day: date | None = Field(None, description="The day the current (or last) run trades.")
     next_buy_at: datetime | None = Field(None, description="When the running run buys, if it has not yet.")
     next_sell_at: datetime | None = Field(None, description="When the running run sells, if it holds or will.")
@@ -421,8 +432,9 @@ def error_details(error: ValidationError) -> list[dict[str, Any]]:
     """Return a ValidationError as JSON-safe `details`: loc, msg and type of each problem.
 
     Inputs are left out on purpose: they may be passwords or broker secrets.
+    Messages are plain language (`libs.schema.models.messages`): what a person reads next to the field.
     """
     return [
-        {"loc": list(item["loc"]), "msg": item["msg"], "type": item["type"]}
-        for item in error.errors(include_url=False, include_context=False, include_input=False)
+        {"loc": list(item["loc"]), "msg": plain_message(dict(item)), "type": item["type"]}
+        for item in error.errors(include_url=False, include_context=True, include_input=False)
     ]
