@@ -59,8 +59,7 @@ def test_every_service_has_probes_resources_and_a_disruption_budget() -> None:
         for c in pod["spec"]["containers"]:
             ready, live = c["readinessProbe"]["httpGet"]["path"], c["livenessProbe"]["httpGet"]["path"]
             assert live == "/healthz", name
-            # The simulator has no dependencies to be ready for: /healthz is its readiness.
-            assert ready == ("/healthz" if name == "tickwise-kite-sim" else "/readyz"), name
+            assert ready == "/readyz", name
             res = c["resources"]
             assert {"cpu", "memory"} <= set(res["requests"]) and {"cpu", "memory"} <= set(res["limits"]), name
             assert c["securityContext"]["allowPrivilegeEscalation"] is False
