@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ORDER = ("bench_kite_sim", "bench_api", "bench_scheduler", "bench_stoploss", "bench_executor")
+ORDER = ("bench_kite_sim", "bench_api", "bench_scheduler", "bench_stoploss", "bench_executor", "bench_open_burst")
 
 
 def main() -> int:

@@ -20,6 +20,9 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from datetime import time as dtime
 from pathlib import Path
@@ -207,9 +210,43 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--timeout", type=float, default=30.0)
     parser.add_argument("--profile", type=Path, default=None, help="cProfile executors; copy stats here")
     args = parser.parse_args(argv)
+    with executor_stack("bench_executor_", BENCH_PROFILE="1" if args.profile else "") as stack:
+        results = []
+        for processes in [int(p) for p in args.processes.split(",")]:
+            result = one_round(processes, args.orders, args.accounts, stack.env, stack.dsn, stack.redis, stack.sim,
+                               stack.box, stack.tmpdir, args.timeout)
+            rate = result["rows"] / result["seconds"]
+            results.append((processes, rate))
+            emit("orders_per_s", rate, processes=processes, orders=args.orders, accounts=args.accounts,
+                 rows=result["rows"], seconds=round(result["seconds"], 3), unit="orders/s")
+            emit("broker_orders_per_s", result["broker_orders_per_s"], processes=processes, unit="orders/s")
+            emit("executor_cpu_ms_per_order", result["executor_cpu_ms_per_order"], processes=processes, unit="ms")
+            emit("sim_cpu_ms_per_order", result["sim_cpu_ms_per_order"], processes=processes, unit="ms")
+        plot(results)
+        if args.profile:
+            args.profile.mkdir(parents=True, exist_ok=True)
+            for prof in stack.tmpdir.glob("*.prof"):
+                prof.replace(args.profile / prof.name)
+
+
+@dataclass
+class Stack:
+    """A private Redis, Postgres (migrated) and simulator, and the executors' environment for them."""
+
+    tmpdir: Path
+    redis_url: str
+    dsn: str
+    redis: redis.Redis
+    sim: SimAdmin
+    box: SecretBox
+    env: dict[str, str]
+
+
+@contextmanager
+def executor_stack(prefix: str, log_level: str = "INFO", **extra_env: str) -> Iterator[Stack]:
+    """Run Redis, Postgres and the simulator for a benchmark; yield them with the executor environment."""
     key = generate_key()
-    box = SecretBox.from_b64(key)
-    with tempfile.TemporaryDirectory(prefix="bench_executor_") as tmp:  # noqa: SIM117
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
         tmpdir = Path(tmp)
         os.chmod(tmpdir, 0o755)
         redis_server = RedisServer(tmpdir / "redis", free_port())
@@ -217,32 +254,13 @@ def main(argv: list[str] | None = None) -> None:
         pg_url, pg_stop = start_postgres(tmpdir / "pg")
         try:
             upgrade_head(pg_url)
-            dsn = pg_url.replace("postgresql+psycopg://", "postgresql://")
-            r = redis.Redis.from_url(redis_server.url)
             with run_sim(tick_interval_ms=0, daily_order_cap=100_000, log_level="warning") as sim_url:
-                sim = SimAdmin(sim_url)
                 env = dict(os.environ, PYTHONPATH=str(ROOT), TICKWISE_REDIS_URL=redis_server.url,
                            TICKWISE_DATABASE_URL=pg_url, TICKWISE_KITE_ROOT=sim_url, TICKWISE_SECRET_KEY=key,
-                           TICKWISE_MARKET_CALENDAR="always_open", TICKWISE_LOG_LEVEL="INFO",
-                           BENCH_PROFILE="1" if args.profile else "")
-                results = []
-                for processes in [int(p) for p in args.processes.split(",")]:
-                    result = one_round(processes, args.orders, args.accounts, env, dsn, r, sim, box, tmpdir,
-                                       args.timeout)
-                    rate = result["rows"] / result["seconds"]
-                    results.append((processes, rate))
-                    emit("orders_per_s", rate, processes=processes, orders=args.orders, accounts=args.accounts,
-                         rows=result["rows"], seconds=round(result["seconds"], 3), unit="orders/s")
-                    emit("broker_orders_per_s", result["broker_orders_per_s"], processes=processes,
-                         unit="orders/s")
-                    emit("executor_cpu_ms_per_order", result["executor_cpu_ms_per_order"], processes=processes,
-                         unit="ms")
-                    emit("sim_cpu_ms_per_order", result["sim_cpu_ms_per_order"], processes=processes, unit="ms")
-            plot(results)
-            if args.profile:
-                args.profile.mkdir(parents=True, exist_ok=True)
-                for prof in tmpdir.glob("*.prof"):
-                    prof.replace(args.profile / prof.name)
+                           TICKWISE_MARKET_CALENDAR="always_open", TICKWISE_LOG_LEVEL=log_level, **extra_env)
+                yield Stack(tmpdir, redis_server.url, pg_url.replace("postgresql+psycopg://", "postgresql://"),
+                            redis.Redis.from_url(redis_server.url), SimAdmin(sim_url, timeout=60),
+                            SecretBox.from_b64(key), env)
         finally:
             pg_stop()
             redis_server.stop()

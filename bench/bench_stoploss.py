@@ -16,8 +16,11 @@ Redis read. When the executor is in the tree, the scenarios run again with a
 real executor (and Postgres): the probed strategies belong to 20 paper
 accounts and were bought at the simulator with their entry tags, and the
 figure is from the POST to the simulator's `received_at` of the exit order
-(GET /sim/orders?tag=). A bare loopback Redis round trip and a bare HTTP round
-trip to the simulator are measured in the same run and printed with ratios.
+(GET /sim/orders?tag=, read after the probes: the next probe waits for the
+executor's exit commit on `control:strategies`, not by polling the simulator,
+which would load the process being timed). A bare loopback Redis round trip
+and a bare HTTP round trip to the simulator are measured in the same run and
+printed with ratios.
 The symbols are the first 500 NSE equities of the simulator's instruments list
 priced at Rs 50 or more.
 """
@@ -25,6 +28,7 @@ priced at Rs 50 or more.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import os
 import random
@@ -175,16 +179,25 @@ async def background_ticks(session: aiohttp.ClientSession, sim_url: str, symbols
         await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
 
 
-async def follow_stoplosses(redis: Redis, arrivals: dict[str, asyncio.Future]) -> None:
-    last = "$"
+async def follow_stoplosses(redis: Redis, arrivals: dict[str, asyncio.Future],
+                            exits: dict[str, asyncio.Future]) -> None:
+    """Resolve `arrivals` when a STOPLOSS is queued and `exits` when the executor commits the run's exit.
+
+    Event-driven (XREAD BLOCK), so waiting for the executor does not load the simulator
+    it is being timed against.
+    """
+    last = {keys.ORDERS_STREAM: "$", keys.CONTROL_STREAM: "$"}
     while True:
-        reply = await redis.xread({keys.ORDERS_STREAM: last}, block=1000, count=100)
+        reply = await redis.xread(last, block=1000, count=100)
         now = time.perf_counter()
-        for _, entries in reply or ():
+        for stream, entries in reply or ():
+            name = stream.decode()
             for msg_id, fields in entries:
-                last = msg_id
-                sid = orjson.loads(fields[b"event"])["strategy_id"]
-                fut = arrivals.get(sid)
+                last[name] = msg_id
+                body = orjson.loads(fields[b"event"])
+                if name == keys.CONTROL_STREAM and body.get("position") not in ("exited_by_sl", "sold"):
+                    continue
+                fut = (arrivals if name == keys.ORDERS_STREAM else exits).get(body["strategy_id"])
                 if fut is not None and not fut.done():
                     fut.set_result(now)
 
@@ -324,8 +337,10 @@ async def scenario(redis: Redis, session: aiohttp.ClientSession, sim_url: str, a
         stop, sent = asyncio.Event(), [0]
         ticker = asyncio.create_task(background_ticks(session, sim_url, symbols, rate, stop, sent))
         arrivals: dict[str, asyncio.Future] = {}
+        exits: dict[str, asyncio.Future] = {}
+        sent_at: list[tuple[StrategyConfig, float]] = []
         reader_client = Redis(port=redis.connection_pool.connection_kwargs["port"])
-        reader = asyncio.create_task(follow_stoplosses(reader_client, arrivals))
+        reader = asyncio.create_task(follow_stoplosses(reader_client, arrivals, exits))
         await asyncio.sleep(1.0)  # background load settles
         latencies, missed = [], 0
         began, sent_before = time.perf_counter(), sent[0]
@@ -335,6 +350,7 @@ async def scenario(redis: Redis, session: aiohttp.ClientSession, sim_url: str, a
             stop_loss, config = per_symbol[symbol].pop()
             sid = str(config.strategy_id)
             fut = arrivals[sid] = asyncio.get_running_loop().create_future()
+            exited = exits[sid] = asyncio.get_running_loop().create_future()
             t0_epoch, t0 = time.time(), time.perf_counter()
             async with session.post(f"{sim_url}/sim/ticks",
                                     data=orjson.dumps([{"symbol": symbol, "last_price": stop_loss}])) as resp:
@@ -345,13 +361,18 @@ async def scenario(redis: Redis, session: aiohttp.ClientSession, sim_url: str, a
                 missed += 1
                 continue
             if executor is not None:
-                received = await sell_received_at(session, sim_url, config)
-                if received is not None:
-                    full.append((received - t0_epoch) * 1000)
+                # One probe at a time; the SELL's arrival is read from the simulator afterwards.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(exited, 3.0)
+                sent_at.append((config, t0_epoch))
             await asyncio.sleep(0.01)
         achieved = (sent[0] - sent_before) / (time.perf_counter() - began)
         stop.set()
         await ticker
+        for config, t0_epoch in sent_at:
+            received = await sell_received_at(session, sim_url, config)
+            if received is not None:
+                full.append((received - t0_epoch) * 1000)
         reader.cancel()
         await asyncio.gather(reader, return_exceptions=True)
         await reader_client.aclose()

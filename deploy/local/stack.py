@@ -169,6 +169,8 @@ class LocalStack:
         proc_env = {**os.environ, **env, **spec.env}
         if spec.port_arg:
             cmd += ["--port", str(port)]
+        if spec.name == "kite_sim":  # paper accounts, tokens and orders survive `make down`/`make up`
+            cmd += ["--state-file", str(self.run_dir / "kite_sim.state")]
         else:
             proc_env["TICKWISE_HEALTH_PORT"] = str(port)
         log = open(self.logs / f"{instance}.log", "ab")  # noqa: SIM115 - handed to the child

@@ -1,7 +1,10 @@
-"""One async door to Kite Connect: the official client in a bounded thread pool.
+"""Kite Connect off the order path: the official client in a bounded thread pool.
 
 The `kiteconnect` REST client is blocking (`requests`), so every call runs in a
-thread pool owned by the gateway, never on the event loop. Broker errors are
+thread pool owned by the gateway, never on the event loop. It serves what is
+not latency-bound (login, profile, instruments, quotes); the order path
+(place, cancel, order book, order history) runs on the event loop in
+`libs.broker.kite_rest`, with the same wire format. Broker errors of both are
 classified once, here:
 
 - RETRYABLE: nothing happened at the broker (429, 502-504, refused connection
@@ -11,20 +14,11 @@ classified once, here:
 - FINAL: the broker said no (input/order errors, rejection). Retrying is futile.
 - AUTH: the access token is invalid or expired (403 TokenException).
 
-Per-call cost matters (every order is three calls), so two things the client
-would redo on every request are done once instead:
-
-- The process environment (proxy variables, CA bundle variables, ~/.netrc) is
-  read once per gateway, not per request: sessions run with `trust_env=False`
-  and get the proxies and CA bundle resolved at construction. (A ~/.netrc entry
-  for the broker host would have replaced Kite's `Authorization` header, so
-  ignoring it is also more correct.)
-- Order reads (`orders`, `order_history`) go through the official client's own
-  transport (`KiteConnect._get`, the call its public methods make) without its
-  `_format_response` step, which runs dateutil over every timestamp of every
-  order in the book (~50 us per order, O(book) per tag lookup). Timestamps stay
-  the broker's "YYYY-MM-DD HH:MM:SS" strings, which is the text `str()` of the
-  parsed value gives anyway; nothing here does date arithmetic on them.
+The process environment (proxy variables, CA bundle variables, ~/.netrc) is
+read once per gateway, not per request: sessions run with `trust_env=False`
+and get the proxies and CA bundle resolved at construction. (A ~/.netrc entry
+for the broker host would have replaced Kite's `Authorization` header, so
+ignoring it is also more correct.)
 """
 
 from __future__ import annotations
@@ -39,6 +33,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+import aiohttp
 import requests
 from kiteconnect import KiteConnect
 from kiteconnect import exceptions as kex
@@ -70,7 +65,7 @@ class BrokerError(Exception):
 
 
 def classify(exc: BaseException, *, sent_order: bool) -> BrokerError:
-    """Map a kiteconnect/requests exception to a BrokerError."""
+    """Map a kiteconnect/requests/aiohttp exception to a BrokerError."""
     if isinstance(exc, BrokerError):
         return exc
     name = type(exc).__name__
@@ -92,7 +87,10 @@ def classify(exc: BaseException, *, sent_order: bool) -> BrokerError:
     if isinstance(exc, (kex.GeneralException, kex.DataException, kex.KiteException)):
         kind = BrokerErrorKind.AMBIGUOUS if sent_order else BrokerErrorKind.RETRYABLE
         return BrokerError(kind, str(exc), code=code, error_type=name)
-    if isinstance(exc, requests.RequestException):
+    if isinstance(exc, TimeoutError):  # asyncio's, raised by libs.broker.kite_rest (aiohttp)
+        kind = BrokerErrorKind.AMBIGUOUS if sent_order else BrokerErrorKind.RETRYABLE
+        return BrokerError(kind, "broker did not answer in time", error_type=name)
+    if isinstance(exc, (requests.RequestException, aiohttp.ClientError)):
         kind = BrokerErrorKind.AMBIGUOUS if sent_order else BrokerErrorKind.RETRYABLE
         return BrokerError(kind, f"request failed: {type(exc).__name__}", error_type=name)
     return BrokerError(BrokerErrorKind.AMBIGUOUS if sent_order else BrokerErrorKind.RETRYABLE,
@@ -118,7 +116,7 @@ class _Adapter(requests.adapters.HTTPAdapter):
         return super().send(request, stream=stream, timeout=timeout, verify=verify, cert=cert, proxies=proxies)
 
 
-def _environment(root: str | None) -> tuple[dict[str, str], str | None]:
+def broker_environment(root: str | None) -> tuple[dict[str, str], str | None]:
     """Return the proxies and CA bundle requests would take from the environment for `root`."""
     url = root or KiteConnect._default_root_uri
     proxies = dict(requests.utils.get_environ_proxies(url))
@@ -134,7 +132,7 @@ class KiteGateway:
         self.root = root
         self.timeout_s = timeout_s
         self.pool_size = pool_size
-        self._proxies, self._ca_bundle = _environment(root)
+        self._proxies, self._ca_bundle = broker_environment(root)
         self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="kite")
         self._clients: OrderedDict[tuple[str, str], KiteConnect] = OrderedDict()
         self._lock = threading.Lock()
@@ -187,43 +185,6 @@ class KiteGateway:
     async def instruments(self, api_key: str, access_token: str, exchange: str = "NSE") -> list[dict[str, Any]]:
         kite = self.client(api_key, access_token)
         return await self._call(lambda: kite.instruments(exchange))
-
-    async def place_market_order(self, api_key: str, access_token: str, *, symbol: str, exchange: str,
-                                 transaction_type: str, quantity: int, product: str, tag: str) -> str:
-        """Place a MARKET order; return the broker order id."""
-        kite = self.client(api_key, access_token)
-        return await self._call(lambda: kite.place_order(
-            variety=kite.VARIETY_REGULAR, exchange=exchange, tradingsymbol=symbol,
-            transaction_type=transaction_type, quantity=quantity, product=product,
-            order_type=kite.ORDER_TYPE_MARKET, tag=tag, market_protection=-1,
-        ), sent_order=True)
-
-    async def cancel_order(self, api_key: str, access_token: str, order_id: str,
-                           variety: str = KiteConnect.VARIETY_REGULAR) -> str:
-        """Cancel an open order; return its order id (confirm the outcome with order_history)."""
-        kite = self.client(api_key, access_token)
-        # A write: a timeout leaves it unknown whether the cancel reached the book.
-        return await self._call(lambda: kite.cancel_order(variety, order_id), sent_order=True)
-
-    async def order_history(self, api_key: str, access_token: str, order_id: str) -> list[dict[str, Any]]:
-        """Return the order's history, oldest first (timestamps as the broker's strings)."""
-        kite = self.client(api_key, access_token)
-        # = kite.order_history(order_id) minus dateutil (see the module docstring).
-        return await self._call(lambda: kite._get("order.info", url_args={"order_id": order_id}))
-
-    async def orders(self, api_key: str, access_token: str) -> list[dict[str, Any]]:
-        """Return the day's order book (timestamps as the broker's strings)."""
-        kite = self.client(api_key, access_token)
-        # = kite.orders() minus dateutil (see the module docstring).
-        return await self._call(lambda: kite._get("orders"))
-
-    async def find_order_by_tag(self, api_key: str, access_token: str, tag: str) -> dict[str, Any] | None:
-        """Return the newest order in the day's book carrying `tag`, or None."""
-        found = None
-        for order in await self.orders(api_key, access_token):
-            if order.get("tag") == tag or tag in (order.get("tags") or []):
-                found = order
-        return found
 
     async def ltp(self, api_key: str, access_token: str, instruments: list[str]) -> dict[str, Any]:
         kite = self.client(api_key, access_token)

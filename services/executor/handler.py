@@ -468,8 +468,11 @@ class OrderHandler:
             self.failed += 1
         metrics.EVENTS.labels(event_type=event.event_type.value, outcome=outcome.outcome_label).inc()
         skip = {"skipped": outcome.response.get("skipped")} if outcome.status == OrderLogStatus.skipped else {}
-        log.info("event handled", status=outcome.status.value, order_id=outcome.order_id, tag=outcome.tag,
-                 strategy_status=outcome.strategy_status, **skip, **outcome.extra_log)
+        # Debug for a placed or skipped event: an info line per order costs the hot path
+        # ~0.1 ms (the redacting renderer); failures were logged loudly where they arose.
+        emit = log.info if outcome.status == OrderLogStatus.failed else log.debug
+        emit("event handled", status=outcome.status.value, order_id=outcome.order_id, tag=outcome.tag,
+             strategy_status=outcome.strategy_status, **skip, **outcome.extra_log)
 
 
 def _event_or_none(raw: bytes) -> Event | None:

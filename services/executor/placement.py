@@ -28,7 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from libs.broker.kite import BrokerError, BrokerErrorKind, KiteGateway
+from libs.broker.kite import BrokerError, BrokerErrorKind
+from libs.broker.kite_rest import KiteOrderClient
 from libs.schema.models import BrokerOrder
 from services.executor import metrics
 from services.executor.credentials import KiteCredentials
@@ -109,11 +110,11 @@ def result_of(order_id: str, order: dict[str, Any], *, found_by_tag: bool) -> Or
 
 
 class OrderPlacer:
-    """Tag lookup, rate-limited placement and fill confirmation against one gateway."""
+    """Tag lookup, rate-limited placement and fill confirmation against one broker client."""
 
-    def __init__(self, gateway: KiteGateway, limiter: OrderRateLimiter, *, fill_timeout_s: float,
+    def __init__(self, broker: KiteOrderClient, limiter: OrderRateLimiter, *, fill_timeout_s: float,
                  fill_poll_s: float) -> None:
-        self.gateway, self.limiter = gateway, limiter
+        self.broker, self.limiter = broker, limiter
         self.fill_timeout_s, self.fill_poll_s = fill_timeout_s, fill_poll_s
 
     async def find_by_tag(self, creds: KiteCredentials, tag: str, *, accept_dead: bool) -> dict[str, Any] | None:
@@ -125,7 +126,7 @@ class OrderPlacer:
         entry: its rejection is the answer); such an exit may be placed again
         under the same tag.
         """
-        tagged = [o for o in await self.gateway.orders(creds.api_key, creds.access_token) if _tagged(o, tag)]
+        tagged = [o for o in await self.broker.orders(creds.api_key, creds.access_token) if _tagged(o, tag)]
         live = [o for o in tagged if o.get("status") not in DEAD or int(o.get("filled_quantity") or 0) > 0]
         if live:
             return live[-1]
@@ -133,7 +134,7 @@ class OrderPlacer:
 
     async def exit_book(self, creds: KiteCredentials, entry_tag: str, exit_tag: str) -> ExitBook:
         """Read the run's entry and exit orders from one order book."""
-        book = await self.gateway.orders(creds.api_key, creds.access_token)
+        book = await self.broker.orders(creds.api_key, creds.access_token)
         exits = [o for o in book if _tagged(o, exit_tag)]
         ended = [o for o in exits if o.get("status") in TERMINAL]
         live = [o for o in exits if o.get("status") not in TERMINAL]
@@ -186,7 +187,7 @@ class OrderPlacer:
         if guard is not None:
             guard()
         try:
-            return await self.gateway.place_market_order(
+            return await self.broker.place_market_order(
                 creds.api_key, creds.access_token, symbol=order.symbol, exchange=order.exchange,
                 transaction_type=order.transaction_type.value, quantity=order.quantity,
                 product=order.product, tag=order.tag), False
@@ -197,7 +198,7 @@ class OrderPlacer:
             if known is None:
                 existing = await self.find_by_tag(creds, order.tag, accept_dead=accept_dead)
             else:
-                fresh = [o for o in await self.gateway.orders(creds.api_key, creds.access_token)
+                fresh = [o for o in await self.broker.orders(creds.api_key, creds.access_token)
                          if _tagged(o, order.tag) and str(o["order_id"]) not in known]
                 existing = fresh[-1] if fresh else None
             if existing is None:
@@ -229,7 +230,7 @@ class OrderPlacer:
         """Cancel a live order and return how it ended (it may have filled before the cancel)."""
         order_id = str(order["order_id"])
         try:
-            await self.gateway.cancel_order(creds.api_key, creds.access_token, order_id,
+            await self.broker.cancel_order(creds.api_key, creds.access_token, order_id,
                                             str(order.get("variety") or "regular"))
         except BrokerError as error:
             if error.kind == BrokerErrorKind.RETRYABLE:
@@ -241,7 +242,7 @@ class OrderPlacer:
         """Poll order history until the order is COMPLETE, REJECTED or CANCELLED."""
         deadline = time.monotonic() + self.fill_timeout_s
         while True:
-            history = await self.gateway.order_history(creds.api_key, creds.access_token, order_id)
+            history = await self.broker.order_history(creds.api_key, creds.access_token, order_id)
             last = history[-1] if history else {}
             status = str(last.get("status") or "")
             if status in TERMINAL:

@@ -36,8 +36,8 @@ class ExecutorSettings(ServiceSettings):
     lock_wait_s: float = 15.0
     """How long an event waits for its strategy's lock before leaving the entry pending."""
 
-    broker_workers: int = 64
-    """Threads of the blocking kiteconnect client pool."""
+    broker_connections: int = 256
+    """Keep-alive HTTP connections to the broker, shared by all accounts (at most one call each at a time)."""
     broker_timeout_s: float = 5.0
     """HTTP timeout of one broker call."""
     fill_timeout_s: float = 3.0

@@ -1,15 +1,24 @@
-"""Run the Kite Connect simulator: `python -m services.kite_sim --port N`."""
+"""Run the Kite Connect simulator: `python -m services.kite_sim --port N`.
+
+Upstream live prices: `--upstream-api-key`, `--upstream-ws-url` (and
+`--upstream-root` to serve historical data from the upstream) with the access
+token from `KITE_SIM_UPSTREAM_ACCESS_TOKEN` (a flag would show it in `ps`);
+each flag also reads its `KITE_SIM_UPSTREAM_*` variable.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 
 import structlog
 from aiohttp import web
 
-from services.kite_sim.app import SimSettings, build_app
+from services.kite_sim.app import HANDLER_ARGS, SimSettings, build_app
+from services.kite_sim.portfolio import DEFAULT_OPENING_CASH
+from services.kite_sim.upstream import UpstreamConfig
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -26,12 +35,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--orders-per-second", type=int, default=10)
     p.add_argument("--daily-order-cap", type=int, default=3000)
     p.add_argument("--hold-seconds", type=float, default=60.0, help="timeout-after-accept hold")
+    p.add_argument("--opening-cash", type=float, default=DEFAULT_OPENING_CASH,
+                   help="equity cash of every new paper account (rupees)")
+    p.add_argument("--state-file", type=Path, default=None,
+                   help="keep accounts, tokens, orders and positions in this file across restarts")
+    env = os.environ
+    p.add_argument("--upstream-api-key", default=env.get("KITE_SIM_UPSTREAM_API_KEY"),
+                   help="take live prices from this Kite account's ticker instead of the walk")
+    p.add_argument("--upstream-access-token", default=env.get("KITE_SIM_UPSTREAM_ACCESS_TOKEN"),
+                   help="prefer the KITE_SIM_UPSTREAM_ACCESS_TOKEN variable")
+    p.add_argument("--upstream-ws-url", default=env.get("KITE_SIM_UPSTREAM_WS_URL"),
+                   help="KiteTicker root (default: Kite's own); e.g. ws://127.0.0.1:8765/ws for another simulator")
+    p.add_argument("--upstream-root", default=env.get("KITE_SIM_UPSTREAM_ROOT"),
+                   help="upstream Kite REST root (e.g. https://api.kite.trade) to serve historical_data from")
     p.add_argument("--depth-quantity", type=int, default=500, help="average shares per depth level")
     p.add_argument("--market-calendar", choices=("always_open", "nse"), default="always_open",
                    help="nse blocks MIS orders from 15:20 IST")
     p.add_argument("--clock-offset-s", type=float, default=0.0, help="shift of the simulator's clock")
     p.add_argument("--log-level", default="info")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if bool(args.upstream_api_key) != bool(args.upstream_access_token):
+        p.error("upstream prices need both an api key and an access token")
+    if (args.upstream_ws_url or args.upstream_root) and not args.upstream_api_key:
+        p.error("--upstream-ws-url and --upstream-root need --upstream-api-key and its access token")
+    return args
 
 
 def configure_logging(level: str) -> None:
@@ -53,11 +80,16 @@ def main(argv: list[str] | None = None) -> None:
         orders_per_second=args.orders_per_second, daily_order_cap=args.daily_order_cap,
         hold_seconds=args.hold_seconds, depth_quantity=args.depth_quantity,
         market_calendar=args.market_calendar, clock_offset_s=args.clock_offset_s,
+        opening_cash=args.opening_cash, state_file=args.state_file,
+        upstream=UpstreamConfig(args.upstream_api_key, args.upstream_access_token, args.upstream_ws_url,
+                                args.upstream_root) if args.upstream_api_key else None,
     )
-    structlog.get_logger("kite_sim").info("kite sim starting", host=args.host, port=args.port, seed=args.seed)
+    structlog.get_logger("kite_sim").info("kite sim starting", host=args.host, port=args.port, seed=args.seed,
+                                          state_file=str(args.state_file) if args.state_file else None,
+                                          upstream=bool(settings.upstream))
     # No access log: benchmarks push thousands of requests and it would dominate.
     web.run_app(build_app(settings), host=args.host, port=args.port, access_log=None,
-                shutdown_timeout=2.0, print=None)
+                shutdown_timeout=2.0, print=None, **HANDLER_ARGS)
 
 
 if __name__ == "__main__":

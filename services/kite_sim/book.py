@@ -466,3 +466,30 @@ class Book:
         else:
             pos.sell_quantity += qty
             pos.sell_value += qty * price_paise
+
+    # --- state file (store.py) ------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """Return the book's state: every container attribute and id counter; scalars are settings."""
+        state: dict[str, Any] = {}
+        for name, value in vars(self).items():
+            if isinstance(value, itertools.count):
+                # A count cannot be read without advancing it, so it is replaced by one at the same place.
+                current = next(value)
+                setattr(self, name, itertools.count(current))
+                state[name] = current
+            elif isinstance(value, (dict, list, set, deque)):
+                state[name] = value
+        return state
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Take back what `snapshot` returned (attributes this version no longer has are ignored)."""
+        for name, value in state.items():
+            current = getattr(self, name, None)
+            if isinstance(current, itertools.count):
+                setattr(self, name, itertools.count(value))
+            elif isinstance(current, (dict, list, set, deque)):
+                setattr(self, name, value)
+        for account in self.accounts.values():
+            # Monotonic instants of the previous process mean nothing in this one.
+            account.recent_orders.clear()

@@ -27,6 +27,7 @@ class FaultConfig:
     timeout_after_accept_rate: float = 0.0
     reject_rate: float = 0.0
     burst_429: int = 0
+    burst_500: int = 0
     routes: list[str] | None = None
 
 
@@ -58,12 +59,13 @@ class Faults:
                     raise FaultConfigError(f"{key} must be within 0..1")
                 setattr(cfg, key, value)
             cfg.burst_429 = int(payload.get("burst_429", 0) or 0)
+            cfg.burst_500 = int(payload.get("burst_500", 0) or 0)
             routes = payload.get("routes")
             cfg.routes = [str(r) for r in routes] if routes else None
         except (TypeError, ValueError) as exc:
             raise FaultConfigError(str(exc)) from exc
-        if cfg.latency_ms < 0 or cfg.burst_429 < 0:
-            raise FaultConfigError("latency_ms and burst_429 must not be negative")
+        if cfg.latency_ms < 0 or cfg.burst_429 < 0 or cfg.burst_500 < 0:
+            raise FaultConfigError("latency_ms, burst_429 and burst_500 must not be negative")
         self.release_held()
         self.config = cfg
         return cfg
@@ -90,9 +92,17 @@ class Faults:
 
     def take_429(self, route: str) -> bool:
         """Consume one request of a 429 burst if one is pending."""
+        return self._take_burst("burst_429", route)
+
+    def take_500(self, route: str) -> bool:
+        """Consume one request of a 500 burst if one is pending (a fault of exactly N requests)."""
+        return self._take_burst("burst_500", route)
+
+    def _take_burst(self, name: str, route: str) -> bool:
         cfg = self.config
-        if cfg.burst_429 > 0 and self.applies(route):
-            cfg.burst_429 -= 1
+        left = getattr(cfg, name)
+        if left > 0 and self.applies(route):
+            setattr(cfg, name, left - 1)
             return True
         return False
 

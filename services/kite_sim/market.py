@@ -4,6 +4,10 @@ Prices are kept as integer paise, the unit Kite's binary ticks carry, so a
 price set through the admin API reaches the ticker and the order book
 without float drift. Every price change is announced synchronously to the
 registered listeners (order matching, tick fan-out): no batching delay.
+
+Every price change is also recorded as one-minute candles per instrument
+(`PricePath`), so historical data agrees with what the ticker sent. (The
+order book's depth is the book's `depth.Liquidity`.)
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import io
 import math
 import random
 import time
+from array import array
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +40,10 @@ INSTRUMENT_COLUMNS = (
 )
 
 PriceListener = Callable[[list["Quote"]], None]
+
+MAX_RECORDED_MINUTES = 1440
+"""Minute candles kept per instrument (one day of 24/7 ticking); older ones fold into day candles."""
+CANDLE_FIELDS = 6  # minute, open, high, low, close, volume, flat in one int64 array
 
 
 @dataclass(slots=True)
@@ -70,6 +79,76 @@ class Quote:
     def average_paise(self) -> int:
         """Return the volume-weighted average traded price in paise."""
         return self.turnover // self.volume if self.volume else self.last
+
+
+class PricePath:
+    """Record one instrument's prices as minute candles; fold old minutes into day candles.
+
+    The running minute is a small list (cheap to update on every tick); closed
+    minutes go to a flat int64 array (48 bytes a candle), so a day of 24/7
+    ticking over every instrument stays a few tens of MB.
+    """
+
+    __slots__ = ("current", "days", "minutes")
+
+    def __init__(self) -> None:
+        self.current: list[int] | None = None  # [minute, open, high, low, close, volume]
+        self.minutes = array("q")
+        self.days: dict[int, list[int]] = {}  # IST day number -> [open, high, low, close, volume]
+
+    def record(self, minute: int, paise: int, qty: int) -> None:
+        """Add a trade of `qty` at `paise` in epoch minute `minute`."""
+        cur = self.current
+        if cur is not None and cur[0] == minute:
+            if paise > cur[2]:
+                cur[2] = paise
+            elif paise < cur[3]:
+                cur[3] = paise
+            cur[4] = paise
+            cur[5] += qty
+        else:
+            self.roll(minute, paise, qty)
+
+    def roll(self, minute: int, paise: int, qty: int) -> None:
+        """Close the running minute and open `minute` with one trade."""
+        if self.current is not None:
+            if len(self.minutes) >= MAX_RECORDED_MINUTES * CANDLE_FIELDS:
+                self._fold(len(self.minutes) // 2)
+            self.minutes.extend(self.current)
+        self.current = [minute, paise, paise, paise, paise, qty]
+
+    def candles(self) -> list[tuple[int, int, int, int, int, int]]:
+        """Return the recorded minute candles (minute, o, h, l, c, v), oldest first."""
+        m = self.minutes
+        out = [tuple(m[i:i + CANDLE_FIELDS]) for i in range(0, len(m), CANDLE_FIELDS)]
+        if self.current is not None:
+            out.append(tuple(self.current))
+        return out  # type: ignore[return-value]
+
+    def _fold(self, n_values: int) -> None:
+        n_values -= n_values % CANDLE_FIELDS
+        m = self.minutes
+        for i in range(0, n_values, CANDLE_FIELDS):
+            minute, o, h, lo, c, v = m[i:i + CANDLE_FIELDS]
+            merge_candle(self.days, ist_day(minute * 60), o, h, lo, c, v)
+        del m[:n_values]
+
+
+def merge_candle(into: dict[int, list[int]], key: int, o: int, h: int, lo: int, c: int, v: int) -> None:
+    """Merge a later candle into the candle at `key` (or start it)."""
+    cur = into.get(key)
+    if cur is None:
+        into[key] = [o, h, lo, c, v]
+    else:
+        cur[1], cur[2], cur[3], cur[4] = max(cur[1], h), min(cur[2], lo), c, cur[4] + v
+
+
+IST_OFFSET_S = 19800  # Asia/Kolkata is UTC+05:30 all year
+
+
+def ist_day(epoch: float) -> int:
+    """Return the IST calendar day number (days since 1970-01-01 IST) of an epoch."""
+    return int((epoch + IST_OFFSET_S) // 86400)
 
 
 def load_instruments(path: Path = DATA_FILE) -> list[Instrument]:
@@ -134,17 +213,33 @@ class Market:
         self.rng = random.Random(seed)
         self.listeners: list[PriceListener] = []
         self.quotes: dict[int, Quote] = {}
+        self.paths: dict[int, PricePath] = {}
+        self.started_at = 0.0
+        self.start_paise: dict[int, int] = {}
         self.reset()
 
     def reset(self) -> None:
-        """Put every price back to its base and reseed the walk."""
+        """Put every price back to its base, reseed the walk and start the price record afresh."""
         self.rng = random.Random(self.seed)
+        self.restart({i.instrument_token: (i.base_paise,) * 5 for i in self.instruments})
+
+    def restart(self, state: dict[int, tuple[int, int, int, int, int]]) -> None:
+        """Start from given (last, open, high, low, close) per token; others start at their base.
+
+        The record of prices starts now: history before it is generated back from these prices.
+        """
         now = time.time()
-        self.quotes = {
-            i.instrument_token: Quote(i, i.base_paise, i.base_paise, i.base_paise, i.base_paise, i.base_paise,
-                                      updated_at=now)
-            for i in self.instruments
-        }
+        self.quotes = {}
+        for i in self.instruments:
+            last, o, h, lo, c = state.get(i.instrument_token) or (i.base_paise,) * 5
+            self.quotes[i.instrument_token] = Quote(i, last, o, h, lo, c, updated_at=now)
+        self.paths = {i.instrument_token: PricePath() for i in self.instruments}
+        self.started_at = now
+        self.start_paise = {t: q.last for t, q in self.quotes.items()}
+
+    def price_state(self) -> dict[int, tuple[int, int, int, int, int]]:
+        """Return (last, open, high, low, close) per token, what `restart` takes back."""
+        return {t: (q.last, q.open, q.high, q.low, q.close) for t, q in self.quotes.items()}
 
     def resolve(self, symbol: str) -> Instrument | None:
         """Find an instrument by `SYMBOL` or `NSE:SYMBOL`."""
@@ -165,22 +260,56 @@ class Market:
     def set_prices(self, updates: Iterable[tuple[Instrument, int]], qty: int = 0) -> list[Quote]:
         """Set last prices (paise) and announce them to the listeners at once."""
         now = time.time()
+        minute = int(now // 60)
+        paths = self.paths
         changed: list[Quote] = []
         for ins, paise in updates:
             q = self.quotes[ins.instrument_token]
             q.last = paise
-            q.high = max(q.high, paise)
-            q.low = min(q.low, paise)
+            if paise > q.high:
+                q.high = paise
+            elif paise < q.low:
+                q.low = paise
             if qty:
                 q.last_qty = qty
                 q.volume += qty
                 q.turnover += qty * paise
             q.version += 1
             q.updated_at = now
+            paths[ins.instrument_token].record(minute, paise, qty)
             changed.append(q)
         for listener in self.listeners:
             listener(changed)
         return changed
+
+    def set_external(self, rows: Iterable[tuple[Instrument, int, int, int, int, int, int, int, int]]) -> list[Quote]:
+        """Mirror quotes from another feed: (ins, last, open, high, low, close, volume, last_qty, avg paise)."""
+        now = time.time()
+        minute = int(now // 60)
+        changed: list[Quote] = []
+        for ins, last, o, h, lo, c, volume, last_qty, avg in rows:
+            q = self.quotes[ins.instrument_token]
+            traded = max(0, volume - q.volume) if volume else 0
+            q.last, q.last_qty = last, last_qty
+            q.open, q.high, q.low = o or last, max(h, last), min(lo, last) if lo else last
+            q.close = c or q.close
+            if volume:
+                q.volume, q.turnover = volume, avg * volume
+            q.version += 1
+            q.updated_at = now
+            path = self.paths[ins.instrument_token]
+            if path.current is None:
+                # The first live price, not the dump's, is where the generated history should end.
+                self.start_paise[ins.instrument_token] = last
+            path.record(minute, last, traded)
+            changed.append(q)
+        self.announce(changed)
+        return changed
+
+    def announce(self, changed: list[Quote]) -> None:
+        """Tell every listener about changed quotes."""
+        for listener in self.listeners:
+            listener(changed)
 
     def record_fill(self, ins: Instrument, qty: int, paise: int) -> None:
         """Count a simulated fill in the day's volume without moving the price."""
@@ -188,6 +317,7 @@ class Market:
         q.volume += qty
         q.last_qty = qty
         q.turnover += qty * paise
+        self.paths[ins.instrument_token].record(int(time.time() // 60), q.last, qty)
 
     def walk_step(self) -> list[Quote]:
         """Move every instrument one seeded log-normal step."""

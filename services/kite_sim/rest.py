@@ -116,8 +116,6 @@ class KiteRest:
             web.put("/orders/{variety}/{order_id}", self.modify_order),
             web.delete("/orders/{variety}/{order_id}", self.cancel_order),
             web.get("/trades", self.trades),
-            web.get("/portfolio/positions", self.positions),
-            web.get("/quote/ltp", self.ltp),
         ]
 
     async def inject_faults(self, group: str) -> None:
@@ -128,7 +126,7 @@ class KiteRest:
             await asyncio.sleep(cfg.latency_ms / 1000)
         if faults.take_429(group):
             raise KiteError(429, "NetworkException", "Too many requests (injected burst)")
-        if faults.roll(cfg.error_rate, group):
+        if faults.take_500(group) or faults.roll(cfg.error_rate, group):
             raise KiteError(500, "GeneralException", "Internal server error (injected)")
 
     def authenticate(self, request: web.Request) -> Account:
@@ -264,20 +262,3 @@ class KiteRest:
         if not self.book.cancel(order):
             raise input_error(f"Order cannot be cancelled as it is {order.status}.")
         return {"order_id": order.order_id}
-
-    @kite_endpoint("portfolio")
-    async def positions(self, request: web.Request, account: Account | None) -> Any:
-        """Return net and day positions (all intraday here, so they agree)."""
-        assert account is not None
-        positions = self.book.positions_of(account)
-        return {"net": positions, "day": [dict(p) for p in positions]}
-
-    @kite_endpoint("quote")
-    async def ltp(self, request: web.Request, account: Account | None) -> Any:
-        """Return last prices of `i=EXCHANGE:SYMBOL` instruments; unknown ones are left out."""
-        out = {}
-        for key in request.query.getall("i", []):
-            ins = self.market.resolve(key) if ":" in key else None
-            if ins is not None:
-                out[key] = {"instrument_token": ins.instrument_token, "last_price": self.market.last_price(ins)}
-        return out

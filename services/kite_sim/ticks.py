@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import orjson
 from aiohttp import WSMsgType, web
 
+from services.kite_sim.depth import BUY, LEVELS, SELL, Liquidity
 from services.kite_sim.market import Market, Quote
 
 MODE_LTP, MODE_QUOTE, MODE_FULL = "ltp", "quote", "full"
@@ -29,32 +30,39 @@ MAX_TOKENS_PER_CONNECTION = 3000  # Kite's per-connection subscription limit
 _LTP = struct.Struct(">II")
 _QUOTE = struct.Struct(">11I")
 _FULL_HEAD = struct.Struct(">16I")
-_DEPTH = struct.Struct(">IIHxx")
+_DEPTH10 = struct.Struct(">" + "IIHxx" * 10)  # quantity, price, orders; five bids then five asks
 _U16 = struct.Struct(">H")
 
 
-def encode_ltp(q: Quote) -> bytes:
+def encode_ltp(q: Quote, _liquidity: Liquidity | None = None) -> bytes:
     """Encode an 8-byte LTP packet."""
     return _LTP.pack(q.instrument.instrument_token, q.last)
 
 
-def encode_quote(q: Quote) -> bytes:
-    """Encode a 44-byte quote packet."""
-    depth_qty = 100 * q.instrument.lot_size
+def encode_quote(q: Quote, liquidity: Liquidity) -> bytes:
+    """Encode a 44-byte quote packet; the side totals are the book's average levels, LEVELS x depth_quantity."""
+    side = LEVELS * liquidity.depth_quantity
     return _QUOTE.pack(q.instrument.instrument_token, q.last, q.last_qty, q.average_paise(), q.volume,
-                       depth_qty * 5, depth_qty * 5, q.open, q.high, q.low, q.close)
+                       side, side, q.open, q.high, q.low, q.close)
 
 
-def encode_full(q: Quote) -> bytes:
-    """Encode a 184-byte full packet with a synthetic five-level depth."""
+def encode_full(q: Quote, liquidity: Liquidity) -> bytes:
+    """Encode a 184-byte full packet: quote fields, trade and exchange times, OI (0), and the book's depth.
+
+    The depth is what matching would fill against now (`Liquidity.levels`):
+    bids are what a SELL takes, asks what a BUY takes; empty levels are zeros.
+    """
     ts = int(q.updated_at)
-    depth_qty = 100 * q.instrument.lot_size
+    side = LEVELS * liquidity.depth_quantity
     head = _FULL_HEAD.pack(q.instrument.instrument_token, q.last, q.last_qty, q.average_paise(), q.volume,
-                           depth_qty * 5, depth_qty * 5, q.open, q.high, q.low, q.close, ts, 0, 0, 0, ts)
-    tick = q.instrument.tick_paise
-    bids = b"".join(_DEPTH.pack(depth_qty, max(tick, q.last - tick * (i + 1)), 1) for i in range(5))
-    asks = b"".join(_DEPTH.pack(depth_qty, q.last + tick * (i + 1), 1) for i in range(5))
-    return head + bids + asks
+                           side, side, q.open, q.high, q.low, q.close, ts, 0, 0, 0, ts)
+    values: list[int] = []
+    for taker in (SELL, BUY):
+        levels = list(liquidity.levels(q, taker))
+        for level in levels:
+            values += (level.quantity, level.price, 1)
+        values += (0, 0, 0) * (LEVELS - len(levels))
+    return head + _DEPTH10.pack(*values)
 
 
 ENCODERS = {MODE_LTP: encode_ltp, MODE_QUOTE: encode_quote, MODE_FULL: encode_full}
@@ -107,8 +115,9 @@ class TickConnection:
 class TickHub:
     """Track subscriptions and push ticks to every interested connection."""
 
-    def __init__(self, market: Market) -> None:
+    def __init__(self, market: Market, liquidity: Liquidity) -> None:
         self.market = market
+        self.liquidity = liquidity  # the book's depth, shown in quote totals and full packets
         self.connections: set[TickConnection] = set()
         self.subscribers: dict[int, dict[TickConnection, str]] = {}
         self.frames_sent = 0
@@ -176,7 +185,7 @@ class TickHub:
             for conn, mode in subs.items():
                 packet = encoded.get(mode)
                 if packet is None:
-                    packet = encoded[mode] = ENCODERS[mode](q)
+                    packet = encoded[mode] = ENCODERS[mode](q, self.liquidity)
                 per_conn.setdefault(conn, []).append(packet)
         for conn, packets in per_conn.items():
             conn.enqueue(frame(packets))
@@ -209,7 +218,7 @@ class TickHub:
         # Kite answers a subscription with the current state right away.
         if not tokens:
             return
-        packets = [ENCODERS[conn.modes[t]](self.market.quotes[t]) for t in tokens]
+        packets = [ENCODERS[conn.modes[t]](self.market.quotes[t], self.liquidity) for t in tokens]
         for start in range(0, len(packets), 500):
             conn.enqueue(frame(packets[start:start + 500]))
 

@@ -28,13 +28,15 @@ CONNECTING, CONNECTED, DISCONNECTED, TOKEN_EXPIRED, CLOSED = (
 
 
 class TickerFeed:
-    """Own one KiteTicker at a time and keep it subscribed to the wanted tokens (LTP mode)."""
+    """Own one KiteTicker at a time and keep it subscribed to the wanted tokens (LTP mode unless told)."""
 
-    def __init__(self, api_key: str, access_token: str, root: str | None, on_ticks: TicksSink) -> None:
+    def __init__(self, api_key: str, access_token: str, root: str | None, on_ticks: TicksSink,
+                 mode: str = "ltp") -> None:
         self.api_key = api_key
         self.access_token = access_token
         self.root = root
         self.on_ticks = on_ticks
+        self.mode = mode  # KiteTicker packet mode: "ltp" (the listener) or "quote" (the simulator's upstream)
         self.state = CONNECTING
         self.wanted: frozenset[int] = frozenset()
         self.connects = 0
@@ -127,7 +129,7 @@ class TickerFeed:
         drop = sorted(current - wanted)
         if add:
             ticker.subscribe(add)
-            ticker.set_mode(ticker.MODE_LTP, add)
+            ticker.set_mode(self.mode, add)
         if drop:
             ticker.unsubscribe(drop)
         if add or drop:

@@ -1,10 +1,12 @@
-"""Fixtures shared by the executor's integration tests."""
+"""Fixtures shared by the integration tests (executor, and the simulator's own)."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
+from kiteconnect import KiteConnect
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.executor.settings import ExecutorSettings
@@ -25,3 +27,16 @@ def settings(redis_url: str, clean_db: str, sim: SimAdmin) -> Iterator[ExecutorS
     """Executor settings tuned for fast tests; releases any request the simulator still holds after."""
     yield executor_settings(redis_url, clean_db, sim.base_url)
     sim.set_faults()
+
+
+@pytest.fixture
+def paper_account(sim: SimAdmin) -> dict[str, Any]:
+    """A fresh paper account on the (reset) session simulator."""
+    return sim.create_account()
+
+
+@pytest.fixture
+def paper_kite(sim: SimAdmin, paper_account: dict[str, Any]) -> KiteConnect:
+    """The official client, logged in as `paper_account`, pointed at the session simulator."""
+    return KiteConnect(paper_account["api_key"], access_token=paper_account["access_token"], root=sim.base_url,
+                       timeout=10)

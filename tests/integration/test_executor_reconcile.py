@@ -11,7 +11,7 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from deploy.local.procs import RedisServer
-from libs.broker.kite import KiteGateway
+from libs.broker.kite_rest import KiteOrderClient
 from libs.schema import keys
 from libs.schema.models import ControlMessage, Position, StrategyConfig, StrategyStatus
 from libs.trading.runs import load_run, plan_run, run_id_for
@@ -39,13 +39,13 @@ pytestmark = pytest.mark.timeout(60)
 
 async def place_at_broker(sim: SimAdmin, run: Run, intent: str, side: str, quantity: int = 1) -> str:
     """Place an order with the run's tag directly, as an executor that then lost Redis would have."""
-    gateway = KiteGateway(sim.base_url, max_workers=2)
+    broker = KiteOrderClient(sim.base_url)
     try:
-        return await gateway.place_market_order(run.account.api_key, run.account.access_token, symbol="INFY",
+        return await broker.place_market_order(run.account.api_key, run.account.access_token, symbol="INFY",
                                                 exchange="NSE", transaction_type=side, quantity=quantity,
                                                 product="MIS", tag=run.tag(intent))
     finally:
-        gateway.close()
+        await broker.aclose()
 
 
 async def position_is(redis: Redis, run: Run, position: Position) -> bool:
@@ -207,14 +207,14 @@ async def test_reconciliation_leaves_a_run_restarted_meanwhile_alone(redis: Redi
         thread.start()
         thread.join()
 
-    gateway = KiteGateway(sim.base_url, max_workers=2)
+    broker = KiteOrderClient(sim.base_url)
     state = OrderState(redis, lock_ttl_ms=2000, lock_wait_s=2.0)
-    reconciler = Reconciler(redis, None, CredentialStore(redis, BOX, ttl_s=60), gateway, state, CALENDAR,
+    reconciler = Reconciler(redis, None, CredentialStore(redis, BOX, ttl_s=60), broker, state, CALENDAR,
                             pg_timeout_s=1.0, on_configs=stop_and_restart)
     try:
         await reconciler.run("test")
     finally:
-        gateway.close()
+        await broker.aclose()
     # The old run's fill must not land on the new run's runtime, nor its exit unload the new run.
     assert (await runtime(redis, holding)).position == Position.none
     for sid, config in restarted.items():

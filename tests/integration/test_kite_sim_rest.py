@@ -218,6 +218,17 @@ def test_burst_429_answers_the_next_n_requests_with_429(kite: KiteConnect, admin
     assert admin.faults()["burst_429"] == 0
 
 
+def test_burst_500_answers_exactly_the_next_n_requests_with_500(kite: KiteConnect, admin: SimAdmin) -> None:
+    admin.set_faults(burst_500=2, routes=["user"])
+    assert kite.ltp(["NSE:INFY"])
+    for _ in range(2):
+        with pytest.raises(GeneralException) as info:
+            kite.profile()
+        assert info.value.code == 500
+    assert kite.profile()
+    assert admin.faults()["burst_500"] == 0
+
+
 def test_admin_orders_filter_by_api_key_and_tag(sim_url: str, admin: SimAdmin, kite: KiteConnect,
                                                 account: dict[str, Any]) -> None:
     other = admin.create_account()

@@ -136,7 +136,9 @@ def test_ticks_arrive_in_quote_mode_then_ltp_and_full_with_exact_prices(
     probe.wait_tick(infy, since, mode="ltp", last_price=1499.95)
     full = probe.wait_tick(tcs, since, mode="full", last_price=3901.10)
     assert len(full["depth"]["buy"]) == 5 and len(full["depth"]["sell"]) == 5
-    assert full["depth"]["buy"][0]["price"] < 3901.10 < full["depth"]["sell"][0]["price"]
+    # The depth matching fills against: bids from the last price down, asks from it up.
+    assert [lvl["price"] for lvl in full["depth"]["buy"]] == [3901.10, 3901.05, 3901.00, 3900.95, 3900.90]
+    assert [lvl["price"] for lvl in full["depth"]["sell"]] == [3901.10, 3901.15, 3901.20, 3901.25, 3901.30]
     # A 1-byte binary frame is Kite's heartbeat; the simulator sends one every second.
     eventually_sync(lambda: any(len(p) == 1 for p in probe.raw), timeout=3, message="no heartbeat")
 
