@@ -48,7 +48,7 @@ async def test_an_entry_cancelled_after_a_partial_fill_exits_exactly_what_filled
     symbol = "TCS" if exit_by == "stoploss" else "WIPRO"
     await trader.tick(symbol, 500)
     await trader.sim("POST", "liquidity", THIN)
-    sid = await trader.strategy(symbol, buy_in_s=2, sell_in_s=120, stop_loss=480, quantity=QUANTITY)
+    sid = await trader.strategy(symbol, buy_in_s=2, sell_in_s=60, stop_loss=480, quantity=QUANTITY)
 
     async def bought() -> bool:
         return (await trader.status(sid))["position"] == "bought"
