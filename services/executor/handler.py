@@ -314,6 +314,9 @@ class OrderHandler:
         except RateLimitTimeout as error:
             return self.retry_or_abort(event, kind, request, {"error": str(error)}, tag, log)
         log = log.bind(order_id=result.order_id)
+        if kind != EventType.BUY and result.broker_order.get("quantity"):
+            # An exit that looked first sent what the book showed held, not runtime's count.
+            request["order"]["quantity"] = int(result.broker_order["quantity"])
         if kind == EventType.BUY and (result.filled or result.partially_filled):
             return self.filled(event, kind, config, request, result, log)
         if kind != EventType.BUY and result.remaining == 0:
