@@ -229,8 +229,9 @@ class Reconciler:
         row = OrderLogRow(
             id=order_log_id(RECONCILE_STREAM, str(order["order_id"])), strategy_id=config.strategy_id,
             user_id=config.user_id, event_type=kind, request_payload={"reconciled": True},
-            response_payload={"order_id": order["order_id"], "status": COMPLETE,
-                              "average_price": order.get("average_price"), "found_by_tag": True},
+            response_payload={"order_id": order["order_id"], "status": order.get("status") or COMPLETE,
+                              "average_price": order.get("average_price"), "found_by_tag": True,
+                              "filled_quantity": filled_quantity(order)},
             status=OrderLogStatus.success, trading_day=plan.trading_day, broker_order_id=str(order["order_id"]),
             tag=order.get("tag"), created_at=now, run_id=config.run_id, strategy_status="exited")
         loaded = await self._exited_script(
