@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install system-deps test test-fast lint fuzz up down status demo bench clean
+.PHONY: install system-deps test test-fast lint fuzz up down status demo bench chaos clean
 
 install: system-deps $(STAMP)
 
@@ -14,8 +14,8 @@ system-deps:
 
 $(STAMP): requirements.lock pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@echo "tickwise: installing pinned Python dependencies into $(VENV)"
-	@$(PY) -m pip install -q --disable-pip-version-check -r requirements.lock
+	@echo "tickwise: installing $$(grep -c '==' requirements.lock) pinned Python packages into $(VENV) (first time: a few minutes)"
+	@$(PY) -m pip install --disable-pip-version-check --progress-bar on -r requirements.lock
 	@touch $(STAMP)
 
 test: install
@@ -28,13 +28,13 @@ fuzz: install
 	TICKWISE_FUZZ_EXAMPLES=2000 $(PY) -m pytest tests/integration/test_api_fuzz.py -q
 
 up: install
-	$(PY) -m deploy.local up
+	@$(PY) -m deploy.local up
 
 down:
 	@if [ -x $(PY) ]; then $(PY) -m deploy.local down; else echo "tickwise: nothing to stop"; fi
 
 status:
-	$(PY) -m deploy.local status
+	@$(PY) -m deploy.local status
 
 demo: install
 	$(PY) -m deploy.demo
@@ -42,5 +42,10 @@ demo: install
 bench: install
 	$(PY) -m bench
 
-clean: down
+# A seeded chaos campaign against a private stack: make chaos SEED=3 MINUTES=20
+chaos: install
+	$(PY) -m tests.fault.chaos --seed $(or $(SEED),1) --minutes $(or $(MINUTES),10)
+
+clean:
+	@if [ -x $(PY) ]; then $(PY) -m deploy.local clean; fi
 	rm -rf .run

@@ -5,7 +5,8 @@ creates three strategies a few seconds ahead and starts them:
   A  INFY      bought at its buy_time, sold at its sell_time
   B  RELIANCE  bought, then stopped out by a price drop pushed to the simulator
   C  TCS       stopped by the user before its buy_time: never trades
-prints a live timeline and the final status and order logs, then stops the stack.
+prints a live timeline and the final status and order logs, then stops what it
+started (a stack already running from `make up` is left running).
 """
 
 from __future__ import annotations
@@ -196,6 +197,18 @@ def _log_errors(logs: Path, since: dict[Path, int]) -> list[str]:
     return found
 
 
+def stop_what_demo_started(stack: LocalStack) -> None:
+    """Stop the stack if the demo started it; else stop only the programs it started (a `make up` stack stays)."""
+    if stack.started_supervisor:
+        print("\n== stopping the stack")
+        stack.down()
+        return
+    for name in reversed(stack.started):
+        stack.stop_program(name)
+    print("\n== the stack you started with `make up` is left running"
+          + (f" (stopped what the demo started: {', '.join(stack.started)})" if stack.started else ""))
+
+
 def main() -> int:
     stack = LocalStack()
     started = time.monotonic()
@@ -203,7 +216,10 @@ def main() -> int:
     code = 1
     try:
         mark = _log_sizes(stack.logs)
-        env = stack.up()
+        try:
+            env = stack.up()
+        except Exception as exc:  # noqa: BLE001 - one readable line, never a traceback
+            raise DemoError(f"the local stack did not start: {exc}") from None
         code = asyncio.run(run_demo(env))
         errors = _log_errors(stack.logs, mark)
         print(f"\n== done in {time.monotonic() - started:.0f}s; "
@@ -216,8 +232,10 @@ def main() -> int:
         print("\ninterrupted")
     finally:
         if os.environ.get("TICKWISE_DEMO_KEEP") != "1":
-            print("\n== stopping the stack")
-            stack.down()
+            try:
+                stop_what_demo_started(stack)
+            except Exception as exc:  # noqa: BLE001 - one readable line, never a traceback
+                print(f"tickwise demo: could not stop the stack: {exc}; run `make down`", file=sys.stderr)
     return code
 
 

@@ -5,7 +5,9 @@ Each test gets clean state: Redis is flushed and every table truncated before it
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,37 @@ import redis.asyncio as aioredis
 
 from deploy.local.procs import PostgresServer, RedisServer, free_port
 from tests.support.postgres import open_to_postgres
+
+# Strategy times are IST wall-clock times of one day, buy before sell: a test
+# that schedules "now - 5 min .. now + 5 min" cannot be written across IST
+# midnight. A suite started in this window waits for the new day instead of
+# failing a dozen tests; the window covers the suite's length plus those offsets.
+MIDNIGHT_WINDOW_BEFORE = timedelta(minutes=20)
+MIDNIGHT_WINDOW_AFTER = timedelta(minutes=6)
+
+
+def seconds_until_clear_of_ist_midnight(now: datetime) -> float:
+    """Return how long to wait so no test's strategy window crosses IST midnight (0 if clear)."""
+    from libs.trading.calendar import IST
+
+    local = now.astimezone(IST)
+    next_midnight = datetime.combine(local.date() + timedelta(days=1), datetime.min.time(), IST)
+    last_midnight = next_midnight - timedelta(days=1)
+    if next_midnight - local <= MIDNIGHT_WINDOW_BEFORE:
+        return (next_midnight + MIDNIGHT_WINDOW_AFTER - local).total_seconds()
+    if local - last_midnight < MIDNIGHT_WINDOW_AFTER:
+        return (last_midnight + MIDNIGHT_WINDOW_AFTER - local).total_seconds()
+    return 0.0
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    from libs.trading.calendar import IST
+
+    wait = seconds_until_clear_of_ist_midnight(datetime.now(IST))
+    if wait > 0:
+        print(f"\ntickwise: IST midnight is near; waiting {wait:.0f} s so no strategy window spans two days",
+              flush=True)
+        time.sleep(wait)
 
 
 @pytest.fixture(scope="session")

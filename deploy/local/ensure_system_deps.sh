@@ -31,6 +31,7 @@ created_policy=0
 if [ ! -e "$policy" ]; then
   printf '#!/bin/sh\nexit 101\n' > "$policy"; chmod +x "$policy"; created_policy=1
 fi
-apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+# Not silent: the first install takes a while, so apt shows each package as it fetches and sets it up.
+apt-get install -y -q --no-install-recommends "${missing[@]}"
 [ "$created_policy" -eq 1 ] && rm -f "$policy"
 echo "tickwise: installed ${missing[*]}"

@@ -14,11 +14,13 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
 import redis
+from psycopg import sql
 
 
 def free_port() -> int:
@@ -29,12 +31,50 @@ def free_port() -> int:
 
 
 def port_is_free(port: int) -> bool:
+    """Return True if a listener could bind 127.0.0.1:`port` now.
+
+    SO_REUSEADDR, as redis-server, Postgres and aiohttp bind: a port whose old
+    connections linger in TIME_WAIT is free, only a live listener takes it.
+    """
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
             return False
         return True
+
+
+def _listening_inodes(port: int) -> set[str]:
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(fields[9])
+    return inodes
+
+
+def port_holder(port: int) -> tuple[int, str] | None:
+    """Return (pid, command line) of the process listening on `port`, if it can be seen."""
+    wanted = {f"socket:[{inode}]" for inode in _listening_inodes(port)}
+    if not wanted:
+        return None
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            for fd in (proc / "fd").iterdir():
+                if os.readlink(fd) in wanted:
+                    cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+                    return int(proc.name), cmd
+        except OSError:
+            continue
+    return None
 
 
 def pid_alive(pid: int) -> bool:
@@ -154,9 +194,12 @@ class RedisServer:
 
 @dataclass
 class PostgresServer:
+    """One Postgres cluster on loopback: trust auth (test fixtures) or scram with `password` (the stack)."""
+
     data_dir: Path
     port: int
     database: str = "tickwise"
+    password: str | None = None
 
     @property
     def socket_dir(self) -> Path:
@@ -165,29 +208,57 @@ class PostgresServer:
     @property
     def url(self) -> str:
         """SQLAlchemy URL (psycopg 3 driver)."""
-        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{self.database}"
+        auth = f"postgres:{self.password}" if self.password else "postgres"
+        return f"postgresql+psycopg://{auth}@127.0.0.1:{self.port}/{self.database}"
 
     @property
     def dsn(self) -> str:
         """libpq connection string."""
-        return f"host=127.0.0.1 port={self.port} user=postgres dbname={self.database}"
+        return self._dsn(self.database)
+
+    def _dsn(self, database: str, *, with_password: bool = True) -> str:
+        dsn = f"host=127.0.0.1 port={self.port} user=postgres dbname={database}"
+        return dsn + (f" password={self.password}" if self.password and with_password else "")
+
+    def _hba(self) -> str:
+        method = "scram-sha-256" if self.password else "trust"
+        return f"local all all {method}\nhost all all 127.0.0.1/32 {method}\nhost all all ::1/128 {method}\n"
 
     def init(self) -> None:
-        """initdb (trust auth for loopback only) unless the cluster already exists."""
+        """initdb (loopback only: trust, or scram-sha-256 with `password`) unless the cluster exists."""
         if (self.data_dir / "PG_VERSION").exists():
             return
         self.data_dir.mkdir(parents=True, exist_ok=True)
         _chown_for_postgres(self.data_dir)
         os.chmod(self.data_dir, 0o700)
-        subprocess.run(
-            _as_postgres([str(pg_bindir() / "initdb"), "-D", str(self.data_dir), "-U", "postgres",
-                          "--auth-local=trust", "--auth-host=trust", "-E", "UTF8", "--no-instructions"]),
-            check=True, stdout=subprocess.DEVNULL,
-        )
-        hba = self.data_dir / "pg_hba.conf"
-        hba.write_text(
-            "local all all trust\nhost all all 127.0.0.1/32 trust\nhost all all ::1/128 trust\n"
-        )
+        self.socket_dir.mkdir(parents=True, exist_ok=True)
+        _chown_for_postgres(self.socket_dir)
+        os.chmod(self.socket_dir, 0o700)
+        auth = ["--auth-local=trust", "--auth-host=trust"]
+        pwfile = self.socket_dir / "initdb.pw"
+        if self.password:
+            fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(self.password + "\n")
+            _chown_for_postgres(pwfile)
+            auth = ["--auth-local=scram-sha-256", "--auth-host=scram-sha-256", f"--pwfile={pwfile}"]
+        try:
+            subprocess.run(
+                _as_postgres([str(pg_bindir() / "initdb"), "-D", str(self.data_dir), "-U", "postgres",
+                              *auth, "-E", "UTF8", "--no-instructions"]),
+                check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            )
+        except subprocess.CalledProcessError as exc:
+            detail = (exc.stderr or b"").decode(errors="replace").strip().splitlines()
+            raise RuntimeError(f"initdb failed: {detail[0] if detail else exc}") from None
+        finally:
+            pwfile.unlink(missing_ok=True)
+        (self.data_dir / "pg_hba.conf").write_text(self._hba())
+
+    def command(self) -> list[str]:
+        """The postmaster in the foreground, as a process supervisor runs it."""
+        return [str(pg_bindir() / "postgres"), "-D", str(self.data_dir), "-p", str(self.port),
+                "-k", str(self.socket_dir), "-c", "listen_addresses=127.0.0.1"]
 
     def start(self, *, fsync: bool = True) -> None:
         """Start with pg_ctl, wait until it accepts connections, create the database."""
@@ -202,11 +273,43 @@ class PostgresServer:
                           str(self.data_dir / "postgres.log"), "-o", opts, "-w", "-t", "60", "start"]),
             check=True, stdout=subprocess.DEVNULL,
         )
-        self._create_database()
+        self.create_database()
 
-    def _create_database(self) -> None:
-        with psycopg.connect(f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres",
-                             autocommit=True) as conn:
+    def wait_ready(self, timeout: float = 60.0, *, alive: Callable[[], bool] | None = None) -> None:
+        """Wait until the server accepts a connection (a password is refused until then too)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with psycopg.connect(self._dsn("postgres"), connect_timeout=2):
+                    return
+            except psycopg.OperationalError as exc:
+                if "password authentication failed" in str(exc) or "no password supplied" in str(exc):
+                    if self._adopt_password():
+                        continue
+                    raise RuntimeError("Postgres refused the stack's password: remove .run/ "
+                                       "(make clean) to start over") from None
+                if time.monotonic() > deadline or (alive is not None and not alive()):
+                    raise RuntimeError(f"Postgres on port {self.port} did not accept connections") from None
+            time.sleep(0.2)
+
+    def _adopt_password(self) -> bool:
+        """A cluster made before passwords (trust auth): set the password, switch pg_hba to scram."""
+        hba = self.data_dir / "pg_hba.conf"
+        if not self.password or " trust" not in hba.read_text():
+            return False
+        try:
+            with psycopg.connect(self._dsn("postgres", with_password=False), autocommit=True) as conn:
+                conn.execute(sql.SQL("ALTER ROLE postgres PASSWORD {}").format(sql.Literal(self.password)))
+                hba.write_text(self._hba())
+                conn.execute("SELECT pg_reload_conf()")
+        except psycopg.OperationalError:
+            return False
+        time.sleep(0.5)
+        return True
+
+    def create_database(self) -> None:
+        """Create `database` unless it exists."""
+        with psycopg.connect(self._dsn("postgres"), autocommit=True) as conn:
             exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (self.database,)).fetchone()
             if not exists:
                 conn.execute(f'CREATE DATABASE "{self.database}"')

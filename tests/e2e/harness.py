@@ -19,7 +19,7 @@ from uuid import uuid4
 import aiohttp
 import pytest
 
-from deploy.local.procs import pid_alive, stop_pid
+from deploy.local.procs import pid_alive
 from deploy.local.stack import LocalStack
 from libs.trading.calendar import IST
 from tests.support.postgres import open_to_postgres
@@ -28,10 +28,10 @@ from tests.support.postgres import open_to_postgres
 class Stack:
     """A private stack under `run_dir`: Redis, Postgres, simulator, API, pipeline services."""
 
-    def __init__(self, run_dir: Path) -> None:
-        self.local = LocalStack(run_dir)
+    def __init__(self, run_dir: Path, replicas: dict[str, int] | None = None) -> None:
+        # One replica of each pipeline service unless asked: tests add replicas where they matter.
+        self.local = LocalStack(run_dir, replicas=replicas or {"executor": 1, "scheduler": 1, "market_listener": 1})
         self.env: dict[str, str] = {}
-        self._replicas = 0
 
     def up(self) -> Stack:
         self.env = self.local.up()
@@ -52,14 +52,9 @@ class Stack:
     def redis_url(self) -> str:
         return self.env["REDIS_URL"]
 
-    def add_replica(self, service: str, extra_env: dict[str, str] | None = None) -> str:
-        """Start one more instance of a pipeline service; return its instance name."""
-        self._replicas += 1
-        instance, _port = self.local.spawn_replica(service, self._replicas, self._service_env(), extra_env)
-        return instance
-
-    def _service_env(self) -> dict[str, str]:
-        return {k: v for k, v in self.env.items() if k not in ("API_URL", "SIM_URL")}
+    def add_replica(self, service: str) -> str:
+        """Start one more instance of a pipeline service under the supervisor; return its program name."""
+        return self.local.add_replica(service)
 
     def pid(self, instance: str) -> int:
         pid = self.local.pid_of(instance)
@@ -67,18 +62,22 @@ class Stack:
         return pid
 
     def kill(self, instance: str, sig: int = signal.SIGKILL) -> None:
+        """Signal a process (the supervisor restarts it after a crash)."""
         os.kill(self.pid(instance), sig)
 
-    def stop(self, instance: str) -> None:
-        stop_pid(self.pid(instance), timeout=15)
+    def stop(self, service: str) -> None:
+        """Stop every replica of a service through the supervisor (no restart until `restart`)."""
+        for name in self.local.instances(service) or [service]:
+            self.local.stop_program(name)
 
     def restart(self, service: str) -> None:
-        """Start a stopped or killed service again, under its own name and port."""
+        """Start a stopped service again (all of its replicas), under its own names and ports."""
         self.env = self.local.up()  # up() starts whatever of the stack is down
         self.pid(service)
 
     def log(self, instance: str) -> str:
-        return (self.local.logs / f"{instance}.log").read_text(errors="replace")
+        name = self.local.instances(instance)[0] if self.local.instances(instance) else instance
+        return (self.local.logs / f"{name}.log").read_text(errors="replace")
 
 
 @contextmanager

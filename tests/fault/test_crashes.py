@@ -15,7 +15,6 @@ import time
 import psycopg
 import redis.asyncio as aioredis
 
-from deploy.local.procs import PostgresServer, RedisServer
 from libs.schema import keys
 from tests.e2e.harness import Stack, Trader
 from tests.support.eventually import eventually
@@ -85,8 +84,8 @@ async def test_broker_accepting_then_timing_out_gives_no_duplicate(trader: Trade
 async def test_postgres_outage_mid_trading_loses_no_order_log(fault_stack: Stack, trader: Trader) -> None:
     await trader.tick("AXISBANK", 1100)
     sid = await trader.strategy("AXISBANK", buy_in_s=2, sell_in_s=6, stop_loss=1000, quantity=2)
-    pg = _postgres(fault_stack)
-    pg.stop(mode="immediate")
+    pg = fault_stack.local.postgres()
+    fault_stack.local.crash_postgres()  # the supervisor leaves a deliberate stop alone
     outage_started = time.monotonic()
     try:
         # Trading goes on without Postgres: both orders reach the broker.
@@ -96,7 +95,7 @@ async def test_postgres_outage_mid_trading_loses_no_order_log(fault_stack: Stack
         await eventually(both_sides, timeout=20, interval=0.2)
         await asyncio.sleep(max(0.0, 10 - (time.monotonic() - outage_started)))  # a 10 s outage
     finally:
-        pg.start()
+        fault_stack.local.start_program("postgres")
     await eventually(lambda: _logged(trader, sid, 2), timeout=30, interval=0.3)
     assert await _status(trader, sid, "exited")
     with psycopg.connect(pg.dsn) as conn:
@@ -112,24 +111,12 @@ async def _logged(trader: Trader, sid: str, count: int) -> bool:
         return False  # the API answers 5xx/503 until its pool reconnects
 
 
-def _postgres(stack: Stack) -> PostgresServer:
-    port = int(stack.env["DATABASE_URL"].rsplit(":", 1)[1].split("/")[0])
-    return PostgresServer(stack.local.run_dir / "pg", port)
-
-
-def _redis(stack: Stack) -> RedisServer:
-    port = int(stack.redis_url.rsplit(":", 1)[1].split("/")[0])
-    return RedisServer(stack.local.run_dir / "redis", port)
-
-
 async def test_redis_crash_while_holding_still_exits_once(fault_stack: Stack, trader: Trader) -> None:
     await trader.tick("LT", 3500)
     sid = await trader.strategy("LT", buy_in_s=2, sell_in_s=120, stop_loss=3400, quantity=1)
     await eventually(lambda: _position(trader, sid, "bought"), timeout=15, interval=0.2)
     await asyncio.sleep(1.5)  # past appendfsync everysec: the bought state is on disk
-    server = _redis(fault_stack)
-    server.stop(kill=True)
-    server.start(appendonly=True)
+    fault_stack.kill("redis")  # the supervisor starts it again, at the same address, from the AOF
 
     # Every service reconnects; the stop-loss still fires, exactly once.
     await eventually(lambda: _position(trader, sid, "bought"), timeout=20, interval=0.3)
@@ -143,7 +130,7 @@ async def test_redis_crash_while_holding_still_exits_once(fault_stack: Stack, tr
 async def test_scheduler_killed_before_buy_time_buys_once_after_restart(fault_stack: Stack,
                                                                         trader: Trader) -> None:
     await trader.tick("MARUTI", 11000)
-    fault_stack.kill("scheduler")
+    fault_stack.stop("scheduler")
     sid = await trader.strategy("MARUTI", buy_in_s=2, sell_in_s=60, stop_loss=10000, quantity=1)
     await asyncio.sleep(3)  # the buy time passes with no scheduler running
     assert await trader.broker_orders() == []

@@ -65,3 +65,14 @@ def test_plan_run_is_deterministic_and_in_ist() -> None:
     assert a.buy.trigger_time == datetime(2026, 11, 25, 4, 0, tzinfo=UTC)
     assert a.sell_due_ms - a.buy_due_ms == (5 * 3600 + 30 * 60) * 1000
     assert a.buy.run_id == config.run_id
+
+
+def test_the_suite_waits_out_ist_midnight_only_near_it() -> None:
+    from tests.conftest import seconds_until_clear_of_ist_midnight
+
+    day = datetime(2026, 11, 30, tzinfo=IST)
+    assert seconds_until_clear_of_ist_midnight(day.replace(hour=12)) == 0
+    assert seconds_until_clear_of_ist_midnight(day.replace(hour=23, minute=39)) == 0
+    assert seconds_until_clear_of_ist_midnight(day.replace(hour=23, minute=50)) == 16 * 60
+    assert seconds_until_clear_of_ist_midnight(day.replace(hour=0, minute=2)) == 4 * 60
+    assert seconds_until_clear_of_ist_midnight(day.replace(hour=0, minute=6)) == 0
