@@ -257,7 +257,9 @@ def executor_stack(prefix: str, log_level: str = "INFO", **extra_env: str) -> It
             with run_sim(tick_interval_ms=0, daily_order_cap=100_000, log_level="warning") as sim_url:
                 env = dict(os.environ, PYTHONPATH=str(ROOT), TICKWISE_REDIS_URL=redis_server.url,
                            TICKWISE_DATABASE_URL=pg_url, TICKWISE_KITE_ROOT=sim_url, TICKWISE_SECRET_KEY=key,
-                           TICKWISE_MARKET_CALENDAR="always_open", TICKWISE_LOG_LEVEL=log_level, **extra_env)
+                           TICKWISE_MARKET_CALENDAR="always_open", TICKWISE_LOG_LEVEL=log_level,
+                           # Events are enqueued directly, long before the runs' 23:59 times.
+                           TICKWISE_EVENT_EARLY_TOLERANCE_S="172800", **extra_env)
                 yield Stack(tmpdir, redis_server.url, pg_url.replace("postgresql+psycopg://", "postgresql://"),
                             redis.Redis.from_url(redis_server.url), SimAdmin(sim_url, timeout=60),
                             SecretBox.from_b64(key), env)

@@ -21,6 +21,11 @@ executor's exit commit on `control:strategies`, not by polling the simulator,
 which would load the process being timed). A bare loopback Redis round trip
 and a bare HTTP round trip to the simulator are measured in the same run and
 printed with ratios.
+With BENCH_HANGING_WEBHOOKS=N set (even 0), the executor scenarios also run an
+API process (it runs the notification deliverer, as in production) and give N
+of the probed strategies' owners a webhook that never answers (a receiver in
+its own process), so every exit's notice hangs: compare the tick-to-SELL
+figures of N=0 and N=100 to see whether notifications delay trading.
 The symbols are the first 500 NSE equities of the simulator's instruments list
 priced at Rs 50 or more.
 """
@@ -37,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -47,6 +53,7 @@ from typing import Any
 import aiohttp
 import matplotlib
 import orjson
+from aiohttp import web
 from kiteconnect import KiteConnect
 from redis.asyncio import Redis
 from sqlalchemy import text
@@ -57,7 +64,7 @@ from libs.broker.kite import api_key_fingerprint
 from libs.schema import keys
 from libs.schema.migrate import upgrade_head
 from libs.schema.models import StrategyConfig, StrategyStatus
-from libs.schema.tables import BrokerCredential, Strategy, User
+from libs.schema.tables import BrokerCredential, NotificationSettings, Strategy, User
 from libs.service.secretbox import SecretBox, generate_key
 from libs.trading.calendar import MarketCalendar
 from libs.trading.runs import load_run, plan_run, run_id_for
@@ -202,13 +209,19 @@ async def follow_stoplosses(redis: Redis, arrivals: dict[str, asyncio.Future],
                     fut.set_result(now)
 
 
-ACCOUNTS = 20
+WITH_API = "BENCH_HANGING_WEBHOOKS" in os.environ
+HANGING_WEBHOOKS = int(os.environ.get("BENCH_HANGING_WEBHOOKS") or "0")
+ACCOUNTS = max(20, HANGING_WEBHOOKS)
+HANG_URL: list[str] = []  # the hanging receiver's URL, once started
 
 
 async def with_executor(redis: Redis, redis_url: str, database_url: str, sim_url: str, admin: SimAdmin, n: int,
                         symbols: list[tuple[str, float]], started: datetime,
-                        log_dir: Path) -> tuple[dict[str, list], subprocess.Popen[bytes]]:
-    """Load the runs with real owners for the probed ones, buy those at the broker, start an executor."""
+                        log_dir: Path) -> tuple[dict[str, list], list[subprocess.Popen[bytes]]]:
+    """Load the runs with real owners for the probed ones, buy those at the broker, start an executor.
+
+    With hanging webhooks, also start an API process (it runs the notification deliverer).
+    """
     key = generate_key()
     box = SecretBox.from_b64(key)
     accounts = [admin.create_account(f"bench-{i}") for i in range(ACCOUNTS)]
@@ -231,6 +244,10 @@ async def with_executor(redis: Redis, redis_url: str, database_url: str, sim_url
             await conn.execute(BrokerCredential.__table__.insert().values(
                 user_id=user, **enc, is_valid=True, key_id=box.current_key_id, api_key_hint=acct["api_key"][-4:],
                 api_key_fp=fp))
+        for user in users[:HANGING_WEBHOOKS] if HANG_URL else ():
+            await conn.execute(NotificationSettings.__table__.insert().values(
+                user_id=user, webhook_url=HANG_URL[0], key_id=box.current_key_id,
+                webhook_secret=box.encrypt("whsec_bench", f"notification_settings:{user}:webhook_secret")))
         await conn.execute(Strategy.__table__.insert(), [
             dict(id=c.strategy_id, user_id=c.user_id, symbol=c.symbol, buy_time=c.buy_time, sell_time=c.sell_time,
                  stop_loss=c.stop_loss, quantity=1, status=StrategyStatus.running, started_at=started)
@@ -240,33 +257,42 @@ async def with_executor(redis: Redis, redis_url: str, database_url: str, sim_url
         await redis.hset(keys.broker_credentials_key(user), mapping={
             "api_key": enc["api_key"], "access_token": enc["access_token"], "api_key_fp": fp, "is_valid": "1"})
     await asyncio.to_thread(place_entries, sim_url, accounts, users, probes, started)
+    env = {"REDIS_URL": redis_url, "DATABASE_URL": database_url, "TICKWISE_SECRET_KEY": key,
+           "TICKWISE_KITE_ROOT": sim_url}
     port = free_port()
-    proc = start_executor({"REDIS_URL": redis_url, "DATABASE_URL": database_url, "TICKWISE_SECRET_KEY": key,
-                           "TICKWISE_KITE_ROOT": sim_url, "TICKWISE_HEALTH_PORT": str(port)}, log_dir / "executor.log")
+    procs = [start_executor({**env, "TICKWISE_HEALTH_PORT": str(port)}, log_dir / "executor.log")]
+    ports = [port]
+    if WITH_API:
+        ports.append(free_port())
+        procs.append(start_executor({**env, "TICKWISE_HEALTH_PORT": str(ports[-1]),
+                                     "TICKWISE_NOTIFY_ALLOW_PRIVATE_TARGETS": "true"}, log_dir / "api.log",
+                                    module="services.api"))
     deadline = time.monotonic() + 30
     async with aiohttp.ClientSession() as session:
-        while time.monotonic() < deadline:
-            try:
-                async with session.get(f"http://127.0.0.1:{port}/readyz") as resp:
-                    if resp.status == 200:
-                        break
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.1)
+        for ready_port in ports:
+            while time.monotonic() < deadline:
+                try:
+                    async with session.get(f"http://127.0.0.1:{ready_port}/readyz") as resp:
+                        if resp.status == 200:
+                            break
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.1)
     for config in probes:  # reconciliation must have confirmed the entries
         while time.monotonic() < deadline:
             if await redis.hget(keys.runtime_key(config.strategy_id), "position") == b"bought":
                 break
             await asyncio.sleep(0.05)
     await asyncio.sleep(1.0)  # reconciliation finished writing
-    return per_symbol, proc
+    return per_symbol, procs
 
 
-def start_executor(extra_env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+def start_executor(extra_env: dict[str, str], log_path: Path,
+                   module: str = "services.executor") -> subprocess.Popen[bytes]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TICKWISE_MARKET_CALENDAR": "always_open",
            "TICKWISE_LOG_LEVEL": "WARNING", **extra_env}
     log = log_path.open("wb")
-    return subprocess.Popen([sys.executable, "-m", "services.executor"], cwd=ROOT, env=env, stdout=log,
+    return subprocess.Popen([sys.executable, "-m", module], cwd=ROOT, env=env, stdout=log,
                             stderr=subprocess.STDOUT)
 
 
@@ -324,12 +350,13 @@ async def scenario(redis: Redis, session: aiohttp.ClientSession, sim_url: str, a
     admin.reset()  # prices back to base: a stop left crossed by the last scenario would fire at subscribe
     started = datetime.now(UTC)
     redis_url = f"redis://127.0.0.1:{redis.connection_pool.connection_kwargs['port']}/0"
-    executor = None
+    executor, children = None, []
     if database_url is None:
         per_symbol = await load_strategies(redis, n, symbols, started)
     else:
-        per_symbol, executor = await with_executor(redis, redis_url, database_url, sim_url, admin, n, symbols,
+        per_symbol, children = await with_executor(redis, redis_url, database_url, sim_url, admin, n, symbols,
                                                    started, log_dir)
+        executor = children[0]
     proc, port = start_listener(redis_url, sim_url, admin.create_account("market-data"), log_dir)
     full: list[float] = []
     try:
@@ -377,10 +404,9 @@ async def scenario(redis: Redis, session: aiohttp.ClientSession, sim_url: str, a
         await asyncio.gather(reader, return_exceptions=True)
         await reader_client.aclose()
     finally:
-        for child in (proc, executor):
-            if child is not None:
-                child.terminate()
-                child.wait(timeout=15)
+        for child in (proc, *children):
+            child.terminate()
+            child.wait(timeout=30)
     result = {"strategies": n, "symbols": len(symbols), "ticks_per_s": rate,
               "achieved_ticks_per_s": round(achieved), "p50": pct(latencies, 0.50), "p99": pct(latencies, 0.99),
               "samples": len(latencies), "missed": missed}
@@ -413,6 +439,7 @@ async def run() -> None:
                          ratio_to_http_rtt=round(r["p50"] / http_rtt, 1))
                     emit("tick_to_stoploss_p99", r["p99"], "ms", **params)
                 if (ROOT / "services" / "executor" / "__main__.py").exists():
+                    hang = hanging_receiver() if HANGING_WEBHOOKS else None
                     with running_postgres(Path(tmp) / "pg") as db_url:
                         upgrade_head(db_url)
                         for n, rate in SCENARIOS:
@@ -420,16 +447,63 @@ async def run() -> None:
                             results.append({**r, "executor": True})
                             params = {k: r.get(k) for k in ("strategies", "symbols", "ticks_per_s",
                                                             "achieved_ticks_per_s", "full_samples", "missed")}
+                            if WITH_API:
+                                params["hanging_webhooks"] = HANGING_WEBHOOKS
+                                params["webhook_calls_hanging"] = await hanging_calls(session)
                             emit("tick_to_sell_at_broker_p50", r.get("full_p50", -1), "ms", **params,
                                  listener_leg_p50=round(r["p50"], 3),
                                  ratio_to_redis_rtt=round(r.get("full_p50", 0) / redis_rtt, 1),
                                  ratio_to_http_rtt=round(r.get("full_p50", 0) / http_rtt, 1))
                             emit("tick_to_sell_at_broker_p99", r.get("full_p99", -1), "ms", **params,
                                  listener_leg_p99=round(r["p99"], 3))
+                    if hang is not None:
+                        hang.terminate()
+                        hang.wait(timeout=15)
         finally:
             await redis.aclose()
             server.stop()
     plot(results, redis_rtt, http_rtt)
+
+
+def hanging_receiver() -> subprocess.Popen[bytes]:
+    """Start, in its own process, a webhook receiver on loopback that accepts requests and never answers."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "bench.bench_stoploss", "--hanging-receiver", str(port)],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/calls", timeout=1):
+                break
+        except OSError:
+            time.sleep(0.1)
+    HANG_URL.append(f"http://127.0.0.1:{port}/hook")
+    return proc
+
+
+async def hanging_calls(session: aiohttp.ClientSession) -> int:
+    """Return how many webhook calls the hanging receiver has held open or timed out."""
+    if not HANG_URL:
+        return 0
+    async with session.get(HANG_URL[0].replace("/hook", "/calls")) as resp:
+        return int(await resp.text())
+
+
+def serve_hanging_receiver(port: int) -> None:
+    calls = [0]
+
+    async def hang(_request: web.Request) -> web.Response:
+        calls[0] += 1
+        await asyncio.sleep(3600)
+        return web.Response()
+
+    async def count(_request: web.Request) -> web.Response:
+        return web.Response(text=str(calls[0]))
+
+    app = web.Application()
+    app.router.add_post("/hook", hang)
+    app.router.add_get("/calls", count)
+    web.run_app(app, host="127.0.0.1", port=port, print=None, shutdown_timeout=0.1)
 
 
 def plot(results: list[dict[str, Any]], redis_rtt: float, http_rtt: float) -> None:
@@ -453,4 +527,7 @@ def plot(results: list[dict[str, Any]], redis_rtt: float, http_rtt: float) -> No
     fig.savefig(OUT_PNG, dpi=110)
 
 if __name__ == "__main__":
-    asyncio.run(run())
+    if sys.argv[1:2] == ["--hanging-receiver"]:
+        serve_hanging_receiver(int(sys.argv[2]))
+    else:
+        asyncio.run(run())

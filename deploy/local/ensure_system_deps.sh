@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Make sure the system programs the local stack needs are present:
 #   redis-server (Debian package redis-server) and PostgreSQL server binaries
-#   under /usr/lib/postgresql/*/bin (Debian package postgresql).
+#   under /usr/lib/postgresql/*/bin (Debian package postgresql), and chromium
+#   (with a font) for the dashboard's browser tests, which drive it through Playwright.
 # As root, installs what is missing with apt-get and says so; otherwise prints
 # the exact command to run and exits non-zero.
 set -euo pipefail
@@ -9,6 +10,8 @@ set -euo pipefail
 missing=()
 command -v redis-server >/dev/null 2>&1 || [ -x /usr/bin/redis-server ] || missing+=(redis-server)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
+command -v chromium >/dev/null 2>&1 || [ -x /usr/bin/chromium ] || missing+=(chromium)
+[ -d /usr/share/fonts/truetype/dejavu ] || missing+=(fonts-dejavu-core)
 
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0

@@ -167,7 +167,7 @@ class LocalStack:
                                         ports[name], 10, env=base))
             else:
                 env = {**common, "REDIS_URL": credentials.redis_url(ports["redis"], passwords, group),
-                       "TICKWISE_HEALTH_PORT": str(ports[name])}
+                       "TICKWISE_HEALTH_PORT": str(ports[name]), **state.get("program_env", {}).get(name, {})}
                 programs.append(Program(name, (sys.executable, "-m", _SPEC[group].module), ports[name],
                                         20 if group == "api" else 30, env=env))
         return programs
@@ -376,13 +376,18 @@ class LocalStack:
         """Names of the running configuration's programs of `group` (e.g. executor-0, executor-1)."""
         return [n for n in self._state().get("programs", []) if service_of(n) == group]
 
-    def add_replica(self, group: str) -> str:
-        """Run one more replica of a pipeline service; return its program name."""
-        replicas = dict(self._replicas or self._state().get("replicas") or DEFAULT_REPLICAS)
+    def add_replica(self, group: str, env: dict[str, str] | None = None) -> str:
+        """Run one more replica of a pipeline service, with `env` on top of its own; return its program name."""
+        state = self._state()
+        replicas = dict(self._replicas or state.get("replicas") or DEFAULT_REPLICAS)
         replicas[group] += 1
+        name = f"{group}-{replicas[group] - 1}"
+        if env:
+            state.setdefault("program_env", {})[name] = dict(env)
+            self._save(state)
         self._replicas = replicas
         self.up()
-        return f"{group}-{replicas[group] - 1}"
+        return name
 
     def pid_of(self, name: str) -> int | None:
         """Pid of a running program (a bare service name means its first replica)."""

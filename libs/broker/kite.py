@@ -186,6 +186,18 @@ class KiteGateway:
         kite = self.client(api_key, access_token)
         return await self._call(lambda: kite.instruments(exchange))
 
+    async def positions(self, api_key: str, access_token: str) -> dict[str, Any]:
+        """Return the account's positions: `{"net": [...], "day": [...]}` (the dashboard, off the order path)."""
+        kite = self.client(api_key, access_token)
+        return await self._call(kite.positions)
+
+    async def orders(self, api_key: str, access_token: str) -> list[dict[str, Any]]:
+        """Return the day's order book, off the order path: the API squares off a run that ended
+        holding from it, and the dashboard matches positions to tags with it."""
+        kite = self.client(api_key, access_token)
+        # = kite.orders() minus dateutil: timestamps stay the broker's strings.
+        return await self._call(lambda: kite._get("orders"))
+
     async def ltp(self, api_key: str, access_token: str, instruments: list[str]) -> dict[str, Any]:
         kite = self.client(api_key, access_token)
         return await self._call(lambda: kite.ltp(instruments))

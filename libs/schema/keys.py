@@ -33,6 +33,12 @@ __all__ = [
     "DEAD_MAXLEN",
     "EXECUTORS_GROUP",
     "LOG_WRITERS_GROUP",
+    "NOTIFIERS_GROUP",
+    "NOTIFY_DEAD_STREAM",
+    "NOTIFY_MAXLEN",
+    "NOTIFY_PENDING",
+    "NOTIFY_SCHEDULE",
+    "NOTIFY_STREAM",
     "OPERATOR_HALT",
     "ORDERS_DEAD_STREAM",
     "ORDERS_STREAM",
@@ -46,6 +52,7 @@ __all__ = [
     "broker_credentials_key",
     "broker_login_state_key",
     "configure_partitions",
+    "consumer_alive_key",
     "control_stream",
     "exit_attempt_key",
     "hash_slot",
@@ -53,6 +60,11 @@ __all__ = [
     "lock_key",
     "login_throttle_addr_key",
     "login_throttle_email_key",
+    "login_throttle_pair_key",
+    "notify_dead_stream",
+    "notify_pending",
+    "notify_schedule",
+    "notify_stream",
     "order_logs_dead_stream",
     "order_logs_stream",
     "order_rate_key",
@@ -62,8 +74,11 @@ __all__ = [
     "partition_of",
     "partition_tag",
     "price_key",
+    "register_throttle_addr_key",
+    "revoked_token_key",
     "runtime_key",
     "schedule_key",
+    "square_off_marker_key",
     "state_marker_key",
     "stoploss_marker_key",
     "strategy_key",
@@ -71,6 +86,7 @@ __all__ = [
     "symbol_strategies_key",
     "symbol_strategies_pattern",
     "token_check_key",
+    "token_version_key",
 ]
 
 Id = UUID | str
@@ -213,6 +229,15 @@ def exit_attempt_key(strategy_id: Id, run_id: str) -> str:
     return _tagged(f"exit:attempted:{_id(strategy_id)}:{run_id}", strategy_id)
 
 
+def square_off_marker_key(strategy_id: Id, run_id: str) -> str:
+    """Return `squareoff:requested:{id}:{run_id}`."""
+    # STRING set by the API in the same step that enqueues a square-off SELL: the
+    # executor refuses a square-off it cannot find this marker for (a SELL forged
+    # into the stream must not close a position early). EX of two days; the run_id
+    # scopes it.
+    return _tagged(f"squareoff:requested:{_id(strategy_id)}:{run_id}", strategy_id)
+
+
 def state_marker_key(partition: int) -> str:
     """Return `tickwise:state:{tag}`."""
     # STRING written by the scheduler after each rebuild from Postgres, one per
@@ -303,11 +328,68 @@ CONTROL_MAXLEN = 100_000
 # ORDER_LOGS_DEAD_STREAM): kept for humans, bounded so a flood cannot fill Redis.
 DEAD_MAXLEN = 100_000
 
+def consumer_alive_key(consumer: str) -> str:
+    """Return `executor:alive:{consumer}`."""
+    # STRING heartbeat of one executor consumer, SET with a PX of a few seconds and
+    # renewed well within it. Gone means the consumer is dead: the entries it holds
+    # pending are claimed at once instead of after the idle timeout. Read alone
+    # (no script), so it needs no partition tag.
+    return f"executor:alive:{consumer}"
+
+
 # Consumer group of executors on ORDERS_STREAM.
 EXECUTORS_GROUP = "executors"
 
 # Consumer group of Postgres writers on ORDER_LOGS_STREAM.
 LOG_WRITERS_GROUP = "log-writers"
+
+
+# --- notifications ------------------------------------------------------------
+# Per partition, like the order path's streams: the executor's commit script
+# XADDs a strategy's notice to its partition's stream (one slot), and each
+# partition's deliveries are scheduled and dead-lettered beside it, so every
+# MULTI of the deliverer names one slot too.
+
+def notify_stream(partition: int) -> str:
+    """Return `notify:events:{tag}`."""
+    # STREAM, field `notice` = JSON of a Notice (order filled, run failed, token
+    # expired, kill switch); consumed by NOTIFIERS_GROUP. Trimmed with
+    # NOTIFY_MAXLEN: an entry is only a hand-over, acked and deleted once fanned
+    # out into notify_schedule(partition).
+    return f"notify:events:{partition_tag(partition)}"
+
+
+def notify_schedule(partition: int) -> str:
+    """Return `notify:schedule:{tag}`."""
+    # ZSET of deliveries, member = "{notice_id}|{channel}", score = epoch ms when
+    # the next attempt is due; a claimed member is pushed one lease ahead, so a
+    # crashed deliverer's attempt is retried by another. No TTL: members leave on
+    # success or when dead-lettered.
+    return f"notify:schedule:{partition_tag(partition)}"
+
+
+def notify_pending(partition: int) -> str:
+    """Return `notify:pending:{tag}`."""
+    # HASH member -> JSON {notice, channel, attempt} of every delivery in
+    # notify_schedule(partition). No TTL, for the same reason.
+    return f"notify:pending:{partition_tag(partition)}"
+
+
+def notify_dead_stream(partition: int) -> str:
+    """Return `notify:dead:{tag}`."""
+    # STREAM of deliveries given up after the attempt limit, with the last
+    # error; kept for humans to inspect. Trimmed with DEAD_MAXLEN, no TTL.
+    return f"notify:dead:{partition_tag(partition)}"
+
+
+NOTIFY_STREAM = notify_stream(0)
+NOTIFY_SCHEDULE = notify_schedule(0)
+NOTIFY_PENDING = notify_pending(0)
+NOTIFY_DEAD_STREAM = notify_dead_stream(0)
+NOTIFY_MAXLEN = 100_000
+
+# Consumer group of notification deliverers (API processes) on each notify_stream.
+NOTIFIERS_GROUP = "notifiers"
 
 
 # --- broker limits and caches -------------------------------------------------
@@ -361,6 +443,38 @@ def login_throttle_addr_key(addr: str) -> str:
     # STRING counter of failed logins from one client address, EX 60, for the
     # same reason as the per-email counter.
     return f"throttle:login:addr:{addr}:{_THROTTLE_TAG}"
+
+
+def login_throttle_pair_key(email_digest: str, addr: str) -> str:
+    """Return `throttle:login:pair:<digest>:<addr>:{throttle}`."""
+    # STRING counter of failed logins for one account from one address, EX of the
+    # login window: guessing from one place is slowed without locking the owner
+    # (who logs in from elsewhere) out.
+    return f"throttle:login:pair:{email_digest}:{addr}:{_THROTTLE_TAG}"
+
+
+def register_throttle_addr_key(addr: str) -> str:
+    """Return `throttle:register:addr:<addr>:{throttle}`."""
+    # STRING counter of registrations from one client address, EX of the
+    # registration window: each one costs an argon2 hash.
+    return f"throttle:register:addr:{addr}:{_THROTTLE_TAG}"
+
+
+# --- API sessions -------------------------------------------------------------
+
+def revoked_token_key(jti: str) -> str:
+    """Return `auth:revoked:<jti>`."""
+    # STRING, a logged-out access token's id. EX = the token's remaining
+    # lifetime: once it has expired anyway there is nothing left to deny.
+    return f"auth:revoked:{jti}"
+
+
+def token_version_key(user_id: Id) -> str:
+    """Return `auth:token_version:{user_id}`."""
+    # STRING, cache of users.token_version (bumped by a password change or account
+    # deletion, which revokes every older token). EX of an hour; read through to
+    # Postgres when missing, so losing it only costs one query.
+    return f"auth:token_version:{_id(user_id)}"
 
 
 # --- the Kite session's daily life --------------------------------------------

@@ -37,7 +37,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from libs.schema.models.types import EventType, OrderLogStatus, StrategyStatus
 
-__all__ = ["Base", "BrokerCredential", "OrderLog", "Strategy", "User"]
+__all__ = ["Base", "BrokerCredential", "NotificationSettings", "OrderLog", "Strategy", "User"]
 
 # Deterministic constraint names, so migrations can refer to them and the
 # model/migration comparison does not trip over generated names.
@@ -94,6 +94,9 @@ class User(Base):
     name: Mapped[str] = mapped_column(String(100), nullable=False)
     email: Mapped[str] = mapped_column(String(320), nullable=False, unique=True)
     password_hash: Mapped[str] = mapped_column(String(255), nullable=False)
+    # Extra: carried in every access token; bumping it (password change, account
+    # deletion) revokes every token issued before.
+    token_version: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0", default=0)
     created_at: Mapped[datetime] = _created_at()
     updated_at: Mapped[datetime] = _updated_at()
 
@@ -168,6 +171,9 @@ class Strategy(Base):
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     stopped_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     failure_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # Extra: soft delete. A deleted strategy is gone from every read but its order
+    # log, which is the audit trail of real orders and must outlive it.
+    deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     # Extras (0003): `once` trades one run per start; `trading_days` re-arms after every run
     # for the next trading day, on `weekdays` only when set (0 = Monday ... 6 = Sunday).
     repeat: Mapped[str] = mapped_column(String(16), nullable=False, server_default="once", default="once")
@@ -204,6 +210,24 @@ class OrderLog(Base):
     broker_order_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     tag: Mapped[str | None] = mapped_column(String(20), nullable=True)
     stream_msg_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+
+class NotificationSettings(Base):
+    """Where a user's notifications go: a signed webhook and/or a Telegram chat (one row per user)."""
+
+    __tablename__ = "notification_settings"
+
+    user_id: Mapped[uuid.UUID] = mapped_column(
+        Uuid, ForeignKey("users.id", ondelete="CASCADE"), primary_key=True
+    )
+    webhook_url: Mapped[str | None] = mapped_column(String(2000), nullable=True)
+    # AES-256-GCM ciphertext of the HMAC signing secret (shown to the user once).
+    webhook_secret: Mapped[str | None] = mapped_column(Text, nullable=True)
+    telegram_chat_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # Id of the key that encrypted webhook_secret.
+    key_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    created_at: Mapped[datetime] = _created_at()
+    updated_at: Mapped[datetime] = _updated_at()
 
 
 # A strategy's log is read newest first; declared here because it needs the

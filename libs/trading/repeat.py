@@ -71,7 +71,7 @@ async def rearm_ended_runs(sessions: async_sessionmaker[AsyncSession], redis: Re
     armed: list[Rearmed] = []
     async with sessions() as session:
         ids = (await session.scalars(
-            select(Strategy.id).where(Strategy.repeat == REPEATING,
+            select(Strategy.id).where(Strategy.repeat == REPEATING, Strategy.deleted_at.is_(None),
                                       Strategy.status.in_([StrategyStatus.exited, StrategyStatus.failed]),
                                       func.coalesce(Strategy.failure_reason, "").not_like(NOT_REARMED + "%"))
             .limit(limit))).all()
@@ -107,7 +107,7 @@ async def _rearm_one(sessions: async_sessionmaker[AsyncSession], redis: Redis, c
                      sid: UUID, now: datetime) -> Rearmed | None:
     async with sessions() as session:
         row = await session.scalar(
-            select(Strategy).where(Strategy.id == sid, Strategy.repeat == REPEATING,
+            select(Strategy).where(Strategy.id == sid, Strategy.repeat == REPEATING, Strategy.deleted_at.is_(None),
                                    Strategy.status.in_([StrategyStatus.exited, StrategyStatus.failed]))
             .with_for_update(skip_locked=True).execution_options(populate_existing=True))
         if row is None:

@@ -10,6 +10,7 @@ from aiohttp import web
 from libs.service.lifecycle import Shutdown
 from libs.service.logging import configure_logging, get_logger
 from services.api.app import build_app
+from services.api.edge import JsonErrorRunner
 from services.api.security import MissingSecretKey
 from services.api.settings import ApiSettings
 
@@ -20,7 +21,7 @@ async def serve(settings: ApiSettings) -> None:
     app = build_app(settings)
     shutdown = Shutdown()
     shutdown.install()
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=settings.shutdown_grace_s)
+    runner = JsonErrorRunner(app, access_log=None, shutdown_timeout=settings.shutdown_grace_s)
     await runner.setup()
     site = web.TCPSite(runner, settings.health_host, settings.port)
     await site.start()

@@ -24,6 +24,7 @@ from services.api.deps import (
     PASSWORDS,
     READS,
     REDIS,
+    REGISTER_THROTTLE,
     SESSIONS,
     SETTINGS,
     THROTTLE,
@@ -31,10 +32,19 @@ from services.api.deps import (
 )
 from services.api.errors import error_middleware
 from services.api.instruments import INSTRUMENTS_LOCK
+from services.api.live import CLOSING, TICKETS, StreamTickets, close_streams
 from services.api.metrics import METRICS, ApiMetrics, request_context_middleware
+from services.api.notify import notifier_ctx
 from services.api.openapi import add_routes
 from services.api.routes import OPENAPI, openapi_document, ops
-from services.api.security import LoginThrottle, Passwords, Tokens, build_secretbox, jwt_secret
+from services.api.security import (
+    LoginThrottle,
+    Passwords,
+    RegisterThrottle,
+    Tokens,
+    build_secretbox,
+    jwt_secret,
+)
 from services.api.settings import ApiSettings
 
 
@@ -46,7 +56,10 @@ def build_app(settings: ApiSettings, *, box: SecretBox | None = None) -> web.App
     app[SETTINGS] = settings
     app[BOX] = box
     app[CALENDAR] = MarketCalendar(settings.market_calendar, sell_safety_margin_s=settings.sell_safety_margin_s)
-    app[TOKENS] = Tokens(jwt_secret(settings, settings.secret_key or None), settings.jwt_lifetime_s)
+    secret = jwt_secret(settings, settings.secret_key or None)
+    app[TOKENS] = Tokens(secret, settings.jwt_lifetime_s)
+    app[TICKETS], app[CLOSING] = StreamTickets(secret, settings.stream_ticket_ttl_s), asyncio.Event()
+    app.on_shutdown.append(close_streams)
     app[INSTRUMENTS_LOCK] = asyncio.Lock()
     registry = CollectorRegistry()
     app[METRICS] = ApiMetrics(registry)
@@ -56,7 +69,17 @@ def build_app(settings: ApiSettings, *, box: SecretBox | None = None) -> web.App
     add_routes(app, all_ops)
     app[OPENAPI] = openapi_document(all_ops)
     app.cleanup_ctx.append(_resources)
+    app.on_response_prepare.append(_security_headers)
+    app.cleanup_ctx.append(notifier_ctx)
     return app
+
+
+async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """nosniff on every JSON answer; no caching of anything about accounts and tokens."""
+    if response.content_type == "application/json":
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    if request.path.startswith(("/api/v1/auth/", "/api/v1/me")):
+        response.headers["Cache-Control"] = "no-store"
 
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:
@@ -71,7 +94,9 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     app[ENGINE], app[SESSIONS], app[REDIS] = engine, async_sessionmaker(engine, expire_on_commit=False), redis
     app[READS] = async_sessionmaker(engine.execution_options(isolation_level="AUTOCOMMIT"), expire_on_commit=False)
     app[GATEWAY], app[PASSWORDS] = gateway, passwords
-    app[THROTTLE] = LoginThrottle(redis, settings.login_max_failures, settings.login_window_s)
+    app[THROTTLE] = LoginThrottle(redis, settings.login_max_failures, settings.login_window_s,
+                                  settings.login_email_max_failures, settings.login_email_window_s)
+    app[REGISTER_THROTTLE] = RegisterThrottle(redis, settings.register_max_per_addr, settings.register_window_s)
     try:
         yield
     finally:

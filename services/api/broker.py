@@ -38,6 +38,7 @@ from libs.service.secretbox import SecretBox, SecretBoxError
 from libs.trading.tokens import token_expires_at
 from services.api.deps import BOX, GATEWAY, READS, REDIS, SESSIONS, current_user, read_model
 from services.api.errors import ApiError, field_error, json_response
+from services.api.notify import token_expired
 
 log = structlog.get_logger("api")
 
@@ -144,6 +145,7 @@ async def mark_invalid(app: web.Application, user_id: UUID) -> None:
         if row is not None:
             await write_broker_hash(app[REDIS], row)
     log.info("broker credentials marked invalid", user_id=str(user_id))
+    await token_expired(app[REDIS], user_id)
 
 
 def token_fields(is_valid: bool) -> dict[str, Any]:
@@ -160,7 +162,8 @@ def token_status(row: BrokerCredential) -> dict[str, Any]:
 
 
 async def _store(app: web.Application, user_id: UUID, *, api_key: str, api_secret: str, access_token: str,
-                 is_valid: bool, profile: dict[str, Any] | None) -> BrokerCredential:
+                 is_valid: bool, profile: dict[str, Any] | None, replace: bool = True) -> BrokerCredential:
+    """Upsert the credentials row and mirror it to Redis; with replace=False only insert a missing row."""
     box: SecretBox = app[BOX]
     values = {c: box.encrypt(v, aad(user_id, c)) for c, v in
               (("api_key", api_key), ("api_secret", api_secret), ("access_token", access_token))}
@@ -170,8 +173,11 @@ async def _store(app: web.Application, user_id: UUID, *, api_key: str, api_secre
         values |= {"broker_user_id": str(profile.get("user_id") or "")[:64] or None,
                    "broker_user_name": str(profile.get("user_name") or "")[:200] or None}
     stmt = insert(BrokerCredential).values(user_id=user_id, **values)
-    stmt = stmt.on_conflict_do_update(index_elements=[BrokerCredential.user_id],
-                                      set_={**values, "updated_at": func.now()})
+    if replace:
+        stmt = stmt.on_conflict_do_update(index_elements=[BrokerCredential.user_id],
+                                          set_={**values, "updated_at": func.now()})
+    else:
+        stmt = stmt.on_conflict_do_nothing(index_elements=[BrokerCredential.user_id])
     async with app[SESSIONS]() as session:
         try:
             await session.execute(stmt)
@@ -226,13 +232,18 @@ async def connect(request: web.Request) -> web.Response:
         if exc.kind not in (BrokerErrorKind.AUTH, BrokerErrorKind.FINAL):
             raise broker_unavailable(exc) from None
         reason = exc
+    # Rejected credentials never replace stored ones (a typo must not strand an open position
+    # whose exit needs the working token); with nothing stored they are kept, marked invalid,
+    # so that the daily login (POST /broker/session) can complete them.
     row = await _store(request.app, user_id, api_key=api_key, api_secret=api_secret, access_token=access_token,
-                       is_valid=reason is None, profile=profile)
+                       is_valid=reason is None, profile=profile, replace=reason is None)
     log.info("broker connected", user_id=str(user_id), is_valid=row.is_valid, api_key_fp=row.api_key_fp)
     if reason is not None:
         raise ApiError(422, "broker_credentials_invalid",
-                       f"the broker rejected the credentials: {scrub(reason.message)}",
-                       {"broker_error": reason.error_type, "is_valid": False, "api_key_hint": row.api_key_hint})
+                       f"the broker rejected the credentials: {scrub(reason.message)}; "
+                       "the stored credentials (if any) are unchanged",
+                       {"broker_error": reason.error_type, "is_valid": row.is_valid, "stored_unchanged": True,
+                        "api_key_hint": row.api_key_hint})
     out = BrokerConnectOut(is_valid=True, api_key_hint=row.api_key_hint, user_name=row.broker_user_name)
     return json_response(out.model_dump(mode="json"))
 
@@ -271,16 +282,20 @@ async def status(request: web.Request) -> web.Response:
     user_id = current_user(request)
     async with request.app[READS]() as session:
         row = await session.get(BrokerCredential, user_id)
+    return json_response(await broker_status(request.app, user_id, row))
+
+
+async def broker_status(app: web.Application, user_id: UUID, row: BrokerCredential | None) -> dict:
+    """Return the broker status of a credentials row (also pushed by the dashboard's event stream)."""
     if row is None:
-        out = BrokerStatusOut(connected=False, is_valid=False)
-    else:
-        token = token_status(row)
-        # The executor records a token the broker refused at order time in Redis only (it never
-        # writes Postgres): that answer is newer than a `valid` one here, for the same token.
-        seen = await request.app[REDIS].hmget(keys.broker_credentials_key(user_id), "access_token", "token_state")
-        refused = seen[1] == b"expired" and seen[0] is not None and seen[0].decode() == row.access_token
-        if refused:
-            token |= {"token_state": "expired", "token_expires_at": None}
-        out = BrokerStatusOut(connected=True, is_valid=row.is_valid and not refused,
-                              api_key_hint=row.api_key_hint, updated_at=row.updated_at, **token)
-    return json_response(out.model_dump(mode="json"))
+        return BrokerStatusOut(connected=False, is_valid=False).model_dump(mode="json")
+    token = token_status(row)
+    # The executor records a token the broker refused at order time in Redis only (it never
+    # writes Postgres): that answer is newer than a `valid` one here, for the same token.
+    seen = await app[REDIS].hmget(keys.broker_credentials_key(user_id), "access_token", "token_state")
+    refused = seen[1] == b"expired" and seen[0] is not None and seen[0].decode() == row.access_token
+    if refused:
+        token |= {"token_state": "expired", "token_expires_at": None}
+    out = BrokerStatusOut(connected=True, is_valid=row.is_valid and not refused,
+                          api_key_hint=row.api_key_hint, updated_at=row.updated_at, **token)
+    return out.model_dump(mode="json")

@@ -9,13 +9,25 @@ import orjson
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 from redis.asyncio import Redis
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from libs.broker.kite import KiteGateway
+from libs.schema import keys
+from libs.schema.tables import User
 from libs.service.secretbox import SecretBox
 from libs.trading.calendar import MarketCalendar
 from services.api.errors import ApiError, field_error, not_found, validation_error
-from services.api.security import LoginThrottle, Passwords, Tokens, bearer_token
+from services.api.security import (
+    TOKEN_VERSION_CACHE_S,
+    AccessClaims,
+    LoginThrottle,
+    Passwords,
+    RegisterThrottle,
+    Tokens,
+    bearer_token,
+    token_error,
+)
 from services.api.settings import ApiSettings
 
 M = TypeVar("M", bound=BaseModel)
@@ -32,12 +44,22 @@ CALENDAR = web.AppKey("calendar", MarketCalendar)
 PASSWORDS = web.AppKey("passwords", Passwords)
 TOKENS = web.AppKey("tokens", Tokens)
 THROTTLE = web.AppKey("throttle", LoginThrottle)
+REGISTER_THROTTLE = web.AppKey("register_throttle", RegisterThrottle)
 
 USER_ID = web.RequestKey("user_id", UUID)
+CLAIMS = web.RequestKey("claims", AccessClaims)
+
+
+def is_json(content_type: str) -> bool:
+    return content_type == "application/json" or (content_type.startswith("application/")
+                                                   and content_type.endswith("+json"))
 
 
 async def read_json(request: web.Request) -> Any:
-    """Return the decoded JSON body: 413 if too large, 400 if empty or not JSON."""
+    """Return the decoded JSON body: 413 if too large, 415 if not declared JSON, 400 if empty or not JSON."""
+    if not is_json(request.content_type):
+        raise ApiError(415, "unsupported_media_type", "send the body as JSON (Content-Type: application/json)",
+                       {"content_type": request.content_type[:100]})
     raw = await request.read()  # raises HTTPRequestEntityTooLarge past client_max_size
     if not raw.strip():
         raise ApiError(400, "bad_json", "request body must be a JSON document")
@@ -84,12 +106,49 @@ def path_uuid(request: web.Request, name: str = "id", what: str = "strategy") ->
         raise not_found(what) from None
 
 
+async def authenticate(request: web.Request) -> UUID:
+    """Check the bearer token (signature, expiry, type, logout, token_version) and note the caller; 401 if bad.
+
+    One Redis round trip per request (deny-list and cached version together);
+    Postgres only when the version is not cached.
+    """
+    claims = request.app[TOKENS].claims(bearer_token(request.headers.get("Authorization")))
+    redis = request.app[REDIS]
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.exists(keys.revoked_token_key(claims.jti))
+        pipe.get(keys.token_version_key(claims.user_id))
+        revoked, cached = await pipe.execute()
+    if revoked:
+        raise token_error("token_revoked", "the access token was revoked (logged out); log in again")
+    version = int(cached) if cached is not None else await _load_token_version(request.app, claims.user_id)
+    if version != claims.version:
+        raise token_error("token_revoked", "the access token was revoked (password changed or account deleted); "
+                          "log in again")
+    request[USER_ID], request[CLAIMS] = claims.user_id, claims
+    return claims.user_id
+
+
+async def _load_token_version(app: web.Application, user_id: UUID) -> int:
+    async with app[READS]() as session:
+        version = await session.scalar(select(User.token_version).where(User.id == user_id))
+    if version is None:
+        raise token_error("invalid_token", "the access token's user no longer exists")
+    # NX: a version read just before a bump must not overwrite the bumped one, which
+    # store_token_version writes unconditionally after the bump commits.
+    await app[REDIS].set(keys.token_version_key(user_id), version, ex=TOKEN_VERSION_CACHE_S, nx=True)
+    return version
+
+
+async def store_token_version(redis: Redis, user_id: UUID, version: int) -> None:
+    """Publish a bumped token_version (after its commit): older tokens stop working now."""
+    await redis.set(keys.token_version_key(user_id), version, ex=TOKEN_VERSION_CACHE_S)
+
+
 def current_user(request: web.Request) -> UUID:
-    """Return the caller's user id from the bearer token; 401 if missing or bad."""
+    """Return the caller's user id, checked by `authenticate` before the handler ran; 401 otherwise."""
     cached = request.get(USER_ID)
     if cached is None:
-        cached = request.app[TOKENS].user_id(bearer_token(request.headers.get("Authorization")))
-        request[USER_ID] = cached
+        raise ApiError(401, "unauthorized", "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
     return cached
 
 

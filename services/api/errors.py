@@ -17,6 +17,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from libs.schema.models import error_details
+from libs.schema.models.messages import summary_message
 
 log = structlog.get_logger("api")
 
@@ -42,7 +43,8 @@ def not_found(what: str = "resource") -> ApiError:
 
 
 def validation_error(error: ValidationError) -> ApiError:
-    return ApiError(422, "validation_error", "request body is invalid", error_details(error))
+    details = error_details(error)
+    return ApiError(422, "validation_error", summary_message(details), details)
 
 
 def field_error(loc: list[str | int], msg: str, type_: str, code: str = "validation_error") -> ApiError:

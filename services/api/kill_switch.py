@@ -19,8 +19,9 @@ from sqlalchemy import select
 from libs.schema.models import KillSwitchOut, KillSwitchRequest, KillSwitchResult, Position, StrategyStatus
 from libs.schema.tables import Strategy
 from libs.trading.repeat import end_series
-from services.api.deps import READS, SESSIONS, SETTINGS, current_user, read_model
+from services.api.deps import READS, REDIS, SESSIONS, SETTINGS, current_user, read_model
 from services.api.errors import ApiError, json_response
+from services.api.notify import kill_switch_used
 from services.api.run_control import stop_run
 from services.api.status import build_status
 
@@ -66,4 +67,6 @@ async def press(request: web.Request) -> web.Response:
                 series_ended=len(between),
                 stopped=out.stopped, squaring_off=out.squaring_off,
                 busy=sum(r.action == "busy" for r in results))
+    await kill_switch_used(app[REDIS], user_id, {"square_off": body.square_off, "stopped": out.stopped,
+                                                 "squaring_off": out.squaring_off})
     return json_response(out.model_dump(mode="json"))

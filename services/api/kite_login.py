@@ -36,7 +36,7 @@ from libs.schema.models import BrokerConnectOut, BrokerLoginOut
 from libs.service.logging import register_secret, scrub
 from libs.trading.tokens import TokenChecker, TokenState
 from services.api.broker import _store, broker_unavailable, credentials_invalid, load_credentials
-from services.api.deps import BOX, GATEWAY, REDIS, SESSIONS, SETTINGS, TOKENS, current_user
+from services.api.deps import BOX, GATEWAY, REDIS, SESSIONS, SETTINGS, TOKENS, authenticate, current_user
 from services.api.errors import ApiError, json_response
 
 log = structlog.get_logger("api")
@@ -124,7 +124,7 @@ async def _finish_login(request: web.Request) -> BrokerConnectOut:
     query = request.query
     data = verify_state(app[TOKENS].derive(STATE_PURPOSE), query.get("state", ""))
     user_id = UUID(data["u"])
-    if request.headers.get("Authorization") and current_user(request) != user_id:
+    if request.headers.get("Authorization") and await authenticate(request) != user_id:
         raise ApiError(403, "login_state_other_user", "this login link belongs to another Tickwise user")
     ttl = max(1, int(data["e"] - time.time()) + 60)
     used = keys.broker_login_state_key(str(data["n"]))

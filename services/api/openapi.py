@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from libs.schema.models import ErrorResponse
+from services.api.deps import authenticate
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -128,5 +129,15 @@ def _path_params(path: str) -> list[str]:
 
 
 def add_routes(app: web.Application, ops: list[Op]) -> None:
-    """Register every operation on the app."""
-    app.add_routes([web.route(op.method, op.path, op.handler) for op in ops])
+    """Register every operation on the app; an operation with `auth` checks the bearer token first."""
+    app.add_routes([web.route(op.method, op.path, _authenticated(op.handler) if op.auth else op.handler)
+                    for op in ops])
+
+
+def _authenticated(handler: Handler) -> Handler:
+    async def checked(request: web.Request) -> web.StreamResponse:
+        await authenticate(request)
+        return await handler(request)
+
+    checked.__name__ = handler.__name__
+    return checked

@@ -34,6 +34,16 @@ class ApiSettings(ServiceSettings):
     """Failed logins allowed per email and per client address in a window; then 429."""
     login_window_s: int = Field(60, ge=1)
     """Length of the failed-login window in seconds."""
+    login_email_max_failures: int = Field(50, ge=1)
+    """Ceiling of failed logins per email from all addresses together in `login_email_window_s`; then 429."""
+    login_email_window_s: int = Field(900, ge=1)
+    """Length of the per-email failed-login window in seconds."""
+    register_max_per_addr: int = Field(30, ge=1)
+    """Registrations allowed per client address in `register_window_s`; then 429."""
+    register_window_s: int = Field(600, ge=1)
+    """Length of the registration window in seconds."""
+    hash_queue_max: int = Field(32, ge=1)
+    """New password hashes (registration, password change) allowed to wait for a thread; more get 503."""
     trust_forwarded_for: bool = False
     """Take the client address from the last X-Forwarded-For entry (only behind one trusted proxy that appends it)."""
     argon2_time_cost: int = Field(3, ge=1)
@@ -50,6 +60,30 @@ class ApiSettings(ServiceSettings):
     """How long stop waits for an executor holding the strategy's lock (an order in flight)."""
     instruments_ttl_s: int = Field(2 * 86400, ge=60)
     """TTL of the daily instruments cache."""
+    stream_interval_s: float = Field(1.0, ge=0.1, le=60)
+    """How often a dashboard event stream looks for changes."""
+    stream_ticket_ttl_s: int = Field(60, ge=5, le=3600)
+    """Lifetime of a stream ticket (it only opens the caller's event stream)."""
+    notify_enabled: bool = True
+    """Run the notification deliverer in this process (every API replica may)."""
+    notify_timeout_s: float = Field(5.0, gt=0, le=60)
+    """Timeout of one webhook or Telegram call: a hanging receiver costs at most this per attempt."""
+    notify_max_attempts: int = Field(8, ge=1, le=50)
+    """Attempts per delivery before it is dead-lettered to notify:dead."""
+    notify_backoff_base_s: float = Field(1.0, gt=0)
+    """First retry delay; doubles per attempt, with jitter."""
+    notify_backoff_cap_s: float = Field(300.0, gt=0)
+    """Longest retry delay."""
+    notify_concurrency: int = Field(200, ge=1, le=10_000)
+    """Deliveries in flight at once per process."""
+    notify_poll_s: float = Field(0.25, gt=0, le=10)
+    """How often due deliveries are looked for when none were due."""
+    notify_allow_private_targets: bool | None = None
+    """Allow webhooks to loopback/private addresses; unset = only when trading on the paper broker."""
+    telegram_bot_token: str = Field("", repr=False)
+    """The operator's Telegram bot token; empty = Telegram notifications off."""
+    telegram_api_base: str = "https://api.telegram.org"
+    """Telegram Bot API base URL (tests point it at a local receiver)."""
     kite_login_root: str | None = None
     """Root of Kite's browser login (`/connect/login`); None = the simulator's kite_root in paper mode,
     else https://kite.zerodha.com."""

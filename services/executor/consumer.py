@@ -1,10 +1,15 @@
 """Consume `queue:orders` in group `executors`: read, claim, bound, drain.
 
-New entries come from XREADGROUP (`>`), at most `max_in_flight` at a time;
-entries a dead consumer left pending are taken over with XAUTOCLAIM once idle
-longer than `claim_idle_ms`, with their delivery count from XPENDING so that
-an entry that keeps failing ends in the dead-letter stream. A handler error
-leaves the entry pending (never acked), so it is retried by a later claim.
+New entries come from XREADGROUP (`>`), at most `max_in_flight` at a time.
+Liveness decides when another consumer's entries are taken over: each
+consumer renews a heartbeat key (`executor:alive:{name}`, PX heartbeat_ttl_ms)
+every third of its TTL, and the entries of a consumer whose heartbeat is gone
+are claimed at once (XCLAIM), so a kill -9 delays its events by seconds, not
+by the idle timeout. Entries idle longer than `claim_idle_ms` are still taken
+over with XAUTOCLAIM whoever holds them (a live consumer keeps its in-flight
+entries' idle time at zero). Delivery counts come from XPENDING, so an entry
+that keeps failing ends in the dead-letter stream. A handler error leaves the
+entry pending (never acked), so it is retried by a later claim.
 
 With N partitions (docs/cluster.md) there is one `queue:orders` stream and one
 group per partition; this consumer reads every partition's stream with its own
@@ -31,6 +36,8 @@ from services.executor import metrics
 from services.executor.handler import OrderHandler
 from services.executor.settings import ExecutorSettings
 from services.executor.state import LockLost, LockTimeout
+
+DEAD_CLAIM_MIN_IDLE_MS = 200
 
 
 async def ensure_group(redis: Redis, stream: str, group: str) -> None:
@@ -64,6 +71,8 @@ class OrderConsumer:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Read and handle entries until `stop`; then drain within the grace period."""
+        with contextlib.suppress(RedisError):
+            await self._beat()  # alive before the first read: no one takes what it reads as a dead one's
         claimer = asyncio.create_task(self._claim_loop(stop), name="orders-claimer")
         try:
             async with asyncio.TaskGroup() as readers:
@@ -74,6 +83,10 @@ class OrderConsumer:
             claimer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await claimer
+            with contextlib.suppress(RedisError):
+                # Whatever is still pending here (cancelled after the grace period) is
+                # claimed by the others right away.
+                await self.redis.delete(keys.consumer_alive_key(self.name))
 
     async def _read_loop(self, stop: asyncio.Event, partition: int) -> None:
         stream = keys.orders_stream(partition)
@@ -137,17 +150,72 @@ class OrderConsumer:
             self._slot_freed.set()
 
     async def _claim_loop(self, stop: asyncio.Event) -> None:
+        heartbeat_s = self.settings.heartbeat_ttl_ms / 3000
+        next_claim = 0.0
+        loop = asyncio.get_running_loop()
         while not stop.is_set():
-            if self.resume.is_set():
-                try:
-                    await self._touch_inflight()
-                    await self.claim_abandoned()
-                except ResponseError as error:
-                    if not is_nogroup(error):
-                        self.log.error("claim failed", error=str(error))
-                except RedisError as error:
-                    self.log.warning("claim failed; redis unavailable", error=str(error))
-            await _sleep_unless(stop, self.settings.claim_interval_s)
+            try:
+                await self._beat()
+                if self.resume.is_set():
+                    await self.claim_from_dead()
+                    if loop.time() >= next_claim:
+                        next_claim = loop.time() + self.settings.claim_interval_s
+                        await self._touch_inflight()
+                        await self.claim_abandoned()
+            except ResponseError as error:
+                if not is_nogroup(error):
+                    self.log.error("claim failed", error=str(error))
+            except RedisError as error:
+                self.log.warning("claim failed; redis unavailable", error=str(error))
+            await _sleep_unless(stop, min(heartbeat_s, self.settings.claim_interval_s))
+
+    async def _beat(self) -> None:
+        await self.redis.set(keys.consumer_alive_key(self.name), "1", px=self.settings.heartbeat_ttl_ms)
+
+    async def claim_from_dead(self) -> int:
+        """Take over every entry held by a consumer whose heartbeat is gone, in every partition.
+
+        Costs one XINFO CONSUMERS per partition per heartbeat period, plus an EXISTS
+        per consumer holding entries; nothing on the per-order path.
+        """
+        started = 0
+        for partition in range(keys.partition_count()):
+            started += await self._claim_dead_in(partition)
+        return started
+
+    async def _claim_dead_in(self, partition: int) -> int:
+        stream = keys.orders_stream(partition)
+        free = self.settings.max_in_flight - len(self._inflight)
+        if free <= 0:
+            return 0
+        holders = [c for c in await self.redis.xinfo_consumers(stream, keys.EXECUTORS_GROUP)
+                   if int(c["pending"]) > 0 and _text(c["name"]) != self.name]
+        if not holders:
+            return 0
+        alive = [await self.redis.exists(keys.consumer_alive_key(_text(c["name"]))) for c in holders]
+        started = 0
+        for consumer, is_alive in zip(holders, alive, strict=True):
+            if is_alive or free - started <= 0:
+                continue
+            dead = _text(consumer["name"])
+            pending = await self.redis.xpending_range(stream, keys.EXECUTORS_GROUP, min="-", max="+",
+                                                      count=free - started, consumername=dead)
+            ids = [_text(p["message_id"]) for p in pending]
+            if not ids:
+                continue
+            # min idle: not an entry the (dead) holder was handed this very instant by a read
+            # still in flight; XCLAIM only moves entries still pending under the group.
+            claimed = await self.redis.xclaim(stream, keys.EXECUTORS_GROUP, self.name, DEAD_CLAIM_MIN_IDLE_MS, ids)
+            entries = [(_text(i), f) for i, f in claimed if f is not None]
+            if not entries:
+                continue
+            counts = await self._delivery_counts(stream, sorted((i for i, _ in entries), key=_stream_order))
+            for msg_id, fields in entries:
+                self.log.warning("claimed entry of a dead consumer", msg_id=msg_id, dead_consumer=dead,
+                                 deliveries=counts.get(msg_id, 2))
+                self._start(msg_id, fields, counts.get(msg_id, 2), partition)
+                started += 1
+        return started
 
     async def _touch_inflight(self) -> None:
         # An event waiting on its lock or the rate limit is not abandoned: reset
@@ -224,6 +292,11 @@ async def _wait_any(*aws: Awaitable[Any]) -> None:
 async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stop.wait(), seconds)
+
+
+def _stream_order(msg_id: str) -> tuple[int, int]:
+    ms, _, seq = msg_id.partition("-")
+    return int(ms), int(seq or 0)
 
 
 def _text(value: bytes | str) -> str:

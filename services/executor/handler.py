@@ -23,6 +23,7 @@ from libs.schema.codec import dumps
 from libs.schema.models import (
     AbortEvent,
     BrokerOrder,
+    BuyEvent,
     ControlMessage,
     Event,
     EventType,
@@ -31,6 +32,7 @@ from libs.schema.models import (
     Position,
     RetryEvent,
     RuntimeState,
+    SellEvent,
     StrategyConfig,
     TransactionType,
     event_to_json,
@@ -44,6 +46,7 @@ from libs.trading.tokens import SESSION_EXPIRED_REASON, mirror_expired
 from services.executor import metrics
 from services.executor.credentials import CredentialStore, CredentialsUnavailable, KiteCredentials
 from services.executor.halt import OperatorHalt
+from services.executor.notices import outcome_notice
 from services.executor.outcome import Outcome, skipped
 from services.executor.placement import COMPLETE, TERMINAL, OrderPlacer, OrderResult, filled_quantity
 from services.executor.ratelimit import RateLimitTimeout
@@ -57,7 +60,14 @@ ACCOUNT_CHANGED = "broker account changed since start"
 
 class AccountChanged(CredentialsUnavailable):
     """`broker:{user}` now holds another Kite account than the run started on."""
+
+
+class Refused(Exception):
+    """The event is not one this run's own schedule, listener or user produced: dead-letter it, place nothing."""
+
+
 CONFIG_CACHE_MAX = 100_000
+ENTRY_WAIT_S = 1.0  # an exit waiting for its run's pending entry looks again this often
 
 
 class OrderHandler:
@@ -100,8 +110,15 @@ class OrderHandler:
         # the owner's credentials included when an earlier event named the owner.
         owner = self._owners.get(sid)
         async with self.state.locked_read(sid, event.run_id, owner, self._exit_slot(event, deliveries, owner),
-                                          EXIT_ATTEMPT_TTL_S) as held:
-            outcome, config = await self.decide(event, deliveries, log, held)
+                                          EXIT_ATTEMPT_TTL_S, _intent_marker(event)) as held:
+            try:
+                outcome, config = await self.decide(event, deliveries, log, held)
+            except Refused as refusal:
+                # No ABORT with it: a forged event must not end the real run either.
+                await self.state.dead_letter(msg_id, raw, f"refused: {refusal}", deliveries, partition=partition)
+                metrics.DEAD_LETTERS.labels(stream=keys.ORDERS_DEAD_STREAM).inc()
+                log.error("event refused and dead-lettered", reason=str(refusal))
+                return True
             await self.finish(event, msg_id, outcome, config, log, held)
         return True
 
@@ -196,12 +213,15 @@ class OrderHandler:
         if isinstance(event, AbortEvent):
             return self.abort_run(event, config, position, log, runtime.filled_quantity), config
         kind = event.retry_of if isinstance(event, RetryEvent) else event.event_type
+        if config is not None and config.run_id != event.run_id and isinstance(event, BuyEvent | SellEvent):
+            raise Refused(f"{kind.value} names run {event.run_id}, but the loaded run is {config.run_id}")
         if config is None or config.run_id != event.run_id:
             if kind == EventType.STOPLOSS:
                 # Un-mark the run: if Redis lost it and it is being rebuilt, its listener must be
                 # able to fire again once it is reloaded; a run that really ended is not watched.
                 await self.redis.delete(keys.stoploss_marker_key(sid, event.run_id))
             return skipped(event, "run not loaded", loaded_run_id=config.run_id if config else None), config
+        self._check_provenance(event, kind, config, held)
         # An exit is looked up first whenever one may already have been sent for
         # this run (by this event earlier, or by another exit event): SELL,
         # STOPLOSS and square-off share the exit tag and must not both fill.
@@ -214,6 +234,10 @@ class OrderHandler:
             out.unload, out.strategy_status = config, "failed"
             out.failure_reason = f"entry skipped: operator halt ({halt})"
             return out, config
+        if kind == EventType.BUY:
+            late = await self._entry_after_sell_time(event, config, log, held)
+            if late is not None:
+                return late, config
         if kind != EventType.BUY and position in EXIT_POSITIONS:
             # Already exited; if the run is still loaded a crash came between the
             # exit's commit and its unload, so finish that unload now.
@@ -226,6 +250,50 @@ class OrderHandler:
                 return out, config
             lookup = True
         return await self.place(event, kind, config, lookup, log, held, runtime.filled_quantity), config
+
+    def _check_provenance(self, event: Event, kind: EventType, config: StrategyConfig, held: Held) -> None:
+        """Raise Refused unless the event is what the run's schedule, listener or user asked for.
+
+        Anything that can write `queue:orders` could otherwise trade for any user.
+        A BUY/SELL (or its RETRY) must carry the run's time of day on a day after the
+        run's start (the scheduler's calendar picks which) and not come before it; a STOPLOSS needs the listener's fired marker,
+        a square-off the API's marker (both read with the lock: no extra round trip).
+        """
+        if kind == EventType.STOPLOSS or event.metadata.get("square_off"):
+            if not held.intent_marked:
+                what = "the listener's stop-loss marker" if kind == EventType.STOPLOSS else "the API's square-off marker"
+                raise Refused(f"{kind.value} without {what} for run {event.run_id}")
+            return
+        due = self.calendar.at(event.trading_day, config.buy_time if kind == EventType.BUY else config.sell_time)
+        if event.trigger_time is None or abs((event.trigger_time - due).total_seconds()) > 1 \
+                or due <= datetime.fromisoformat(config.run_id):
+            raise Refused(f"{kind.value} for {event.trading_day} at {event.trigger_time} is not a time of the run's "
+                          f"schedule ({config.buy_time if kind == EventType.BUY else config.sell_time} IST on a day "
+                          f"after its start {config.run_id})")
+        early_s = (due - datetime.now(UTC)).total_seconds()
+        if early_s > self.settings.event_early_tolerance_s:
+            raise Refused(f"{kind.value} arrived {early_s:.0f} s before its scheduled time {due.isoformat()}")
+
+    async def _entry_after_sell_time(self, event: Event, config: StrategyConfig, log: Any,
+                                     held: Held) -> Outcome | None:
+        """End the run without trading if its entry comes only after sell time (and was never placed)."""
+        sell_at = self.calendar.at(event.trading_day, config.sell_time)
+        if datetime.now(UTC) < sell_at:
+            return None
+        try:
+            creds = await self._credentials(config, held)
+            entry_tag = order_tag(config.strategy_id, config.run_id, event.trading_day, "entry")
+            placed = await self.placer.find_by_tag(creds, entry_tag, accept_dead=False)
+        except (BrokerError, CredentialsUnavailable) as error:
+            return self.retry_or_abort(event, EventType.BUY, {"event": event.model_dump(mode="json")},
+                                       {"error": str(error), "while": "checking a late entry order"}, None, log)
+        if placed is not None:
+            return None  # placed before a crash: the placement finds it by tag and records it
+        reason = f"entry could not be placed before sell_time ({sell_at.isoformat()}); the run ends without trading"
+        log.error("late entry not placed", reason=reason)
+        out = skipped(event, reason)
+        out.unload, out.strategy_status, out.failure_reason = config, "failed", reason
+        return out
 
     async def _exit_without_position(self, event: Event, kind: EventType, config: StrategyConfig,
                                      log: Any, held: Held | None = None) -> Outcome | None:
@@ -259,6 +327,11 @@ class OrderHandler:
             log.warning("runtime lost a filled entry; exiting per the broker", entry_order=entry.get("order_id"),
                         filled_quantity=filled_quantity(entry))
             return None
+        if entry is None and kind == EventType.SELL and await self.state.entry_pending(str(config.strategy_id),
+                                                                                     config.run_id):
+            # The run's BUY still waits in the stream (a crashed executor held it): its outcome
+            # decides, not this exit. Wait for it; the BUY itself ends the run if it is too late.
+            return self._wait_for_entry(event, kind, log)
         extra = {"entry_cancelled": cancelled} if cancelled else {}
         out = skipped(event, f"{kind.value} needs position bought, found none (no filled entry at the broker)",
                       **extra)
@@ -269,6 +342,18 @@ class OrderHandler:
             if not event.metadata.get("square_off"):
                 out.strategy_status, out.failure_reason = "failed", "no position at sell time (entry never filled)"
         return out
+
+    def _wait_for_entry(self, event: Event, kind: EventType, log: Any) -> Outcome:
+        """Schedule this exit again shortly (same attempt: waiting is not a failed try)."""
+        waits = int(event.metadata.get("entry_waits", 0)) + 1
+        retry = RetryEvent(strategy_id=event.strategy_id, run_id=event.run_id, trading_day=event.trading_day,
+                           attempt=event.attempt, retry_of=kind, price=event.price, trigger_time=event.trigger_time,
+                           metadata={**event.metadata, "entry_waits": waits})
+        log.warning("exit waits for its run's pending entry", entry_waits=waits)
+        request = {"event": event.model_dump(mode="json")}
+        return Outcome(OrderLogStatus.skipped, request, {"skipped": "the run's entry is still pending in the queue; "
+                       "waiting for its outcome", "entry_waits": waits},
+                       retry=(retry, int(time.time() * 1000 + ENTRY_WAIT_S * 1000)))
 
     async def place(self, event: Event, kind: EventType, config: StrategyConfig, lookup: bool, log: Any,
                     held: Held | None = None, held_quantity: int | None = None) -> Outcome:
@@ -282,7 +367,9 @@ class OrderHandler:
         quantity = config.quantity if kind == EventType.BUY or not held_quantity else held_quantity
         order = BrokerOrder(symbol=config.symbol, quantity=quantity, transaction_type=side,
                             exchange=config.exchange, product=config.product, tag=tag)
-        request = {"order": order.model_dump(mode="json"), "attempt": event.attempt, "retry_of": kind.value}
+        request: dict[str, Any] = {"order": order.model_dump(mode="json"), "attempt": event.attempt}
+        if isinstance(event, RetryEvent):
+            request["retry_of"] = kind.value  # only a retry is a retry of something
         log = log.bind(tag=tag)
         try:
             creds = await self._credentials(config, held)
@@ -461,7 +548,8 @@ class OrderHandler:
             strategy_id=str(event.strategy_id), run_id=event.run_id, row=dumps(row), runtime_fields=outcome.runtime,
             control=dumps(outcome.control) if outcome.control else None,
             abort_event=event_to_json(outcome.abort) if outcome.abort else None,
-            ack_msg_id=None if ended is not None else msg_id, held=held)
+            ack_msg_id=None if ended is not None else msg_id, held=held,
+            notice=outcome_notice(event, outcome, config, row, held.runtime if held is not None else {}))
         if ended is not None:
             plan = plan_run(ended, self.calendar, datetime.fromisoformat(ended.run_id))
             await unload_run(self.redis, ended, plan)
@@ -476,6 +564,16 @@ class OrderHandler:
         emit = log.info if outcome.status == OrderLogStatus.failed else log.debug
         emit("event handled", status=outcome.status.value, order_id=outcome.order_id, tag=outcome.tag,
              strategy_status=outcome.strategy_status, **skip, **outcome.extra_log)
+
+
+def _intent_marker(event: Event) -> str | None:
+    """Return the marker key that proves an exit was asked for: the listener's or the API's."""
+    kind = event.retry_of if isinstance(event, RetryEvent) else event.event_type
+    if kind == EventType.STOPLOSS:
+        return keys.stoploss_marker_key(event.strategy_id, event.run_id)
+    if event.metadata.get("square_off"):
+        return keys.square_off_marker_key(event.strategy_id, event.run_id)
+    return None
 
 
 def _event_or_none(raw: bytes) -> Event | None:

@@ -26,6 +26,11 @@ class ExecutorSettings(ServiceSettings):
     """XREADGROUP BLOCK: how long one read waits for new entries."""
     claim_idle_ms: int = 30_000
     """XAUTOCLAIM entries pending longer than this (above the slowest normal handling)."""
+    heartbeat_ttl_ms: int = 3_000
+    """TTL of this consumer's `executor:alive:{name}` key, renewed every third of it: once it is gone, the
+    entries the consumer held are claimed at once instead of after claim_idle_ms."""
+    event_early_tolerance_s: float = 2.0
+    """A BUY/SELL handled more than this before its scheduled time is refused and dead-lettered (host clock skew)."""
     claim_interval_s: float = 2.0
     """How often the claimer looks for abandoned entries."""
     max_deliveries: int = 5

@@ -52,10 +52,12 @@ end
 return 0
 """
 
-# KEYS: lock, runtime, strategy, exit marker[, credentials][, rate key]
+# KEYS: lock, runtime, strategy, exit marker, intent marker[, credentials][, rate key]
 # ARGV: token, ttl ms, has credentials '0'|'1', run_id, [limit, window ms, member, marker ttl s]
 # Returns nil if the lock is taken, else {config or nil, runtime hash, marker 0/1,
-# credentials hash or nil, slot} where slot is 0 if an order slot was taken, -1 if
+# credentials hash or nil, slot, intent marker 0/1} where the intent marker is the
+# listener's stop-loss marker or the API's square-off marker (the proof that such an
+# exit was asked for; see services.executor.handler), and slot is 0 if an order slot was taken, -1 if
 # none was asked for or the exit is not a plain one, else ms until a slot frees.
 # The slot is only taken for an exit of the loaded run, position bought and no
 # earlier exit attempt: the case that sends without a tag lookup; the exit marker
@@ -64,11 +66,11 @@ return 0
 _LOCK_READ = TAKE_SLOT_FN + """
 if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return nil end
 if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('HSET', KEYS[2], 'lock_state', 'locked') end
-local n = 4
+local n = 5
 local creds = false
 if ARGV[3] == '1' then
-  n = 5
-  creds = redis.call('HGETALL', KEYS[5])
+  n = 6
+  creds = redis.call('HGETALL', KEYS[6])
 end
 local config = redis.call('GET', KEYS[3])
 local marker = redis.call('EXISTS', KEYS[4])
@@ -78,7 +80,7 @@ if KEYS[n + 1] and config and marker == 0 and redis.call('HGET', KEYS[2], 'posit
   slot = take_slot(KEYS[n + 1], tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7])
   if slot == 0 then redis.call('SET', KEYS[4], '1', 'EX', ARGV[8]) end
 end
-return {config, redis.call('HGETALL', KEYS[2]), marker, creds, slot}
+return {config, redis.call('HGETALL', KEYS[2]), marker, creds, slot, redis.call('EXISTS', KEYS[5])}
 """
 
 _RENEW = """
@@ -105,9 +107,10 @@ local function release(lock, runtime, token)
 end
 """
 
-# KEYS: runtime, strategy, order_logs, control, orders, lock
+# KEYS: runtime, strategy, order_logs, control, orders, lock, notify
 # ARGV: run_id, runtime fields (JSON flat list or ''), control JSON or '', row JSON,
-#       control maxlen, abort event JSON or '', group, msg id to ack or '', lock token to release or ''
+#       control maxlen, abort event JSON or '', group, msg id to ack or '', lock token to release or '',
+#       notice JSON or '', notify maxlen'
 # Runtime is only written while the same run is loaded: a late event must not
 # resurrect the hash of an unloaded run. The lock is released only with the ack
 # (an entry acked is done; one not acked yet is still being worked on).
@@ -122,6 +125,7 @@ if ARGV[2] ~= '' then
   end
 end
 redis.call('XADD', KEYS[3], '*', 'row', ARGV[4])
+if ARGV[10] ~= '' then redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[11], '*', 'notice', ARGV[10]) end
 if ARGV[6] ~= '' then redis.call('XADD', KEYS[5], '*', 'event', ARGV[6]) end
 if ARGV[8] ~= '' then
   redis.call('XACK', KEYS[5], ARGV[7], ARGV[8])
@@ -157,6 +161,46 @@ return acked
 """
 
 
+ENTRY_SCAN_MAX = 10_000
+
+# KEYS: orders stream; ARGV: group, strategy_id, run_id, scan limit
+# 1 if an entry event (BUY, or RETRY of a BUY) of that run is pending in the group
+# (delivered, not acked: a dead consumer may hold it) or not yet delivered at all.
+_ENTRY_PENDING = """
+local function is_entry(fields)
+  for i = 1, #fields, 2 do
+    if fields[i] == 'event' then
+      local ok, event = pcall(cjson.decode, fields[i + 1])
+      if ok and type(event) == 'table' and event['strategy_id'] == ARGV[2] and event['run_id'] == ARGV[3]
+         and (event['event_type'] == 'BUY' or (event['event_type'] == 'RETRY' and event['retry_of'] == 'BUY')) then
+        return true
+      end
+    end
+  end
+  return false
+end
+local limit = tonumber(ARGV[4])
+for _, p in ipairs(redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', limit)) do
+  local entry = redis.call('XRANGE', KEYS[1], p[1], p[1])
+  if entry[1] and is_entry(entry[1][2]) then return 1 end
+end
+local last = '0-0'
+for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+  for i = 1, #group, 2 do
+    if group[i] == 'name' and group[i + 1] == ARGV[1] then
+      for j = 1, #group, 2 do
+        if group[j] == 'last-delivered-id' then last = group[j + 1] end
+      end
+    end
+  end
+end
+for _, entry in ipairs(redis.call('XRANGE', KEYS[1], '(' .. last, '+', 'COUNT', limit)) do
+  if is_entry(entry[2]) then return 1 end
+end
+return 0
+"""
+
+
 class LockTimeout(Exception):
     """The strategy's lock stayed taken for longer than the wait bound."""
 
@@ -177,6 +221,7 @@ class Held:
     credentials: dict[bytes, bytes] | None = None
     credentials_user: str | None = None
     slot_fp: str | None = None  # an order slot of this fingerprint was taken (and the exit marked)
+    intent_marked: bool = False  # the intent marker asked for existed (stop-loss fired, square-off requested)
     released: bool = False
     lost: bool = False  # set by the renewer once the lock is definitely no longer ours
 
@@ -204,6 +249,7 @@ class OrderState:
         self._commit = redis.register_script(_COMMIT)
         self._ack_release = redis.register_script(_ACK_RELEASE)
         self._dead = redis.register_script(_DEAD_LETTER)
+        self._entry_pending = redis.register_script(_ENTRY_PENDING)
         # Owner tokens: a random per-process prefix and a counter (unique across
         # replicas without an os.urandom call per lock).
         self._token_prefix = secrets.token_hex(8)
@@ -224,17 +270,19 @@ class OrderState:
     @contextlib.asynccontextmanager
     async def locked_read(self, strategy_id: str, run_id: str, credentials_user: str | None,
                           exit_slot: tuple[str, str, list[Any]] | None = None,
-                          exit_mark_ttl_s: int = 0) -> AsyncIterator[Held]:
+                          exit_mark_ttl_s: int = 0, intent_marker: str | None = None) -> AsyncIterator[Held]:
         """Hold the strategy's lock; the Held carries config, runtime, exit marker and credentials read with it.
 
         `credentials_user` is a guess (the owner seen before); the caller checks it
         against the config's user_id before using the hash. `exit_slot` = (fp,
         rate key, slot args): for a plain exit, take the order slot and set the
-        exit marker in the same step (see _LOCK_READ).
+        exit marker in the same step (see _LOCK_READ). `intent_marker`: a key whose
+        existence is read in the same step (Held.intent_marked).
         """
         lock, runtime = keys.lock_key(strategy_id), keys.runtime_key(strategy_id)
         marker = keys.exit_attempt_key(strategy_id, run_id)
-        script_keys = [lock, runtime, keys.strategy_key(strategy_id), marker]
+        # The intent marker is the strategy's own key (same partition tag): always in the lock's slot.
+        script_keys = [lock, runtime, keys.strategy_key(strategy_id), marker, intent_marker or marker]
         slot = keys.hash_slot(lock)
         if credentials_user is not None and keys.hash_slot(keys.broker_credentials_key(credentials_user)) != slot:
             credentials_user = None  # another slot: the handler reads them on their own
@@ -248,11 +296,12 @@ class OrderState:
             script_keys.append(exit_slot[1])
             args += [*exit_slot[2], exit_mark_ttl_s]
         reply = await self._acquire(strategy_id, lambda: self._lock_read(keys=script_keys, args=args))
-        raw_config, runtime_flat, marker_set, creds, slot = reply
+        raw_config, runtime_flat, marker_set, creds, slot, intent_set = reply
         held = Held(strategy_id, token, raw_config=raw_config, runtime=_pairs(runtime_flat),
                     exit_attempted=bool(marker_set), credentials=_pairs(creds) if creds is not None else None,
                     credentials_user=credentials_user,
-                    slot_fp=exit_slot[0] if exit_slot is not None and int(slot) == 0 else None)
+                    slot_fp=exit_slot[0] if exit_slot is not None and int(slot) == 0 else None,
+                    intent_marked=intent_marker is not None and bool(intent_set))
         async with self._holding(held):
             yield held
 
@@ -310,8 +359,8 @@ class OrderState:
 
     async def commit(self, *, strategy_id: str, run_id: str, row: bytes, runtime_fields: dict[str, str] | None,
                      control: bytes | None, abort_event: bytes | None, ack_msg_id: str | None,
-                     held: Held | None = None) -> None:
-        """Write runtime, control message, log row and follow-up event; ack if asked, all at once.
+                     held: Held | None = None, notice: bytes | None = None) -> None:
+        """Write runtime, control message, log row, follow-up event and notice; ack if asked, all at once.
 
         With an ack and a `held` lock, the lock is released in the same step.
         """
@@ -320,9 +369,11 @@ class OrderState:
         part = keys.partition_of(strategy_id)
         await self._commit(
             keys=[keys.runtime_key(strategy_id), keys.strategy_key(strategy_id), keys.order_logs_stream(part),
-                  keys.control_stream(part), keys.orders_stream(part), keys.lock_key(strategy_id)],
+                  keys.control_stream(part), keys.orders_stream(part), keys.lock_key(strategy_id),
+                  keys.notify_stream(part)],
             args=[run_id, dumps(flat) if flat else b"", control or b"", row, CONTROL_MAXLEN,
-                  abort_event or b"", keys.EXECUTORS_GROUP, ack_msg_id or b"", held.token if release else b""],
+                  abort_event or b"", keys.EXECUTORS_GROUP, ack_msg_id or b"", held.token if release else b"",
+                  notice or b"", keys.NOTIFY_MAXLEN],
         )
         if release:
             held.released = True
@@ -337,6 +388,15 @@ class OrderState:
         await self._ack_release(keys=[stream, keys.lock_key(sid), keys.runtime_key(sid)],
                                 args=[keys.EXECUTORS_GROUP, msg_id, held.token])
         held.released = True
+
+    async def entry_pending(self, strategy_id: str, run_id: str) -> bool:
+        """Return whether the run's BUY (or a RETRY of it) waits in `queue:orders`: pending or not yet read.
+
+        Only asked on the rare path of an exit that finds no position; one script.
+        """
+        stream = keys.orders_stream(keys.partition_of(strategy_id))  # every event of a strategy is in its partition
+        return bool(await self._entry_pending(keys=[stream],
+                                              args=[keys.EXECUTORS_GROUP, strategy_id, run_id, ENTRY_SCAN_MAX]))
 
     async def dead_letter(self, msg_id: str, raw: bytes, reason: str, deliveries: int,
                           abort: tuple[str, str, bytes] | None = None, *, partition: int = 0) -> bool:

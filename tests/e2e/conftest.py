@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Iterator
 import aiohttp
 import pytest
 
+from tests.e2e.browser import browser  # noqa: F401 - the dashboard tests' fixture
 from tests.e2e.harness import Stack, Trader
 from tests.support.postgres import open_to_postgres
 

@@ -52,9 +52,10 @@ class Stack:
     def redis_url(self) -> str:
         return self.env["REDIS_URL"]
 
-    def add_replica(self, service: str) -> str:
-        """Start one more instance of a pipeline service under the supervisor; return its program name."""
-        return self.local.add_replica(service)
+    def add_replica(self, service: str, env: dict[str, str] | None = None) -> str:
+        """Start one more instance of a pipeline service under the supervisor, with `env` on top of the
+        stack's; return its program name."""
+        return self.local.add_replica(service, env)
 
     def pid(self, instance: str) -> int:
         pid = self.local.pid_of(instance)

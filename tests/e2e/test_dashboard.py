@@ -1,189 +1,186 @@
-"""The dashboard at `/`, driven in headless Chromium over the DevTools protocol like a person would.
+"""The dashboard at `/`, driven in headless Chromium (Playwright) like a person would.
 
-Skipped cleanly where Chromium is not installed (CI machines may not have it); `CHROMIUM=/path`
-picks another Chromium-based browser.
+The story test also writes the README's screenshots to docs/screenshots/.
 """
 
 from __future__ import annotations
 
-import asyncio
-import base64
-import contextlib
-import itertools
-import json
-import os
-import shutil
-import subprocess
-import tempfile
-import time
+import re
 from pathlib import Path
-from typing import Any
+from uuid import uuid4
 
 import aiohttp
 import pytest
+from playwright.async_api import Browser, Page, expect
 
-from tests.e2e.harness import Trader
+from tests.e2e.browser import PageErrors, new_page
+from tests.e2e.harness import Stack, Trader, ist_clock
 
-CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="chromium is not installed")
-
-
-class CdpError(AssertionError):
-    pass
+SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
+PASSWORD = "pass-word-123"
 
 
-class Browser:
-    """One headless Chromium page over the Chrome DevTools protocol (aiohttp websocket, no extra deps)."""
-
-    def __init__(self, session: aiohttp.ClientSession) -> None:
-        self.session = session
-        self.profile = tempfile.mkdtemp(prefix="tickwise-chromium-")
-        self.proc: asyncio.subprocess.Process | None = None
-        self.ws: aiohttp.ClientWebSocketResponse | None = None
-        self.ids = itertools.count(1)
-        self.waiting: dict[int, asyncio.Future[Any]] = {}
-        self.dialogs: list[str] = []
-        self.errors: list[str] = []
-        self.reader: asyncio.Task[None] | None = None
-
-    async def start(self, width: int = 1280, height: int = 900) -> Browser:
-        self.proc = await asyncio.create_subprocess_exec(
-            CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync",
-            "--remote-debugging-port=0", f"--user-data-dir={self.profile}", f"--window-size={width},{height}",
-            "about:blank",
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, start_new_session=True)
-        port_file = Path(self.profile) / "DevToolsActivePort"
-        deadline = time.monotonic() + 15
-        while not (port_file.exists() and port_file.read_text().strip()):
-            if time.monotonic() > deadline or self.proc.returncode is not None:
-                raise CdpError("chromium did not open its DevTools port")
-            await asyncio.sleep(0.05)
-        port = int(port_file.read_text().split()[0])
-        async with self.session.get(f"http://127.0.0.1:{port}/json/list") as resp:
-            pages = [t for t in await resp.json() if t["type"] == "page"]
-        self.ws = await self.session.ws_connect(pages[0]["webSocketDebuggerUrl"], max_msg_size=0)
-        self.reader = asyncio.create_task(self._read())
-        for domain in ("Page", "Runtime", "Log"):
-            await self.send(f"{domain}.enable")
-        return self
-
-    async def _read(self) -> None:
-        assert self.ws is not None
-        async for msg in self.ws:
-            data = json.loads(msg.data)
-            if "id" in data:
-                fut = self.waiting.pop(data["id"], None)
-                if fut and not fut.done():
-                    fut.set_result(data)
-            elif data.get("method") == "Page.javascriptDialogOpening":
-                self.dialogs.append(data["params"]["message"])  # a person reads it and presses OK
-                await self.ws.send_json({"id": next(self.ids), "method": "Page.handleJavaScriptDialog",
-                                         "params": {"accept": True}})
-            elif data.get("method") == "Runtime.exceptionThrown":
-                self.errors.append(json.dumps(data["params"]["exceptionDetails"])[:500])
-            elif data.get("method") == "Log.entryAdded" and data["params"]["entry"]["level"] == "error" \
-                    and data["params"]["entry"]["source"] != "network":  # 4xx answers are shown, not errors
-                self.errors.append(data["params"]["entry"]["text"])
-
-    async def send(self, method: str, **params: Any) -> Any:
-        assert self.ws is not None
-        mid = next(self.ids)
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self.waiting[mid] = fut
-        await self.ws.send_json({"id": mid, "method": method, "params": params})
-        data = await asyncio.wait_for(fut, 10)
-        if "error" in data:
-            raise CdpError(f"{method}: {data['error']}")
-        return data["result"]
-
-    async def js(self, expression: str) -> Any:
-        out = await self.send("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
-        if "exceptionDetails" in out:
-            raise CdpError(f"{expression!r}: {out['exceptionDetails']}")
-        return out["result"].get("value")
-
-    async def wait_for(self, expression: str, timeout: float = 8) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            if await self.js(f"!!({expression})"):
-                return
-            if time.monotonic() > deadline:
-                raise CdpError(f"timed out waiting for {expression!r}; page says: "
-                               f"{await self.js('document.body.innerText')!r}")
-            await asyncio.sleep(0.1)
-
-    async def open(self, url: str) -> None:
-        await self.send("Page.navigate", url=url)
-        await self.wait_for("document.readyState === 'complete' && !!document.getElementById('login')")
-
-    async def type(self, selector: str, text: str) -> None:
-        """Focus a field and type into it, as keystrokes would."""
-        await self.js(f"document.querySelector({json.dumps(selector)}).focus()")
-        await self.send("Input.insertText", text=text)
-
-    async def click(self, selector: str) -> None:
-        await self.js(f"document.querySelector({json.dumps(selector)}).click()")
-
-    async def screenshot(self, path: str | Path) -> None:
-        out = await self.send("Page.captureScreenshot", format="png", captureBeyondViewport=True)
-        await asyncio.to_thread(Path(path).write_bytes, base64.b64decode(out["data"]))
-
-    async def close(self) -> None:
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.send("Browser.close"), 3)
-        if self.ws is not None:
-            await self.ws.close()
-        if self.reader is not None:
-            self.reader.cancel()
-        if self.proc is not None:
-            try:
-                await asyncio.wait_for(self.proc.wait(), 5)
-            except TimeoutError:
-                self.proc.kill()
-                await self.proc.wait()
-        shutil.rmtree(self.profile, ignore_errors=True)
+def rupees(value: float) -> str:
+    sign = "+" if value > 0 else "−" if value < 0 else ""
+    return f"{sign}₹{abs(value):,.2f}"
 
 
-ROWS = """JSON.stringify([...document.querySelectorAll('#rows > tr[data-id]')].map(tr => ({
-  id: tr.dataset.id, symbol: tr.cells[0].textContent, status: tr.querySelector('td.status .badge').textContent,
-  position: tr.cells[6].textContent, buttons: [...tr.querySelectorAll('button')].map(b => b.textContent)})))"""
+def row(page: Page, symbol: str):  # noqa: ANN201 - a Playwright Locator
+    return page.locator("#rows > tr[data-id]", has=page.locator("td.symbol", has_text=symbol))
 
 
-@pytest.mark.timeout(60)
-async def test_dashboard_logs_in_and_shows_the_traders_strategy(trader: Trader, http: aiohttp.ClientSession) -> None:
-    started = time.monotonic()
-    sid = await trader.strategy("INFY", buy_in_s=1800, sell_in_s=2400, stop_loss=1400, quantity=3)
+async def fill_strategy(page: Page, symbol: str, stop_loss: str, quantity: str, buy_in_s: int) -> None:
+    form = page.locator("#create")
+    await form.locator("input[name=symbol]").fill(symbol)
+    await form.locator("input[name=buy_time]").fill(ist_clock(buy_in_s))
+    await form.locator("input[name=sell_time]").fill(ist_clock(300))
+    await form.locator("input[name=stop_loss]").fill(stop_loss)
+    await form.locator("input[name=quantity]").fill(quantity)
+
+
+@pytest.mark.timeout(120)
+async def test_trader_story_live_in_the_browser(e2e_stack: Stack, http: aiohttp.ClientSession,
+                                                browser: Browser) -> None:
+    trader = Trader(http, e2e_stack)
+    errors = PageErrors()
+    page = await new_page(browser, errors)
+    await page.goto(e2e_stack.api_url + "/")
+    email = f"story-{uuid4().hex[:8]}@example.com"
+    await page.fill("#register input[name=name]", "Asha Rao")
+    await page.fill("#register input[name=email]", email)
+    await page.fill("#register input[name=password]", PASSWORD)
+    await page.click("#register button[type=submit]")
+    await expect(page.locator("#who")).to_contain_text(email)
+    await page.evaluate("window.__sameDocument = true")
+    trader.token = await page.evaluate("sessionStorage.getItem('tickwise.token')")
+    await expect(page.locator("#mode")).to_have_text("PAPER TRADING")
+    await expect(page.locator("#live")).to_have_text("● Live")
+
+    # Connect the paper broker through the form.
+    trader.account = await trader.sim("POST", "accounts", {"user_name": "Asha Rao"})
+    await page.click("#broker details > summary")
+    for name in ("api_key", "api_secret", "access_token"):
+        await page.fill(f"#connect input[name={name}]", trader.account[name])
+    await page.click("#connect button[type=submit]")
+    await expect(page.locator("#b-valid .badge")).to_have_text("Valid")
+
+    # Creating: the stop-loss warning names the current price; errors sit next to their field, in words.
+    await trader.tick("TATAMOTORS", 780)
+    await trader.tick("HINDUNILVR", 2450)
+    await fill_strategy(page, "TATAMOTORS", "900", "0", buy_in_s=12)
+    # The paper market walks: whatever price the page shows, the warning names that same price.
+    await expect(page.locator("#quote")).to_have_text(re.compile(r"^Current price ₹7\d\d\.\d\d$"))
+    shown = (await page.inner_text("#quote")).removeprefix("Current price ")
+    await expect(page.locator("#sl-warn")).to_contain_text(f"Stop-loss ₹900.00 is at or above the current price {shown}")
+    await page.click("#create button[type=submit]")
+    await expect(page.locator("#create label:has(input[name=quantity]) .field-err")).to_have_text("must be at least 1")
+    await page.screenshot(path=str(SCREENSHOTS / "strategy-form.png"))
+    text = await page.inner_text("body")
+    assert "Input should" not in text and "Value error" not in text
+    await page.fill("#create input[name=stop_loss]", "760")
+    await expect(page.locator("#sl-warn")).to_be_hidden()
+    await page.fill("#create input[name=quantity]", "5")
+    await page.click("#create button[type=submit]")
+    await expect(row(page, "TATAMOTORS").locator("td.status .badge")).to_have_text("Not started")
+    await fill_strategy(page, "HINDUNILVR", "2300", "2", buy_in_s=12)
+    await page.click("#create button[type=submit]")
+    hul = row(page, "HINDUNILVR")
+    await expect(hul.locator("td.status .badge")).to_have_text("Not started")
+
+    # Edit the second before it starts, then start both.
+    await hul.locator("button", has_text="Edit").click()
+    await page.fill("#create input[name=quantity]", "3")
+    await page.click("#create button[type=submit]")
+    await expect(hul.locator("td").nth(4)).to_have_text("3")
+    tata = row(page, "TATAMOTORS")
+    for strategy in (tata, hul):
+        await strategy.locator("button", has_text="Start").click()
+        await expect(strategy.locator("td.status .badge")).to_have_text("Running")
+    await expect(tata.locator("td.next")).to_contain_text("Buy ·")
+
+    # Bought, then stopped out by a pushed tick: shown live, as a loss.
+    await expect(tata.locator("td.position .badge")).to_have_text("Holding", timeout=30_000)
+    await expect(hul.locator("td.position .badge")).to_have_text("Holding", timeout=30_000)
+    await expect(tata.locator("td.next")).to_contain_text("Sell ·")
+    await trader.tick("TATAMOTORS", 750)
+    await expect(tata.locator("td.position .badge")).to_have_text("Stopped out", timeout=20_000)
+    await expect(tata.locator("td.position .badge")).to_have_class("badge loss")
+    await expect(tata.locator("td.status .badge")).to_have_text("Finished", timeout=20_000)
+
+    # Square off the other from the page.
+    await hul.locator("button", has_text="Stop and square off").click()
+    await expect(hul.locator("td.position .badge")).to_have_text("Sold", timeout=20_000)
+    await expect(hul.locator("td.status .badge")).to_have_text("Stopped")
+
+    # Every number on the page is the broker's.
+    fills = {(o["tradingsymbol"], o["transaction_type"]): o for o in await trader.broker_orders()
+             if o["status"] == "COMPLETE"}
+    expected = {}
+    for symbol, qty, locator in (("TATAMOTORS", 5, tata), ("HINDUNILVR", 3, hul)):
+        buy, sell = fills[(symbol, "BUY")], fills[(symbol, "SELL")]
+        expected[symbol] = round((sell["average_price"] - buy["average_price"]) * qty, 2)
+        await expect(locator.locator("td").nth(7)).to_have_text(f"{buy['average_price']:,.2f}")
+        await expect(locator.locator("td").nth(8)).to_have_text(f"{sell['average_price']:,.2f}")
+        await expect(locator.locator("td").nth(10)).to_have_text(rupees(expected[symbol]))
+    assert expected["TATAMOTORS"] < 0
+    await expect(page.locator("#s-realized")).to_have_text(rupees(round(sum(expected.values()), 2)))
+    await expect(page.locator("#trade-rows > tr")).to_have_count(4)
+    await expect(page.locator("#pos-rows > tr")).to_have_count(2)
+    assert await page.evaluate("window.__sameDocument === true"), "the page reloaded"
+
+    await tata.locator("button", has_text="Orders").click()
+    await expect(page.locator("#rows > tr.log")).to_contain_text("Stop-loss exit")
+    await page.screenshot(path=str(SCREENSHOTS / "dashboard.png"), full_page=True)
+
+    # Notifications: the webhook's signing secret is shown once, right after saving.
+    await page.fill("#notify input[name=webhook_url]", "http://127.0.0.1:9/tickwise-hook")
+    await page.click("#notify button[type=submit]")
+    await expect(page.locator("#notify-secret")).to_contain_text("Signing secret (shown once): whsec_")
+    assert (await trader.call("GET", "/notifications"))["webhook_secret"] is None
+    assert errors.items == []
+
+    docs = await new_page(browser, errors)
+    await docs.goto(e2e_stack.api_url + "/docs")
+    await expect(docs.locator(".swagger-ui .info .title")).to_contain_text("Tickwise API")
+    await expect(docs.locator(".opblock-summary-path", has_text="/api/v1/positions")).to_be_visible()
+    await docs.screenshot(path=str(SCREENSHOTS / "api-reference.png"))
+    assert errors.items == []
+
+
+@pytest.mark.timeout(90)
+async def test_dashboard_logs_in_and_shows_the_traders_strategy(trader: Trader, browser: Browser) -> None:
+    sid = await trader.strategy("INFY", buy_in_s=300, sell_in_s=360, stop_loss=1400, quantity=3)
     me = await trader.call("GET", "/me")
-    browser = Browser(http)
-    try:
-        await browser.start()
-        await browser.open(trader.stack.api_url + "/")
-        await browser.type("#login input[name=email]", me["email"])
-        await browser.type("#login input[name=password]", "pass-word-123")
-        await browser.click("#login button[type=submit]")
+    errors = PageErrors()
+    page = await new_page(browser, errors)
+    await page.goto(trader.stack.api_url + "/")
+    await page.fill("#login input[name=email]", me["email"])
+    await page.fill("#login input[name=password]", PASSWORD)
+    await page.click("#login button[type=submit]")
 
-        await browser.wait_for(f"document.getElementById('who').textContent.includes({json.dumps(me['email'])})")
-        await browser.wait_for("document.querySelector('#b-valid .badge')?.textContent === 'yes'")
-        await browser.wait_for(f"!!document.querySelector('#rows tr[data-id=\"{sid}\"] .badge')")
-        rows = json.loads(await browser.js(ROWS))
-        assert [(r["id"], r["symbol"], r["status"], r["position"]) for r in rows] == [(sid, "INFY", "running", "none")]
-        assert rows[0]["buttons"] == ["Stop", "Stop and square off", "Orders"]
-        assert await browser.js("sessionStorage.getItem('tickwise.token') !== null") is True
+    await expect(page.locator("#who")).to_contain_text(me["email"])
+    await expect(page.locator("#b-valid .badge")).to_have_text("Valid")
+    strategy = page.locator(f'#rows tr[data-id="{sid}"]')
+    await expect(strategy.locator("td.status .badge")).to_have_text("Running")
+    await expect(strategy.locator("td.position .badge")).to_have_text("No position")
+    assert await strategy.locator("td.actions button").all_text_contents() == ["Stop", "Stop and square off", "Orders"]
+    assert await page.evaluate("sessionStorage.getItem('tickwise.token') !== null") is True
 
-        # Stop it from the page: the status follows, and Delete appears once it no longer runs.
-        await browser.click(f"#rows tr[data-id=\"{sid}\"] td.actions button")
-        await browser.wait_for(f"document.querySelector('#rows tr[data-id=\"{sid}\"] .badge').textContent"
-                               " === 'stopped'")
-        assert (await trader.status(sid))["status"] == "stopped"
-        rows = json.loads(await browser.js(ROWS))
-        assert rows[0]["buttons"] == ["Start", "Delete", "Orders"]
+    # Stop it from the page: the status follows, and Edit and Delete appear once it no longer runs.
+    await strategy.locator("td.actions button", has_text="Stop").first.click()
+    await expect(strategy.locator("td.status .badge")).to_have_text("Stopped")
+    assert (await trader.status(sid))["status"] == "stopped"
+    await expect(strategy.locator("td.actions button")).to_have_text(["Start", "Edit", "Delete", "Orders"])
 
-        await browser.click("#logout")
-        await browser.wait_for("!document.getElementById('login').closest('.hidden')")
-        assert await browser.js("sessionStorage.getItem('tickwise.token')") is None
-        assert await browser.js("document.getElementById('rows').children.length") == 0
-        assert browser.errors == []
-    finally:
-        await browser.close()
-    assert time.monotonic() - started < 20
+    # Start it again, then press the kill switch (the confirm dialog is accepted): everything stops.
+    await strategy.locator("td.actions button", has_text="Start").click()
+    await expect(strategy.locator("td.status .badge")).to_have_text("Running")
+    await page.click("#kill")
+    await expect(page.locator("#broker-msg")).to_have_text("Kill switch used: 1 stopped, 0 squaring off.")
+    await expect(strategy.locator("td.status .badge")).to_have_text("Stopped")
+
+    await page.click("#logout")
+    await expect(page.locator("#login")).to_be_visible()
+    assert await page.evaluate("sessionStorage.getItem('tickwise.token')") is None
+    await expect(page.locator("#rows > tr")).to_have_count(0)
+    assert errors.items == []

@@ -49,6 +49,8 @@ def make_settings(redis_url: str, database_url: str, sim_url: str, **overrides: 
         "redis_url": redis_url, "database_url": database_url, "secret_key": SECRET_KEY,
         "market_calendar": "always_open", "kite_root": sim_url, "argon2_time_cost": 1,
         "argon2_memory_kib": 8192, "kite_timeout_s": 3.0, "stop_lock_wait_s": 1.0,
+        # No notification deliverer: fuzzed webhook URLs must never be called (e2e tests cover delivery).
+        "notify_enabled": False,
     }
     values.update(overrides)
     return ApiSettings(**values)

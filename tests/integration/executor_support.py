@@ -63,6 +63,9 @@ def executor_settings(redis_url: str, database_url: str, sim_url: str, **overrid
         claim_interval_s=0.3, max_deliveries=3, lock_ttl_ms=1500, lock_wait_s=3.0, broker_timeout_s=2.0, fill_timeout_s=2.0,
         retry_base_s=0.05, retry_cap_s=0.2, retry_max_attempts=3, shutdown_grace_s=5.0,
         redis_watch_interval_s=0.2, reconcile_pg_timeout_s=2.0, writer_backoff_max_s=0.5,
+        # These tests enqueue a run's events themselves, long before the run's times
+        # (23:59:57 IST: no scheduler fires them); the refusal of early events has its own test.
+        event_early_tolerance_s=400 * 86400,
     )
     values.update(overrides)
     return ExecutorSettings(**values)
@@ -161,7 +164,15 @@ async def start_run(engine: AsyncEngine, redis: Redis, account: Account, *, symb
 
 
 async def enqueue(redis: Redis, event: Event | bytes) -> str:
-    """XADD an event (or raw bytes) to `queue:orders`; return the entry id."""
+    """XADD an event (or raw bytes) to `queue:orders`, as its producer would; return the entry id.
+
+    A STOPLOSS gets the listener's fired marker and a square-off the API's marker first,
+    as their real producers set them (the executor refuses either without its marker).
+    """
+    if isinstance(event, StoplossEvent):
+        await redis.set(keys.stoploss_marker_key(event.strategy_id, event.run_id), "1", ex=3600)
+    elif not isinstance(event, bytes) and event.metadata.get("square_off"):
+        await redis.set(keys.square_off_marker_key(event.strategy_id, event.run_id), "1", ex=3600)
     raw = event if isinstance(event, bytes) else event_to_json(event)
     return (await redis.xadd(keys.ORDERS_STREAM, {"event": raw})).decode()
 

@@ -13,6 +13,7 @@ from libs.schema import keys
 from libs.schema.models import StrategyConfig, parse_event
 from libs.trading.calendar import IST, epoch_ms
 from libs.trading.runs import run_id_for
+from services.api.broker import mark_invalid
 from tests.integration.api_support import clock
 
 pytest_plugins = ["tests.integration.api_support"]
@@ -31,7 +32,8 @@ def strategy_row(database_url: str, strategy_id: str) -> dict:
 
 
 async def redis_keys(redis) -> set[str]:
-    return {k.decode() for k in await redis.keys("*")}
+    # Session and throttle keys of the API's auth are not part of a run.
+    return {k.decode() for k in await redis.keys("*") if not k.startswith((b"auth:", b"throttle:"))}
 
 
 async def control_actions(redis, strategy_id: str) -> list[str]:
@@ -174,9 +176,9 @@ async def test_stop_square_off_must_be_a_boolean(api) -> None:
 async def test_start_needs_valid_broker_credentials(api, redis, clean_db) -> None:
     user = await api.connected_user()
     strategy = await api.strategy(user)
-    bad = api.sim.create_account()
-    await api.v1("POST", "/broker/connect", {"api_key": bad["api_key"], "api_secret": bad["api_secret"],
-                                             "access_token": "wrong-token"}, user=user, expect=422)
+    # A rejected connect no longer replaces working credentials (issue 13 item 1): the
+    # stored ones become invalid the way an expired token does, when the broker says so.
+    await mark_invalid(api.app, uuid.UUID(user.id))
     reply = await api.v1("POST", "/strategies/start", {"strategy_id": strategy["id"]}, user=user)
     assert reply.status == 409 and reply.body["error"]["code"] == "broker_credentials_invalid"
     assert strategy_row(clean_db, strategy["id"])["status"] == "created"

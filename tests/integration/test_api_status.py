@@ -46,6 +46,12 @@ async def test_status_of_a_loaded_run_reads_runtime_and_the_listener_price(api, 
     assert {k: body[k] for k in ("status", "position", "last_action", "last_price", "timestamp")} == {
         "status": "running", "position": "bought", "last_action": "BUY", "last_price": 1500.5, "timestamp": moment}
     assert body["next_buy_at"] is None and body["next_sell_at"] and body["needs_login"] is False
+    # Money: the BUY's fill price from runtime until its row lands, quantity from the run's config.
+    assert (body["entry_average_price"], body["filled_quantity"], body["exit_average_price"], body["realized_pnl"],
+            body["unrealized_pnl"]) == (1500.5, 10, None, None, None)
+    await redis.set(keys.price_key("INFY"), "1490.25")
+    body = (await api.v1("GET", f"/strategies/{sid}/status", user=user)).body
+    assert body["unrealized_pnl"] == round((1490.25 - 1500.5) * 10, 2)
     await redis.set(keys.price_key("INFY"), "1490.25")
     assert (await api.v1("GET", f"/strategies/{sid}/status", user=user)).body["last_price"] == 1490.25
 

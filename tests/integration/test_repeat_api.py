@@ -47,7 +47,8 @@ async def test_start_after_buy_time_names_the_next_trading_day(api: ApiHarness) 
     started = await api.v1("POST", "/strategies/start", {"strategy_id": late["id"]}, user=user, expect=200)
     today = datetime.now(IST).date()
     assert started.body["trading_day"] == (today + timedelta(days=1)).isoformat()
-    assert started.body["next_buy_at"].startswith((today + timedelta(days=1)).isoformat()[:8])
+    next_buy = datetime.fromisoformat(started.body["next_buy_at"].replace("Z", "+00:00")).astimezone(IST)
+    assert next_buy.date() == today + timedelta(days=1)  # an instant (UTC); its IST date is the trading day
     weekly = await api.strategy(user, buy_time=clock(-120), sell_time=clock(-60), repeat="trading_days",
                                 weekdays=[("mon", "tue", "wed", "thu", "fri", "sat", "sun")[today.weekday()]])
     started = await api.v1("POST", "/strategies/start", {"strategy_id": weekly["id"]}, user=user, expect=200)

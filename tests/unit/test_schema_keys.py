@@ -75,7 +75,8 @@ def test_no_two_names_collide() -> None:
         keys.exit_attempt_key(SID, "r"), keys.broker_credentials_key(SID),
         keys.symbol_strategies_key("INFY"), keys.price_key("INFY"), keys.order_rate_key("fp"),
         keys.instruments_key("NSE", "2025-02-25"), keys.login_throttle_email_key("x"),
-        keys.login_throttle_addr_key("x"),
+        keys.login_throttle_addr_key("x"), keys.NOTIFY_STREAM, keys.NOTIFY_SCHEDULE, keys.NOTIFY_PENDING,
+        keys.NOTIFY_DEAD_STREAM,
     ]
     assert len(set(names)) == len(names)
 
@@ -119,6 +120,7 @@ def test_a_strategys_keys_and_its_partitions_shared_keys_share_one_slot(partitio
         group = [keys.strategy_key(sid), keys.runtime_key(sid), keys.lock_key(sid),
                  keys.stoploss_marker_key(sid, "r"), keys.exit_attempt_key(sid, "r"),
                  keys.symbol_strategies_key("INFY", p), keys.schedule_key(p), keys.orders_stream(p),
-                 keys.orders_dead_stream(p), keys.order_logs_stream(p), keys.control_stream(p)]
+                 keys.orders_dead_stream(p), keys.order_logs_stream(p), keys.control_stream(p),
+                 keys.notify_stream(p), keys.notify_schedule(p), keys.notify_pending(p), keys.notify_dead_stream(p)]
         assert len({key_slot(k.encode()) for k in group}) == 1, group
     assert seen == set(range(partitions))  # every partition gets strategies

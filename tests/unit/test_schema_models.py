@@ -245,7 +245,7 @@ def test_quantity_is_strict_in_json_too() -> None:
 # --- requests: extra fields, updates, auth ------------------------------------------
 
 VALID_REQUESTS: list[tuple[type[BaseModel], dict[str, Any]]] = [
-    (RegisterRequest, {"email": "a@example.com", "password": "password1", "name": "A"}),
+    (RegisterRequest, {"email": "a@example.com", "password": "larch-ferry-41", "name": "A"}),
     (LoginRequest, {"email": "a@example.com", "password": "password1"}),
     (BrokerConnectRequest, {"api_key": "k", "api_secret": "s", "access_token": "t"}),
     (BrokerSessionRequest, {"request_token": "r"}),
@@ -278,7 +278,7 @@ def test_stop_request_defaults_to_no_square_off_and_wants_a_uuid() -> None:
 
 
 def test_register_lower_cases_email_and_strips_name() -> None:
-    request = RegisterRequest(email="John.Doe@Example.COM", password="password1", name="  John Doe ")
+    request = RegisterRequest(email="John.Doe@Example.COM", password="larch-ferry-41", name="  John Doe ")
     assert (request.email, request.name) == ("john.doe@example.com", "John Doe")
 
 
@@ -290,7 +290,7 @@ def test_register_lower_cases_email_and_strips_name() -> None:
     ("name", "n" * 101, "string_too_long"),
 ])
 def test_register_rejects_bad_fields(field: str, raw: str, error_type: str) -> None:
-    body = {"email": "a@example.com", "password": "password1", "name": "A", field: raw}
+    body = {"email": "a@example.com", "password": "larch-ferry-41", "name": "A", field: raw}
     assert [e[:2] for e in errors_of(RegisterRequest, body)] == [((field,), error_type)]
 
 
@@ -323,7 +323,7 @@ def test_error_details_give_loc_msg_and_type_only() -> None:
     with pytest.raises(ValidationError) as caught:
         StrategyCreateRequest.model_validate(strategy_with(quantity=0))
     assert error_details(caught.value) == [
-        {"loc": ["quantity"], "msg": "Input should be greater than or equal to 1", "type": "greater_than_equal"}]
+        {"loc": ["quantity"], "msg": "must be at least 1", "type": "greater_than_equal"}]
 
 
 def test_error_response_has_the_one_api_error_shape() -> None:

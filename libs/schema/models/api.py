@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from datetime import date, datetime
 from typing import Annotated, Any, Literal, Self
 from uuid import UUID
@@ -18,6 +19,7 @@ from pydantic import (
     model_validator,
 )
 
+from libs.schema.models.messages import plain_message
 from libs.schema.models.types import (
     BrokerToken,
     ClockTime,
@@ -39,6 +41,7 @@ __all__ = [
     "BrokerLoginOut",
     "BrokerSessionRequest",
     "BrokerStatusOut",
+    "DeleteAccountRequest",
     "ErrorBody",
     "ErrorResponse",
     "KillSwitchOut",
@@ -46,7 +49,9 @@ __all__ = [
     "KillSwitchResult",
     "LoginRequest",
     "OrderLogOut",
+    "PasswordChangeRequest",
     "RegisterRequest",
+    "RunChangeOut",
     "StartStrategyRequest",
     "StatusResponse",
     "StopStrategyRequest",
@@ -61,9 +66,43 @@ __all__ = [
     "weekday_numbers",
 ]
 
-# Emails are stored lower-cased, so both register and login compare that form.
-Email = Annotated[EmailStr, AfterValidator(str.lower)]
+def _normalise_email(value: Any) -> Any:
+    # NFKC folds fullwidth and other compatibility forms onto their plain letters, so
+    # "ａsha@x.com" and "asha@x.com" are one account.
+    return unicodedata.normalize("NFKC", value).strip() if isinstance(value, str) else value
+
+
+def _script(char: str) -> str | None:
+    # The first word of a letter's Unicode name is its script ("LATIN", "CYRILLIC", "GREEK").
+    if not char.isalpha():
+        return None
+    return unicodedata.name(char, "UNKNOWN").split(" ", 1)[0]
+
+
+def _single_script_local_part(value: str) -> str:
+    local = value.rsplit("@", 1)[0]
+    scripts = {s for s in map(_script, local) if s is not None}
+    if len(scripts) > 1:
+        # "ashа" with a Cyrillic "а" looks like "asha": refuse the mix instead of a look-alike account.
+        raise ValueError("the part before @ mixes letters of different scripts "
+                         f"({', '.join(sorted(scripts))}); use one script")
+    return value.lower()
+
+
+# Emails are normalised (NFKC) and stored lower-cased, so register and login compare that form.
+Email = Annotated[EmailStr, BeforeValidator(_normalise_email), AfterValidator(_single_script_local_part)]
 Password = Annotated[str, Field(min_length=8, max_length=128, repr=False)]
+
+
+def refuse_weak_password(password: str, email: str | None, loc: str = "password") -> None:
+    """Raise ValueError for one of the commonest passwords, or one made of the email."""
+    folded = password.strip().lower()
+    if folded in COMMON_PASSWORDS:
+        raise ValueError(f"{loc} is one of the most common passwords; choose another")
+    if email:
+        local = email.rsplit("@", 1)[0].lower()
+        if folded in (email.lower(), local) or (len(local) >= 4 and local in folded and len(folded) - len(local) < 4):
+            raise ValueError(f"{loc} must not be your email address")
 PersonName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
 
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
@@ -112,6 +151,11 @@ class RegisterRequest(_SecretRequest):
     password: Password
     name: PersonName
 
+    @model_validator(mode="after")
+    def _check_password(self) -> Self:
+        refuse_weak_password(self.password, self.email)
+        return self
+
 
 class LoginRequest(_SecretRequest):
     """Exchange email and password for a token (data model §4.2)."""
@@ -119,6 +163,25 @@ class LoginRequest(_SecretRequest):
     email: Email
     # No minimum beyond non-empty: the stored hash decides, not the length rule.
     password: str = Field(min_length=1, max_length=128, repr=False)
+
+
+class PasswordChangeRequest(_SecretRequest):
+    """Change the caller's password; every session issued before is revoked."""
+
+    current_password: str = Field(min_length=1, max_length=128, repr=False)
+    new_password: Password
+
+    @model_validator(mode="after")
+    def _check_password(self) -> Self:
+        refuse_weak_password(self.new_password, None, "new_password")
+        return self
+
+
+class DeleteAccountRequest(_SecretRequest):
+    """Delete the caller's account: confirm with the password; square_off sells open positions first."""
+
+    password: str = Field(min_length=1, max_length=128, repr=False)
+    square_off: bool = Field(default=False, strict=True)
 
 
 class UserOut(_Response):
@@ -193,6 +256,9 @@ class StrategyCreateRequest(_Request):
     quantity: Quantity
     repeat: Repeat = Field("once", description="`trading_days`: run again on every trading day until stopped.")
     weekdays: Weekdays | None = Field(None, description="With `trading_days`: only these days of the week.")
+    allow_stop_loss_above_price: bool = Field(
+        default=False, strict=True,
+        description="Accept a stop_loss at or above the last price (it fires right after the BUY).")
 
     @model_validator(mode="after")
     def _check_times(self) -> Self:
@@ -229,6 +295,9 @@ class StartStrategyRequest(_Request):
     """Start a strategy (data model §4.5)."""
 
     strategy_id: UUID
+    allow_stop_loss_above_price: bool = Field(
+        default=False, strict=True,
+        description="Accept a stop_loss at or above the last price (it fires right after the BUY).")
 
 
 class StopStrategyRequest(_Request):
@@ -258,13 +327,23 @@ class StrategyOut(_Response):
 
 
 class StatusResponse(_Response):
-    """Live status of a strategy (data model §4.7), with the day it trades and whether it needs a login."""
+    """Live status of a strategy (data model §4.7): the day it trades, whether it needs a login, and money.
+
+    Prices and P&L come from confirmed fills (the broker's average prices),
+    never from requested prices; unrealized P&L marks an open position to the
+    last traded price.
+    """
 
     status: StrategyStatus
     position: Position
     last_action: LastAction | None = None
     last_price: float | None = None
     timestamp: datetime
+    entry_average_price: float | None = Field(None, description="Average fill price of the run's BUY.")
+    exit_average_price: float | None = Field(None, description="Average fill price of the run's exit.")
+    filled_quantity: int | None = Field(None, description="Shares bought by the run's filled BUY.")
+    realized_pnl: float | None = Field(None, description="(exit - entry) x quantity once exited, in rupees.")
+    unrealized_pnl: float | None = Field(None, description="(last price - entry) x quantity while bought.")
     trading_day: date | None = Field(None, description="The day the current (or last) run trades.")
     next_buy_at: datetime | None = Field(None, description="When the running run buys, if it has not yet.")
     next_sell_at: datetime | None = Field(None, description="When the running run sells, if it holds or will.")
@@ -300,6 +379,13 @@ class KillSwitchOut(_Response):
     squaring_off: int
 
 
+class RunChangeOut(StatusResponse):
+    """Answer of start and stop: the status, whether this call changed anything, and what happened."""
+
+    changed: bool
+    reason: str
+
+
 class OrderLogOut(_Response):
     """One row of a strategy's order log."""
 
@@ -313,6 +399,17 @@ class OrderLogOut(_Response):
     trading_day: date | None = None
     broker_order_id: str | None = None
     tag: str | None = None
+
+
+# The commonest passwords of at least 8 characters (public breach lists); refused at registration.
+COMMON_PASSWORDS = frozenset("""
+password 12345678 123456789 1234567890 password1 password123 11111111 00000000 12341234 87654321
+qwertyuiop qwerty123 qwerty12 1q2w3e4r 1qaz2wsx zaq12wsx iloveyou sunshine princess football baseball
+welcome1 welcome123 abc12345 abcd1234 trustno1 superman letmein1 passw0rd p@ssw0rd p@ssword admin123
+administrator changeme 123123123 11223344 q1w2e3r4 asdfghjk asdfasdf qwertyui 88888888 99999999
+66666666 55555555 22222222 12121212 123qweasd qweasdzxc computer internet starwars whatever
+dragon12 michael1 jennifer charlie1 monkey123 shadow12 master12 killer12 freedom1 mustang1
+""".split())
 
 
 # --- errors -------------------------------------------------------------------
@@ -335,8 +432,9 @@ def error_details(error: ValidationError) -> list[dict[str, Any]]:
     """Return a ValidationError as JSON-safe `details`: loc, msg and type of each problem.
 
     Inputs are left out on purpose: they may be passwords or broker secrets.
+    Messages are plain language (`libs.schema.models.messages`): what a person reads next to the field.
     """
     return [
-        {"loc": list(item["loc"]), "msg": item["msg"], "type": item["type"]}
-        for item in error.errors(include_url=False, include_context=False, include_input=False)
+        {"loc": list(item["loc"]), "msg": plain_message(dict(item)), "type": item["type"]}
+        for item in error.errors(include_url=False, include_context=True, include_input=False)
     ]
