@@ -14,7 +14,7 @@ most once, because:
    `skipped` with a log row and never reaches the broker.
 3. Deterministic tags: every order carries `order_tag(strategy, run, day,
    entry|exit)`; SELL, STOPLOSS and square-off share the exit tag, so one run
-   has at most one live exit order.
+   has at most one live exit order (see 6 for exits that partly fill).
 4. Tag lookup when in doubt: before any entry order, on every retry or
    redelivered entry, and after any ambiguous failure (timeout, 5xx, reset)
    the day's order book is searched for the tag; a live or filled order found
@@ -26,7 +26,22 @@ most once, because:
 5. Fill before state: order history is polled until COMPLETE / REJECTED /
    CANCELLED before `position` changes; an unconfirmed fill is ambiguous and
    retried through the tag lookup.
-6. Ack last: the runtime update, its control message, the order-log row and
+6. Held quantity: exits sell the shares held, never the configured quantity.
+   `runtime.filled_quantity` is written in the same commit as `position`
+   from the broker's confirmed fills (an entry that ends CANCELLED/REJECTED
+   after a partial fill is `bought` with what filled). The exit tag stays one
+   per run (a per-attempt tag would need a counter that Redis can lose); an
+   exit that partly fills and ends keeps `bought` with the remainder, and its
+   retry looks first: one order book read gives the entry tag's fills minus
+   the fills of every ended order under the exit tag. A live exit order is
+   confirmed, never placed beside; only when every exit order has ended is
+   the remainder placed, so the shares sold sum to at most the shares bought,
+   whatever crashed or was redelivered in between (under the lock, and the
+   book is read after the last order under the tag ended). An ambiguous send
+   is searched among the exit orders not in that read. The first plain exit
+   skips the read (stop-loss latency) only while no exit was ever attempted
+   (the exit marker, set with its rate-limit slot), when nothing was sold.
+7. Ack last: the runtime update, its control message, the order-log row and
    any follow-up ABORT are one Lua commit; the entry is acked in that commit,
    or (when the run ended) right after the run is unloaded. A crash anywhere
    before the ack redelivers the entry, and 1-5 make the redelivery harmless;

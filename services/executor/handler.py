@@ -48,7 +48,7 @@ from services.executor.credentials import CredentialStore, CredentialsUnavailabl
 from services.executor.halt import OperatorHalt
 from services.executor.notices import outcome_notice
 from services.executor.outcome import Outcome, skipped
-from services.executor.placement import COMPLETE, OrderPlacer, OrderResult
+from services.executor.placement import COMPLETE, TERMINAL, OrderPlacer, OrderResult, filled_quantity
 from services.executor.ratelimit import RateLimitTimeout
 from services.executor.settings import ExecutorSettings
 from services.executor.state import Held, OrderState
@@ -208,9 +208,10 @@ class OrderHandler:
         sid = str(event.strategy_id)
         config = self._config(sid, held.raw_config)
         exit_attempted = held.exit_attempted
-        position = RuntimeState.from_redis_hash(held.runtime).position
+        runtime = RuntimeState.from_redis_hash(held.runtime)
+        position = runtime.position
         if isinstance(event, AbortEvent):
-            return self.abort_run(event, config, position, log), config
+            return self.abort_run(event, config, position, log, runtime.filled_quantity), config
         kind = event.retry_of if isinstance(event, RetryEvent) else event.event_type
         if config is not None and config.run_id != event.run_id and isinstance(event, BuyEvent | SellEvent):
             raise Refused(f"{kind.value} names run {event.run_id}, but the loaded run is {config.run_id}")
@@ -248,7 +249,7 @@ class OrderHandler:
             if out is not None:
                 return out, config
             lookup = True
-        return await self.place(event, kind, config, lookup, log, held), config
+        return await self.place(event, kind, config, lookup, log, held, runtime.filled_quantity), config
 
     def _check_provenance(self, event: Event, kind: EventType, config: StrategyConfig, held: Held) -> None:
         """Raise Refused unless the event is what the run's schedule, listener or user asked for.
@@ -307,7 +308,7 @@ class OrderHandler:
             return self.retry_or_abort(event, kind, {"event": event.model_dump(mode="json")},
                                        {"error": str(error), "while": "checking the entry order"}, None, log)
         cancelled = None
-        if entry is not None and entry.get("status") != COMPLETE and kind == EventType.SELL:
+        if entry is not None and entry.get("status") not in TERMINAL and kind == EventType.SELL:
             # The entry is still live (an ambiguous BUY not filled yet). Unloading now would
             # leave a later fill with no SELL and no stop-loss: cancel it first, and exit
             # instead if it filled meanwhile.
@@ -320,8 +321,11 @@ class OrderHandler:
                                            {"error": str(error), "while": "cancelling the open entry order",
                                             "entry_order": entry.get("order_id")}, None, log)
             entry, cancelled = ended.broker_order, ended.order_id
-        if entry is not None and entry.get("status") == COMPLETE:
-            log.warning("runtime lost a filled entry; exiting per the broker", entry_order=entry.get("order_id"))
+        if entry is not None and (entry.get("status") == COMPLETE
+                                  or (entry.get("status") in TERMINAL and filled_quantity(entry) > 0)):
+            # A dead entry that partly filled holds shares too: the exit sells what the book shows.
+            log.warning("runtime lost a filled entry; exiting per the broker", entry_order=entry.get("order_id"),
+                        filled_quantity=filled_quantity(entry))
             return None
         if entry is None and kind == EventType.SELL and await self.state.entry_pending(str(config.strategy_id),
                                                                                      config.run_id):
@@ -352,11 +356,16 @@ class OrderHandler:
                        retry=(retry, int(time.time() * 1000 + ENTRY_WAIT_S * 1000)))
 
     async def place(self, event: Event, kind: EventType, config: StrategyConfig, lookup: bool, log: Any,
-                    held: Held | None = None) -> Outcome:
-        """Place (or find) the order of this event and turn the result into an outcome."""
+                    held: Held | None = None, held_quantity: int | None = None) -> Outcome:
+        """Place (or find) the order of this event and turn the result into an outcome.
+
+        An exit sells `held_quantity` (runtime's count of shares held; the config's
+        quantity for a run from before it was kept), or what the book shows when it looks first.
+        """
         tag = order_tag(config.strategy_id, config.run_id, event.trading_day, intent_of(kind.value))
         side = TransactionType.BUY if kind == EventType.BUY else TransactionType.SELL
-        order = BrokerOrder(symbol=config.symbol, quantity=config.quantity, transaction_type=side,
+        quantity = config.quantity if kind == EventType.BUY or not held_quantity else held_quantity
+        order = BrokerOrder(symbol=config.symbol, quantity=quantity, transaction_type=side,
                             exchange=config.exchange, product=config.product, tag=tag)
         request: dict[str, Any] = {"order": order.model_dump(mode="json"), "attempt": event.attempt}
         if isinstance(event, RetryEvent):
@@ -367,10 +376,15 @@ class OrderHandler:
             # An exit marks its attempt (with its rate-limit slot, right before sending).
             mark = None if kind == EventType.BUY else \
                 (keys.exit_attempt_key(config.strategy_id, config.run_id), EXIT_ATTEMPT_TTL_S)
-            result = await self.placer.execute(creds, order, lookup_first=lookup, accept_dead=kind == EventType.BUY,
-                                               mark=mark, slot_taken=held is not None
-                                               and held.slot_fp == creds.api_key_fp,
-                                               guard=held.ensure_held if held is not None else None)
+            slot_taken = held is not None and held.slot_fp == creds.api_key_fp
+            guard = held.ensure_held if held is not None else None
+            if kind == EventType.BUY:
+                result = await self.placer.execute(creds, order, lookup_first=lookup, accept_dead=True,
+                                                   slot_taken=slot_taken, guard=guard)
+            else:
+                entry_tag = order_tag(config.strategy_id, config.run_id, event.trading_day, "entry")
+                result = await self.placer.execute_exit(creds, order, entry_tag=entry_tag, lookup_first=lookup,
+                                                        mark=mark, slot_taken=slot_taken, guard=guard)
         except AccountChanged as error:
             return self.account_changed(event, request, str(error), tag, log)
         except CredentialsUnavailable as error:
@@ -387,8 +401,15 @@ class OrderHandler:
         except RateLimitTimeout as error:
             return self.retry_or_abort(event, kind, request, {"error": str(error)}, tag, log)
         log = log.bind(order_id=result.order_id)
-        if result.filled:
+        if kind != EventType.BUY and result.broker_order.get("quantity"):
+            # An exit that looked first sent what the book showed held, not runtime's count.
+            request["order"]["quantity"] = int(result.broker_order["quantity"])
+        if kind == EventType.BUY and (result.filled or result.partially_filled):
             return self.filled(event, kind, config, request, result, log)
+        if kind != EventType.BUY and result.remaining == 0:
+            return self.filled(event, kind, config, request, result, log)
+        if kind != EventType.BUY and result.filled_quantity > 0:
+            return self.exit_partly_filled(event, kind, config, request, result, log)
         if kind == EventType.BUY:
             return self.fail_run(event, config, request, result.payload(), tag, result.order_id,
                                  f"entry order {result.status}: {result.status_message}", log)
@@ -401,17 +422,24 @@ class OrderHandler:
         """Record a confirmed fill: new position, control message, and the run's end on an exit."""
         now = datetime.now(UTC)
         if kind == EventType.BUY:
+            # What the broker filled is held, even if the rest was cancelled or rejected.
             position = Position.bought
             fields = RuntimeState.hash_fields(position=position, last_buy_order=result.order_id,
-                                              last_price=result.average_price, last_action="BUY", updated_at=now)
+                                              last_price=result.average_price, last_action="BUY", updated_at=now,
+                                              filled_quantity=filled_quantity(result.broker_order))
         else:
             position = Position.exited_by_sl if kind == EventType.STOPLOSS else Position.sold
             fields = RuntimeState.hash_fields(position=position, last_sell_order=result.order_id,
                                               last_price=result.average_price, last_action=kind.value,
-                                              updated_at=now)
+                                              updated_at=now, filled_quantity=0)
         control = ControlMessage(action="position", strategy_id=config.strategy_id, symbol=config.symbol,
                                  stop_loss=config.stop_loss, position=position, run_id=config.run_id)
-        out = Outcome(OrderLogStatus.success, request, result.payload(), tag=result.broker_order.get("tag")
+        response = result.payload()
+        if kind == EventType.BUY and result.partially_filled:
+            response.update(partial_fill=True, requested_quantity=request["order"]["quantity"])
+            log.warning("entry partly filled; holding what filled", status=result.status,
+                        requested_quantity=request["order"]["quantity"], filled_quantity=result.filled_quantity)
+        out = Outcome(OrderLogStatus.success, request, response, tag=result.broker_order.get("tag")
                       or request["order"]["tag"], order_id=result.order_id, runtime=fields, control=control)
         if kind != EventType.BUY:
             out.unload = config
@@ -420,6 +448,20 @@ class OrderHandler:
         # Logged once, with the outcome, by finish() ("event handled"): one line per event.
         out.extra_log = {"position": position.value, "price": result.average_price,
                          "found_by_tag": result.found_by_tag}
+        return out
+
+    def exit_partly_filled(self, event: Event, kind: EventType, config: StrategyConfig, request: dict[str, Any],
+                           result: OrderResult, log: Any) -> Outcome:
+        """Keep `bought` with the shares still held, and retry the exit for them (looked up first)."""
+        remaining = result.remaining or 0
+        log.error("exit order partly filled; retrying for the remainder", status=result.status,
+                  filled_quantity=result.filled_quantity, remaining=remaining)
+        response = {**result.payload(), "partial_fill": True, "remaining_quantity": remaining}
+        out = self.retry_or_abort(event, kind, request, response, result.broker_order.get("tag"), log)
+        out.order_id = result.order_id
+        # Same commit as the row: the count held follows the broker's fills, position stays bought.
+        out.runtime = RuntimeState.hash_fields(position=Position.bought, filled_quantity=remaining,
+                                               last_sell_order=result.order_id, updated_at=datetime.now(UTC))
         return out
 
     def fail_run(self, event: Event, config: StrategyConfig, request: dict[str, Any], response: dict[str, Any],
@@ -477,7 +519,8 @@ class OrderHandler:
         return AbortEvent(strategy_id=event.strategy_id, run_id=event.run_id, trading_day=event.trading_day,
                           attempt=event.attempt, reason=reason[:500], metadata=metadata)
 
-    def abort_run(self, event: AbortEvent, config: StrategyConfig | None, position: Position, log: Any) -> Outcome:
+    def abort_run(self, event: AbortEvent, config: StrategyConfig | None, position: Position, log: Any,
+                  held_quantity: int | None = None) -> Outcome:
         """Fail the run: unload it (if still loaded) and record why, loudly."""
         metrics.ABORTS.labels(kind="abort_event").inc()
         out = Outcome(OrderLogStatus.failed, {"event": event.model_dump(mode="json")}, {"aborted": event.reason},
@@ -487,7 +530,7 @@ class OrderHandler:
             out.unload = config
             if position == Position.bought:
                 log.error("run aborted with the position still open: a human must square it off in Kite",
-                          symbol=config.symbol, quantity=config.quantity, reason=event.reason)
+                          symbol=config.symbol, quantity=held_quantity or config.quantity, reason=event.reason)
         log.error("strategy run aborted", reason=event.reason)
         return out
 

@@ -11,6 +11,13 @@ that follows looks the tag up again rather than placing twice. The price
 recorded is the broker's average over the order's fills (several trades
 when the order walked the depth), never a requested or last price, along
 with the quantity actually filled.
+
+Exits sell what is held, never the configured quantity: an entry or exit
+may end CANCELLED/REJECTED after a partial fill. An exit that must look
+first reads the run's entry and exit orders from one order book: a live exit
+is confirmed (never placed beside); otherwise the remainder, the entry fills
+minus the fills of every ended exit under the shared exit tag, is placed, if
+any is left (see `services.executor` for why this sells each share once).
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from libs.broker.kite import BrokerError, BrokerErrorKind
@@ -44,6 +51,7 @@ class OrderResult:
     found_by_tag: bool
     broker_order: dict[str, Any]
     filled_quantity: int = 0
+    remaining: int | None = None  # an exit's: shares still held after it, per the broker's fills
 
     @property
     def filled(self) -> bool:
@@ -61,6 +69,33 @@ class OrderResult:
                 "status_message": self.status_message, "found_by_tag": self.found_by_tag,
                 "quantity": order.get("quantity"), "filled_quantity": self.filled_quantity,
                 "order_timestamp": str(order.get("order_timestamp") or "") or None}
+
+
+def filled_quantity(order: dict[str, Any]) -> int:
+    """Return the shares an order filled (a COMPLETE order without the field filled all it asked)."""
+    filled = int(order.get("filled_quantity") or 0)
+    if not filled and order.get("status") == COMPLETE:
+        return int(order.get("quantity") or 0)
+    return filled
+
+
+@dataclass(frozen=True)
+class ExitBook:
+    """What one order book says about a run's exit."""
+
+    entry_filled: int  # fills of every order under the entry tag
+    exit_filled: int  # fills of every ended order under the exit tag
+    live: dict[str, Any] | None  # an exit order still working, if any
+    last_filled: dict[str, Any] | None  # the latest ended exit order that filled some
+    known: frozenset[str]  # ids of the orders already under the exit tag
+
+    def held(self, hint: int) -> int:
+        """Return the shares held before any live exit fills (`hint`, runtime's, if the book shows no entry fill)."""
+        return max(0, (self.entry_filled or hint) - self.exit_filled)
+
+
+def _tagged(order: dict[str, Any], tag: str) -> bool:
+    return order.get("tag") == tag or tag in (order.get("tags") or [])
 
 
 def result_of(order_id: str, order: dict[str, Any], *, found_by_tag: bool) -> OrderResult:
@@ -91,12 +126,84 @@ class OrderPlacer:
         entry: its rejection is the answer); such an exit may be placed again
         under the same tag.
         """
-        tagged = [o for o in await self.broker.orders(creds.api_key, creds.access_token)
-                  if o.get("tag") == tag or tag in (o.get("tags") or [])]
+        tagged = [o for o in await self.broker.orders(creds.api_key, creds.access_token) if _tagged(o, tag)]
         live = [o for o in tagged if o.get("status") not in DEAD or int(o.get("filled_quantity") or 0) > 0]
         if live:
             return live[-1]
         return tagged[-1] if tagged and accept_dead else None
+
+    async def exit_book(self, creds: KiteCredentials, entry_tag: str, exit_tag: str) -> ExitBook:
+        """Read the run's entry and exit orders from one order book."""
+        book = await self.broker.orders(creds.api_key, creds.access_token)
+        exits = [o for o in book if _tagged(o, exit_tag)]
+        ended = [o for o in exits if o.get("status") in TERMINAL]
+        live = [o for o in exits if o.get("status") not in TERMINAL]
+        filled = [o for o in ended if filled_quantity(o) > 0]
+        return ExitBook(entry_filled=sum(filled_quantity(o) for o in book if _tagged(o, entry_tag)),
+                        exit_filled=sum(filled_quantity(o) for o in ended), live=live[-1] if live else None,
+                        last_filled=filled[-1] if filled else None,
+                        known=frozenset(str(o["order_id"]) for o in exits))
+
+    async def execute_exit(self, creds: KiteCredentials, order: BrokerOrder, *, entry_tag: str,
+                           lookup_first: bool, mark: tuple[str, int] | None = None, slot_taken: bool = False,
+                           guard: Callable[[], None] | None = None) -> OrderResult:
+        """Sell what is held (`order.quantity` is runtime's count) and return the result with `remaining`.
+
+        With `lookup_first` the book decides: a live exit is confirmed; else the
+        remainder is placed, or, if nothing is left, the last filled exit is the result.
+        """
+        started = time.perf_counter()
+        held, known = order.quantity, frozenset[str]()
+        if lookup_first:
+            book = await self.exit_book(creds, entry_tag, order.tag)
+            held, known = book.held(order.quantity), book.known
+            if book.live is not None:
+                result = await self.confirm(creds, str(book.live["order_id"]), found_by_tag=True)
+                return replace(result, remaining=max(0, held - result.filled_quantity))
+            if held == 0:
+                if book.last_filled is None:
+                    raise BrokerError(BrokerErrorKind.FINAL, "nothing held to sell per the broker's fills")
+                result = result_of(str(book.last_filled["order_id"]), book.last_filled, found_by_tag=True)
+                return replace(result, remaining=0)
+            order = order.model_copy(update={"quantity": held})
+        order_id, found = await self._send(creds, order, mark=mark, slot_taken=slot_taken and not lookup_first,
+                                           guard=guard, known=known)
+        result = await self.confirm(creds, order_id, found_by_tag=found)
+        metrics.ORDER_LATENCY.observe(time.perf_counter() - started)
+        return replace(result, remaining=max(0, held - result.filled_quantity))
+
+    async def _send(self, creds: KiteCredentials, order: BrokerOrder, *, mark: tuple[str, int] | None,
+                    slot_taken: bool, guard: Callable[[], None] | None, accept_dead: bool = False,
+                    known: frozenset[str] | None = None) -> tuple[str, bool]:
+        """Place the order; after an ambiguous failure find it by tag. Return (order id, found by tag).
+
+        `known`: ids already under the tag before sending (an exit's earlier legs),
+        which the search after a failure must not mistake for this order.
+        """
+        if slot_taken:
+            metrics.RATE_WAIT.observe(0.0)
+        else:
+            await self.limiter.acquire(creds.api_key_fp, mark=mark)
+        if guard is not None:
+            guard()
+        try:
+            return await self.broker.place_market_order(
+                creds.api_key, creds.access_token, symbol=order.symbol, exchange=order.exchange,
+                transaction_type=order.transaction_type.value, quantity=order.quantity,
+                product=order.product, tag=order.tag), False
+        except BrokerError as error:
+            if error.kind not in (BrokerErrorKind.RETRYABLE, BrokerErrorKind.AMBIGUOUS):
+                raise
+            # The order may be in the book although we never heard back.
+            if known is None:
+                existing = await self.find_by_tag(creds, order.tag, accept_dead=accept_dead)
+            else:
+                fresh = [o for o in await self.broker.orders(creds.api_key, creds.access_token)
+                         if _tagged(o, order.tag) and str(o["order_id"]) not in known]
+                existing = fresh[-1] if fresh else None
+            if existing is None:
+                raise
+            return str(existing["order_id"]), True
 
     async def execute(self, creds: KiteCredentials, order: BrokerOrder, *, lookup_first: bool,
                       accept_dead: bool, mark: tuple[str, int] | None = None,
@@ -113,26 +220,8 @@ class OrderPlacer:
         if existing is not None:
             order_id, found = str(existing["order_id"]), True
         else:
-            if slot_taken and not lookup_first:
-                metrics.RATE_WAIT.observe(0.0)
-            else:
-                await self.limiter.acquire(creds.api_key_fp, mark=mark)
-            if guard is not None:
-                guard()
-            try:
-                order_id = await self.broker.place_market_order(
-                    creds.api_key, creds.access_token, symbol=order.symbol, exchange=order.exchange,
-                    transaction_type=order.transaction_type.value, quantity=order.quantity,
-                    product=order.product, tag=order.tag)
-                found = False
-            except BrokerError as error:
-                if error.kind not in (BrokerErrorKind.RETRYABLE, BrokerErrorKind.AMBIGUOUS):
-                    raise
-                # The order may be in the book although we never heard back.
-                existing = await self.find_by_tag(creds, order.tag, accept_dead=accept_dead)
-                if existing is None:
-                    raise
-                order_id, found = str(existing["order_id"]), True
+            order_id, found = await self._send(creds, order, mark=mark, slot_taken=slot_taken and not lookup_first,
+                                               guard=guard, accept_dead=accept_dead)
         result = await self.confirm(creds, order_id, found_by_tag=found)
         metrics.ORDER_LATENCY.observe(time.perf_counter() - started)
         return result

@@ -2,9 +2,12 @@
 
 Redis is not the last guard (appendfsync everysec can lose a second of
 writes, a flush loses everything), so at start and whenever Redis lost state
-the executor asks the broker, the truth about execution, before consuming:
-entry COMPLETE -> bought; exit COMPLETE -> exited_by_sl/sold and the run is
-unloaded with an `exited` log row; nothing filled -> none. Each change goes
+the executor asks the broker, the truth about execution, before consuming.
+Shares held = fills of the entry tag's orders minus fills of the exit tag's
+(an order that ended CANCELLED/REJECTED after a partial fill counts what
+filled): some held -> bought with `filled_quantity` = that; entry filled and
+nothing left -> exited_by_sl/sold and the run is unloaded with an `exited`
+log row; nothing filled -> none. Each change goes
 out with its `position` control message in the same step. Running strategies
 come from Postgres when it answers, otherwise from the loaded `strategy:*`
 configs (Postgres down must not stop trading). Each strategy is rebuilt under
@@ -47,7 +50,7 @@ from libs.trading.tags import order_tag
 from services.executor import metrics
 from services.executor.credentials import CredentialStore, CredentialsUnavailable
 from services.executor.handler import EXIT_ATTEMPT_TTL_S
-from services.executor.placement import COMPLETE
+from services.executor.placement import COMPLETE, TERMINAL, filled_quantity
 from services.executor.state import CONTROL_MAXLEN, LockTimeout, OrderState
 
 RECONCILE_STREAM = "reconcile"  # namespace of row ids written by reconciliation
@@ -178,9 +181,11 @@ class Reconciler:
     async def _strategy(self, config: StrategyConfig, by_tag: dict[str, list[dict[str, Any]]]) -> int:
         sid = str(config.strategy_id)
         plan = plan_run(config, self.calendar, datetime.fromisoformat(config.run_id))
-        entry = _filled(by_tag.get(order_tag(sid, config.run_id, plan.trading_day, "entry"), []))
+        entries = by_tag.get(order_tag(sid, config.run_id, plan.trading_day, "entry"), [])
         exits = by_tag.get(order_tag(sid, config.run_id, plan.trading_day, "exit"), [])
-        exit_ = _filled(exits)
+        bought, sold = _fills(entries), _fills(exits)
+        entry = _filled(entries)
+        exit_ = _filled(exits) if sold and sold >= bought else None
         if exits and exit_ is None:
             # An exit was sent but has not filled: whoever exits next must look it up first.
             await self.redis.set(keys.exit_attempt_key(sid, config.run_id), "1", ex=EXIT_ATTEMPT_TTL_S)
@@ -194,11 +199,13 @@ class Reconciler:
             await self._exited(config, plan, exit_, position, now)
             return 1
         if entry is not None:
-            if current.position == Position.bought and current.last_buy_order == entry["order_id"]:
+            held = bought - sold
+            if (current.position == Position.bought and current.last_buy_order == entry["order_id"]
+                    and current.filled_quantity == held):
                 return 0
             fields = RuntimeState.hash_fields(position=Position.bought, last_buy_order=entry["order_id"],
                                               last_price=entry.get("average_price") or None, last_action="BUY",
-                                              updated_at=now)
+                                              updated_at=now, filled_quantity=held)
         else:
             if current.position == Position.none:
                 return 0
@@ -212,7 +219,7 @@ class Reconciler:
                              run_id=config.run_id)
             return 0
         self.log.warning("runtime rebuilt from the broker", strategy_id=sid, position=fields["position"],
-                         was=current.position.value)
+                         was=current.position.value, filled_quantity=fields.get("filled_quantity"))
         return 1
 
     async def _exited(self, config: StrategyConfig, plan: Any, order: dict[str, Any], position: Position,
@@ -222,8 +229,9 @@ class Reconciler:
         row = OrderLogRow(
             id=order_log_id(RECONCILE_STREAM, str(order["order_id"])), strategy_id=config.strategy_id,
             user_id=config.user_id, event_type=kind, request_payload={"reconciled": True},
-            response_payload={"order_id": order["order_id"], "status": COMPLETE,
-                              "average_price": order.get("average_price"), "found_by_tag": True},
+            response_payload={"order_id": order["order_id"], "status": order.get("status") or COMPLETE,
+                              "average_price": order.get("average_price"), "found_by_tag": True,
+                              "filled_quantity": filled_quantity(order)},
             status=OrderLogStatus.success, trading_day=plan.trading_day, broker_order_id=str(order["order_id"]),
             tag=order.get("tag"), created_at=now, run_id=config.run_id, strategy_status="exited")
         loaded = await self._exited_script(
@@ -247,6 +255,11 @@ def _position_message(config: StrategyConfig, position: Position) -> ControlMess
 
 
 def _filled(orders: list[dict[str, Any]]) -> dict[str, Any] | None:
-    done = [o for o in orders if o.get("status") == COMPLETE]
+    """Return the latest order that filled some (COMPLETE, or ended after a partial fill)."""
+    done = [o for o in orders if o.get("status") in TERMINAL and filled_quantity(o) > 0]
     return done[-1] if done else None
+
+
+def _fills(orders: list[dict[str, Any]]) -> int:
+    return sum(filled_quantity(o) for o in orders)
 

@@ -184,10 +184,16 @@ class AdminApi:
 
     @admin_endpoint
     async def set_liquidity(self, request: web.Request) -> Any:
-        """Change how fills happen: {"slippage_bps", "depth_quantity"} (either; /sim/reset restores both)."""
+        """Change how fills happen: {"slippage_bps", "depth_quantity", "cancel_unfilled_market"} (any; /sim/reset
+        restores all). `cancel_unfilled_market`: the exchange cancels what a MARKET order cannot fill at once.
+        """
         body = await read_json(request) or {}
-        if not isinstance(body, dict) or set(body) - {"slippage_bps", "depth_quantity"}:
-            raise AdminError(400, "expected a JSON object with slippage_bps and/or depth_quantity")
+        if not isinstance(body, dict) or set(body) - {"slippage_bps", "depth_quantity", "cancel_unfilled_market"}:
+            raise AdminError(400, "expected a JSON object with slippage_bps, depth_quantity and/or "
+                                  "cancel_unfilled_market")
+        cancel_rest = body.get("cancel_unfilled_market", self.book.cancel_unfilled_market)
+        if not isinstance(cancel_rest, bool):
+            raise AdminError(400, "cancel_unfilled_market must be true or false")
         try:
             slippage = float(body.get("slippage_bps", self.book.slippage * 10_000))
             depth = int(body.get("depth_quantity", self.book.liquidity.depth_quantity))
@@ -196,7 +202,8 @@ class AdminApi:
         if not 0 <= slippage <= 1000 or depth < 1:
             raise AdminError(400, "slippage_bps must be within 0..1000 and depth_quantity at least 1")
         self.book.slippage, self.book.liquidity.depth_quantity = slippage / 10_000, depth
-        log.info("liquidity set", slippage_bps=slippage, depth_quantity=depth)
+        self.book.cancel_unfilled_market = cancel_rest
+        log.info("liquidity set", slippage_bps=slippage, depth_quantity=depth, cancel_unfilled_market=cancel_rest)
         return self._liquidity()
 
     @admin_endpoint
@@ -206,7 +213,8 @@ class AdminApi:
 
     def _liquidity(self) -> dict[str, Any]:
         return {"slippage_bps": round(self.book.slippage * 10_000, 6),
-                "depth_quantity": self.book.liquidity.depth_quantity}
+                "depth_quantity": self.book.liquidity.depth_quantity,
+                "cancel_unfilled_market": self.book.cancel_unfilled_market}
 
     @admin_endpoint
     async def set_faults(self, request: web.Request) -> Any:

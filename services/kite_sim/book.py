@@ -172,6 +172,9 @@ class Book:
         self.open_limits: dict[int, dict[str, Order]] = {}  # resting LIMIT (and triggered SL) orders
         self.triggers: dict[int, dict[str, Order]] = {}  # SL / SL-M orders in TRIGGER PENDING
         self.working: dict[str, Order] = {}  # MARKET orders waiting for liquidity to finish filling
+        # When set, the exchange cancels what a MARKET order cannot fill from the displayed
+        # depth at once (as Kite's market protection does) instead of waiting for refills.
+        self.cancel_unfilled_market = False
         # A tuple, not a list: wiring, not state (a state file that saves the book's containers skips it).
         self.order_listeners: tuple[OrderListener, ...] = ()
         # Ids keep counting across resets so that an id is never reused in one process.
@@ -190,6 +193,7 @@ class Book:
         self.working.clear()
         self.liquidity.reset()
         self.slippage, self.liquidity.depth_quantity = self._defaults
+        self.cancel_unfilled_market = False
 
     def add_order_listener(self, listener: OrderListener) -> None:
         """Call `listener(order, status)` on every order update (OPEN, UPDATE, COMPLETE, ...)."""
@@ -391,15 +395,21 @@ class Book:
         self._take(order, None if market else order.price_paise)
         if order.status != OPEN:
             return
-        if market:
+        if market and self.cancel_unfilled_market:
+            self._cancel_rest(order, "market protection: the unfilled quantity was cancelled by the exchange")
+        elif market:
             self.working[order.order_id] = order
         elif order.validity == "IOC":
-            order.cancelled_quantity = order.quantity - order.filled_quantity
-            order.transition(CANCELLED, self.now(), "IOC order cancelled: no match" if not order.filled_quantity
-                             else "IOC order partially filled; the rest is cancelled")
-            self._announce(order, CANCELLED)
+            self._cancel_rest(order, "IOC order cancelled: no match" if not order.filled_quantity
+                              else "IOC order partially filled; the rest is cancelled")
         else:
             self.open_limits.setdefault(order.instrument.instrument_token, {})[order.order_id] = order
+
+    def _cancel_rest(self, order: Order, message: str) -> None:
+        """End an OPEN order as the exchange would: what filled stays filled, the rest is cancelled."""
+        order.cancelled_quantity = order.quantity - order.filled_quantity
+        order.transition(CANCELLED, self.now(), message)
+        self._announce(order, CANCELLED)
 
     def _continue_market(self, order: Order) -> None:
         self._take(order, None)

@@ -1,4 +1,4 @@
-"""Runtime rebuilt from the broker (start, FLUSHALL, restart) and the shared order-rate limit."""
+"""Runtime rebuilt from the broker (start, FLUSHALL, restart, partial fills) and the shared order-rate limit."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from deploy.local.procs import RedisServer
 from libs.broker.kite_rest import KiteOrderClient
 from libs.schema import keys
-from libs.schema.models import ControlMessage, Position, StrategyConfig, StrategyStatus
+from libs.schema.models import ControlMessage, Position, RuntimeState, StrategyConfig, StrategyStatus
 from libs.trading.runs import load_run, plan_run, run_id_for
 from services.executor.credentials import CredentialStore
 from services.executor.reconcile import Reconciler
@@ -37,13 +37,13 @@ from tests.support.kite_sim import SimAdmin
 pytestmark = pytest.mark.timeout(60)
 
 
-async def place_at_broker(sim: SimAdmin, run: Run, intent: str, side: str) -> str:
+async def place_at_broker(sim: SimAdmin, run: Run, intent: str, side: str, quantity: int = 1) -> str:
     """Place an order with the run's tag directly, as an executor that then lost Redis would have."""
     broker = KiteOrderClient(sim.base_url)
     try:
         return await broker.place_market_order(run.account.api_key, run.account.access_token, symbol="INFY",
-                                               exchange="NSE", transaction_type=side, quantity=1, product="MIS",
-                                               tag=run.tag(intent))
+                                                exchange="NSE", transaction_type=side, quantity=quantity,
+                                                product="MIS", tag=run.tag(intent))
     finally:
         await broker.aclose()
 
@@ -69,6 +69,52 @@ async def test_start_rebuilds_runtime_and_ends_runs_already_exited(redis: Redis,
         await eventually(lambda: _logs(engine, holding, 1))
     assert len(broker_orders(sim, holding.tag("entry"))) == 1
     assert (await order_logs(engine, holding))[0].status.value == "skipped"
+
+
+async def test_start_rebuilds_the_shares_held_from_partial_fills_and_the_exit_sells_them(
+        redis: Redis, engine: AsyncEngine, sim: SimAdmin, settings) -> None:
+    run = await start_run(engine, redis, await new_account(sim, engine, redis), quantity=8)
+    sim.set_liquidity(depth_quantity=1, cancel_unfilled_market=True)  # five shares a side, the rest cancelled
+    sim.ticks(("INFY", 1500.0))
+    await place_at_broker(sim, run, "entry", "BUY", quantity=8)  # fills 5, then CANCELLED
+    sim.set_liquidity(depth_quantity=500, cancel_unfilled_market=False)
+    await place_at_broker(sim, run, "exit", "SELL", quantity=3)
+    await eventually(lambda: [o["status"] for o in broker_orders(sim, run.tag("exit"))] == ["COMPLETE"])
+    async with running_executor(settings):
+        state = await runtime(redis, run)
+        assert (state.position, state.filled_quantity) == (Position.bought, 2)  # 5 bought - 3 sold
+        await enqueue(redis, run.sell())
+        await eventually(lambda: _logs(engine, run, 1))
+    sells = [(o["quantity"], o["status"], o["filled_quantity"]) for o in broker_orders(sim, run.tag("exit"))]
+    assert sells == [(3, "COMPLETE", 3), (2, "COMPLETE", 2)]
+    assert [o["filled_quantity"] for o in broker_orders(sim, run.tag("entry"))] == [5]
+    assert not await redis.exists(keys.strategy_key(run.sid))
+
+
+async def test_a_stale_runtime_after_a_partly_filled_exit_never_sells_twice(
+        redis: Redis, engine: AsyncEngine, sim: SimAdmin, settings) -> None:
+    run = await start_run(engine, redis, await new_account(sim, engine, redis), quantity=8)
+    sim.ticks(("INFY", 1500.0))
+    async with running_executor(settings):
+        await place_at_broker(sim, run, "entry", "BUY", quantity=8)
+        # An executor sent the exit (marking it), the exchange filled 5 and cancelled 3, and the
+        # executor died before its commit: runtime still says 8 held.
+        sim.set_liquidity(depth_quantity=1, cancel_unfilled_market=True)
+        await redis.set(keys.exit_attempt_key(run.sid, run.config.run_id), "1", ex=3600)
+        await place_at_broker(sim, run, "exit", "SELL", quantity=8)
+        sim.set_liquidity(depth_quantity=500, cancel_unfilled_market=False)
+        await redis.hset(keys.runtime_key(run.sid), mapping=RuntimeState.hash_fields(
+            position=Position.bought, filled_quantity=8, updated_at=datetime.now(UTC)))
+        await enqueue(redis, run.sell())
+
+        async def logged() -> list:
+            return await order_logs(engine, run)
+
+        rows = await eventually(logged, timeout=20)
+    sells = [(o["quantity"], o["status"], o["filled_quantity"]) for o in broker_orders(sim, run.tag("exit"))]
+    assert sells == [(8, "CANCELLED", 5), (3, "COMPLETE", 3)]
+    assert rows[0].status.value == "success" and rows[0].request_payload["order"]["quantity"] == 3
+    assert not await redis.exists(keys.strategy_key(run.sid))
 
 
 async def test_flushall_rebuilds_runtime_from_the_broker_without_a_second_buy(

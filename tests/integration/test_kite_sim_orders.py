@@ -290,6 +290,16 @@ def test_a_market_order_larger_than_the_depth_walks_it_and_completes(kite: KiteC
     assert position["quantity"] == 400 and position["buy_price"] == pytest.approx(vwap(trades), abs=1e-3)
 
 
+def test_market_protection_cancels_what_the_depth_cannot_fill(kite: KiteConnect, admin: SimAdmin) -> None:
+    admin.set_liquidity(depth_quantity=1, cancel_unfilled_market=True)  # five levels of one share
+    admin.ticks(("RELIANCE", 2450.00))
+    order_id = place(kite, "RELIANCE", "BUY", 8, "MARKET")
+    state = last_state(kite, order_id)
+    assert (state["status"], state["filled_quantity"], state["cancelled_quantity"]) == ("CANCELLED", 5, 3)
+    (position,) = kite.positions()["net"]
+    assert position["quantity"] == 5
+
+
 def test_a_limit_order_rests_partly_filled_and_fills_on_later_ticks(kite: KiteConnect, admin: SimAdmin) -> None:
     admin.set_liquidity(depth_quantity=20)
     admin.ticks(("INFY", 1500.00))
@@ -432,10 +442,12 @@ def test_postbacks_carry_kites_checksum_and_never_delay_orders(sim_url: str, adm
 def test_admin_refuses_a_postback_url_that_is_not_http_and_bad_liquidity(admin: SimAdmin) -> None:
     with pytest.raises(SimError, match="postback_url"):
         admin.create_account(postback_url="ftp://example.com/x")
-    for bad in ({"depth_quantity": 0}, {"slippage_bps": -1}, {"slippage_bps": "lots"}, {"spread": 1}):
+    for bad in ({"depth_quantity": 0}, {"slippage_bps": -1}, {"slippage_bps": "lots"}, {"spread": 1},
+                {"cancel_unfilled_market": "yes"}):
         with pytest.raises(SimError, match="400"):
             admin.set_liquidity(**bad)
-    assert admin.set_liquidity(slippage_bps=25) == {"slippage_bps": 25, "depth_quantity": 500}
+    assert admin.set_liquidity(slippage_bps=25) == {"slippage_bps": 25, "depth_quantity": 500,
+                                                    "cancel_unfilled_market": False}
 
 
 # every route answers Kite's envelope -------------------------------------------------------------

@@ -75,6 +75,9 @@ class RuntimeState(BaseModel):
     lock_state: LockState = LockState.free
     updated_at: UtcDatetime | None = None
     last_action: LastAction | None = None
+    # Shares held per the broker's confirmed fills (entry fills minus exit fills); written
+    # with `position`. Absent on runs from before it existed: the config's quantity is held.
+    filled_quantity: int | None = Field(default=None, ge=0)
 
     def to_redis_hash(self) -> dict[str, str]:
         """Return the hash fields as strings, leaving out None values."""
