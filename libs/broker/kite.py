@@ -208,3 +208,20 @@ class KiteGateway:
             for kite in self._clients.values():
                 kite.reqsession.close()
             self._clients.clear()
+
+
+def filled_quantity(order: dict[str, Any]) -> int:
+    """Return the shares an order filled (a COMPLETE order without the field filled all it asked).
+
+    A CANCELLED or REJECTED order may have filled part of its quantity first:
+    those shares are held all the same.
+    """
+    filled = int(order.get("filled_quantity") or 0)
+    if not filled and order.get("status") == "COMPLETE":
+        return int(order.get("quantity") or 0)
+    return filled
+
+
+def carries_tag(order: dict[str, Any], tag: str) -> bool:
+    """Tell whether a broker order carries `tag` (Kite answers `tag`, and `tags` on newer accounts)."""
+    return order.get("tag") == tag or tag in (order.get("tags") or [])

@@ -26,7 +26,7 @@ import structlog
 from aiohttp import web
 from redis.asyncio import Redis
 
-from libs.broker.kite import BrokerError, BrokerErrorKind
+from libs.broker.kite import BrokerError, BrokerErrorKind, carries_tag, filled_quantity
 from libs.schema import keys
 from libs.schema.codec import dumps
 from libs.schema.models import (
@@ -271,16 +271,20 @@ async def _square_off_ended_run(app: web.Application, user_id: UUID, row: Strate
         raise broker_unavailable(exc) from None
     entry, exit_ = _last_tagged(book, entry_tag), _last_tagged(book, exit_tag)
     details = {"entry_tag": entry_tag, "exit_tag": exit_tag}
-    if entry is None or entry.get("status") in _DEAD_ORDER:
-        return row, False, "no position to square off: the run's entry order never filled"
-    if entry.get("status") != "COMPLETE":
+    if entry is not None and entry.get("status") not in _ENDED_ORDER:
         raise ApiError(409, "entry_order_open", f"the run's entry order {entry.get('order_id')} is still open "
                        "at the broker: cancel it in Kite (and sell whatever filled)", details)
-    if exit_ is not None and exit_.get("status") == "COMPLETE":
-        return row, False, "no position to square off: the run's exit order already filled"
-    if exit_ is not None and exit_.get("status") not in _DEAD_ORDER:
+    if exit_ is not None and exit_.get("status") not in _ENDED_ORDER:
         raise ApiError(409, "exit_order_open", f"the run's exit order {exit_.get('order_id')} is still open at "
                        "the broker: wait for it, or check it in Kite", details)
+    # Fills decide, not statuses: an entry cancelled after a partial fill still
+    # left shares, and an exit cancelled after one still sold some.
+    bought = sum(filled_quantity(o) for o in book if carries_tag(o, entry_tag))
+    sold = sum(filled_quantity(o) for o in book if carries_tag(o, exit_tag))
+    if bought == 0:
+        return row, False, "no position to square off: the run's entry order never filled"
+    if sold >= bought:
+        return row, False, "no position to square off: the run's exit order already filled"
     broker_row = None
     async with app[READS]() as session:
         broker_row = await session.get(BrokerCredential, user_id)
@@ -306,13 +310,13 @@ async def _square_off_ended_run(app: web.Application, user_id: UUID, row: Strate
                        "the exit order is being placed")
 
 
-_DEAD_ORDER = frozenset({"REJECTED", "CANCELLED"})
+_ENDED_ORDER = frozenset({"COMPLETE", "REJECTED", "CANCELLED"})
 
 
 def _last_tagged(book: list[dict], tag: str) -> dict | None:
     found = None
     for order in book:
-        if order.get("tag") == tag or tag in (order.get("tags") or []):
+        if carries_tag(order, tag):
             found = order
     return found
 

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from libs.broker.kite import BrokerError, BrokerErrorKind
+from libs.broker.kite import BrokerError, BrokerErrorKind, carries_tag, filled_quantity
 from libs.broker.kite_rest import KiteOrderClient
 from libs.schema.models import BrokerOrder
 from services.executor import metrics
@@ -71,14 +71,6 @@ class OrderResult:
                 "order_timestamp": str(order.get("order_timestamp") or "") or None}
 
 
-def filled_quantity(order: dict[str, Any]) -> int:
-    """Return the shares an order filled (a COMPLETE order without the field filled all it asked)."""
-    filled = int(order.get("filled_quantity") or 0)
-    if not filled and order.get("status") == COMPLETE:
-        return int(order.get("quantity") or 0)
-    return filled
-
-
 @dataclass(frozen=True)
 class ExitBook:
     """What one order book says about a run's exit."""
@@ -92,10 +84,6 @@ class ExitBook:
     def held(self, hint: int) -> int:
         """Return the shares held before any live exit fills (`hint`, runtime's, if the book shows no entry fill)."""
         return max(0, (self.entry_filled or hint) - self.exit_filled)
-
-
-def _tagged(order: dict[str, Any], tag: str) -> bool:
-    return order.get("tag") == tag or tag in (order.get("tags") or [])
 
 
 def result_of(order_id: str, order: dict[str, Any], *, found_by_tag: bool) -> OrderResult:
@@ -126,7 +114,7 @@ class OrderPlacer:
         entry: its rejection is the answer); such an exit may be placed again
         under the same tag.
         """
-        tagged = [o for o in await self.broker.orders(creds.api_key, creds.access_token) if _tagged(o, tag)]
+        tagged = [o for o in await self.broker.orders(creds.api_key, creds.access_token) if carries_tag(o, tag)]
         live = [o for o in tagged if o.get("status") not in DEAD or int(o.get("filled_quantity") or 0) > 0]
         if live:
             return live[-1]
@@ -135,11 +123,11 @@ class OrderPlacer:
     async def exit_book(self, creds: KiteCredentials, entry_tag: str, exit_tag: str) -> ExitBook:
         """Read the run's entry and exit orders from one order book."""
         book = await self.broker.orders(creds.api_key, creds.access_token)
-        exits = [o for o in book if _tagged(o, exit_tag)]
+        exits = [o for o in book if carries_tag(o, exit_tag)]
         ended = [o for o in exits if o.get("status") in TERMINAL]
         live = [o for o in exits if o.get("status") not in TERMINAL]
         filled = [o for o in ended if filled_quantity(o) > 0]
-        return ExitBook(entry_filled=sum(filled_quantity(o) for o in book if _tagged(o, entry_tag)),
+        return ExitBook(entry_filled=sum(filled_quantity(o) for o in book if carries_tag(o, entry_tag)),
                         exit_filled=sum(filled_quantity(o) for o in ended), live=live[-1] if live else None,
                         last_filled=filled[-1] if filled else None,
                         known=frozenset(str(o["order_id"]) for o in exits))
@@ -199,7 +187,7 @@ class OrderPlacer:
                 existing = await self.find_by_tag(creds, order.tag, accept_dead=accept_dead)
             else:
                 fresh = [o for o in await self.broker.orders(creds.api_key, creds.access_token)
-                         if _tagged(o, order.tag) and str(o["order_id"]) not in known]
+                         if carries_tag(o, order.tag) and str(o["order_id"]) not in known]
                 existing = fresh[-1] if fresh else None
             if existing is None:
                 raise

@@ -52,14 +52,17 @@ async def test_rejected_connect_keeps_working_credentials(api: ApiHarness, redis
     await api.strategy(user, buy_time="10:00:00", sell_time="11:00:00")
 
 
-async def test_square_off_of_a_failed_run_exits_the_open_position_exactly_once(api: ApiHarness, redis,
-                                                                               pipeline) -> None:
-    user = await api.connected_user("Held")
+async def _failed_run_left_holding(api: ApiHarness, redis, user, quantity: int = 1) -> tuple[dict, str, str]:
+    """Start a run, let it buy, then fail it the way a refused token at sell time does: position left open.
+
+    Return the strategy and its run's entry and exit tags.
+    """
     now = datetime.now(IST)
     if now.time() > time(23, 58):
         pytest.skip("the run's BUY and SELL must fall on one IST day")
     in_2s, later = now + timedelta(seconds=2), min(now + timedelta(seconds=600), now.replace(hour=23, minute=59, second=59))
-    strategy = await api.strategy(user, buy_time=in_2s.strftime("%H:%M:%S"), sell_time=later.strftime("%H:%M:%S"))
+    strategy = await api.strategy(user, buy_time=in_2s.strftime("%H:%M:%S"), sell_time=later.strftime("%H:%M:%S"),
+                                  quantity=quantity)
     sid = strategy["id"]
     await api.v1("POST", "/strategies/start", {"strategy_id": sid}, user=user, expect=200)
 
@@ -82,7 +85,16 @@ async def test_square_off_of_a_failed_run_exits_the_open_position_exactly_once(a
     await eventually(failed, timeout=20, interval=0.2)
     exit_tag = order_tag(uuid.UUID(sid), config.run_id, abort.trading_day, "exit")
     entry_tag = order_tag(uuid.UUID(sid), config.run_id, abort.trading_day, "entry")
-    assert [o["status"] for o in api.sim.orders(tag=entry_tag)] == ["COMPLETE"] and not api.sim.orders(tag=exit_tag)
+    assert not api.sim.orders(tag=exit_tag)
+    return strategy, entry_tag, exit_tag
+
+
+async def test_square_off_of_a_failed_run_exits_the_open_position_exactly_once(api: ApiHarness, redis,
+                                                                               pipeline) -> None:
+    user = await api.connected_user("Held")
+    strategy, entry_tag, exit_tag = await _failed_run_left_holding(api, redis, user)
+    sid = strategy["id"]
+    assert [o["status"] for o in api.sim.orders(tag=entry_tag)] == ["COMPLETE"]
 
     # Without working credentials: an error saying what to do, never a 200 having done nothing.
     await mark_invalid(api.app, uuid.UUID(user.id))
@@ -107,3 +119,26 @@ async def test_square_off_of_a_failed_run_exits_the_open_position_exactly_once(a
     assert after.body["changed"] is False and "already filled" in after.body["reason"]
     assert after.body["status"] == "failed"
     assert len(api.sim.orders(api_key=user.broker["api_key"])) == 2  # one BUY, one SELL: never a second exit
+
+
+async def test_square_off_of_a_failed_run_sells_what_a_cancelled_entry_filled(api: ApiHarness, redis,
+                                                                               pipeline) -> None:
+    # A thin book: the exchange fills 5 of 8 and cancels the rest. The 5 shares are held all the same.
+    api.sim.set_liquidity(depth_quantity=1, cancel_unfilled_market=True)
+    user = await api.connected_user("PartHeld")
+    strategy, entry_tag, exit_tag = await _failed_run_left_holding(api, redis, user, quantity=8)
+    entry = api.sim.orders(tag=entry_tag)
+    assert [(o["status"], o["filled_quantity"]) for o in entry] == [("CANCELLED", 5)]
+    api.sim.set_liquidity(depth_quantity=100, cancel_unfilled_market=False)
+
+    stop = await api.v1("POST", "/strategies/stop", {"strategy_id": strategy["id"], "square_off": True},
+                        user=user, expect=200)
+    assert stop.body["changed"] is True and "square-off queued" in stop.body["reason"]
+
+    async def sold() -> list:
+        orders = api.sim.orders(tag=exit_tag)
+        assert [o["status"] for o in orders] == ["COMPLETE"]
+        return orders
+
+    sell = (await eventually(sold, timeout=20, interval=0.2))[0]
+    assert (sell["transaction_type"], sell["quantity"]) == ("SELL", 5)  # what filled, never the 8 asked
