@@ -328,6 +328,7 @@ CONTROL_MAXLEN = 100_000
 # ORDER_LOGS_DEAD_STREAM): kept for humans, bounded so a flood cannot fill Redis.
 DEAD_MAXLEN = 100_000
 
+
 def consumer_alive_key(consumer: str) -> str:
     """Return `executor:alive:{consumer}`."""
     # STRING heartbeat of one executor consumer, SET with a PX of a few seconds and

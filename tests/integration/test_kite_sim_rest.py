@@ -208,25 +208,18 @@ def test_reject_fault_shows_rejected_in_history(kite: KiteConnect, admin: SimAdm
     assert kite.positions()["net"] == []
 
 
-def test_burst_429_answers_the_next_n_requests_with_429(kite: KiteConnect, admin: SimAdmin) -> None:
-    admin.set_faults(burst_429=2)
+@pytest.mark.parametrize(("fault", "error", "code"), [("burst_429", NetworkException, 429),
+                                                      ("burst_500", GeneralException, 500)])
+def test_a_burst_answers_exactly_the_next_n_requests_with_its_error(kite: KiteConnect, admin: SimAdmin, fault: str,
+                                                                    error: type[Exception], code: int) -> None:
+    admin.set_faults(**{fault: 2, "routes": ["user"]})
+    assert kite.ltp(["NSE:INFY"])  # another route group: untouched, and the burst not spent
     for _ in range(2):
-        with pytest.raises(NetworkException) as info:
+        with pytest.raises(error) as info:
             kite.profile()
-        assert info.value.code == 429
+        assert info.value.code == code
     assert kite.profile()
-    assert admin.faults()["burst_429"] == 0
-
-
-def test_burst_500_answers_exactly_the_next_n_requests_with_500(kite: KiteConnect, admin: SimAdmin) -> None:
-    admin.set_faults(burst_500=2, routes=["user"])
-    assert kite.ltp(["NSE:INFY"])
-    for _ in range(2):
-        with pytest.raises(GeneralException) as info:
-            kite.profile()
-        assert info.value.code == 500
-    assert kite.profile()
-    assert admin.faults()["burst_500"] == 0
+    assert admin.faults()[fault] == 0
 
 
 def test_admin_orders_filter_by_api_key_and_tag(sim_url: str, admin: SimAdmin, kite: KiteConnect,
