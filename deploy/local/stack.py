@@ -101,8 +101,10 @@ _SPEC = {s.name: s for s in SERVICES}
 class LocalStack:
     """Everything under one run directory (default `.run/`)."""
 
-    def __init__(self, run_dir: Path | None = None, replicas: dict[str, int] | None = None) -> None:
+    def __init__(self, run_dir: Path | None = None, replicas: dict[str, int] | None = None,
+                 workdir: Path = ROOT) -> None:
         self.run_dir = (run_dir or ROOT / ".run").resolve()
+        self.workdir = workdir  # where supervisord and the Python processes start: the checkout
         self.state_file = self.run_dir / "state.json"
         self.logs = self.run_dir / "logs"
         self.supervisor = Supervisor(self.run_dir)
@@ -159,7 +161,7 @@ class LocalStack:
             elif name == "postgres":
                 programs.append(Program("postgres", tuple(pg.command()), ports["postgres"], 1, env=base,
                                         user="postgres" if os.geteuid() == 0 else None, stopsignal="INT",
-                                        stopwaitsecs=60, autorestart="unexpected"))
+                                        stopwaitsecs=60, autorestart="unexpected", directory=pg.data_dir))
             elif name == "kite_sim":
                 # --state-file: paper accounts, tokens and orders survive restarts and `make down`/`make up`.
                 programs.append(Program(name, (sys.executable, "-m", "services.kite_sim", "--port", str(ports[name]),
@@ -268,7 +270,7 @@ class LocalStack:
         state["programs"] = names
         self._save(state)
         conf = render_config(self.run_dir, self.supervisor.socket, self._programs(state, self._ordered(names)),
-                             ROOT)
+                             self.workdir)
         _write_private(self.supervisor.conf, conf)
         if self.supervisor.running():
             self.supervisor.update()

@@ -49,6 +49,9 @@ class Program:
     stopsignal: str = "TERM"
     stopwaitsecs: int = 20
     autorestart: str = "true"  # "unexpected": not after a clean exit (0), e.g. `pg_ctl stop`
+    # Where it starts; None: the checkout. A program run as another user needs a
+    # directory that user can enter: a checkout under /root is not one.
+    directory: Path | None = None
 
 
 def _quote(value: str) -> str:
@@ -73,7 +76,8 @@ def render_config(run_dir: Path, socket_path: Path, programs: list[Program], wor
     ]
     for p in programs:
         out += [
-            f"[program:{p.name}]", "command=" + " ".join(_arg(a) for a in p.command), f"directory={workdir}",
+            f"[program:{p.name}]", "command=" + " ".join(_arg(a) for a in p.command),
+            f"directory={p.directory or workdir}",
             "autostart=false", f"autorestart={p.autorestart}", "exitcodes=0", "startsecs=1", f"startretries={RESTART_FOREVER}",
             f"priority={p.priority}", f"stopsignal={p.stopsignal}", f"stopwaitsecs={p.stopwaitsecs}",
             "stopasgroup=true", "killasgroup=true", "redirect_stderr=true",

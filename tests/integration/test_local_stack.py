@@ -235,7 +235,9 @@ def test_postgres_starts_from_a_checkout_under_a_private_parent_as_root(tmp_path
     private = tmp_path / "home"
     private.mkdir()
     os.chmod(private, 0o700)  # like /root: the postgres user cannot traverse it
-    stack = LocalStack(private / "tickwise" / ".run")
+    # The checkout itself is private too: supervisord starts its programs there,
+    # and the postgres user could not even chdir into it.
+    stack = LocalStack(private / "tickwise" / ".run", workdir=private / "tickwise")
     try:
         env = stack.up(services=())
         data_dir = stack.postgres().data_dir
