@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install system-deps test test-fast lint fuzz up down status demo bench chaos clean
+.PHONY: screenshots install system-deps test test-fast lint fuzz up down status demo bench chaos clean
 
 install: system-deps $(STAMP)
 
@@ -20,6 +20,9 @@ $(STAMP): requirements.lock pyproject.toml
 
 test: install
 	$(PY) -m pytest tests -q
+
+screenshots: install
+	TICKWISE_SCREENSHOTS=$(CURDIR)/docs/screenshots $(PY) -m pytest tests/e2e/test_dashboard.py -q -k story
 
 lint: install
 	$(PY) -m ruff check .

@@ -1,10 +1,13 @@
 """The dashboard at `/`, driven in headless Chromium (Playwright) like a person would.
 
-The story test also writes the README's screenshots to docs/screenshots/.
+The story test also takes the README's screenshots: into a temporary folder,
+or into docs/screenshots/ with `make screenshots` (TICKWISE_SCREENSHOTS set),
+so an ordinary test run leaves the checkout as it was.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from uuid import uuid4
@@ -16,7 +19,6 @@ from playwright.async_api import Browser, Page, expect
 from tests.e2e.browser import PageErrors, new_page
 from tests.e2e.harness import Stack, Trader, ist_clock
 
-SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
 PASSWORD = "pass-word-123"
 
 
@@ -38,9 +40,15 @@ async def fill_strategy(page: Page, symbol: str, stop_loss: str, quantity: str, 
     await form.locator("input[name=quantity]").fill(quantity)
 
 
+@pytest.fixture
+def screenshots(tmp_path: Path) -> Path:
+    """Where the story's screenshots go: docs/screenshots/ only when asked for."""
+    return Path(os.environ["TICKWISE_SCREENSHOTS"]) if os.environ.get("TICKWISE_SCREENSHOTS") else tmp_path
+
+
 @pytest.mark.timeout(120)
 async def test_trader_story_live_in_the_browser(e2e_stack: Stack, http: aiohttp.ClientSession,
-                                                browser: Browser) -> None:
+                                                browser: Browser, screenshots: Path) -> None:
     trader = Trader(http, e2e_stack)
     errors = PageErrors()
     page = await new_page(browser, errors)
@@ -74,7 +82,7 @@ async def test_trader_story_live_in_the_browser(e2e_stack: Stack, http: aiohttp.
     await expect(page.locator("#sl-warn")).to_contain_text(f"Stop-loss ₹900.00 is at or above the current price {shown}")
     await page.click("#create button[type=submit]")
     await expect(page.locator("#create label:has(input[name=quantity]) .field-err")).to_have_text("must be at least 1")
-    await page.screenshot(path=str(SCREENSHOTS / "strategy-form.png"))
+    await page.screenshot(path=str(screenshots / "strategy-form.png"))
     text = await page.inner_text("body")
     assert "Input should" not in text and "Value error" not in text
     await page.fill("#create input[name=stop_loss]", "760")
@@ -130,7 +138,7 @@ async def test_trader_story_live_in_the_browser(e2e_stack: Stack, http: aiohttp.
 
     await tata.locator("button", has_text="Orders").click()
     await expect(page.locator("#rows > tr.log")).to_contain_text("Stop-loss exit")
-    await page.screenshot(path=str(SCREENSHOTS / "dashboard.png"), full_page=True)
+    await page.screenshot(path=str(screenshots / "dashboard.png"), full_page=True)
 
     # Notifications: the webhook's signing secret is shown once, right after saving.
     await page.fill("#notify input[name=webhook_url]", "http://127.0.0.1:9/tickwise-hook")
@@ -143,7 +151,7 @@ async def test_trader_story_live_in_the_browser(e2e_stack: Stack, http: aiohttp.
     await docs.goto(e2e_stack.api_url + "/docs")
     await expect(docs.locator(".swagger-ui .info .title")).to_contain_text("Tickwise API")
     await expect(docs.locator(".opblock-summary-path", has_text="/api/v1/positions")).to_be_visible()
-    await docs.screenshot(path=str(SCREENSHOTS / "api-reference.png"))
+    await docs.screenshot(path=str(screenshots / "api-reference.png"))
     assert errors.items == []
 
 
