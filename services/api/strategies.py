@@ -67,8 +67,20 @@ def check_times(app: web.Application, buy_time: time, sell_time: time) -> None:
 
 
 async def last_price(app: web.Application, creds: Credentials, symbol: str) -> tuple[float, str] | None:
-    """Return the last price of an NSE symbol and where it came from (the listener's, else the broker's)."""
-    raw = await app[REDIS].get(keys.price_key(symbol))
+    """Return the last price of an NSE symbol and where it came from (the listener's, else the broker's).
+
+    The listener's `price:{SYM}` is fresh only while it watches the symbol (some
+    running strategy is on it); otherwise it is whatever it last saw, maybe days
+    old, so the broker is asked instead.
+    """
+    redis = app[REDIS]
+    async with redis.pipeline(transaction=False) as pipe:
+        for partition in range(keys.partition_count()):
+            pipe.scard(keys.symbol_strategies_key(symbol, partition))
+        pipe.get(keys.price_key(symbol))
+        *watchers, raw = await pipe.execute()
+    if not any(watchers):
+        raw = None
     try:
         price = float(raw) if raw is not None else None
     except ValueError:

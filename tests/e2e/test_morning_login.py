@@ -73,6 +73,7 @@ async def test_morning_login_clears_the_flag_and_the_buy_goes_out(e2e_stack: Sta
 
 
 async def test_a_trader_who_never_logs_in_gets_one_abort_and_no_order(trader: Trader) -> None:
+    await trader.tick("TCS", 3500)  # the session's simulator keeps other tests' prices: set this test's market
     sid = await trader.strategy("TCS", buy_in_s=3, sell_in_s=30, stop_loss=3000)
     await trader.sim("POST", f"accounts/{trader.account['api_key']}/expire")
     failed = await eventually(lambda: _status_where(trader, sid, status="failed"), timeout=25, interval=0.2)

@@ -56,6 +56,7 @@ async def _position(trader: Trader, sid: str, position: str) -> bool:
 
 
 async def test_user_stops_a_strategy_before_its_buy(trader: Trader) -> None:
+    await trader.tick("TCS", 3500)  # the session's simulator keeps other tests' prices: set this test's market
     sid = await trader.strategy("TCS", buy_in_s=4, sell_in_s=8, stop_loss=3000)
     stopped = await trader.call("POST", "/strategies/stop", {"strategy_id": sid})
     assert stopped["status"] == "stopped"

@@ -162,8 +162,8 @@ async def test_every_script_runs_on_a_cluster(rc: RedisCluster, same_partition: 
 
     # Reconciliation from the broker: runtime + control, then row + control.
     reconciler = Reconciler(rc, None, None, None, state, CAL, pg_timeout_s=1)
-    entry = {"order_id": "1", "status": "COMPLETE", "average_price": 1500.0,
-             "tag": order_tag(sid, config.run_id, plan.trading_day, "entry")}
+    entry = {"order_id": "1", "status": "COMPLETE", "average_price": 1500.0, "quantity": config.quantity,
+             "filled_quantity": config.quantity, "tag": order_tag(sid, config.run_id, plan.trading_day, "entry")}
     await rc.hset(keys.runtime_key(sid), "position", Position.none.value)
     assert await reconciler._strategy(config, {entry["tag"]: [entry]}) == 1
     exit_ = {**entry, "order_id": "2", "tag": order_tag(sid, config.run_id, plan.trading_day, "exit")}

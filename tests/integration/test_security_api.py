@@ -52,6 +52,10 @@ async def test_stop_loss_at_or_above_the_last_price_is_refused_unless_asked_for(
     # At start too, against the listener's price when it has one (the price moved up to the stop).
     low = await api.v1("POST", "/strategies", body | {"stop_loss": 1450}, user=user, expect=201)
     await redis.set(keys.price_key("INFY"), "1440.5")
+    # Nobody watches INFY, so the listener's price is stale: the broker's (1500) decides.
+    stale = await api.v1("POST", "/strategies", body | {"stop_loss": 1450}, user=user, expect=201)
+    assert stale.body["stop_loss"] == 1450
+    await redis.sadd(keys.symbol_strategies_key("INFY", 0), "another-running-strategy")  # now it is watched
     started = await api.v1("POST", "/strategies/start", {"strategy_id": low.body["id"]}, user=user)
     assert started.status == 422 and started.body["error"]["details"][0]["price_source"] == "market feed"
     await api.v1("POST", "/strategies/start", {"strategy_id": low.body["id"], "allow_stop_loss_above_price": True},
