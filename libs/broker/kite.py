@@ -210,6 +210,10 @@ class KiteGateway:
             self._clients.clear()
 
 
+# Kite's final order statuses: nothing more will fill.
+TERMINAL = frozenset({"COMPLETE", "REJECTED", "CANCELLED"})
+
+
 def filled_quantity(order: dict[str, Any]) -> int:
     """Return the shares an order filled (a COMPLETE order without the field filled all it asked).
 

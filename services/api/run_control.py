@@ -26,7 +26,7 @@ import structlog
 from aiohttp import web
 from redis.asyncio import Redis
 
-from libs.broker.kite import BrokerError, BrokerErrorKind, carries_tag, filled_quantity
+from libs.broker.kite import TERMINAL, BrokerError, BrokerErrorKind, carries_tag, filled_quantity
 from libs.schema import keys
 from libs.schema.codec import dumps
 from libs.schema.models import (
@@ -271,10 +271,10 @@ async def _square_off_ended_run(app: web.Application, user_id: UUID, row: Strate
         raise broker_unavailable(exc) from None
     entry, exit_ = _last_tagged(book, entry_tag), _last_tagged(book, exit_tag)
     details = {"entry_tag": entry_tag, "exit_tag": exit_tag}
-    if entry is not None and entry.get("status") not in _ENDED_ORDER:
+    if entry is not None and entry.get("status") not in TERMINAL:
         raise ApiError(409, "entry_order_open", f"the run's entry order {entry.get('order_id')} is still open "
                        "at the broker: cancel it in Kite (and sell whatever filled)", details)
-    if exit_ is not None and exit_.get("status") not in _ENDED_ORDER:
+    if exit_ is not None and exit_.get("status") not in TERMINAL:
         raise ApiError(409, "exit_order_open", f"the run's exit order {exit_.get('order_id')} is still open at "
                        "the broker: wait for it, or check it in Kite", details)
     # Fills decide, not statuses: an entry cancelled after a partial fill still
@@ -308,9 +308,6 @@ async def _square_off_ended_run(app: web.Application, user_id: UUID, row: Strate
                 run_id=config.run_id, status=row.status.value, exit_tag=exit_tag)
     return row, True, (f"square-off queued: the run ({row.status.value}) left its position open at the broker; "
                        "the exit order is being placed")
-
-
-_ENDED_ORDER = frozenset({"COMPLETE", "REJECTED", "CANCELLED"})
 
 
 def _last_tagged(book: list[dict], tag: str) -> dict | None:

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from libs.broker.kite import BrokerError, BrokerErrorKind, carries_tag, filled_quantity
+from libs.broker.kite import TERMINAL, BrokerError, BrokerErrorKind, carries_tag, filled_quantity
 from libs.broker.kite_rest import KiteOrderClient
 from libs.schema.models import BrokerOrder
 from services.executor import metrics
@@ -36,7 +36,6 @@ from services.executor.credentials import KiteCredentials
 from services.executor.ratelimit import OrderRateLimiter
 
 COMPLETE, REJECTED, CANCELLED = "COMPLETE", "REJECTED", "CANCELLED"
-TERMINAL = frozenset({COMPLETE, REJECTED, CANCELLED})
 DEAD = frozenset({REJECTED, CANCELLED})
 
 
