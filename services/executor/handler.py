@@ -1,16 +1,17 @@
 """Handle one `queue:orders` entry: lock, state machine, broker, one commit.
 
 Per entry: dead-letter it if malformed or delivered too often; otherwise take
-the strategy's lock, decide (skip, place/confirm, retry, fail, abort), write
-the outcome with one commit script (runtime + control + log row + ack), and
-for a run that ended, unload it before acking. See `services.executor` for
-the delivery contract this implements.
+the strategy's lock (which reads the run's snapshot), let
+`services.executor.decide` decide (refuse, skip, place/confirm, abort; on the
+rare paths it asks for the broker's entry order first), do the I/O it asks
+for, build the outcome (`services.executor.outcome`: retry, fail, abort),
+write it with one commit script (runtime + control + log row + ack), and for
+a run that ended, unload it before acking. See `services.executor` for the
+delivery contract this implements.
 """
 
 from __future__ import annotations
 
-import random
-import time
 from collections.abc import Iterable
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -18,24 +19,18 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from libs.broker.kite import BrokerError, api_key_fingerprint, filled_quantity
+from libs.broker.kite import BrokerError, api_key_fingerprint
 from libs.schema import keys
 from libs.schema.codec import dumps
 from libs.schema.models import (
     AbortEvent,
     BrokerOrder,
-    ControlMessage,
     Event,
     EventType,
-    LastAction,
     MalformedEvent,
     OrderLogStatus,
-    Position,
     RetryEvent,
-    RuntimeState,
-    StoplossEvent,
     StrategyConfig,
-    StrategyStatus,
     TransactionType,
     event_to_json,
     parse_event,
@@ -44,28 +39,26 @@ from libs.service.logging import get_logger
 from libs.trading.calendar import MarketCalendar
 from libs.trading.runs import plan_run, schedule_event, unload_run
 from libs.trading.tags import intent_of, order_tag
-from libs.trading.tokens import SESSION_EXPIRED_REASON, mirror_expired
+from libs.trading.tokens import mirror_expired
 from services.executor import metrics
+from services.executor import outcome as outcomes
 from services.executor.credentials import CredentialStore, CredentialsUnavailable, KiteCredentials
 from services.executor.decide import (
     Action,
-    Decision,
     EntryOrder,
     Failure,
     Settlement,
     Snapshot,
     broker_failure,
     decide,
-    exit_status,
-    give_up_reason,
     kind_of,
     runtime_of,
     settle,
 )
 from services.executor.halt import OperatorHalt
 from services.executor.notices import outcome_notice
-from services.executor.outcome import Outcome, skipped
-from services.executor.placement import OrderPlacer, OrderResult
+from services.executor.outcome import Outcome
+from services.executor.placement import OrderPlacer
 from services.executor.ratelimit import RateLimitTimeout
 from services.executor.settings import ExecutorSettings
 from services.executor.state import Held, OrderState
@@ -83,7 +76,6 @@ class Refused(Exception):
 
 
 CONFIG_CACHE_MAX = 100_000
-ENTRY_WAIT_S = 1.0  # an exit waiting for its run's pending entry looks again this often
 DECIDE_STEPS_MAX = 5  # decide() asks for each fact at most once: a bound, never reached
 LATE_ENTRY = "checking a late entry order"
 
@@ -152,7 +144,7 @@ class OrderHandler:
             kind = kind_of(event)
             intent = intent_of(kind.value)
             tag = order_tag(event.strategy_id, event.run_id, event.trading_day, intent)
-            abort = self._abort_event(event, f"{kind.value} event dead-lettered ({reason}); position may be open "
+            abort = outcomes.abort_event(event, f"{kind.value} event dead-lettered ({reason}); position may be open "
                                              f"(its {intent} order {tag} may be at the broker): check Kite and "
                                              f"square off by hand if a position is held")
         aborted = await self.state.dead_letter(
@@ -242,28 +234,30 @@ class OrderHandler:
                                 entry_order=snap.entry.order and snap.entry.order.get("order_id"))
                 return await self.place(event, kind, config, decision.lookup, log, held, held_quantity), config
             if action is Action.SKIP:
-                return await self._skip(event, decision, config, log), config
+                if decision.clear_stoploss_marker:
+                    await self.redis.delete(keys.stoploss_marker_key(event.strategy_id, event.run_id))
+                return outcomes.skip(event, decision, config, log), config
             if action is Action.REFUSE:
                 raise Refused(decision.reason)
             if action is Action.ABORT_RUN:
-                return self.abort_run(event, decision, config, log, held_quantity), config
+                return outcomes.abort_run(event, decision, config, log, held_quantity), config
             if action is Action.WAIT_FOR_ENTRY:
-                return self._wait_for_entry(event, kind, log), config
-            entry_tag = order_tag(config.strategy_id, config.run_id, event.trading_day, "entry")
+                return outcomes.wait_for_entry(event, kind, log), config
             request = {"event": event.model_dump(mode="json")}
             if action is Action.CHECK_ENTRY_PENDING:
                 snap = replace(snap, entry_pending=await self.state.entry_pending(str(config.strategy_id),
                                                                                   config.run_id))
             elif action is Action.LOOK_UP_ENTRY:
+                entry_tag = order_tag(config.strategy_id, config.run_id, event.trading_day, "entry")
                 try:
                     creds = await self._credentials(config, held)
                     entry = await self.placer.find_by_tag(creds, entry_tag, accept_dead=False)
                 except (BrokerError, CredentialsUnavailable) as error:
                     if isinstance(error, AccountChanged) and kind is not EventType.BUY:
-                        return self.account_changed(event, request, str(error), None, log), config
+                        return outcomes.account_changed(event, request, str(error), None, log), config
                     checking = LATE_ENTRY if kind is EventType.BUY else "checking the entry order"
-                    return self.retry_or_abort(event, kind, request, {"error": str(error), "while": checking},
-                                               None, log), config
+                    return self._retry(event, kind, request, {"error": str(error), "while": checking}, None,
+                                       log), config
                 snap = replace(snap, entry=EntryOrder(entry))
             elif action is Action.CANCEL_ENTRY:  # asked only after LOOK_UP_ENTRY found a live entry
                 live = snap.entry.order
@@ -272,35 +266,11 @@ class OrderHandler:
                 try:
                     ended = await self.placer.cancel(creds, live)
                 except BrokerError as error:
-                    return self.retry_or_abort(event, kind, request, {
+                    return self._retry(event, kind, request, {
                         "error": str(error), "while": "cancelling the open entry order",
                         "entry_order": live.get("order_id")}, None, log), config
                 snap = replace(snap, entry=EntryOrder(ended.broker_order, cancelled=ended.order_id))
         raise RuntimeError(f"no decision for {event.event_type.value} after {DECIDE_STEPS_MAX} steps")
-
-    async def _skip(self, event: Event, decision: Decision, config: StrategyConfig | None, log: Any) -> Outcome:
-        """Ack the event with a row, sending nothing (and end the run if the decision says so)."""
-        if decision.clear_stoploss_marker:
-            await self.redis.delete(keys.stoploss_marker_key(event.strategy_id, event.run_id))
-        out = skipped(event, decision.reason, **decision.extra)
-        if decision.unload:
-            out.unload = config
-        out.strategy_status, out.failure_reason = decision.strategy_status, decision.failure_reason
-        if decision.failure_reason is not None:
-            log.error("run ends without trading", reason=decision.failure_reason)
-        return out
-
-    def _wait_for_entry(self, event: Event, kind: EventType, log: Any) -> Outcome:
-        """Schedule this exit again shortly (same attempt: waiting is not a failed try)."""
-        waits = int(event.metadata.get("entry_waits", 0)) + 1
-        retry = RetryEvent(strategy_id=event.strategy_id, run_id=event.run_id, trading_day=event.trading_day,
-                           attempt=event.attempt, retry_of=kind, price=event.price, trigger_time=event.trigger_time,
-                           metadata={**event.metadata, "entry_waits": waits})
-        log.warning("exit waits for its run's pending entry", entry_waits=waits)
-        request = {"event": event.model_dump(mode="json")}
-        return Outcome(OrderLogStatus.skipped, request, {"skipped": "the run's entry is still pending in the queue; "
-                       "waiting for its outcome", "entry_waits": waits},
-                       retry=(retry, int(time.time() * 1000 + ENTRY_WAIT_S * 1000)))
 
     async def place(self, event: Event, kind: EventType, config: StrategyConfig, lookup: bool, log: Any,
                     held: Held | None = None, held_quantity: int | None = None) -> Outcome:
@@ -310,8 +280,8 @@ class OrderHandler:
         quantity for a run from before it was kept), or what the book shows when it looks first.
         """
         tag = order_tag(config.strategy_id, config.run_id, event.trading_day, intent_of(kind.value))
-        side = TransactionType.BUY if kind == EventType.BUY else TransactionType.SELL
-        quantity = config.quantity if kind == EventType.BUY or not held_quantity else held_quantity
+        side = TransactionType.BUY if kind is EventType.BUY else TransactionType.SELL
+        quantity = config.quantity if kind is EventType.BUY or not held_quantity else held_quantity
         order = BrokerOrder(symbol=config.symbol, quantity=quantity, transaction_type=side,
                             exchange=config.exchange, product=config.product, tag=tag)
         request: dict[str, Any] = {"order": order.model_dump(mode="json"), "attempt": event.attempt}
@@ -321,11 +291,11 @@ class OrderHandler:
         try:
             creds = await self._credentials(config, held)
             # An exit marks its attempt (with its rate-limit slot, right before sending).
-            mark = None if kind == EventType.BUY else \
+            mark = None if kind is EventType.BUY else \
                 (keys.exit_attempt_key(config.strategy_id, config.run_id), EXIT_ATTEMPT_TTL_S)
             slot_taken = held is not None and held.slot_fp == creds.api_key_fp
             guard = held.ensure_held if held is not None else None
-            if kind == EventType.BUY:
+            if kind is EventType.BUY:
                 result = await self.placer.execute(creds, order, lookup_first=lookup, accept_dead=True,
                                                    slot_taken=slot_taken, guard=guard)
             else:
@@ -333,149 +303,40 @@ class OrderHandler:
                 result = await self.placer.execute_exit(creds, order, entry_tag=entry_tag, lookup_first=lookup,
                                                         mark=mark, slot_taken=slot_taken, guard=guard)
         except AccountChanged as error:
-            return self.account_changed(event, request, str(error), tag, log)
+            return outcomes.account_changed(event, request, str(error), tag, log)
         except CredentialsUnavailable as error:
-            return self.abort_now(event, request, {"error": str(error)}, tag, log)
+            return outcomes.abort_now(event, request, {"error": str(error)}, tag, log)
         except BrokerError as error:
             failure = broker_failure(kind, error.kind)
             if failure is Failure.AUTH:
                 await mirror_expired(self.redis, config.user_id, creds.token_ct)
-                return self.abort_now(event, request, error.as_payload(), tag, log, auth=True)
+                return outcomes.abort_now(event, request, error.as_payload(), tag, log, auth=True)
             if failure is Failure.ENTRY_REFUSED:
-                return self.fail_run(event, config, request, error.as_payload(), tag, None,
-                                     f"entry order refused: {error.message}", log)
+                return outcomes.fail_run(config, request, error.as_payload(), tag, None,
+                                         f"entry order refused: {error.message}", log)
             log.warning("order attempt failed", error_kind=error.kind.value, error=error.message)
-            return self.retry_or_abort(event, kind, request, error.as_payload(), tag, log)
+            return self._retry(event, kind, request, error.as_payload(), tag, log)
         except RateLimitTimeout as error:
-            return self.retry_or_abort(event, kind, request, {"error": str(error)}, tag, log)
+            return self._retry(event, kind, request, {"error": str(error)}, tag, log)
         log = log.bind(order_id=result.order_id)
         if kind is not EventType.BUY and result.broker_order.get("quantity"):
             # An exit that looked first sent what the book showed held, not runtime's count.
             request["order"]["quantity"] = int(result.broker_order["quantity"])
         settlement = settle(kind, result)
         if settlement is Settlement.FILLED:
-            return self.filled(event, kind, config, request, result, log)
+            return outcomes.filled(event, kind, config, request, result, log)
         if settlement is Settlement.EXIT_PARTLY_FILLED:
-            return self.exit_partly_filled(event, kind, config, request, result, log)
+            return outcomes.exit_partly_filled(event, kind, request, result, self.settings, log)
         if settlement is Settlement.ENTRY_FAILED:
-            return self.fail_run(event, config, request, result.payload(), tag, result.order_id,
-                                 f"entry order {result.status}: {result.status_message}", log)
+            return outcomes.fail_run(config, request, result.payload(), tag, result.order_id,
+                                     f"entry order {result.status}: {result.status_message}", log)
         log.error("exit order not filled; position still open, retrying", status=result.status,
                   status_message=result.status_message)
-        return self.retry_or_abort(event, kind, request, result.payload(), tag, log)
+        return self._retry(event, kind, request, result.payload(), tag, log)
 
-    def filled(self, event: Event, kind: EventType, config: StrategyConfig, request: dict[str, Any],
-               result: OrderResult, log: Any) -> Outcome:
-        """Record a confirmed fill: new position, control message, and the run's end on an exit."""
-        now = datetime.now(UTC)
-        if kind is EventType.BUY:
-            # What the broker filled is held, even if the rest was cancelled or rejected.
-            position = Position.bought
-            fields = RuntimeState.hash_fields(position=position, last_buy_order=result.order_id,
-                                              last_price=result.average_price, last_action=LastAction.BUY,
-                                              updated_at=now,
-                                              filled_quantity=filled_quantity(result.broker_order))
-        else:
-            position = Position.exited_by_sl if kind is EventType.STOPLOSS else Position.sold
-            fields = RuntimeState.hash_fields(position=position, last_sell_order=result.order_id,
-                                              last_price=result.average_price, last_action=kind.value,
-                                              updated_at=now, filled_quantity=0)
-        control = ControlMessage(action="position", strategy_id=config.strategy_id, symbol=config.symbol,
-                                 stop_loss=config.stop_loss, position=position, run_id=config.run_id)
-        response = result.payload()
-        if kind is EventType.BUY and result.partially_filled:
-            response.update(partial_fill=True, requested_quantity=request["order"]["quantity"])
-            log.warning("entry partly filled; holding what filled", status=result.status,
-                        requested_quantity=request["order"]["quantity"], filled_quantity=result.filled_quantity)
-        out = Outcome(OrderLogStatus.success, request, response, tag=result.broker_order.get("tag")
-                      or request["order"]["tag"], order_id=result.order_id, runtime=fields, control=control)
-        if kind is not EventType.BUY:
-            out.unload, out.strategy_status = config, exit_status(event)
-        # Logged once, with the outcome, by finish() ("event handled"): one line per event.
-        out.extra_log = {"position": position.value, "price": result.average_price,
-                         "found_by_tag": result.found_by_tag}
-        return out
-
-    def exit_partly_filled(self, event: Event, kind: EventType, config: StrategyConfig, request: dict[str, Any],
-                           result: OrderResult, log: Any) -> Outcome:
-        """Keep `bought` with the shares still held, and retry the exit for them (looked up first)."""
-        remaining = result.remaining or 0
-        log.error("exit order partly filled; retrying for the remainder", status=result.status,
-                  filled_quantity=result.filled_quantity, remaining=remaining)
-        response = {**result.payload(), "partial_fill": True, "remaining_quantity": remaining}
-        out = self.retry_or_abort(event, kind, request, response, result.broker_order.get("tag"), log)
-        out.order_id = result.order_id
-        # Same commit as the row: the count held follows the broker's fills, position stays bought.
-        out.runtime = RuntimeState.hash_fields(position=Position.bought, filled_quantity=remaining,
-                                               last_sell_order=result.order_id, updated_at=datetime.now(UTC))
-        return out
-
-    def fail_run(self, event: Event, config: StrategyConfig, request: dict[str, Any], response: dict[str, Any],
-                 tag: str | None, order_id: str | None, reason: str, log: Any) -> Outcome:
-        """End the run as failed now (a refused entry: nothing is held)."""
-        metrics.ABORTS.labels(kind="entry_rejected").inc()
-        log.error("strategy failed", reason=reason)
-        return Outcome(OrderLogStatus.failed, request, response, tag=tag, order_id=order_id,
-                       strategy_status=StrategyStatus.failed, failure_reason=reason, unload=config)
-
-    def account_changed(self, event: Event, request: dict[str, Any], reason: str, tag: str | None,
-                        log: Any) -> Outcome:
-        """Queue an ABORT, placing nothing: the run's broker account is not the one in Redis now."""
-        metrics.ABORTS.labels(kind="account_changed").inc()
-        log.error("broker account changed since the run started; nothing placed, aborting the run "
-                  "(any open position is on the old account: a human must square it off there)")
-        return Outcome(OrderLogStatus.failed, request, {"error": reason}, tag=tag,
-                       abort=self._abort_event(event, reason))
-
-    def abort_now(self, event: Event, request: dict[str, Any], response: dict[str, Any], tag: str | None,
-                  log: Any, *, auth: bool = False) -> Outcome:
-        """Queue an ABORT for the run (credentials or, with `auth`, the token refused): retrying cannot help."""
-        detail = response.get('message') or response.get('error')
-        reason = f"{SESSION_EXPIRED_REASON} (broker: {detail})" if auth else \
-            f"broker refused the credentials: {detail}"
-        log.error("broker credentials refused; aborting the run", reason=reason)
-        return Outcome(OrderLogStatus.failed, request, response, tag=tag, abort=self._abort_event(event, reason))
-
-    def retry_or_abort(self, event: Event, kind: EventType, request: dict[str, Any], response: dict[str, Any],
-                       tag: str | None, log: Any) -> Outcome:
-        """Schedule a RETRY with backoff and jitter, or past the limit queue an ABORT."""
-        attempt = event.attempt + 1
-        reason = give_up_reason(kind, event.attempt, self.settings.retry_max_attempts, response)
-        if reason is not None:
-            log.error("retries exhausted; aborting the run", reason=reason)
-            return Outcome(OrderLogStatus.failed, request, {**response, "aborting": True}, tag=tag,
-                           abort=self._abort_event(event, reason))
-        ceiling = min(self.settings.retry_cap_s, self.settings.retry_base_s * 2 ** (event.attempt - 1))
-        delay = random.uniform(ceiling / 2, ceiling)
-        metadata = dict(event.metadata)
-        if isinstance(event, StoplossEvent):
-            metadata["trigger_price"] = event.trigger_price
-        retry = RetryEvent(strategy_id=event.strategy_id, run_id=event.run_id, trading_day=event.trading_day,
-                           attempt=attempt, retry_of=kind, price=event.price, trigger_time=event.trigger_time,
-                           metadata=metadata)
-        metrics.RETRIES.labels(event_type=kind.value).inc()
-        log.warning("retry scheduled", next_attempt=attempt, delay_s=round(delay, 3))
-        return Outcome(OrderLogStatus.failed, request, {**response, "retry_attempt": attempt,
-                       "retry_in_s": round(delay, 3)}, tag=tag,
-                       retry=(retry, int(time.time() * 1000 + delay * 1000)))
-
-    def _abort_event(self, event: Event, reason: str) -> AbortEvent:
-        metadata = {k: v for k, v in event.metadata.items() if k == "square_off"}
-        return AbortEvent(strategy_id=event.strategy_id, run_id=event.run_id, trading_day=event.trading_day,
-                          attempt=event.attempt, reason=reason[:500], metadata=metadata)
-
-    def abort_run(self, event: Event, decision: Decision, config: StrategyConfig | None, log: Any,
-                  held_quantity: int | None = None) -> Outcome:
-        """Fail the run: unload it (if still loaded) and record why, loudly."""
-        metrics.ABORTS.labels(kind="abort_event").inc()
-        out = Outcome(OrderLogStatus.failed, {"event": event.model_dump(mode="json")}, {"aborted": decision.reason},
-                      failure_reason=decision.failure_reason, strategy_status=decision.strategy_status,
-                      unload=config if decision.unload else None)
-        if decision.open_position and config is not None:
-            log.error("run aborted with the position still open: a human must square it off in Kite",
-                      symbol=config.symbol, quantity=held_quantity or config.quantity, reason=decision.reason)
-        log.error("strategy run aborted", reason=decision.reason)
-        return out
+    def _retry(self, event: Event, kind: EventType, request: dict[str, Any], response: dict[str, Any],
+               tag: str | None, log: Any) -> Outcome:
+        return outcomes.retry_or_abort(event, kind, request, response, tag, self.settings, log)
 
     async def finish(self, event: Event, msg_id: str, outcome: Outcome, config: StrategyConfig | None,
                      log: Any, held: Held | None = None) -> None:
@@ -512,7 +373,7 @@ class OrderHandler:
 def _intent_marker(event: Event) -> str | None:
     """Return the marker key that proves an exit was asked for: the listener's or the API's."""
     kind = kind_of(event)
-    if kind == EventType.STOPLOSS:
+    if kind is EventType.STOPLOSS:
         return keys.stoploss_marker_key(event.strategy_id, event.run_id)
     if event.metadata.get("square_off"):
         return keys.square_off_marker_key(event.strategy_id, event.run_id)
