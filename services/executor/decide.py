@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from libs.broker.kite import TERMINAL, BrokerErrorKind, filled_quantity
 from libs.schema.models import (
@@ -33,12 +33,9 @@ from libs.schema.models import (
     StrategyStatus,
 )
 from libs.trading.calendar import MarketCalendar
-
-if TYPE_CHECKING:
-    from services.executor.placement import OrderResult
+from services.executor.placement import COMPLETE, OrderResult
 
 EXIT_POSITIONS = frozenset({Position.sold, Position.exited_by_sl})
-_COMPLETE = "COMPLETE"
 
 
 class Action(StrEnum):
@@ -210,7 +207,7 @@ def _decide_exit(event: Event, kind: EventType, snap: Snapshot) -> Decision:
         # leave a later fill with no SELL and no stop-loss: cancel it first, and exit
         # instead if it filled meanwhile.
         return Decision(Action.CANCEL_ENTRY)
-    if order is not None and (status == _COMPLETE or (status in TERMINAL and filled_quantity(order) > 0)):
+    if order is not None and (status == COMPLETE or (status in TERMINAL and filled_quantity(order) > 0)):
         # A dead entry that partly filled holds shares too: the exit sells what the book shows.
         return Decision(Action.PLACE_EXIT, lookup=True)
     if order is None and kind is EventType.SELL:
