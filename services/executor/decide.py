@@ -90,6 +90,16 @@ class Snapshot:
     entry_pending: bool | None = None  # None: the stream was not asked yet
 
 
+# The decisions that carry nothing but their action, made once (a frozen Decision is shared safely).
+PLACE_ENTRY = Decision(Action.PLACE_ENTRY, lookup=True)
+PLACE_EXIT = Decision(Action.PLACE_EXIT)
+PLACE_EXIT_LOOKUP = Decision(Action.PLACE_EXIT, lookup=True)
+LOOK_UP_ENTRY = Decision(Action.LOOK_UP_ENTRY)
+CANCEL_ENTRY = Decision(Action.CANCEL_ENTRY)
+CHECK_ENTRY_PENDING = Decision(Action.CHECK_ENTRY_PENDING)
+WAIT_FOR_ENTRY = Decision(Action.WAIT_FOR_ENTRY)
+
+
 class Settlement(StrEnum):
     """What a placed (or found) order's end means for the run."""
 
@@ -175,13 +185,13 @@ def _decide_entry(event: Event, config: StrategyConfig, snap: Snapshot) -> Decis
         # Too late to enter, unless it was placed before a crash: then the placement
         # finds it by tag and records it.
         if snap.entry is None:
-            return Decision(Action.LOOK_UP_ENTRY)
+            return LOOK_UP_ENTRY
         if snap.entry.order is None:
             reason = (f"entry could not be placed before sell_time ({sell_at.isoformat()}); "
                       "the run ends without trading")
             return Decision(Action.SKIP, reason, unload=True, strategy_status=StrategyStatus.failed,
                             failure_reason=reason)
-    return Decision(Action.PLACE_ENTRY, lookup=True)
+    return PLACE_ENTRY
 
 
 def _decide_exit(event: Event, kind: EventType, snap: Snapshot) -> Decision:
@@ -190,33 +200,33 @@ def _decide_exit(event: Event, kind: EventType, snap: Snapshot) -> Decision:
         # Already exited; if the run is still loaded a crash came between the
         # exit's commit and its unload, so finish that unload now.
         return Decision(Action.SKIP, f"{kind.value} needs position bought, found {position.value}", unload=True)
-    # An exit is looked up first whenever one may already have been sent for
-    # this run (by this event earlier, or by another exit event): SELL,
-    # STOPLOSS and square-off share the exit tag and must not both fill.
-    lookup = event.attempt > 1 or snap.deliveries > 1 or snap.exit_attempted
     if position is Position.bought:
-        return Decision(Action.PLACE_EXIT, lookup=lookup)
+        # An exit is looked up first whenever one may already have been sent for
+        # this run (by this event earlier, or by another exit event): SELL,
+        # STOPLOSS and square-off share the exit tag and must not both fill.
+        lookup = event.attempt > 1 or snap.deliveries > 1 or snap.exit_attempted
+        return PLACE_EXIT_LOOKUP if lookup else PLACE_EXIT
     # Position none: runtime may have been lost with Redis, so the broker's entry decides.
     entry = snap.entry
     if entry is None:
-        return Decision(Action.LOOK_UP_ENTRY)
+        return LOOK_UP_ENTRY
     order = entry.order
     status = order.get("status") if order is not None else None
     if order is not None and status not in TERMINAL and kind is EventType.SELL and entry.cancelled is None:
         # The entry is still live (an ambiguous BUY not filled yet). Unloading now would
         # leave a later fill with no SELL and no stop-loss: cancel it first, and exit
         # instead if it filled meanwhile.
-        return Decision(Action.CANCEL_ENTRY)
+        return CANCEL_ENTRY
     if order is not None and (status == COMPLETE or (status in TERMINAL and filled_quantity(order) > 0)):
         # A dead entry that partly filled holds shares too: the exit sells what the book shows.
-        return Decision(Action.PLACE_EXIT, lookup=True)
+        return PLACE_EXIT_LOOKUP
     if order is None and kind is EventType.SELL:
         # The run's BUY may still wait in the stream (a crashed executor held it): its
         # outcome decides, not this exit; the BUY itself ends the run if it is too late.
         if snap.entry_pending is None:
-            return Decision(Action.CHECK_ENTRY_PENDING)
+            return CHECK_ENTRY_PENDING
         if snap.entry_pending:
-            return Decision(Action.WAIT_FOR_ENTRY)
+            return WAIT_FOR_ENTRY
     reason = f"{kind.value} needs position bought, found none (no filled entry at the broker)"
     extra = {"entry_cancelled": entry.cancelled} if entry.cancelled else {}
     if kind is not EventType.SELL:
