@@ -26,6 +26,7 @@ from libs.schema import keys
 from libs.schema.tables import BrokerCredential
 from libs.service.clock import Clock, SystemClock
 from libs.service.logging import get_logger, register_secret
+from libs.service.scripts import script_for
 from libs.service.secretbox import SecretBox, SecretBoxError
 from libs.trading.calendar import IST
 
@@ -36,6 +37,9 @@ log = get_logger("tokens")
 
 # Write the answer only while the hash still holds the checked token (a login may have replaced it).
 _MIRROR = """
+-- KEYS: [1] broker:{user_id} (hash)
+-- ARGV: [1] the checked access_token (ciphertext), [2] token_state, [3] is_valid '1'|'0', or '' to keep it
+-- Returns: 1 if written, 0 if the hash holds another token or none (replaced or lost: nothing written)
 if redis.call('HGET', KEYS[1], 'access_token') == ARGV[1] then
   redis.call('HSET', KEYS[1], 'token_state', ARGV[2])
   if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'is_valid', ARGV[3]) end
@@ -47,8 +51,8 @@ return 0
 
 async def mirror_expired(redis: Redis, user_id: UUID | str, token_ct: bytes | str) -> bool:
     """Record in `broker:{user_id}` that the broker refused this token (ciphertext), unless replaced since."""
-    return bool(await redis.eval(_MIRROR, 1, keys.broker_credentials_key(user_id), token_ct,
-                                 TokenState.expired.value, "0"))
+    return bool(await script_for(redis, _MIRROR)(keys=[keys.broker_credentials_key(user_id)],
+                                                 args=[token_ct, TokenState.expired.value, "0"]))
 
 
 class TokenState(enum.StrEnum):
@@ -129,5 +133,6 @@ class TokenChecker:
         if not result.rowcount:
             return False
         is_valid = "" if state == TokenState.unknown else ("1" if state == TokenState.valid else "0")
-        await self.redis.eval(_MIRROR, 1, keys.broker_credentials_key(user_id), token_ct, state.value, is_valid)
+        await script_for(self.redis, _MIRROR)(keys=[keys.broker_credentials_key(user_id)],
+                                              args=[token_ct, state.value, is_valid])
         return True

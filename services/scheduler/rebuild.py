@@ -43,6 +43,7 @@ from libs.schema import keys
 from libs.schema.codec import dumps, loads
 from libs.schema.models import Position, RuntimeState, StrategyStatus, event_to_json
 from libs.schema.tables import BrokerCredential, Strategy
+from libs.service.scripts import script_for
 from libs.trading.calendar import MarketCalendar
 from libs.trading.runs import RunPlan, config_for, load_run, loaded_config, plan_run, unload_run
 from libs.trading.tags import order_tag
@@ -53,7 +54,11 @@ log = structlog.get_logger("scheduler.rebuild")
 
 MISSED = Counter("scheduler_missed_events_total", "BUY events found past the grace window: strategy failed.")
 
+# Restore a lost `broker:{user_id}` from Postgres; never over one that exists (a login may be newer).
 _RESTORE_BROKER = """
+-- KEYS: [1] broker:{user_id} (hash)
+-- ARGV: [1] the hash's fields (JSON flat list: field, value, ...)
+-- Returns: 1 if restored, 0 if the hash existed (left as it is)
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], unpack(cjson.decode(ARGV[1])))
 return 1
@@ -116,7 +121,8 @@ async def _restore_broker_hash(redis: Redis, cred: BrokerCredential) -> bool:
     if cred.access_token:
         fields["access_token"] = cred.access_token
     flat = [x for pair in fields.items() for x in pair]
-    return bool(await redis.eval(_RESTORE_BROKER, 1, keys.broker_credentials_key(cred.user_id), dumps(flat)))
+    return bool(await script_for(redis, _RESTORE_BROKER)(keys=[keys.broker_credentials_key(cred.user_id)],
+                                                         args=[dumps(flat)]))
 
 
 async def fail_missed_run(conn: AsyncConnection, redis: Redis, row: Strategy, plan: RunPlan, config: Any,
