@@ -22,9 +22,9 @@ NOSCRIPT, loads the source (on every primary of a cluster) and runs it again;
 callers never see it.
 
 Not in pipelines: a standalone pipeline given `client=pipe` sends SCRIPT EXISTS
-before every execute (a round trip more), and a cluster pipeline does not load
-scripts at all (NOSCRIPT comes back from `execute()`). Run several scripts
-concurrently instead; a cluster routes each by its keys' slot.
+before every execute (a round trip more), and a cluster pipeline refuses EVALSHA
+outright (RedisClusterException, redis-py 8). Run several scripts concurrently
+instead; a cluster routes each by its keys' slot.
 """
 
 from __future__ import annotations
