@@ -47,6 +47,7 @@ from libs.service.logging import get_logger
 from libs.trading.calendar import MarketCalendar
 from libs.trading.runs import config_for, plan_run, unload_run
 from libs.trading.tags import order_tag
+from libs.trading.tokens import restore_broker_hash
 from services.executor import metrics
 from services.executor.credentials import CredentialStore, CredentialsUnavailable
 from services.executor.handler import EXIT_ATTEMPT_TTL_S
@@ -148,12 +149,9 @@ class Reconciler:
         return configs
 
     async def _restore_credentials(self, cred: Any) -> None:
-        if not cred.cred_access_token:
-            return
-        key = keys.broker_credentials_key(cred.user_id)
-        if not await self.redis.exists(key):
-            await self.redis.hset(key, mapping={"api_key": cred.cred_api_key, "access_token": cred.cred_access_token,
-                                                "api_key_fp": cred.api_key_fp, "is_valid": "1" if cred.is_valid else "0"})
+        if cred.cred_access_token:
+            await restore_broker_hash(self.redis, cred.user_id, api_key=cred.cred_api_key, api_key_fp=cred.api_key_fp,
+                                      is_valid=cred.is_valid, access_token=cred.cred_access_token)
 
     async def _user(self, user_id: str, configs: list[StrategyConfig]) -> int:
         try:

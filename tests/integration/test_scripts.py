@@ -25,7 +25,7 @@ from libs.trading import runs, tokens
 from libs.trading.calendar import MarketCalendar
 from services.api import notify
 from services.executor import ratelimit, reconcile
-from services.scheduler import mover, rebuild
+from services.scheduler import mover
 from tests.support.eventually import eventually
 
 SID = str(uuid.uuid4())
@@ -96,7 +96,7 @@ async def test_scheduling_a_member_again_only_moves_its_due_time(redis: Redis) -
     assert await redis.zrange(keys.schedule_key(PART), 0, -1, withscores=True) == [(b"RETRY-member", 7000)]
 
 
-# --- libs.trading.tokens and services.scheduler.rebuild: broker:{user_id} ------------------------
+# --- libs.trading.tokens: broker:{user_id} ---------------------------------------------------
 
 BROKER = keys.broker_credentials_key(uuid.uuid4())
 
@@ -124,7 +124,7 @@ async def test_token_answer_about_the_stored_token_is_written_and_unknown_keeps_
 
 
 async def test_broker_hash_is_restored_only_when_missing(redis: Redis) -> None:
-    restore = redis.register_script(rebuild._RESTORE_BROKER)
+    restore = redis.register_script(tokens._RESTORE_BROKER)
     assert await restore(keys=[BROKER], args=[dumps(["api_key", "ak-ct", "is_valid", "1"])]) == 1
     assert await redis.hgetall(BROKER) == {b"api_key": b"ak-ct", b"is_valid": b"1"}
     # A newer login wrote it meanwhile: Postgres' older copy must not overwrite it.
