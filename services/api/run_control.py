@@ -5,8 +5,10 @@ Start: in one Postgres transaction the row becomes `running` with a fresh
 Redis in one Lua script; if the commit then fails, the load is undone. If the
 load fails, the transaction rolls back. Starting a running strategy is a no-op.
 
-Stop: under the strategy's `lock_state` (so no executor is mid-order), the row
-becomes `stopped` and `unload_run` removes the run from Redis. With
+Stop: holding the strategy's lock (`libs.trading.lock`, the executor's: so no
+order is in flight; renewed for as long as the stop takes), the row becomes
+`stopped` and `unload_run` removes the run from Redis. A lock lost before the
+Redis step (not renewed for a TTL, or taken over) changes nothing: 409. With
 `square_off: true` while `bought`, one script instead removes the schedule and
 the listener watch but keeps `strategy:{id}`/`runtime:{id}` and enqueues a SELL
 (`metadata.square_off`) for the executor, which unloads the rest after the
@@ -16,9 +18,7 @@ back with the runtime state it had.
 
 from __future__ import annotations
 
-import asyncio
-import secrets
-import time
+import weakref
 from datetime import UTC, datetime
 from uuid import UUID
 
@@ -41,6 +41,7 @@ from libs.schema.models import (
 )
 from libs.schema.models import StrategyStatus as S
 from libs.schema.tables import BrokerCredential, Strategy
+from libs.trading.lock import Lease, LockLost, LockTimeout, StrategyLocks
 from libs.trading.repeat import end_series
 from libs.trading.runs import (
     CONTROL_MAXLEN,
@@ -70,7 +71,6 @@ from services.api.strategies import check_stop_loss, check_times, own_strategy
 
 log = structlog.get_logger("api")
 
-LOCK_PX_MS = 10_000
 MARKER_TTL_S = 172_800  # as the executor's exit marker: longer than any run; the run_id scopes it
 
 # Square-off of a run that already ended (failed, stopped) with its position still open
@@ -78,7 +78,11 @@ MARKER_TTL_S = 172_800  # as the executor's exit marker: longer than any run; th
 # watch), mark the exit as attempted (the executor looks the exit tag up before it
 # places: never a second exit) and the square-off as requested, and enqueue the SELL.
 # NX on strategy:{id}: two concurrent requests enqueue one exit.
-_SQUARE_OFF_ENDED = """
+_SQUARE_OFF_ENDED = """\
+-- KEYS: [1] strategy:{id} (string), [2] runtime:{id} (hash), [3] exit-attempt marker (string),
+--       [4] square-off marker (string), [5] queue:orders (stream of the strategy's partition)
+-- ARGV: [1] config JSON, [2] runtime fields as a JSON flat list, [3] SELL event JSON, [4] marker TTL s
+-- Returns: 1 if loaded and the SELL queued, 0 if strategy:{id} exists (a run or square-off is loaded)
 if not redis.call('SET', KEYS[1], ARGV[1], 'NX') then return 0 end
 redis.call('DEL', KEYS[2])
 redis.call('HSET', KEYS[2], unpack(cjson.decode(ARGV[2])))
@@ -91,7 +95,13 @@ return 1
 # Square-off: unschedule and unwatch, keep strategy/runtime, mark the square-off as
 # requested (the executor refuses one without the marker) and enqueue the exit; or,
 # if the position is not `bought` (any more), unload fully like unload_run.
-_SQUARE_OFF = """
+_SQUARE_OFF = """\
+-- KEYS: [1] strategy:{id} (string), [2] runtime:{id} (hash), [3] the symbol's strategies (set),
+--       [4] schedule (zset), [5] control:strategies (stream), [6] queue:orders (stream),
+--       [7] square-off marker (string); all of the strategy's partition
+-- ARGV: [1] strategy_id, [2] BUY event JSON, [3] SELL event JSON, [4] `stopped` control message JSON,
+--       [5] control MAXLEN, [6] square-off SELL event JSON, [7] marker TTL s
+-- Returns: 1 if bought and the SELL queued (run kept loaded), 0 if not bought (run fully unloaded)
 local pos = redis.call('HGET', KEYS[2], 'position')
 redis.call('SREM', KEYS[3], ARGV[1])
 redis.call('ZREM', KEYS[4], ARGV[2], ARGV[3])
@@ -105,10 +115,32 @@ redis.call('DEL', KEYS[1], KEYS[2])
 return 0
 """
 
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
+
+class _Scripts:
+    """This module's scripts and the stop's strategy locks, registered once per Redis client."""
+
+    def __init__(self, redis: Redis) -> None:
+        self.square_off = redis.register_script(_SQUARE_OFF)
+        self.square_off_ended = redis.register_script(_SQUARE_OFF_ENDED)
+        self.locks: StrategyLocks | None = None
+
+
+_REGISTERED: weakref.WeakKeyDictionary[Redis, _Scripts] = weakref.WeakKeyDictionary()
+
+
+def _scripts(redis: Redis) -> _Scripts:
+    if (scripts := _REGISTERED.get(redis)) is None:
+        scripts = _REGISTERED[redis] = _Scripts(redis)
+    return scripts
+
+
+def _stop_locks(app: web.Application) -> StrategyLocks:
+    scripts = _scripts(app[REDIS])
+    if scripts.locks is None:
+        settings = app[SETTINGS]
+        scripts.locks = StrategyLocks(app[REDIS], role="api", ttl_ms=settings.stop_lock_ttl_ms,
+                                      wait_s=settings.stop_lock_wait_s)
+    return scripts.locks
 
 
 async def start(request: web.Request) -> web.Response:
@@ -193,16 +225,18 @@ async def stop_run(app: web.Application, user_id: UUID, strategy_id: UUID, squar
 
     409 `strategy_busy` if an order stays in flight longer than lock_wait_s.
     """
-    redis = app[REDIS]
-    owner = await _acquire_lock(redis, strategy_id, lock_wait_s)
     try:
-        return await _stop_locked(app, user_id, strategy_id, square_off)
-    finally:
-        await redis.eval(_RELEASE, 1, keys.lock_key(strategy_id), owner)
+        async with _stop_locks(app).hold(str(strategy_id), wait_s=lock_wait_s) as lease:
+            return await _stop_locked(app, user_id, strategy_id, square_off, lease)
+    except LockTimeout:
+        raise ApiError(409, "strategy_busy", "an order of this strategy is in flight; retry in a moment") from None
+    except LockLost:
+        raise ApiError(409, "strategy_busy", "the strategy's lock was lost before the stop took effect; "
+                       "nothing was changed: retry in a moment") from None
 
 
-async def _stop_locked(app: web.Application, user_id: UUID, strategy_id: UUID,
-                       square_off: bool) -> tuple[Strategy, bool]:
+async def _stop_locked(app: web.Application, user_id: UUID, strategy_id: UUID, square_off: bool,
+                       lease: Lease) -> tuple[Strategy, bool]:
     redis = app[REDIS]
     async with app[SESSIONS]() as session:
         row = await own_strategy(session, user_id, strategy_id, for_update=True)
@@ -219,6 +253,7 @@ async def _stop_locked(app: web.Application, user_id: UUID, strategy_id: UUID,
         saved = await redis.hgetall(keys.runtime_key(row.id))
         squared = False
         try:
+            lease.ensure_held()  # last, right before Redis changes: a lock lost meanwhile changes nothing
             if square_off:
                 squared = await _square_off(redis, config, plan, now)
             else:
@@ -297,11 +332,11 @@ async def _square_off_ended_run(app: web.Application, user_id: UUID, row: Strate
     sell = SellEvent(strategy_id=config.strategy_id, run_id=config.run_id, trading_day=plan.trading_day,
                      trigger_time=now, metadata={"square_off": True})
     sid = str(row.id)
-    queued = await redis.eval(
-        _SQUARE_OFF_ENDED, 5, keys.strategy_key(sid), keys.runtime_key(sid),
-        keys.exit_attempt_key(sid, config.run_id), keys.square_off_marker_key(sid, config.run_id),
-        keys.orders_stream(keys.partition_of(sid)),  # every key in the strategy's partition: one hash slot
-        dumps(config), dumps(flat), event_to_json(sell), MARKER_TTL_S)
+    queued = await _scripts(redis).square_off_ended(
+        keys=[keys.strategy_key(sid), keys.runtime_key(sid), keys.exit_attempt_key(sid, config.run_id),
+              keys.square_off_marker_key(sid, config.run_id),
+              keys.orders_stream(keys.partition_of(sid))],  # every key in the strategy's partition: one hash slot
+        args=[dumps(config), dumps(flat), event_to_json(sell), MARKER_TTL_S])
     if not queued:
         return row, False, "a square-off of this run is already in progress"
     log.warning("square-off of an ended run queued: its position is open at the broker", strategy_id=sid,
@@ -326,24 +361,11 @@ async def _square_off(redis: Redis, config: StrategyConfig, plan: RunPlan, now: 
     sell = SellEvent(strategy_id=config.strategy_id, run_id=config.run_id, trading_day=plan.trading_day,
                      trigger_time=now, metadata={"square_off": True})
     part = keys.partition_of(sid)  # every key below is in the strategy's partition: one hash slot
-    result = await redis.eval(
-        _SQUARE_OFF, 7,
-        keys.strategy_key(sid), keys.runtime_key(sid), keys.symbol_strategies_key(config.symbol, part),
-        keys.schedule_key(part), keys.control_stream(part), keys.orders_stream(part),
-        keys.square_off_marker_key(sid, config.run_id),
-        sid, event_to_json(plan.buy), event_to_json(plan.sell), dumps(stopped), CONTROL_MAXLEN,
-        event_to_json(sell), MARKER_TTL_S,
+    result = await _scripts(redis).square_off(
+        keys=[keys.strategy_key(sid), keys.runtime_key(sid), keys.symbol_strategies_key(config.symbol, part),
+              keys.schedule_key(part), keys.control_stream(part), keys.orders_stream(part),
+              keys.square_off_marker_key(sid, config.run_id)],
+        args=[sid, event_to_json(plan.buy), event_to_json(plan.sell), dumps(stopped), CONTROL_MAXLEN,
+              event_to_json(sell), MARKER_TTL_S],
     )
     return bool(result)
-
-
-async def _acquire_lock(redis: Redis, strategy_id: UUID, wait_s: float) -> str:
-    """Take the strategy's executor lock, waiting out an order in flight; 409 if it stays busy."""
-    owner = "api-stop:" + secrets.token_hex(8)
-    deadline = time.monotonic() + wait_s
-    while True:
-        if await redis.set(keys.lock_key(strategy_id), owner, nx=True, px=LOCK_PX_MS):
-            return owner
-        if time.monotonic() >= deadline:
-            raise ApiError(409, "strategy_busy", "an order of this strategy is in flight; retry in a moment")
-        await asyncio.sleep(0.05)
