@@ -18,7 +18,8 @@ hash: the script that takes the lock writes `locked`, the one that releases
 it writes `free`, in the same step and only if the hash exists (a lock must
 never create the runtime of an unloaded run). Renewal leaves it alone. A
 holder that crashed leaves `locked` behind until the lock is next taken and
-released (an expiring key runs no script).
+released (an expiring key runs no script). A script that writes a whole
+runtime hash (a run's load) sets the field from the lock key (MIRROR_LOCK_FN).
 
 The executor's hot path takes the lock and reads its state in one script, and
 commits and releases in another: those scripts compose the Lua functions
@@ -65,6 +66,15 @@ local function release_lock(lock, runtime, token)
   redis.call('DEL', lock)
   if redis.call('EXISTS', runtime) == 1 then redis.call('HSET', runtime, 'lock_state', '{LockState.free.value}') end
   return 1
+end
+"""
+
+# mirror_lock(lock, runtime): set the runtime's lock_state from the lock key; for scripts that
+# (re)write a whole runtime hash (a load), which may run while someone holds the lock.
+MIRROR_LOCK_FN = f"""
+local function mirror_lock(lock, runtime)
+  local held = redis.call('EXISTS', lock) == 1
+  redis.call('HSET', runtime, 'lock_state', held and '{LockState.locked.value}' or '{LockState.free.value}')
 end
 """
 

@@ -35,15 +35,18 @@ from libs.schema.models import (
 )
 from libs.service.logging import get_logger
 from libs.trading.calendar import MarketCalendar, epoch_ms
+from libs.trading.lock import MIRROR_LOCK_FN
 
 _log = get_logger("runs")
 
 CONTROL_MAXLEN = keys.CONTROL_MAXLEN
 
-_LOAD = """
+# KEYS[6] lock_state:{id}: the runtime's lock_state follows it (a load may run while a holder has it).
+_LOAD = MIRROR_LOCK_FN + """
 redis.call('SET', KEYS[1], ARGV[1])
 redis.call('DEL', KEYS[2])
 redis.call('HSET', KEYS[2], unpack(cjson.decode(ARGV[2])))
+mirror_lock(KEYS[6], KEYS[2])
 redis.call('SADD', KEYS[3], ARGV[3])
 redis.call('ZADD', KEYS[4], ARGV[5], ARGV[4], ARGV[7], ARGV[6])
 redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[9], '*', 'event', ARGV[8])
@@ -112,9 +115,9 @@ async def load_run(redis: Redis, config: StrategyConfig, plan: RunPlan, *, now: 
     sid = str(config.strategy_id)
     part = keys.partition_of(sid)
     await redis.eval(
-        _LOAD, 5,
+        _LOAD, 6,
         keys.strategy_key(sid), keys.runtime_key(sid), keys.symbol_strategies_key(config.symbol, part),
-        keys.schedule_key(part), keys.control_stream(part),
+        keys.schedule_key(part), keys.control_stream(part), keys.lock_key(sid),
         dumps(config), dumps(flat), sid,
         event_to_json(plan.buy), plan.buy_due_ms, event_to_json(plan.sell), plan.sell_due_ms,
         dumps(started_message(config)), CONTROL_MAXLEN, keys.SCHEDULE_WAKEUP_CHANNEL,

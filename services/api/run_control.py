@@ -41,7 +41,7 @@ from libs.schema.models import (
 )
 from libs.schema.models import StrategyStatus as S
 from libs.schema.tables import BrokerCredential, Strategy
-from libs.trading.lock import Lease, LockLost, LockTimeout, StrategyLocks
+from libs.trading.lock import MIRROR_LOCK_FN, Lease, LockLost, LockTimeout, StrategyLocks
 from libs.trading.repeat import end_series
 from libs.trading.runs import (
     CONTROL_MAXLEN,
@@ -80,12 +80,15 @@ MARKER_TTL_S = 172_800  # as the executor's exit marker: longer than any run; th
 # NX on strategy:{id}: two concurrent requests enqueue one exit.
 _SQUARE_OFF_ENDED = """\
 -- KEYS: [1] strategy:{id} (string), [2] runtime:{id} (hash), [3] exit-attempt marker (string),
---       [4] square-off marker (string), [5] queue:orders (stream of the strategy's partition)
+--       [4] square-off marker (string), [5] queue:orders (stream of the strategy's partition),
+--       [6] lock_state:{id} (string)
 -- ARGV: [1] config JSON, [2] runtime fields as a JSON flat list, [3] SELL event JSON, [4] marker TTL s
 -- Returns: 1 if loaded and the SELL queued, 0 if strategy:{id} exists (a run or square-off is loaded)
+""" + MIRROR_LOCK_FN + """
 if not redis.call('SET', KEYS[1], ARGV[1], 'NX') then return 0 end
 redis.call('DEL', KEYS[2])
 redis.call('HSET', KEYS[2], unpack(cjson.decode(ARGV[2])))
+mirror_lock(KEYS[6], KEYS[2])
 redis.call('SET', KEYS[3], '1', 'EX', ARGV[4])
 redis.call('SET', KEYS[4], '1', 'EX', ARGV[4])
 redis.call('XADD', KEYS[5], '*', 'event', ARGV[3])
@@ -335,7 +338,8 @@ async def _square_off_ended_run(app: web.Application, user_id: UUID, row: Strate
     queued = await _scripts(redis).square_off_ended(
         keys=[keys.strategy_key(sid), keys.runtime_key(sid), keys.exit_attempt_key(sid, config.run_id),
               keys.square_off_marker_key(sid, config.run_id),
-              keys.orders_stream(keys.partition_of(sid))],  # every key in the strategy's partition: one hash slot
+              keys.orders_stream(keys.partition_of(sid)),  # every key in the strategy's partition: one hash slot
+              keys.lock_key(sid)],
         args=[dumps(config), dumps(flat), event_to_json(sell), MARKER_TTL_S])
     if not queued:
         return row, False, "a square-off of this run is already in progress"
