@@ -328,25 +328,30 @@ async def _square_off_ended_run(app: web.Application, user_id: UUID, row: Strate
         broker_row = await session.get(BrokerCredential, user_id)
     if broker_row is not None:
         await write_broker_hash(redis, broker_row)
-    now = datetime.now(UTC)
-    runtime = RuntimeState(position=Position.bought, last_buy_order=entry.get("order_id"), last_action="BUY",
-                           updated_at=now)
-    flat = [x for pair in runtime.to_redis_hash().items() for x in pair]
-    sell = SellEvent(strategy_id=config.strategy_id, run_id=config.run_id, trading_day=plan.trading_day,
-                     trigger_time=now, metadata={"square_off": True})
     sid = str(row.id)
-    queued = await _scripts(redis).square_off_ended(
-        keys=[keys.strategy_key(sid), keys.runtime_key(sid), keys.exit_attempt_key(sid, config.run_id),
-              keys.square_off_marker_key(sid, config.run_id),
-              keys.orders_stream(keys.partition_of(sid)),  # every key in the strategy's partition: one hash slot
-              keys.lock_key(sid)],
-        args=[dumps(config), dumps(flat), event_to_json(sell), MARKER_TTL_S])
+    queued = await _load_ended_square_off(redis, config, plan, entry.get("order_id"), datetime.now(UTC))
     if not queued:
         return row, False, "a square-off of this run is already in progress"
     log.warning("square-off of an ended run queued: its position is open at the broker", strategy_id=sid,
                 run_id=config.run_id, status=row.status.value, exit_tag=exit_tag)
     return row, True, (f"square-off queued: the run ({row.status.value}) left its position open at the broker; "
                        "the exit order is being placed")
+
+
+async def _load_ended_square_off(redis: Redis, config: StrategyConfig, plan: RunPlan, entry_order_id: str | None,
+                                 now: datetime) -> bool:
+    """Load an ended run as `bought` with its exit attempted and queue its square-off SELL; False if loaded."""
+    runtime = RuntimeState(position=Position.bought, last_buy_order=entry_order_id, last_action="BUY", updated_at=now)
+    flat = [x for pair in runtime.to_redis_hash().items() for x in pair]
+    sell = SellEvent(strategy_id=config.strategy_id, run_id=config.run_id, trading_day=plan.trading_day,
+                     trigger_time=now, metadata={"square_off": True})
+    sid = str(config.strategy_id)
+    return bool(await _scripts(redis).square_off_ended(
+        keys=[keys.strategy_key(sid), keys.runtime_key(sid), keys.exit_attempt_key(sid, config.run_id),
+              keys.square_off_marker_key(sid, config.run_id),
+              keys.orders_stream(keys.partition_of(sid)),  # every key in the strategy's partition: one hash slot
+              keys.lock_key(sid)],
+        args=[dumps(config), dumps(flat), event_to_json(sell), MARKER_TTL_S]))
 
 
 def _last_tagged(book: list[dict], tag: str) -> dict | None:
