@@ -46,6 +46,7 @@ from redis.exceptions import RedisError
 from libs.schema import keys
 from libs.schema.models import LockState
 from libs.service.logging import get_logger
+from libs.service.scripts import script_for
 
 _log = get_logger("lock")
 
@@ -78,7 +79,7 @@ local function mirror_lock(lock, runtime)
 end
 """
 
-ACQUIRE = """\
+ACQUIRE = """
 -- KEYS: [1] lock_state:{id} (string), [2] runtime:{id} (hash)
 -- ARGV: [1] owner token, [2] TTL ms
 -- Returns: 1 if taken (runtime's lock_state set to locked if the hash exists), 0 if held by anyone
@@ -87,7 +88,7 @@ if take_lock(KEYS[1], KEYS[2], ARGV[1], ARGV[2]) then return 1 end
 return 0
 """
 
-RENEW = """\
+RENEW = """
 -- KEYS: [1] lock_state:{id} (string)
 -- ARGV: [1] owner token, [2] TTL ms
 -- Returns: 1 if the lock is the token's and its TTL was reset, 0 if not (lost; nothing changed)
@@ -95,7 +96,7 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[
 return 0
 """
 
-RELEASE = """\
+RELEASE = """
 -- KEYS: [1] lock_state:{id} (string), [2] runtime:{id} (hash)
 -- ARGV: [1] owner token
 -- Returns: 1 if released (runtime's lock_state set to free if the hash exists), 0 if not the token's
@@ -138,9 +139,9 @@ class StrategyLocks:
     def __init__(self, redis: Redis, *, role: str, ttl_ms: int, wait_s: float) -> None:
         self.redis, self.role = redis, role
         self.ttl_ms, self.wait_s = ttl_ms, wait_s
-        self._acquire = redis.register_script(ACQUIRE)
-        self._renew = redis.register_script(RENEW)
-        self._release = redis.register_script(RELEASE)
+        self._acquire = script_for(redis, ACQUIRE)
+        self._renew = script_for(redis, RENEW)
+        self._release = script_for(redis, RELEASE)
         # Owner tokens: a random per-process part and a counter (unique across
         # processes and hosts without an os.urandom call per lock).
         self._token_prefix = f"{role}:{secrets.token_hex(8)}:"

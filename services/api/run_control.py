@@ -18,7 +18,6 @@ back with the runtime state it had.
 
 from __future__ import annotations
 
-import weakref
 from datetime import UTC, datetime
 from uuid import UUID
 
@@ -41,6 +40,7 @@ from libs.schema.models import (
 )
 from libs.schema.models import StrategyStatus as S
 from libs.schema.tables import BrokerCredential, Strategy
+from libs.service.scripts import script_for
 from libs.trading.lock import MIRROR_LOCK_FN, Lease, LockLost, LockTimeout, StrategyLocks
 from libs.trading.repeat import end_series
 from libs.trading.runs import (
@@ -78,7 +78,7 @@ MARKER_TTL_S = 172_800  # as the executor's exit marker: longer than any run; th
 # watch), mark the exit as attempted (the executor looks the exit tag up before it
 # places: never a second exit) and the square-off as requested, and enqueue the SELL.
 # NX on strategy:{id}: two concurrent requests enqueue one exit.
-_SQUARE_OFF_ENDED = """\
+_SQUARE_OFF_ENDED = """
 -- KEYS: [1] strategy:{id} (string), [2] runtime:{id} (hash), [3] exit-attempt marker (string),
 --       [4] square-off marker (string), [5] queue:orders (stream of the strategy's partition),
 --       [6] lock_state:{id} (string)
@@ -98,7 +98,7 @@ return 1
 # Square-off: unschedule and unwatch, keep strategy/runtime, mark the square-off as
 # requested (the executor refuses one without the marker) and enqueue the exit; or,
 # if the position is not `bought` (any more), unload fully like unload_run.
-_SQUARE_OFF = """\
+_SQUARE_OFF = """
 -- KEYS: [1] strategy:{id} (string), [2] runtime:{id} (hash), [3] the symbol's strategies (set),
 --       [4] schedule (zset), [5] control:strategies (stream), [6] queue:orders (stream),
 --       [7] square-off marker (string); all of the strategy's partition
@@ -117,33 +117,6 @@ end
 redis.call('DEL', KEYS[1], KEYS[2])
 return 0
 """
-
-
-class _Scripts:
-    """This module's scripts and the stop's strategy locks, registered once per Redis client."""
-
-    def __init__(self, redis: Redis) -> None:
-        self.square_off = redis.register_script(_SQUARE_OFF)
-        self.square_off_ended = redis.register_script(_SQUARE_OFF_ENDED)
-        self.locks: StrategyLocks | None = None
-
-
-_REGISTERED: weakref.WeakKeyDictionary[Redis, _Scripts] = weakref.WeakKeyDictionary()
-
-
-def _scripts(redis: Redis) -> _Scripts:
-    if (scripts := _REGISTERED.get(redis)) is None:
-        scripts = _REGISTERED[redis] = _Scripts(redis)
-    return scripts
-
-
-def _stop_locks(app: web.Application) -> StrategyLocks:
-    scripts = _scripts(app[REDIS])
-    if scripts.locks is None:
-        settings = app[SETTINGS]
-        scripts.locks = StrategyLocks(app[REDIS], role="api", ttl_ms=settings.stop_lock_ttl_ms,
-                                      wait_s=settings.stop_lock_wait_s)
-    return scripts.locks
 
 
 async def start(request: web.Request) -> web.Response:
@@ -228,8 +201,10 @@ async def stop_run(app: web.Application, user_id: UUID, strategy_id: UUID, squar
 
     409 `strategy_busy` if an order stays in flight longer than lock_wait_s.
     """
+    settings = app[SETTINGS]
+    locks = StrategyLocks(app[REDIS], role="api", ttl_ms=settings.stop_lock_ttl_ms, wait_s=lock_wait_s)
     try:
-        async with _stop_locks(app).hold(str(strategy_id), wait_s=lock_wait_s) as lease:
+        async with locks.hold(str(strategy_id)) as lease:
             return await _stop_locked(app, user_id, strategy_id, square_off, lease)
     except LockTimeout:
         raise ApiError(409, "strategy_busy", "an order of this strategy is in flight; retry in a moment") from None
@@ -346,7 +321,7 @@ async def _load_ended_square_off(redis: Redis, config: StrategyConfig, plan: Run
     sell = SellEvent(strategy_id=config.strategy_id, run_id=config.run_id, trading_day=plan.trading_day,
                      trigger_time=now, metadata={"square_off": True})
     sid = str(config.strategy_id)
-    return bool(await _scripts(redis).square_off_ended(
+    return bool(await script_for(redis, _SQUARE_OFF_ENDED)(
         keys=[keys.strategy_key(sid), keys.runtime_key(sid), keys.exit_attempt_key(sid, config.run_id),
               keys.square_off_marker_key(sid, config.run_id),
               keys.orders_stream(keys.partition_of(sid)),  # every key in the strategy's partition: one hash slot
@@ -370,7 +345,7 @@ async def _square_off(redis: Redis, config: StrategyConfig, plan: RunPlan, now: 
     sell = SellEvent(strategy_id=config.strategy_id, run_id=config.run_id, trading_day=plan.trading_day,
                      trigger_time=now, metadata={"square_off": True})
     part = keys.partition_of(sid)  # every key below is in the strategy's partition: one hash slot
-    result = await _scripts(redis).square_off(
+    result = await script_for(redis, _SQUARE_OFF)(
         keys=[keys.strategy_key(sid), keys.runtime_key(sid), keys.symbol_strategies_key(config.symbol, part),
               keys.schedule_key(part), keys.control_stream(part), keys.orders_stream(part),
               keys.square_off_marker_key(sid, config.run_id)],

@@ -50,7 +50,7 @@ DEAD_MAXLEN = keys.DEAD_MAXLEN
 # and the marker makes a later exit look the tag up (safe side). The intent marker is
 # the listener's stop-loss marker or the API's square-off marker (the proof that such
 # an exit was asked for; see services.executor.handler).
-_LOCK_READ = """\
+_LOCK_READ = """
 -- KEYS: [1] lock_state:{id} (string), [2] runtime:{id} (hash), [3] strategy:{id} (string),
 --       [4] exit-attempt marker (string), [5] intent marker (string; or the exit marker again),
 --       [6] broker:{user_id} (hash; only if ARGV[3] is '1'), [6 or 7] order-rate key (zset; only with ARGV[5..8])
@@ -82,7 +82,7 @@ return {config, redis.call('HGETALL', KEYS[2]), marker, creds, slot, redis.call(
 # Runtime is only written while the same run is loaded: a late event must not
 # resurrect the hash of an unloaded run. The lock is released only with the ack
 # (an entry acked is done; one not acked yet is still being worked on).
-_COMMIT = """\
+_COMMIT = """
 -- KEYS: [1] runtime:{id} (hash), [2] strategy:{id} (string), [3] queue:order_logs (stream),
 --       [4] control:strategies (stream), [5] queue:orders (stream), [6] lock_state:{id} (string),
 --       [7] notify:events (stream); the streams of the strategy's partition
@@ -111,7 +111,7 @@ end
 return 1
 """
 
-_ACK_RELEASE = """\
+_ACK_RELEASE = """
 -- KEYS: [1] queue:orders (stream of the strategy's partition), [2] lock_state:{id} (string), [3] runtime:{id} (hash)
 -- ARGV: [1] consumer group, [2] entry id, [3] owner token
 -- Returns: 1 (the entry acked; the lock released if still the token's)
@@ -123,7 +123,7 @@ return 1
 
 # With a strategy key: if that run is the one loaded (and this call acked the entry),
 # XADD the ABORT in the same step, so a given-up event never leaves its run stuck.
-_DEAD_LETTER = """\
+_DEAD_LETTER = """
 -- KEYS: [1] queue:orders:dead (stream), [2] queue:orders (stream), [3] strategy:{id} (string; optional)
 -- ARGV: [1] raw entry, [2] reason, [3] entry id, [4] deliveries, [5] consumer group, [6] dead MAXLEN,
 --       [7] run_id, [8] ABORT event JSON (both only with KEYS[3])
@@ -145,7 +145,7 @@ return acked
 ENTRY_SCAN_MAX = 10_000
 
 # Pending: delivered, not acked (a dead consumer may hold it).
-_ENTRY_PENDING = """\
+_ENTRY_PENDING = """
 -- KEYS: [1] queue:orders (stream of the strategy's partition)
 -- ARGV: [1] consumer group, [2] strategy_id, [3] run_id, [4] scan limit
 -- Returns: 1 if an entry event (BUY, or RETRY of a BUY) of that run is pending in the group or not yet

@@ -99,7 +99,7 @@ def test_every_script_starts_with_its_keys_argv_and_returns_header() -> None:
     scripts = _scripts()
     assert len(scripts) == 10, [name for name, _ in scripts]
     for name, source in scripts:
-        lines = source.splitlines()
+        lines = source.strip().splitlines()
         assert lines[0].startswith("-- KEYS: [1] "), name
         header = [line for line in lines if line.startswith("--")]
         assert any(line.startswith("-- ARGV: ") for line in header), name
