@@ -79,9 +79,8 @@ MARKER_TTL_S = 172_800  # as the executor's exit marker: longer than any run; th
 # places: never a second exit) and the square-off as requested, and enqueue the SELL.
 # NX on strategy:{id}: two concurrent requests enqueue one exit.
 _SQUARE_OFF_ENDED = """
--- KEYS: [1] strategy:{id} (string), [2] runtime:{id} (hash), [3] exit-attempt marker (string),
---       [4] square-off marker (string), [5] queue:orders (stream of the strategy's partition),
---       [6] lock_state:{id} (string)
+-- KEYS: [1] strategy:{id} (string), [2] runtime:{id} (hash), [3] exit:attempted:{id}:{run_id} (string),
+--       [4] squareoff:requested:{id}:{run_id} (string), [5] queue:orders (stream), [6] lock_state:{id} (string)
 -- ARGV: [1] config JSON, [2] runtime fields as a JSON flat list, [3] SELL event JSON, [4] marker TTL s
 -- Returns: 1 if loaded and the SELL queued, 0 if strategy:{id} exists (a run or square-off is loaded)
 """ + MIRROR_LOCK_FN + """
@@ -99,9 +98,9 @@ return 1
 # requested (the executor refuses one without the marker) and enqueue the exit; or,
 # if the position is not `bought` (any more), unload fully like unload_run.
 _SQUARE_OFF = """
--- KEYS: [1] strategy:{id} (string), [2] runtime:{id} (hash), [3] the symbol's strategies (set),
+-- KEYS: [1] strategy:{id} (string), [2] runtime:{id} (hash), [3] symbol:{symbol}:strategies (set),
 --       [4] schedule (zset), [5] control:strategies (stream), [6] queue:orders (stream),
---       [7] square-off marker (string); all of the strategy's partition
+--       [7] squareoff:requested:{id}:{run_id} (string)
 -- ARGV: [1] strategy_id, [2] BUY event JSON, [3] SELL event JSON, [4] `stopped` control message JSON,
 --       [5] control MAXLEN, [6] square-off SELL event JSON, [7] marker TTL s
 -- Returns: 1 if bought and the SELL queued (run kept loaded), 0 if not bought (run fully unloaded)

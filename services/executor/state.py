@@ -52,8 +52,9 @@ DEAD_MAXLEN = keys.DEAD_MAXLEN
 # an exit was asked for; see services.executor.handler).
 _LOCK_READ = """
 -- KEYS: [1] lock_state:{id} (string), [2] runtime:{id} (hash), [3] strategy:{id} (string),
---       [4] exit-attempt marker (string), [5] intent marker (string; or the exit marker again),
---       [6] broker:{user_id} (hash; only if ARGV[3] is '1'), [6 or 7] order-rate key (zset; only with ARGV[5..8])
+--       [4] exit:attempted:{id}:{run_id} (string), [5] stoploss:fired:{id}:{run_id} or
+--       squareoff:requested:{id}:{run_id} (string; the intent marker, or KEYS[4] again),
+--       [6] broker:{user_id} (hash; only if ARGV[3] is '1'), [6 or 7] ratelimit:orders:{fp} (zset; only with ARGV[5..8])
 -- ARGV: [1] owner token, [2] TTL ms, [3] '1' if KEYS[6] is the credentials hash else '0', [4] run_id,
 --       [5] rate limit, [6] rate window ms, [7] rate member, [8] exit marker TTL s
 -- Returns: nil if the lock is held by anyone, else {config or false, runtime HGETALL, exit marker 0/1,
@@ -85,7 +86,7 @@ return {config, redis.call('HGETALL', KEYS[2]), marker, creds, slot, redis.call(
 _COMMIT = """
 -- KEYS: [1] runtime:{id} (hash), [2] strategy:{id} (string), [3] queue:order_logs (stream),
 --       [4] control:strategies (stream), [5] queue:orders (stream), [6] lock_state:{id} (string),
---       [7] notify:events (stream); the streams of the strategy's partition
+--       [7] notify:events (stream)
 -- ARGV: [1] run_id, [2] runtime fields as a JSON flat list or '', [3] control message JSON or '',
 --       [4] order-log row JSON, [5] control MAXLEN, [6] follow-up (ABORT) event JSON or '',
 --       [7] consumer group, [8] entry id to ack or '', [9] owner token to release with the ack or '',
@@ -112,7 +113,7 @@ return 1
 """
 
 _ACK_RELEASE = """
--- KEYS: [1] queue:orders (stream of the strategy's partition), [2] lock_state:{id} (string), [3] runtime:{id} (hash)
+-- KEYS: [1] queue:orders (stream), [2] lock_state:{id} (string), [3] runtime:{id} (hash)
 -- ARGV: [1] consumer group, [2] entry id, [3] owner token
 -- Returns: 1 (the entry acked; the lock released if still the token's)
 """ + RELEASE_LOCK_FN + """
@@ -146,7 +147,7 @@ ENTRY_SCAN_MAX = 10_000
 
 # Pending: delivered, not acked (a dead consumer may hold it).
 _ENTRY_PENDING = """
--- KEYS: [1] queue:orders (stream of the strategy's partition)
+-- KEYS: [1] queue:orders (stream)
 -- ARGV: [1] consumer group, [2] strategy_id, [3] run_id, [4] scan limit
 -- Returns: 1 if an entry event (BUY, or RETRY of a BUY) of that run is pending in the group or not yet
 --          delivered, else 0
