@@ -64,6 +64,11 @@ class Strategy:
         await load_run(redis, self.config, self.plan)
         await redis.hset(self.runtime, "position", position.value)
 
+    async def held_by(self, redis: Redis, owner: str, px: int = 5000) -> None:
+        """Give the lock to `owner`, as its take would have: the loaded runtime reads `locked`."""
+        await redis.set(self.lock, owner, px=px)
+        await redis.hset(self.runtime, "lock_state", "locked")
+
     async def lock_state(self, redis: Redis) -> bytes | None:
         return await redis.hget(self.runtime, "lock_state")
 
@@ -151,8 +156,7 @@ async def test_acquire_never_creates_the_runtime_of_an_unloaded_run(redis: Redis
 async def test_renew_extends_only_its_own_lock_and_leaves_lock_state_alone(redis: Redis, s: Strategy) -> None:
     renew = redis.register_script(lock_module.RENEW)
     await s.load(redis)
-    await redis.set(s.lock, "me", px=100)
-    await redis.hset(s.runtime, "lock_state", "locked")
+    await s.held_by(redis, "me", px=100)
     assert await renew(keys=[s.lock], args=["me", 60_000]) == 1
     assert await redis.pttl(s.lock) > 10_000
     assert await s.lock_state(redis) == b"locked"
@@ -174,8 +178,7 @@ async def test_renew_of_a_lost_lock_fails_and_changes_nothing(redis: Redis, s: S
 async def test_release_by_its_owner_frees_the_lock_and_the_runtime(redis: Redis, s: Strategy) -> None:
     release = redis.register_script(lock_module.RELEASE)
     await s.load(redis)
-    await redis.set(s.lock, "me", px=5000)
-    await redis.hset(s.runtime, "lock_state", "locked")
+    await s.held_by(redis, "me")
     assert await release(keys=[s.lock, s.runtime], args=["me"]) == 1
     assert not await redis.exists(s.lock)
     assert await s.lock_state(redis) == b"free"
@@ -184,8 +187,7 @@ async def test_release_by_its_owner_frees_the_lock_and_the_runtime(redis: Redis,
 async def test_release_by_a_non_owner_leaves_the_lock_and_lock_state(redis: Redis, s: Strategy) -> None:
     release = redis.register_script(lock_module.RELEASE)
     await s.load(redis)
-    await redis.set(s.lock, "other", px=5000)
-    await redis.hset(s.runtime, "lock_state", "locked")
+    await s.held_by(redis, "other")
     assert await release(keys=[s.lock, s.runtime], args=["me"]) == 0
     assert await release(keys=[s.lock, s.runtime], args=[""]) == 0
     assert await redis.get(s.lock) == b"other"
@@ -301,8 +303,7 @@ async def test_commit_writes_everything_acks_and_releases_in_one_step(redis: Red
     commit = redis.register_script(state_module._COMMIT)
     await s.load(redis)
     msg_id = await s.delivered(redis, s.buy())
-    await redis.set(s.lock, "me", px=5000)
-    await redis.hset(s.runtime, "lock_state", "locked")
+    await s.held_by(redis, "me")
     abort = event_to_json(AbortEvent(strategy_id=s.sid, run_id=s.run_id, trading_day=s.plan.trading_day,
                                      reason="test"))
     assert await commit(keys=_commit_keys(s), args=_commit_args(
@@ -335,8 +336,7 @@ async def test_commit_without_ack_keeps_the_lock_and_the_entry_pending(redis: Re
     commit = redis.register_script(state_module._COMMIT)
     await s.load(redis)
     await s.delivered(redis, s.buy())
-    await redis.set(s.lock, "me", px=5000)
-    await redis.hset(s.runtime, "lock_state", "locked")
+    await s.held_by(redis, "me")
     await commit(keys=_commit_keys(s), args=_commit_args(s, runtime={"position": "bought"}, token="me"))
     assert await redis.get(s.lock) == b"me" and await s.lock_state(redis) == b"locked"
     assert (await redis.xpending(s.orders, GROUP))["pending"] == 1
@@ -346,8 +346,7 @@ async def test_commit_after_the_lock_was_lost_leaves_the_new_holders_lock(redis:
     commit = redis.register_script(state_module._COMMIT)
     await s.load(redis)
     msg_id = await s.delivered(redis, s.buy())
-    await redis.set(s.lock, "new-holder", px=5000)
-    await redis.hset(s.runtime, "lock_state", "locked")
+    await s.held_by(redis, "new-holder")
     await commit(keys=_commit_keys(s), args=_commit_args(s, runtime={"position": "bought"}, ack=msg_id, token="me"))
     assert (await redis.xpending(s.orders, GROUP))["pending"] == 0  # the entry is done
     assert await redis.get(s.lock) == b"new-holder" and await s.lock_state(redis) == b"locked"
@@ -357,8 +356,7 @@ async def test_ack_release_acks_and_releases_only_its_own_lock(redis: Redis, s: 
     ack_release = redis.register_script(state_module._ACK_RELEASE)
     await s.load(redis)
     msg_id = await s.delivered(redis, s.buy())
-    await redis.set(s.lock, "other", px=5000)
-    await redis.hset(s.runtime, "lock_state", "locked")
+    await s.held_by(redis, "other")
     assert await ack_release(keys=[s.orders, s.lock, s.runtime], args=[GROUP, msg_id, "me"]) == 1
     assert (await redis.xpending(s.orders, GROUP))["pending"] == 0
     assert await redis.get(s.lock) == b"other" and await s.lock_state(redis) == b"locked"
