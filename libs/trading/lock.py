@@ -50,8 +50,9 @@ from libs.service.scripts import script_for
 
 _log = get_logger("lock")
 
-# take_lock(lock, runtime, token, ttl_ms) -> true if taken (and the runtime, if loaded, marked locked)
+# Lua fragments (no KEYS/ARGV of their own): put them after a script's header.
 TAKE_LOCK_FN = f"""
+-- take_lock(lock, runtime, token, ttl ms) -> true if taken (and the runtime, if loaded, marked locked)
 local function take_lock(lock, runtime, token, ttl)
   if not redis.call('SET', lock, token, 'NX', 'PX', ttl) then return false end
   if redis.call('EXISTS', runtime) == 1 then redis.call('HSET', runtime, 'lock_state', '{LockState.locked.value}') end
@@ -59,9 +60,9 @@ local function take_lock(lock, runtime, token, ttl)
 end
 """
 
-# release_lock(lock, runtime, token) -> 1 if released (runtime, if loaded, marked free), 0 if not the
-# token's (expired or taken over: left to its holder); token '' releases nothing.
 RELEASE_LOCK_FN = f"""
+-- release_lock(lock, runtime, token) -> 1 if released (runtime, if loaded, marked free), 0 if not the
+-- token's (expired or taken over: left to its holder); token '' releases nothing
 local function release_lock(lock, runtime, token)
   if token == '' or redis.call('GET', lock) ~= token then return 0 end
   redis.call('DEL', lock)
@@ -70,9 +71,9 @@ local function release_lock(lock, runtime, token)
 end
 """
 
-# mirror_lock(lock, runtime): set the runtime's lock_state from the lock key; for scripts that
-# (re)write a whole runtime hash (a load), which may run while someone holds the lock.
 MIRROR_LOCK_FN = f"""
+-- mirror_lock(lock, runtime): set the runtime's lock_state from the lock key; for scripts that
+-- (re)write a whole runtime hash (a load), which may run while someone holds the lock
 local function mirror_lock(lock, runtime)
   local held = redis.call('EXISTS', lock) == 1
   redis.call('HSET', runtime, 'lock_state', held and '{LockState.locked.value}' or '{LockState.free.value}')
