@@ -41,21 +41,20 @@ from services.executor.consumer import ensure_group, is_nogroup
 
 DEAD_MAXLEN = keys.DEAD_MAXLEN
 _PERMANENT = (IntegrityError, DataError)
-# One statement per batch whatever its size: every column goes as one array and
-# unnest() turns them back into rows, so Postgres parses one statement and the
-# driver adapts twelve arrays (the JSON pre-encoded with orjson), instead of a
-# statement per row with a dict of bound values each. The owner comes from
-# `strategies` for a row that has none (a skip of an unloaded run).
-_COLUMNS = ("id", "strategy_id", "user_id", "event_type", "request_payload", "response_payload", "status",
-            "created_at", "trading_day", "broker_order_id", "tag", "stream_msg_id")
-_ARRAY_TYPES = ("uuid", "uuid", "uuid", "text", "text", "text", "text", "timestamptz", "date", "text", "text", "text")
+# One statement per batch whatever its size: the rows go as one JSON array that
+# Postgres turns back into rows (jsonb_to_recordset), so the driver binds one
+# string (encoded by orjson in one call) instead of a statement, or an array per
+# column, with every value adapted in Python. The owner comes from `strategies`
+# for a row that has none (a skip of an unloaded run).
+_COLUMNS = {"id": "uuid", "strategy_id": "uuid", "user_id": "uuid", "event_type": "order_event_type",
+            "request_payload": "jsonb", "response_payload": "jsonb", "status": "order_log_status",
+            "created_at": "timestamptz", "trading_day": "date", "broker_order_id": "text", "tag": "text",
+            "stream_msg_id": "text"}
 _INSERT_ROWS = text(
-    f"INSERT INTO {OrderLog.__tablename__} ({', '.join(_COLUMNS)}) "
-    "SELECT id, strategy_id, user_id, event_type::order_event_type, request_payload::jsonb, "
-    "response_payload::jsonb, status::order_log_status, created_at, trading_day, broker_order_id, tag, "
-    "stream_msg_id FROM unnest("
-    + ", ".join(f"CAST(:{c} AS {t}[])" for c, t in zip(_COLUMNS, _ARRAY_TYPES, strict=True))
-    + f") AS r({', '.join(_COLUMNS)}) ON CONFLICT (id) DO NOTHING")
+    f"INSERT INTO {OrderLog.__tablename__} ({', '.join(_COLUMNS)}) SELECT {', '.join(_COLUMNS)} "
+    "FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS r("
+    + ", ".join(f"{c} {t}" for c, t in _COLUMNS.items())
+    + ") ON CONFLICT (id) DO NOTHING")
 _OWNERS = text("SELECT id, user_id FROM strategies WHERE id = ANY(CAST(:ids AS uuid[]))")
 
 
@@ -193,7 +192,7 @@ class OrderLogWriter:
         refused = {m: f"unknown strategy {r.strategy_id}" for m, r in rows if r.strategy_id not in owners}
         values = [_values(row, owners[row.strategy_id]) for m, row in rows if m not in refused]
         if values:
-            await conn.execute(_INSERT_ROWS, {c: [v[i] for v in values] for i, c in enumerate(_COLUMNS)})
+            await conn.execute(_INSERT_ROWS, {"rows": _json(values)})
         for m, row in rows:
             if m in refused or row.strategy_status is None or row.run_id is None:
                 continue
@@ -223,18 +222,19 @@ class OrderLogWriter:
                     metrics.WRITER_LAG.set(int(group.get("pending") or 0) + int(group.get("lag") or 0))
 
 
-def _values(row: OrderLogRow, owner: UUID) -> tuple[Any, ...]:
-    """Return the row's column values in `_COLUMNS` order."""
-    return (row.id, row.strategy_id, row.user_id or owner, row.event_type.value,
-            _json(row.request_payload), _json(row.response_payload),
-            row.status.value, row.created_at, row.trading_day, row.broker_order_id, row.tag, row.stream_msg_id)
+def _values(row: OrderLogRow, owner: UUID) -> dict[str, Any]:
+    return {"id": row.id, "strategy_id": row.strategy_id, "user_id": row.user_id or owner,
+            "event_type": row.event_type.value, "request_payload": row.request_payload,
+            "response_payload": row.response_payload, "status": row.status.value, "created_at": row.created_at,
+            "trading_day": row.trading_day, "broker_order_id": row.broker_order_id, "tag": row.tag,
+            "stream_msg_id": row.stream_msg_id}
 
 
-def _json(value: dict[str, Any]) -> str:
+def _json(values: list[dict[str, Any]]) -> str:
     try:
-        return orjson.dumps(value).decode()
+        return orjson.dumps(values).decode()
     except orjson.JSONEncodeError:  # an integer beyond 64 bits, which orjson refuses: the stdlib's encoder
-        return json.dumps(value)
+        return json.dumps(values, default=str)
 
 
 async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
