@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import structlog
@@ -83,13 +84,15 @@ class TickPump:
             self._fire(crossed, time.perf_counter())
 
     def _fire(self, crossed: list[Crossing], received: float) -> None:
-        task = asyncio.get_running_loop().create_task(self._emit(crossed, received), name="stoploss-fire")
+        # The event's trigger_time is when the crossing was seen, not when the script ran.
+        task = asyncio.get_running_loop().create_task(self._emit(crossed, received, datetime.now(UTC)),
+                                                      name="stoploss-fire")
         self._emitting.add(task)
         task.add_done_callback(self._emitting.discard)
 
-    async def _emit(self, crossed: list[Crossing], received: float) -> None:
+    async def _emit(self, crossed: list[Crossing], received: float, seen_at: datetime) -> None:
         try:
-            results = await self.emitter.fire(crossed)
+            results = await self.emitter.fire(crossed, seen_at)
         except (RedisError, OSError) as exc:
             # Put them back: they fire again (the marker keeps it to one event) on the next
             # crossing tick or, after trigger_retry_s, at the last price: the price may sit
