@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, date, datetime
+from pathlib import Path
 
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 
 from libs.schema import keys
 from libs.schema.models import StoplossEvent, parse_event
+from libs.service.redis_client import connect_redis
+from libs.service.settings import ServiceSettings
 from services.market_listener.index import Watch
 from services.market_listener.trigger import FIRE_STOPLOSS, StoplossEmitter
+from tests.support.redis_cluster import running_redis_cluster
 
 DAY = date(2026, 3, 2)
 TTL_S = 600
@@ -107,3 +111,24 @@ async def test_fires_after_redis_lost_its_script_cache(redis: Redis) -> None:
     await redis.script_flush()
     assert all(r is not None for r in await emitter.fire([(_watch(), 1399.0), (_watch(), 1398.0)]))
     assert len(await _stoplosses(redis)) == 4
+
+
+async def test_fires_on_a_redis_cluster_before_and_after_its_script_cache_is_flushed(tmp_path: Path) -> None:
+    """A cluster pipeline refuses scripts: a batch there is one call per trigger, each loading the script."""
+    with running_redis_cluster(str(tmp_path)) as procs:
+        settings = ServiceSettings(redis_url=procs.url, redis_cluster=True, redis_partitions=6)
+        rc = connect_redis(settings)
+        try:
+            emitter = StoplossEmitter(rc, TTL_S)
+            batch = [(_watch(), 1399.0) for _ in range(8)]  # spread over the partitions, so over the masters
+            assert len({keys.partition_of(w.strategy_id) for w, _ in batch}) > 1
+            assert (await emitter.fire(batch[:1]))[0] is not None
+            await rc.execute_command("SCRIPT FLUSH", target_nodes=RedisCluster.PRIMARIES)
+            assert all(r is not None for r in await emitter.fire(batch[1:]))
+            await rc.execute_command("SCRIPT FLUSH", target_nodes=RedisCluster.PRIMARIES)
+            assert await emitter.fire(batch[:2]) == [None, None]  # fired already: one STOPLOSS per run
+            streams = {keys.orders_stream(p) for p in range(keys.partition_count())}
+            assert sum([await rc.xlen(s) for s in streams]) == 8
+        finally:
+            keys.configure_partitions(1)
+            await rc.aclose()
