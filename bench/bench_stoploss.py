@@ -25,11 +25,12 @@ from just before its POST to a bare WebSocket client in this process having
 it, under the same background ticks (what no listener can take away).
 `stoploss_breakdown_p50` splits the path per probe: `sim_to_listener` (POST ->
 the listener saw the crossing tick: the event's trigger_time),
-`listener_trigger` (that tick -> the listener's marker+XADD script returned:
-its tick-to-trigger histogram's sum, read after each probe), `xadd_to_reader`
-(-> a blocked XREAD in this process has the entry) and, with the executor,
+`listener_to_reader` (-> a blocked XREAD in this process has the STOPLOSS:
+the marker+XADD script and the stream's wake-up) and, with the executor,
 `reader_to_sell` (-> the simulator received the SELL: the executor's pickup,
-lock, rate slot and order call). Same-host wall clocks; each leg's median.
+lock, rate slot and order call); same-host wall clocks, each leg's median.
+`listener_script` is the listener's own view (its tick-to-trigger histogram's
+sum, read after each probe): the tick -> its script's reply back on its loop.
 With BENCH_HANGING_WEBHOOKS=N set (even 0), the executor scenarios also run an
 API process (it runs the notification deliverer, as in production) and give N
 of the probed strategies' owners a webhook that never answers (a receiver in
@@ -339,7 +340,7 @@ async def sell_received_at(session: aiohttp.ClientSession, sim_url: str, config:
     return None
 
 
-LEGS = ("sim_to_listener", "listener_trigger", "xadd_to_reader", "reader_to_sell")
+LEGS = ("sim_to_listener", "listener_to_reader", "reader_to_sell")
 
 
 async def trigger_seconds(session: aiohttp.ClientSession, port: int) -> float | None:
@@ -464,9 +465,8 @@ async def scenario(redis: Redis, session: aiohttp.ClientSession, sim_url: str, a
                 sent_at.append((config, t0_epoch))
             trigger_s = await trigger_seconds(session, port)  # after the probe: outside the timed span
             if seen_epoch is not None and trigger_s is not None:
-                legs.append({"sim_to_listener": seen_epoch - t0_epoch, "listener_trigger": trigger_s - trigger_sum,
-                             "xadd_to_reader": arrived_epoch - seen_epoch - (trigger_s - trigger_sum),
-                             "arrived_epoch": arrived_epoch, "sid": sid})
+                legs.append({"sim_to_listener": seen_epoch - t0_epoch, "listener_to_reader": arrived_epoch - seen_epoch,
+                             "listener_script": trigger_s - trigger_sum, "arrived_epoch": arrived_epoch, "sid": sid})
             trigger_sum = trigger_s if trigger_s is not None else trigger_sum
             await asyncio.sleep(0.01)
         elapsed = time.perf_counter() - began
@@ -494,7 +494,8 @@ async def scenario(redis: Redis, session: aiohttp.ClientSession, sim_url: str, a
               "samples": len(latencies), "missed": missed, "listener_cpu_share": listener_cpu, "tick_floor_p50": pct(floor, 0.5),
               "tick_floor_p99": pct(floor, 0.99),
               "breakdown_p50": {name: round(statistics.median(leg[name] for leg in legs if name in leg) * 1000, 3)
-                                for name in LEGS if any(name in leg for leg in legs)}}
+                                for name in LEGS if any(name in leg for leg in legs)},
+              "listener_script_p50": statistics.median(leg["listener_script"] for leg in legs) * 1000 if legs else -1}
     if full:
         result.update(full_p50=pct(full, 0.50), full_p99=pct(full, 0.99), full_samples=len(full))
     return result
@@ -556,7 +557,8 @@ def emit_floor_and_breakdown(r: dict[str, Any], params: dict[str, Any]) -> None:
     """Print the same run's floor (POST -> a bare WebSocket client has the tick) and where the p50 goes."""
     emit("tick_floor_p50", r["tick_floor_p50"], "ms", **params, p99=round(r["tick_floor_p99"], 3))
     emit("listener_cpu_share", r["listener_cpu_share"], "cores", **params)
-    emit("stoploss_breakdown_p50", sum(r["breakdown_p50"].values()), "ms", **params, **r["breakdown_p50"])
+    emit("stoploss_breakdown_p50", sum(r["breakdown_p50"].values()), "ms", **params, **r["breakdown_p50"],
+         listener_script=round(r["listener_script_p50"], 3))
 
 
 def hanging_receiver() -> subprocess.Popen[bytes]:
