@@ -21,8 +21,8 @@ Hot path (pump.py): the feed reads Kite's ticker WebSocket on this loop (no
 thread) and hands over each frame; the pump updates the latest prices, checks
 each symbol's highest stop-loss (one comparison when nothing fires) and pops
 triggered watches with one bisect. Only a trigger costs a Redis round trip
-(marker + XADD in one script, started at once; a frame's triggers share one
-pipeline); `price:{SYM}` is written by a separate loop, one MSET, at most
+(marker + XADD in one script, started at once; a frame's triggers run
+concurrently); `price:{SYM}` is written by a separate loop, one MSET, at most
 every price_write_interval_s.
 
 The feed (feed.py): one market-data account's ticker in LTP mode, reconnecting

@@ -3,7 +3,7 @@
 Runs on the loop, called by the feed for every frame: one dict lookup per tick,
 one comparison with the symbol's highest stop-loss, and a bisect only when
 something crossed. A crossing starts its marker+XADD script in a task right
-away (no batching interval); every crossing of one frame shares that call.
+away (no batching interval); the crossings of one frame are fired together.
 `price:{SYM}` is written by a separate loop, one MSET, at most every
 price_write_interval_s.
 """

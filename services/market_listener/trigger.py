@@ -5,10 +5,10 @@ if it set the marker, atomically: two listeners seeing the same tick emit one
 event, and a crash cannot leave a marker without its event.
 
 Calls go through redis-py's registered script (EVALSHA, loading the script on
-NOSCRIPT). Several triggers of one tick batch share one pipeline on a
-standalone Redis (redis-py loads the script for the pipeline first); a cluster
-pipeline refuses scripts, so there each trigger is its own concurrent call,
-routed by its slot.
+NOSCRIPT). Several triggers of one tick frame run concurrently, not in a
+pipeline: a standalone pipeline with a script sends SCRIPT EXISTS first (one
+round trip more) and a cluster pipeline refuses EVALSHA; concurrent calls cost
+one round trip and a cluster routes each by its slot.
 """
 
 from __future__ import annotations
@@ -17,14 +17,13 @@ import asyncio
 from datetime import UTC, datetime
 
 from redis.asyncio import Redis, RedisCluster
-from redis.exceptions import NoScriptError
 
 from libs.schema import keys
 from libs.schema.models import StoplossEvent, event_to_json
 from services.market_listener.index import Watch
 
 FIRE_STOPLOSS = """\
--- KEYS: [1] stoploss:fired:<id>:<run_id> marker, [2] queue:orders of the strategy's partition
+-- KEYS: [1] stoploss:fired:{id}:{run_id} (string), [2] queue:orders (stream, the strategy's partition)
 -- ARGV: [1] marker TTL in seconds, [2] JSON of the STOPLOSS event
 -- Returns: the new stream entry id, or false (nil) when the run had already fired
 if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then
@@ -42,13 +41,12 @@ def stoploss_json(watch: Watch, price: float, seen_at: datetime | None = None) -
 
 
 class StoplossEmitter:
-    """Fire triggered watches, many per Redis round trip."""
+    """Fire triggered watches, each in one round trip, a batch concurrently."""
 
     def __init__(self, redis: Redis | RedisCluster, marker_ttl_s: int) -> None:
         self.redis = redis
         self.marker_ttl_s = marker_ttl_s
         self._fire = redis.register_script(FIRE_STOPLOSS)
-        self._cluster = isinstance(redis, RedisCluster)
 
     def _call(self, watch: Watch, price: float, seen_at: datetime | None) -> tuple[list[str], list[object]]:
         # The marker and the stream are both in the strategy's partition: one hash slot.
@@ -61,16 +59,8 @@ class StoplossEmitter:
         calls = [self._call(watch, price, seen_at) for watch, price in fired]
         if len(calls) == 1:
             return [await self._fire(keys=calls[0][0], args=calls[0][1])]
-        if self._cluster:
-            return list(await asyncio.gather(*(self._fire(keys=k, args=a) for k, a in calls)))
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for k, a in calls:
-                await self._fire(keys=k, args=a, client=pipe)
-            results = await pipe.execute(raise_on_error=False)
-        for i, result in enumerate(results):
-            if isinstance(result, NoScriptError):
-                # The script cache was flushed between the pipeline's load and its run.
-                results[i] = await self._fire(keys=calls[i][0], args=calls[i][1])
-            elif isinstance(result, Exception):
-                raise result
+        results = await asyncio.gather(*(self._fire(keys=k, args=a) for k, a in calls), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result  # once every call has ended: the caller retries them all, the markers dedupe
         return results

@@ -96,14 +96,14 @@ async def test_a_batch_fires_each_run_once_even_when_it_names_one_twice(redis: R
     emitter = StoplossEmitter(redis, TTL_S)
     a, b, c = _watch(), _watch(), _watch()
     results = await emitter.fire([(a, 1399.0), (b, 1398.0), (a, 1397.0), (c, 1396.0)])
-    assert [r is not None for r in results] == [True, True, False, True]
+    assert results[1] is not None and results[3] is not None
+    assert (results[0] is None) != (results[2] is None)  # the calls run concurrently: either of a's wins
     events = await _stoplosses(redis)
     assert sorted(str(e.strategy_id) for e in events) == sorted([a.strategy_id, b.strategy_id, c.strategy_id])
-    assert next(e for e in events if str(e.strategy_id) == a.strategy_id).trigger_price == 1399.0
 
 
 async def test_fires_after_redis_lost_its_script_cache(redis: Redis) -> None:
-    """A Redis restart (or SCRIPT FLUSH) empties the cache: single calls and pipelined batches reload it."""
+    """A Redis restart (or SCRIPT FLUSH) empties the cache: single calls and batches reload it."""
     emitter = StoplossEmitter(redis, TTL_S)
     assert (await emitter.fire([(_watch(), 1399.0)]))[0] is not None
     await redis.script_flush()
@@ -114,7 +114,7 @@ async def test_fires_after_redis_lost_its_script_cache(redis: Redis) -> None:
 
 
 async def test_fires_on_a_redis_cluster_before_and_after_its_script_cache_is_flushed(tmp_path: Path) -> None:
-    """A cluster pipeline refuses scripts: a batch there is one call per trigger, each loading the script."""
+    """A batch spreads over the masters, one call per trigger, each loading the script where it was lost."""
     with running_redis_cluster(str(tmp_path)) as procs:
         settings = ServiceSettings(redis_url=procs.url, redis_cluster=True, redis_partitions=6)
         rc = connect_redis(settings)
