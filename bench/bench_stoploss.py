@@ -613,6 +613,8 @@ def plot(results: list[dict[str, Any]], redis_rtt: float, http_rtt: float) -> No
     ax.bar([i + 0.2 for i in x], [r[2] for r in rows], width=0.4, label="p99")
     ax.axhline(redis_rtt, color="green", linestyle=":", label=f"bare Redis RTT {redis_rtt:.2f} ms")
     ax.axhline(http_rtt, color="purple", linestyle=":", label=f"bare HTTP RTT {http_rtt:.2f} ms")
+    floor = statistics.median(r["tick_floor_p50"] for r in results)
+    ax.axhline(floor, color="orange", linestyle=":", label=f"tick floor (POST -> bare WebSocket client) {floor:.2f} ms")
     ax.axhline(2, color="grey", linestyle="--", linewidth=0.8, label="p50 target 2 ms")
     ax.axhline(10, color="black", linestyle="--", linewidth=0.8, label="p99 target 10 ms")
     ax.set_xticks(list(x), [r[0] for r in rows], fontsize=7)
