@@ -37,8 +37,17 @@ def _chain(node: ast.expr) -> list[ast.expr] | None:
     if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
         left, right = _chain(node.left), _chain(node.right)
         return None if left is None or right is None else left + right
-    if isinstance(node, ast.Constant) and isinstance(node.value, str) or isinstance(node, ast.Name):
+    if _literal(node) is not None or isinstance(node, ast.Name):
         return [node]
+    return None
+
+
+def _literal(node: ast.expr) -> str | None:
+    """Return a string literal's text; for an f-string (constants spliced in), its literal parts."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return node.value
+    if isinstance(node, ast.JoinedStr):
+        return "".join(part.value for part in node.values if isinstance(part, ast.Constant))
     return None
 
 
@@ -78,15 +87,14 @@ def lua_problems(source: str) -> list[str]:
         operands = _chain(stmt.value)
         if operands is None:
             continue
-        literals = [op.value for op in operands if isinstance(op, ast.Constant)]
-        text = "".join(literals)
+        text = "".join(_literal(op) or "" for op in operands)
         if "redis.call" not in text and not any(p.search(text) for p in _INDEX.values()):
             continue
-        checked.update(id(op) for op in operands)
+        checked.update(id(node) for op in operands for node in ast.walk(op))
         name = f"{stmt.lineno}: {target.id}"
         if any(p.search(_code(text)) for p in _INDEX.values()):
             first = operands[0]
-            head = first.value if isinstance(first, ast.Constant) else ""
+            head = _literal(first) or ""
             problems += _header_problems(name, head, text)
         elif "local function" not in text:
             problems.append(f"{name}: a fragment (no KEYS/ARGV) must define a `local function`")
@@ -139,6 +147,9 @@ return bump(KEYS[1])
 
 @pytest.mark.parametrize(("source", "expected"), [
     (_GOOD, []),
+    (_GOOD.replace('FRAGMENT = """', 'FRAGMENT = f"""').replace("'INCR'", "'{INCR}'"), []),
+    (_GOOD.replace('SCRIPT = """', 'SCRIPT = f"""').replace("-- Returns:", "-- {RETURNS}"),
+     ["6: SCRIPT: does not open with its own header"]),
     ("async def f(r):\n    await r.eval(S, 0)\n    await r.evalsha(h, 0)\n", None),
     (_GOOD.replace("-- ARGV: [1] entry\n", ""), ["6: SCRIPT: does not open with its own header"]),
     (_GOOD.replace("[2] log (stream)", "log"), ["6: SCRIPT: header does not list KEYS [2]"]),
