@@ -211,16 +211,20 @@ class _Connection(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
         self.idle_since = 0.0
-        self._waiter: asyncio.Future[None] | None = None
+        self._waiter: asyncio.Future[tuple[int, dict[bytes, bytes], bytes, bool]] | None = None
         self._headers: list[tuple[bytes, bytes]] = []
         self._body: list[bytes] = []
-        self._status, self._keep_alive = 0, False
         self.received = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        if self._waiter is None or self._waiter.done():
+            # Bytes no request asked for (a server's parting 408, a late reply): the stream is
+            # out of step, so the connection is never used again.
+            self._fail(aiohttp.ServerDisconnectedError("unsolicited bytes on an idle connection"))
+            return
         self.received = True
         try:
             self.parser.feed_data(data)
@@ -238,11 +242,14 @@ class _Connection(asyncio.Protocol):
         self._body.append(body)
 
     def on_message_complete(self) -> None:
-        # Read here: once the callback returns the parser is reset for the next reply.
-        self._keep_alive = self.parser.should_keep_alive()
-        self._status = self.parser.get_status_code()
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
+        if self._waiter is None or self._waiter.done():
+            # A second reply to one request (a parting 408): the stream is out of step.
+            self._fail(aiohttp.ServerDisconnectedError("unsolicited reply on the connection"))
+            return
+        # Taken now: the parser is reset for whatever follows once this callback returns.
+        self._waiter.set_result((self.parser.get_status_code(), dict(self._headers), b"".join(self._body),
+                                 self.parser.should_keep_alive()))
+        self._headers, self._body = [], []
 
     def _fail(self, exc: BaseException) -> None:
         self.closed = True
@@ -259,12 +266,10 @@ class _Connection(asyncio.Protocol):
     async def exchange(self, payload: bytes) -> tuple[int, dict[bytes, bytes], bytes, bool]:
         """Send one request; return (status, headers, body, keep-alive)."""
         assert self.transport is not None
-        self._headers, self._body, self.received, self._keep_alive = [], [], False, False
+        self._headers, self._body, self.received = [], [], False
         self._waiter = asyncio.get_running_loop().create_future()
         self.transport.write(payload)
-        await self._waiter
-        headers = dict(self._headers)
-        body = b"".join(self._body)
+        status, headers, body, keep_alive = await self._waiter
         encoding = headers.get(b"content-encoding", b"").strip().lower()
         try:
             if encoding == b"gzip":
@@ -274,7 +279,7 @@ class _Connection(asyncio.Protocol):
                 body = zlib.decompress(body, 15 if body[:1] == b"\x78" else -zlib.MAX_WBITS)
         except zlib.error as error:
             raise aiohttp.ClientPayloadError(f"reply body does not decode as {encoding.decode()}: {error}") from None
-        return self._status, headers, body, self._keep_alive
+        return status, headers, body, keep_alive and not self.closed
 
 
 class _ConnectionPool:

@@ -64,7 +64,8 @@ class RawServer(asyncio.Protocol):
             body = b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in (body[:half], body[half:])) + b"0\r\n\r\n"
         else:
             headers.append(b"Content-Length: %d" % len(body))
-        self.transport.write(b"\r\n".join(headers) + b"\r\n\r\n" + body)  # type: ignore[attr-defined]
+        trailer = b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n\r\n" if type(self).framing == "extra" else b""
+        self.transport.write(b"\r\n".join(headers) + b"\r\n\r\n" + body + trailer)  # type: ignore[attr-defined]
 
 
 @pytest.fixture
@@ -86,6 +87,19 @@ async def test_keep_alive_reuses_one_connection(server: tuple[str, type[RawServe
     finally:
         await client.aclose()
     assert handler.connections == 1 and len(handler.seen) == 3
+
+
+async def test_a_connection_with_unsolicited_bytes_is_not_reused(server: tuple[str, type[RawServer]]) -> None:
+    root, handler = server
+    handler.framing = "extra"  # every reply is followed by a 408 nobody asked for
+    client = KiteOrderClient(root, timeout_s=5)
+    try:
+        for _ in range(2):
+            assert await client.orders(KEY, TOKEN) == [{"order_id": "1", "status": "COMPLETE"}]
+            await asyncio.sleep(0.05)
+    finally:
+        await client.aclose()
+    assert handler.connections == 2
 
 
 async def test_get_goes_again_on_a_dead_idle_connection_but_a_post_never(server: tuple[str, type[RawServer]]) -> None:
