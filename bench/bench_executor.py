@@ -7,7 +7,9 @@ run per strategy, then for 1 and several executor subprocesses XADDs a burst
 of BUY events and times until every order_logs row is committed in Postgres.
 Each BUY costs three broker calls (tag lookup, place, order history), as the
 delivery contract demands. Prints JSON lines, writes `bench/out/executor.png`,
-never asserts.
+never asserts. Besides CPU per order it prints Redis commands per order (those
+run inside scripts included), which the shared host's load does not blur;
+BENCH_CMDSTATS=1 also prints them per command.
 """
 
 from __future__ import annotations
