@@ -7,7 +7,9 @@ run per strategy, then for 1 and several executor subprocesses XADDs a burst
 of BUY events and times until every order_logs row is committed in Postgres.
 Each BUY costs three broker calls (tag lookup, place, order history), as the
 delivery contract demands. Prints JSON lines, writes `bench/out/executor.png`,
-never asserts.
+never asserts. Besides CPU per order it prints Redis commands per order (those
+run inside scripts included), which the shared host's load does not blur;
+BENCH_CMDSTATS=1 also prints them per command.
 """
 
 from __future__ import annotations
@@ -162,6 +164,11 @@ def sim_pid(sim_url: str) -> int | None:
     return None
 
 
+def redis_commands(r: redis.Redis) -> int:
+    """Return how many commands Redis has run since it started (the INFO call itself included)."""
+    return int(r.info("stats")["total_commands_processed"])
+
+
 def count_rows(dsn: str) -> int:
     with psycopg.connect(dsn, autocommit=True) as conn:
         return int(conn.execute("SELECT count(*) FROM order_logs WHERE status = 'success'").fetchone()[0])
@@ -179,6 +186,8 @@ def one_round(processes: int, orders: int, accounts_n: int, env: dict[str, str],
         buys = load_runs(dsn, r, accounts, orders)
         spid = sim_pid(sim.base_url)
         cpu_before = [cpu_seconds(p.pid) for p in procs], cpu_seconds(spid) if spid else 0.0
+        commands_before = redis_commands(r)
+        stats_before = r.info("commandstats") if os.environ.get("BENCH_CMDSTATS") else {}
         started = time.perf_counter()
         pipe = r.pipeline(transaction=False)
         for buy in buys:
@@ -191,12 +200,20 @@ def one_round(processes: int, orders: int, accounts_n: int, env: dict[str, str],
         took = time.perf_counter() - started
         executor_cpu = sum(cpu_seconds(p.pid) for p in procs) - sum(cpu_before[0])
         sim_cpu = (cpu_seconds(spid) if spid else 0.0) - cpu_before[1]
+        # Every command Redis ran meanwhile, less the benchmark's own XADDs: deterministic, unlike CPU
+        # on a shared host (it includes the idle executors' heartbeats and blocked reads).
+        commands = redis_commands(r) - commands_before - len(buys) - 1
+        if stats_before:
+            after = r.info("commandstats")
+            print({k: round((v["calls"] - stats_before.get(k, {"calls": 0})["calls"]) / max(done, 1), 2)
+                   for k, v in after.items() if v["calls"] != stats_before.get(k, {"calls": 0})["calls"]})
         placed = sim.orders()
         received = sorted(o["received_at_monotonic"] for o in placed)
         broker_span = (received[-1] - received[0]) if len(received) > 1 else 0.0
         return {"rows": done, "seconds": took, "orders_at_broker": len(placed),
                 "executor_cpu_ms_per_order": 1000 * executor_cpu / max(done, 1),
                 "sim_cpu_ms_per_order": 1000 * sim_cpu / max(done, 1),
+                "redis_commands_per_order": commands / max(done, 1),
                 "broker_orders_per_s": len(placed) / broker_span if broker_span else 0.0}
     finally:
         stop_executors(procs)
@@ -222,6 +239,8 @@ def main(argv: list[str] | None = None) -> None:
             emit("broker_orders_per_s", result["broker_orders_per_s"], processes=processes, unit="orders/s")
             emit("executor_cpu_ms_per_order", result["executor_cpu_ms_per_order"], processes=processes, unit="ms")
             emit("sim_cpu_ms_per_order", result["sim_cpu_ms_per_order"], processes=processes, unit="ms")
+            emit("redis_commands_per_order", result["redis_commands_per_order"], processes=processes,
+                 unit="commands")
         plot(results)
         if args.profile:
             args.profile.mkdir(parents=True, exist_ok=True)

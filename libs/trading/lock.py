@@ -189,13 +189,25 @@ class StrategyLocks:
     @contextlib.asynccontextmanager
     async def keep(self, lease: Lease) -> AsyncIterator[None]:
         """Renew a taken lease for the block, then release it (unless already released)."""
-        renewer = asyncio.create_task(self._renew_until_lost(lease), name=f"lock-renew-{lease.strategy_id}")
+        # The first renewal is due a third of the TTL after the take: a timer starts the
+        # renewing task then, so the common holding (an order, well under that) costs a
+        # timer handle rather than a task created, cancelled and awaited.
+        renewer: asyncio.Task[None] | None = None
+
+        def start() -> None:
+            nonlocal renewer
+            renewer = asyncio.create_task(self._renew_until_lost(lease, first_pause=0.0),
+                                          name=f"lock-renew-{lease.strategy_id}")
+
+        timer = asyncio.get_running_loop().call_later(self.ttl_ms / 3000, start)
         try:
             yield
         finally:
-            renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await renewer
+            timer.cancel()
+            if renewer is not None:
+                renewer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await renewer
             if not lease.released:
                 await self.release(lease)
 
@@ -205,7 +217,7 @@ class StrategyLocks:
         return bool(await self._release(keys=[keys.lock_key(lease.strategy_id), keys.runtime_key(lease.strategy_id)],
                                         args=[lease.token]))
 
-    async def _renew_until_lost(self, lease: Lease) -> None:
+    async def _renew_until_lost(self, lease: Lease, first_pause: float | None = None) -> None:
         # A Redis error must not end renewal silently (the lock would expire with work in
         # flight): retry with a short backoff. Once the lock is surely gone (the
         # compare-and-extend says not ours, or no renewal for a whole TTL), mark the lease
@@ -213,7 +225,7 @@ class StrategyLocks:
         loop = asyncio.get_running_loop()
         lock = keys.lock_key(lease.strategy_id)
         ttl_s = self.ttl_ms / 1000
-        pause, failures = ttl_s / 3, 0
+        pause, failures = ttl_s / 3 if first_pause is None else first_pause, 0
         while True:
             await asyncio.sleep(pause)
             sent = loop.time()

@@ -18,15 +18,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from datetime import datetime
 from typing import Any
 from uuid import UUID
 
+import orjson
 from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
-from sqlalchemy import and_, select, update
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import and_, text, update
 from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql import func
@@ -40,10 +41,21 @@ from services.executor.consumer import ensure_group, is_nogroup
 
 DEAD_MAXLEN = keys.DEAD_MAXLEN
 _PERMANENT = (IntegrityError, DataError)
-# One statement for every batch, executed with a list of rows: SQLAlchemy caches
-# its compiled form and sends the rows as multi-row VALUES pages
-# ("insertmanyvalues"), instead of compiling a new N-row statement per batch.
-_INSERT_ROWS = insert(OrderLog).on_conflict_do_nothing(index_elements=["id"])
+# One statement per batch whatever its size: the rows go as one JSON array that
+# Postgres turns back into rows (jsonb_to_recordset), so the driver binds one
+# string (encoded by orjson in one call) instead of a statement, or an array per
+# column, with every value adapted in Python. The owner comes from `strategies`
+# for a row that has none (a skip of an unloaded run).
+_COLUMNS = {"id": "uuid", "strategy_id": "uuid", "user_id": "uuid", "event_type": "order_event_type",
+            "request_payload": "jsonb", "response_payload": "jsonb", "status": "order_log_status",
+            "created_at": "timestamptz", "trading_day": "date", "broker_order_id": "text", "tag": "text",
+            "stream_msg_id": "text"}
+_INSERT_ROWS = text(
+    f"INSERT INTO {OrderLog.__tablename__} ({', '.join(_COLUMNS)}) SELECT {', '.join(_COLUMNS)} "
+    "FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS r("
+    + ", ".join(f"{c} {t}" for c, t in _COLUMNS.items())
+    + ") ON CONFLICT (id) DO NOTHING")
+_OWNERS = text("SELECT id, user_id FROM strategies WHERE id = ANY(CAST(:ids AS uuid[]))")
 
 
 class OrderLogWriter:
@@ -176,12 +188,11 @@ class OrderLogWriter:
 
     async def _insert(self, conn: AsyncConnection, rows: list[tuple[str, OrderLogRow]]) -> dict[str, str]:
         ids = list({row.strategy_id for _, row in rows})
-        owners: dict[UUID, UUID] = dict((await conn.execute(
-            select(Strategy.id, Strategy.user_id).where(Strategy.id.in_(ids)))).all())
+        owners: dict[UUID, UUID] = dict((await conn.execute(_OWNERS, {"ids": ids})).all())
         refused = {m: f"unknown strategy {r.strategy_id}" for m, r in rows if r.strategy_id not in owners}
         values = [_values(row, owners[row.strategy_id]) for m, row in rows if m not in refused]
         if values:
-            await conn.execute(_INSERT_ROWS, values)
+            await conn.execute(_INSERT_ROWS, {"rows": _json(values)})
         for m, row in rows:
             if m in refused or row.strategy_status is None or row.run_id is None:
                 continue
@@ -213,10 +224,17 @@ class OrderLogWriter:
 
 def _values(row: OrderLogRow, owner: UUID) -> dict[str, Any]:
     return {"id": row.id, "strategy_id": row.strategy_id, "user_id": row.user_id or owner,
-            "event_type": row.event_type, "request_payload": row.request_payload,
-            "response_payload": row.response_payload, "status": row.status, "created_at": row.created_at,
+            "event_type": row.event_type.value, "request_payload": row.request_payload,
+            "response_payload": row.response_payload, "status": row.status.value, "created_at": row.created_at,
             "trading_day": row.trading_day, "broker_order_id": row.broker_order_id, "tag": row.tag,
             "stream_msg_id": row.stream_msg_id}
+
+
+def _json(values: list[dict[str, Any]]) -> str:
+    try:
+        return orjson.dumps(values).decode()
+    except orjson.JSONEncodeError:  # an integer beyond 64 bits, which orjson refuses: the stdlib's encoder
+        return json.dumps(values, default=str)
 
 
 async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:

@@ -22,6 +22,7 @@ from services.executor.consumer import OrderConsumer, ensure_group
 from services.executor.credentials import CredentialStore
 from services.executor.handler import OrderHandler
 from services.executor.log_writer import OrderLogWriter
+from services.executor.owners import OwnerWatch
 from services.executor.placement import OrderPlacer
 from services.executor.ratelimit import OrderRateLimiter
 from services.executor.reconcile import Reconciler
@@ -59,6 +60,8 @@ class ExecutorService:
         self.handler = OrderHandler(settings, self.redis, self.state, self.credentials, placer, calendar)
         self.reconciler = Reconciler(self.redis, self.engine, self.credentials, self.broker, self.state, calendar,
                                      pg_timeout_s=settings.reconcile_pg_timeout_s, on_configs=self.handler.remember)
+        self.owners = OwnerWatch(self.redis, self.credentials, self.handler.remember,
+                                 block_ms=settings.read_block_ms)
         self.consumer = OrderConsumer(settings, self.redis, self.handler, self.name, self.on_state_lost)
         self.writer = OrderLogWriter(self.redis, self.engine, self.name, batch=settings.writer_batch,
                                      block_ms=settings.read_block_ms, claim_idle_ms=settings.claim_idle_ms,
@@ -147,6 +150,7 @@ class ExecutorService:
         try:
             if not await self._wait_for_redis(stop):
                 return
+            await self.owners.mark()  # before reconciling: a run started meanwhile is learned after it
             await self.recover("start")
             await self._warm_redis_pool()
             self.ready.set()
@@ -157,6 +161,7 @@ class ExecutorService:
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(self._watch_redis(stop), name="redis-watch")
                 writer = tasks.create_task(self.writer.run(writer_stop), name="order-log-writer")
+                tasks.create_task(self.owners.run(writer_stop), name="owner-watch")
                 await self.consumer.run(stop)
                 # The writer outlives the consumer so that the rows of drained
                 # events are flushed when Postgres is up (otherwise they wait).

@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from deploy.local.procs import PostgresServer
 from libs.schema import keys
 from libs.schema.codec import dumps
-from libs.schema.models import OrderLogRow, Position, StrategyStatus, order_log_id
+from libs.schema.models import OrderLogRow, OrderLogStatus, Position, StrategyStatus, order_log_id
 from tests.integration.executor_support import (
     Run,
     enqueue,
@@ -127,3 +127,23 @@ async def _position(redis: Redis, run: Run, position: Position) -> bool:
 
 async def _unloaded(redis: Redis, run: Run) -> bool:
     return not await redis.exists(keys.strategy_key(run.sid))
+
+
+async def test_a_batch_keeps_every_column_and_payload(redis: Redis, engine: AsyncEngine, sim: SimAdmin,
+                                                      settings) -> None:
+    run = await start_run(engine, redis, await new_account(sim, engine, redis))
+    payload = {"order": {"tag": "TWX", "quantity": 3}, "note": "prix é", "price": 1234.05,
+               "none": None}
+    rows = [row_for(run, f"1700000000001-{i}", request_payload=payload, response_payload={"i": i},
+                    broker_order_id=f"OID{i}", tag="TWX").model_copy(
+                update={"status": OrderLogStatus.failed if i else OrderLogStatus.success})
+            for i in range(3)]
+    async with running_executor(settings) as service:
+        for row in rows:
+            await redis.xadd(keys.ORDER_LOGS_STREAM, {"row": dumps(row)})
+        await eventually(lambda: service.writer.written == 3)
+    stored = await order_logs(engine, run)
+    assert [(r.id, r.status.value, r.event_type.value, r.request_payload, r.response_payload, r.broker_order_id,
+             r.tag, r.stream_msg_id, r.trading_day, r.created_at, r.user_id) for r in stored] == [
+        (row.id, row.status.value, "SELL", payload, {"i": i}, f"OID{i}", "TWX", row.stream_msg_id,
+         row.trading_day, row.created_at, run.account.user_id) for i, row in enumerate(rows)]

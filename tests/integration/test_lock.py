@@ -92,8 +92,9 @@ async def test_stop_waits_for_an_order_in_flight_longer_than_the_ttl(api: ApiHar
                                                                      exec_settings: Any) -> None:
     user, sid = await _started(api)
     async with running_executor(exec_settings):
-        # Every broker call of the BUY (tag lookup, placement, fill check) takes 2 TTLs.
-        api.sim.set_faults(latency_ms=2 * TTL_MS, routes=["orders"])
+        # Every broker call of the BUY (tag lookup, placement, fill check) takes 3 TTLs: the BUY
+        # (9 TTLs) outlasts HOLD_S (6) by a margin, however fast the executor's own work is.
+        api.sim.set_faults(latency_ms=3 * TTL_MS, routes=["orders"])
         await _buy_now(redis, sid)
         executor = await eventually(lambda: _holder(redis, sid), timeout=20, interval=0.005,
                                     message="the BUY never went in flight")
