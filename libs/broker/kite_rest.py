@@ -1,12 +1,10 @@
-"""Kite REST order calls on the event loop: HTTP/1.1 keep-alive, orjson.
+"""Kite REST order calls on the event loop: aiohttp, keep-alive, orjson.
 
 The order path makes three broker calls per order (tag lookup, place, order
 history). Through the official client each one is a `requests` call on a
 pool thread, and the threads fight the event loop for the GIL. This client
 sends the same requests from the event loop over one keep-alive connection
-pool shared by every account (the Authorization header is per request):
-its own small HTTP/1.1 transport (below, with httptools parsing replies),
-or aiohttp when an HTTP(S) proxy is configured for the broker.
+pool shared by every account (the Authorization header is per request).
 
 Wire format is the official client's, taken from it rather than copied:
 routes from `KiteConnect._routes`, the `X-Kite-Version` header from
@@ -20,25 +18,19 @@ read as `KiteConnect._request` reads them: Kite's error envelope raises the
 wire.) Everything off the order path (login, profile, instruments) stays on
 the official client (`libs.broker.kite.KiteGateway`).
 
-Redirects are not followed (Kite's order routes never redirect; a 3xx is a
-reply that does not parse, so a classified error). No POST is ever re-sent
-here: like aiohttp, an idempotent method (GET,
-DELETE) that finds its idle keep-alive connection dead before any reply byte
-goes once more on a new one, never a POST, so a place that fails is a
-classified error and the caller's tag lookup decides.
+No request is ever re-sent here: aiohttp re-sends an idempotent method once
+on a dropped keep-alive connection (GET, DELETE), never a POST, so a place
+that fails is a classified error and the caller's tag lookup decides.
 """
 
 from __future__ import annotations
 
-import asyncio
 import ssl
-import zlib
 from typing import Any
-from urllib.parse import quote, urlencode, urljoin, urlsplit
+from urllib.parse import urlencode, urljoin
 
 import aiohttp
 import certifi
-import httptools
 import orjson
 from kiteconnect import KiteConnect
 from kiteconnect import exceptions as kex
@@ -86,19 +78,6 @@ class KiteOrderClient:
         proxies, self._ca_bundle = broker_environment(self.root)
         self._proxy = proxies.get(self.root.split(":", 1)[0]) or proxies.get("all")
         self._session: aiohttp.ClientSession | None = None
-        self._pool: _ConnectionPool | None = None
-        origin = urlsplit(self.root)
-        self._https = origin.scheme == "https"
-        self._host = origin.hostname or ""
-        self._port = origin.port or (443 if self._https else 80)
-        host = f"[{self._host}]" if ":" in self._host else self._host  # an IPv6 literal keeps its brackets
-        self._host_header = host if origin.port is None else f"{host}:{origin.port}"
-
-    def _direct(self) -> _ConnectionPool:
-        if self._pool is None:
-            tls = ssl.create_default_context(cafile=self._ca_bundle or certifi.where()) if self._https else None
-            self._pool = _ConnectionPool(self._host, self._port, tls, self.pool_size)
-        return self._pool
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -128,32 +107,12 @@ class KiteOrderClient:
             body = encode_form(form)
             headers["Content-Type"] = _FORM
         try:
-            if self._proxy is None:
-                status, content_type, raw = await self._send_direct(method, uri, headers, body)
-                return parse_reply(status, content_type, raw)
             async with self._client().request(method, urljoin(self.root, uri), data=body, headers=headers,
                                               proxy=self._proxy, allow_redirects=True) as resp:
                 raw = await resp.read()
                 return parse_reply(resp.status, resp.headers.get("Content-Type", ""), raw)
         except (kex.KiteException, aiohttp.ClientError, TimeoutError, OSError, ValueError, KeyError, TypeError) as exc:
             raise classify(exc, sent_order=sent_order) from exc
-
-    async def _send_direct(self, method: str, uri: str, headers: dict[str, str],
-                           body: bytes | None) -> tuple[int, str, bytes]:
-        """Send one request over the keep-alive pool; return (status, content type, body)."""
-        if any("\r" in value or "\n" in value for value in headers.values()):
-            raise ValueError("refusing a header value with a line break")  # no header injection via a token
-        lines = [f"{method} {quote(uri, safe=_SAFE_PATH)} HTTP/1.1", f"Host: {self._host_header}"]
-        lines += [f"{name}: {value}" for name, value in headers.items()]
-        if body is not None:
-            lines.append(f"Content-Length: {len(body)}")
-        elif method not in ("GET", "HEAD"):
-            lines.append("Content-Length: 0")  # as `requests` sends for a body-less DELETE
-        payload = "\r\n".join(lines).encode("latin-1") + b"\r\n\r\n" + (body or b"")
-        async with asyncio.timeout(self.timeout.total):
-            status, reply_headers, raw = await self._direct().send(
-                payload, resend_on_stale=method in ("GET", "HEAD", "DELETE"))
-        return status, reply_headers.get(b"content-type", b"").decode("latin-1"), raw
 
     async def place_market_order(self, api_key: str, access_token: str, *, symbol: str, exchange: str,
                                  transaction_type: str, quantity: int, product: str, tag: str) -> str:
@@ -185,149 +144,6 @@ class KiteOrderClient:
 
     async def aclose(self) -> None:
         """Close the connection pool."""
-        if self._pool is not None:
-            self._pool.close()
-            self._pool = None
         if self._session is not None:
             await self._session.close()
             self._session = None
-
-
-# --- The order path's HTTP/1.1 transport -----------------------------------------------------
-# aiohttp costs ~0.15 ms of CPU per call (request/response objects, header multidicts,
-# timers, tasks); the executor makes three calls per order, so the order path speaks
-# HTTP/1.1 itself: one protocol object per keep-alive connection, httptools (llhttp, as
-# aiohttp and uvicorn use) to parse replies, and the request written in one buffer.
-
-IDLE_KEEPALIVE_S = 15.0  # aiohttp's default: a connection idle longer is closed rather than reused
-_SAFE_PATH = "!#$%&'()*+,/:;=?@[]~"  # what `requests.utils.requote_uri` leaves as is
-
-
-class _Connection(asyncio.Protocol):
-    """One keep-alive connection: write a request, wait for its whole reply."""
-
-    def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpResponseParser(self)
-        self.closed = False
-        self.idle_since = 0.0
-        self._waiter: asyncio.Future[tuple[int, dict[bytes, bytes], bytes, bool]] | None = None
-        self._headers: list[tuple[bytes, bytes]] = []
-        self._body: list[bytes] = []
-        self.received = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def data_received(self, data: bytes) -> None:
-        if self._waiter is None or self._waiter.done():
-            # Bytes no request asked for (a server's parting 408, a late reply): the stream is
-            # out of step, so the connection is never used again.
-            self._fail(aiohttp.ServerDisconnectedError("unsolicited bytes on an idle connection"))
-            return
-        self.received = True
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserError as error:
-            self._fail(aiohttp.ClientPayloadError(f"malformed reply from the broker: {error}"))
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._fail(exc or aiohttp.ServerDisconnectedError("broker closed the connection"))
-
-    # httptools callbacks
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name.lower(), value))
-
-    def on_body(self, body: bytes) -> None:
-        self._body.append(body)
-
-    def on_message_complete(self) -> None:
-        if self._waiter is None or self._waiter.done():
-            # A second reply to one request (a parting 408): the stream is out of step.
-            self._fail(aiohttp.ServerDisconnectedError("unsolicited reply on the connection"))
-            return
-        # Taken now: the parser is reset for whatever follows once this callback returns.
-        self._waiter.set_result((self.parser.get_status_code(), dict(self._headers), b"".join(self._body),
-                                 self.parser.should_keep_alive()))
-        self._headers, self._body = [], []
-
-    def _fail(self, exc: BaseException) -> None:
-        self.closed = True
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_exception(exc)
-        if self.transport is not None:
-            self.transport.close()
-
-    def abort(self) -> None:
-        self.closed = True
-        if self.transport is not None:
-            self.transport.abort()
-
-    async def exchange(self, payload: bytes) -> tuple[int, dict[bytes, bytes], bytes, bool]:
-        """Send one request; return (status, headers, body, keep-alive)."""
-        assert self.transport is not None
-        self._headers, self._body, self.received = [], [], False
-        self._waiter = asyncio.get_running_loop().create_future()
-        self.transport.write(payload)
-        status, headers, body, keep_alive = await self._waiter
-        encoding = headers.get(b"content-encoding", b"").strip().lower()
-        try:
-            if encoding == b"gzip":
-                body = zlib.decompress(body, 16 + zlib.MAX_WBITS)
-            elif encoding == b"deflate":
-                # zlib-wrapped, or raw deflate as some servers send it
-                body = zlib.decompress(body, 15 if body[:1] == b"\x78" else -zlib.MAX_WBITS)
-        except zlib.error as error:
-            raise aiohttp.ClientPayloadError(f"reply body does not decode as {encoding.decode()}: {error}") from None
-        return status, headers, body, keep_alive and not self.closed
-
-
-class _ConnectionPool:
-    """Keep-alive connections to one origin, at most `limit` at once."""
-
-    def __init__(self, host: str, port: int, tls: ssl.SSLContext | None, limit: int) -> None:
-        self.host, self.port, self.tls = host, port, tls
-        self._idle: list[_Connection] = []
-        self._slots = asyncio.Semaphore(limit)
-
-    async def _connection(self) -> tuple[_Connection, bool]:
-        loop = asyncio.get_running_loop()
-        while self._idle:
-            conn = self._idle.pop()
-            if not conn.closed and loop.time() - conn.idle_since < IDLE_KEEPALIVE_S:
-                return conn, True
-            conn.abort()
-        _transport, conn = await loop.create_connection(
-            _Connection, self.host, self.port, ssl=self.tls, server_hostname=self.host if self.tls else None)
-        return conn, False
-
-    async def send(self, payload: bytes, *, resend_on_stale: bool) -> tuple[int, dict[bytes, bytes], bytes]:
-        """Send on an idle connection (or a new one); a GET/DELETE that met a dead idle one goes once more.
-
-        A POST is never sent twice: its failure is the caller's to classify (the tag lookup decides).
-        """
-        async with self._slots:
-            while True:
-                conn, reused = await self._connection()
-                try:
-                    status, headers, body, keep = await conn.exchange(payload)
-                except (OSError, aiohttp.ServerDisconnectedError):
-                    conn.abort()
-                    if reused and resend_on_stale and not conn.received:
-                        resend_on_stale = False
-                        continue
-                    raise
-                except BaseException:
-                    conn.abort()  # cancelled or timed out mid-reply: its state is unknown
-                    raise
-                if keep and not conn.closed:
-                    conn.idle_since = asyncio.get_running_loop().time()
-                    self._idle.append(conn)
-                else:
-                    conn.abort()
-                return status, headers, body
-
-    def close(self) -> None:
-        for conn in self._idle:
-            conn.abort()
-        self._idle.clear()
