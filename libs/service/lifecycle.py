@@ -35,11 +35,16 @@ class Shutdown:
 
     async def wait(self, timeout: float | None = None) -> bool:
         """Wait for shutdown up to `timeout`; return True if it was requested."""
-        try:
-            await asyncio.wait_for(self.event.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
+        return await sleep_unless_stopped(self.event, timeout)
+
+
+async def sleep_unless_stopped(stop: asyncio.Event, seconds: float | None) -> bool:
+    """Sleep `seconds` (None: for ever) or until `stop` is set; return True if it was set."""
+    try:
+        await asyncio.wait_for(stop.wait(), seconds)
+    except TimeoutError:
+        return False
+    return True
 
 
 def _leaf(exc: BaseException) -> BaseException:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import random
 import secrets
 import socket
 import time
@@ -44,6 +43,8 @@ from redis.exceptions import RedisError, ResponseError
 from libs.schema import keys
 from libs.schema.models.notify import Notice
 from libs.schema.tables import NotificationSettings
+from libs.service.backoff import backoff_delay
+from libs.service.lifecycle import sleep_unless_stopped
 from libs.service.secretbox import SecretBox
 from libs.trading.calendar import IST
 from services.api.deps import BOX, READS, REDIS, SETTINGS
@@ -254,8 +255,7 @@ class Deliverer:
                     self._inflight.add(task)
                     task.add_done_callback(self._inflight.discard)
             if not found:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), self.settings.notify_poll_s)
+                await sleep_unless_stopped(stop, self.settings.notify_poll_s)
 
     async def _deliver(self, partition: int, member: str, payload: bytes) -> None:
         try:
@@ -317,8 +317,8 @@ class Deliverer:
                 pipe.hdel(pending, member)
                 await pipe.execute()
             return
-        ceiling = min(self.settings.notify_backoff_cap_s, self.settings.notify_backoff_base_s * 2 ** (attempt - 1))
-        delay = random.uniform(ceiling / 2, ceiling)
+        delay = backoff_delay(attempt, base=self.settings.notify_backoff_base_s,
+                              cap=self.settings.notify_backoff_cap_s, jitter=True)
         log.warning("notification failed; retrying", notice_id=notice.id, channel=item["channel"], attempt=attempt,
                     retry_in_s=round(delay, 2), error=error)
         async with self.redis.pipeline(transaction=True) as pipe:

@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from libs.broker.kite_rest import KiteOrderClient
 from libs.schema import keys
 from libs.service.health import HealthServer
+from libs.service.lifecycle import sleep_unless_stopped
 from libs.service.logging import get_logger
 from libs.service.redis_client import connect_redis, server_run_id
 from libs.service.secretbox import SecretBox
@@ -104,9 +105,7 @@ class ExecutorService:
     async def _watch_redis(self, stop: asyncio.Event) -> None:
         """Poll `INFO server` run_id; a new one means Redis restarted and may have lost writes."""
         while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.settings.redis_watch_interval_s)
-            if stop.is_set():
+            if await sleep_unless_stopped(stop, self.settings.redis_watch_interval_s):
                 return
             try:
                 run_id = await self._server_run_id()
@@ -137,8 +136,7 @@ class ExecutorService:
                 return True
             except RedisError as error:
                 self.log.warning("waiting for redis", error=str(error))
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), 0.5)
+                await sleep_unless_stopped(stop, 0.5)
         return False
 
     async def run(self, stop: asyncio.Event) -> None:

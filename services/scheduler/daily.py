@@ -17,7 +17,6 @@ time (the clock, the calendar) and can run as several replicas:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from datetime import date
 from typing import Any
 
@@ -32,7 +31,9 @@ from libs.broker.kite import KiteGateway
 from libs.schema import keys
 from libs.schema.models import StrategyStatus
 from libs.schema.tables import Strategy
+from libs.service.backoff import Backoff
 from libs.service.clock import Clock
+from libs.service.lifecycle import sleep_unless_stopped
 from libs.service.logging import get_logger
 from libs.service.secretbox import SecretBox
 from libs.trading.calendar import MarketCalendar
@@ -72,8 +73,7 @@ class DailyTasks:
         return cls(settings, redis, sessions, calendar, clock, stopping, checker), gateway
 
     async def _pause(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.stopping.wait(), seconds)
+        await sleep_unless_stopped(self.stopping, seconds)
 
     async def preopen_checks_forever(self) -> None:
         """At preopen_check_time on every trading day, check the tokens of accounts with running strategies."""
@@ -128,14 +128,17 @@ class DailyTasks:
     async def rearm_forever(self) -> None:
         """Arm ended runs of repeating strategies for their next trading day; watch the halt key."""
         pause = self.settings.rearm_interval_s
+        # An outage backs off (from twice the interval, up to 30 s) instead of logging every pass.
+        outage = Backoff(base=2 * self.settings.rearm_interval_s, cap=30.0)
         while not self.stopping.is_set():
             try:
                 await self.watch_halt()
                 armed = await rearm_ended_runs(self.sessions, self.redis, self.calendar, self.clock.now())
                 REARMED.inc(len(armed))
                 pause = self.settings.rearm_interval_s
+                outage.reset()
             except (SQLAlchemyError, RedisError, OSError) as exc:
-                pause = min(pause * 2, 30.0)  # an outage: back off instead of logging every second
+                pause = outage.next()
                 log.warning("re-arm pass failed; retrying", error=str(exc), retry_in_s=pause)
             await self._pause(pause)
 
