@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import AliasChoices, Field
 
+from libs.schema import keys
 from libs.service.settings import ServiceSettings
 
 
@@ -58,7 +59,7 @@ class ApiSettings(ServiceSettings):
     """Size of the Redis connection pool."""
     stop_lock_wait_s: float = Field(5.0, ge=0)
     """How long stop waits for an executor holding the strategy's lock (an order in flight)."""
-    instruments_ttl_s: int = Field(2 * 86400, ge=60)
+    instruments_ttl_s: int = Field(keys.INSTRUMENTS_TTL_S, ge=60)
     """TTL of the daily instruments cache."""
     stream_interval_s: float = Field(1.0, ge=0.1, le=60)
     """How often a dashboard event stream looks for changes."""

@@ -41,7 +41,6 @@ from libs.service.outage import POSTGRES_UNAVAILABLE
 from services.executor import metrics
 from services.executor.consumer import ensure_group, is_nogroup
 
-DEAD_MAXLEN = keys.DEAD_MAXLEN
 _PERMANENT = (IntegrityError, DataError)
 # One statement for every batch, executed with a list of rows: SQLAlchemy caches
 # its compiled form and sends the rows as multi-row VALUES pages
@@ -202,7 +201,7 @@ class OrderLogWriter:
         stream = keys.order_logs_stream(partition)  # its dead stream shares the slot: one MULTI
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.xadd(keys.order_logs_dead_stream(partition), {"row": raw, "reason": reason, "msg_id": msg_id},
-                      maxlen=DEAD_MAXLEN, approximate=True)
+                      maxlen=keys.DEAD_MAXLEN, approximate=True)
             pipe.xack(stream, keys.LOG_WRITERS_GROUP, msg_id)
             pipe.xdel(stream, msg_id)
             await pipe.execute()

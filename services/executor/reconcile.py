@@ -51,7 +51,6 @@ from libs.trading.runs import config_for, plan_run, unload_run
 from libs.trading.tags import order_tag
 from services.executor import metrics
 from services.executor.credentials import CredentialStore, CredentialsUnavailable
-from services.executor.handler import EXIT_ATTEMPT_TTL_S
 from services.executor.placement import COMPLETE, TERMINAL, filled_quantity
 from services.executor.state import CONTROL_MAXLEN, LockTimeout, OrderState
 
@@ -194,7 +193,7 @@ class Reconciler:
         exit_ = _filled(exits) if sold and sold >= bought else None
         if exits and exit_ is None:
             # An exit was sent but has not filled: whoever exits next must look it up first.
-            await self.redis.set(keys.exit_attempt_key(sid, config.run_id), "1", ex=EXIT_ATTEMPT_TTL_S)
+            await self.redis.set(keys.exit_attempt_key(sid, config.run_id), "1", ex=keys.RUN_MARKER_TTL_S)
         current = RuntimeState.from_redis_hash(await self.redis.hgetall(keys.runtime_key(sid)))
         now = datetime.now(UTC)
         if exit_ is not None:

@@ -44,7 +44,6 @@ from services.scheduler.settings import SchedulerSettings
 TOKEN_CHECKS = Counter("scheduler_token_checks_total", "Pre-open token checks, by the broker's answer.", ["state"])
 REARMED = Counter("scheduler_runs_rearmed_total", "Repeating strategies armed for their next trading day.")
 HALT = Gauge("scheduler_operator_halt", "1 while the operator halt key is set (executors place no new entries).")
-CHECK_MARK_TTL_S = 172_800
 CHECK_CONCURRENCY = 16  # profile calls in flight (each account has its own Kite rate limit)
 
 log = get_logger("scheduler")
@@ -113,7 +112,7 @@ class DailyTasks:
 
     async def _check_account(self, user_id: Any, running: int, day: date, counts: dict[str, int]) -> None:
         assert self.checker is not None
-        if not await self.redis.set(keys.token_check_key(user_id, day), "1", nx=True, ex=CHECK_MARK_TTL_S):
+        if not await self.redis.set(keys.token_check_key(user_id, day), "1", nx=True, ex=keys.RUN_MARKER_TTL_S):
             return  # another replica has it
         check = await self.checker.check(user_id)
         if check is not None:
