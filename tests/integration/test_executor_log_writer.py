@@ -20,12 +20,12 @@ from tests.integration.executor_support import (
     new_account,
     order_logs,
     running_executor,
-    runtime,
     start_run,
     strategy_row,
 )
 from tests.support.eventually import eventually
 from tests.support.kite_sim import SimAdmin
+from tests.support.runs import position_is
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -89,7 +89,7 @@ async def test_rows_wait_out_a_postgres_outage_while_trading_goes_on(
         await asyncio.to_thread(pg_server.stop, mode="immediate")
         try:
             await enqueue(redis, run.buy())
-            await eventually(lambda: _position(redis, run, Position.bought), timeout=10)
+            await eventually(lambda: position_is(redis, run, Position.bought), timeout=10)
             await enqueue(redis, run.sell())
             await eventually(lambda: _unloaded(redis, run), timeout=10)
             pending = await redis.xpending(keys.ORDER_LOGS_STREAM, keys.LOG_WRITERS_GROUP)
@@ -119,10 +119,6 @@ async def _entries(redis: Redis, stream: str, count: int) -> list:
     entries = await redis.xrange(stream)
     assert len(entries) >= count, entries
     return entries
-
-
-async def _position(redis: Redis, run: Run, position: Position) -> bool:
-    return (await runtime(redis, run)).position == position
 
 
 async def _unloaded(redis: Redis, run: Run) -> bool:
