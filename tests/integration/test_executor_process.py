@@ -97,7 +97,7 @@ async def test_killed_executor_mid_order_is_finished_by_another_with_one_broker_
             sim.set_faults(timeout_after_accept_rate=1.0, routes=["orders"])
             await enqueue(redis, run.sell())
             await eventually(lambda: _pending(redis, 1), timeout=5)
-            await asyncio.sleep(0.3)
+            await eventually(lambda: len(broker_orders(sim, run.tag("exit"))) == 1, timeout=5)  # booked, reply held
             victim.kill()
             victim.wait(5)
         async with running_executor(settings):
