@@ -45,6 +45,7 @@ from libs.schema.models.notify import Notice
 from libs.schema.tables import NotificationSettings
 from libs.service.backoff import backoff_delay
 from libs.service.lifecycle import sleep_unless_stopped
+from libs.service.outage import POSTGRES_UNAVAILABLE
 from libs.service.secretbox import SecretBox
 from libs.trading.calendar import IST
 from services.api.deps import BOX, READS, REDIS, SETTINGS
@@ -180,7 +181,10 @@ class Deliverer:
                     continue
                 log.warning("notify stream read failed; retrying", error=str(exc)[:200])
                 await asyncio.sleep(1)
-            except Exception:  # noqa: BLE001 - Postgres down, say: entries stay pending and are claimed again
+            except POSTGRES_UNAVAILABLE as exc:  # entries stay pending and are claimed again
+                log.warning("postgres unavailable for notify fan-out; retrying", error=type(exc).__name__)
+                await asyncio.sleep(1)
+            except Exception:  # noqa: BLE001 - a bug in one fan-out must not stop delivery; entries stay pending
                 log.exception("notify fan-out failed; retrying", partition=partition)
                 await asyncio.sleep(1)
 

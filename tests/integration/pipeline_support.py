@@ -2,7 +2,7 @@
 
 Rows go through `libs.schema.tables`, runs through `libs.trading.runs.load_run`,
 and position changes the way the executor makes them (HSET runtime position
-plus a `position` control message in one MULTI), so the services under test
+plus a `position` control message in one step, as its commit script does), so the services under test
 see exactly what production would give them.
 """
 
@@ -82,7 +82,7 @@ async def start_run(redis: Redis, engine: AsyncEngine, user_id: uuid.UUID, **kwa
 
 
 async def set_position(redis: Redis, config: StrategyConfig, position: Position) -> None:
-    """Change runtime position and tell listeners, in one MULTI, as the executor does."""
+    """Change runtime position and tell listeners in one step (a MULTI here; the executor's commit script)."""
     fields = RuntimeState.hash_fields(position=position, updated_at=datetime.now(UTC))
     msg = ControlMessage(action="position", strategy_id=config.strategy_id, symbol=config.symbol,
                          stop_loss=config.stop_loss, position=position, run_id=config.run_id)
