@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import time
 from collections.abc import Callable, Coroutine, Mapping
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 class Shutdown:
@@ -36,6 +39,22 @@ class Shutdown:
     async def wait(self, timeout: float | None = None) -> bool:
         """Wait for shutdown up to `timeout`; return True if it was requested."""
         return await sleep_unless_stopped(self.event, timeout)
+
+
+def poll(check: Callable[[], T], *, timeout: float, interval: float) -> T | None:
+    """Call `check` every `interval` s until it returns a truthy value, which is returned; None after `timeout`.
+
+    For blocking start-up waits (a server accepting connections). `check` returns
+    something falsy for "not yet" and raises for "never".
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(interval)
 
 
 async def sleep_unless_stopped(stop: asyncio.Event, seconds: float | None) -> bool:

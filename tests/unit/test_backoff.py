@@ -1,13 +1,14 @@
-"""The one back-off formula and the one stop-aware sleep every retry loop uses."""
+"""The one back-off formula, the one stop-aware sleep and the one blocking poll the services use."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 import pytest
 
 from libs.service.backoff import Backoff, backoff_delay
-from libs.service.lifecycle import Shutdown, sleep_unless_stopped
+from libs.service.lifecycle import Shutdown, poll, sleep_unless_stopped
 
 
 def test_delay_doubles_from_the_base_up_to_the_cap() -> None:
@@ -62,3 +63,22 @@ async def test_shutdown_wait_is_the_same_sleep() -> None:
     assert await shutdown.wait(0.01) is False
     shutdown.request()
     assert await shutdown.wait(3600) is True
+
+
+def test_poll_returns_the_first_truthy_answer() -> None:
+    answers = itertools.chain([None, 0, ""], itertools.repeat(42))
+    assert poll(lambda: next(answers), timeout=5, interval=0.001) == 42
+
+
+def test_poll_gives_up_with_none_after_the_timeout() -> None:
+    calls = itertools.count()
+    assert poll(lambda: next(calls) < 0, timeout=0.05, interval=0.01) is None
+    assert next(calls) >= 2  # it kept asking until the time was up
+
+
+def test_poll_lets_a_check_say_never() -> None:
+    def refused() -> bool:
+        raise RuntimeError("password refused")
+
+    with pytest.raises(RuntimeError, match="password refused"):
+        poll(refused, timeout=5, interval=0.01)
