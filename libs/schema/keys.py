@@ -301,8 +301,9 @@ def orders_stream(partition: int) -> str:
 
 def orders_dead_stream(partition: int) -> str:
     """Return `queue:orders:dead:{tag}`."""
-    # STREAM of events delivered too often: fields event, reason, msg_id,
-    # deliveries. Kept for humans to inspect; trimmed with MAXLEN, no TTL.
+    # STREAM of events malformed, refused or delivered too often: fields event,
+    # reason, msg_id, deliveries. Kept for humans to inspect; trimmed with
+    # DEAD_MAXLEN, no TTL.
     return f"queue:orders:dead:{partition_tag(partition)}"
 
 
@@ -315,7 +316,9 @@ def order_logs_stream(partition: int) -> str:
 
 def order_logs_dead_stream(partition: int) -> str:
     """Return `queue:order_logs:dead:{tag}`."""
-    # STREAM of order-log rows Postgres refused for good; kept for inspection.
+    # STREAM of order-log rows the writer could not parse or Postgres refused for
+    # good: fields row, reason, msg_id. Kept for inspection; trimmed with
+    # DEAD_MAXLEN, no TTL.
     return f"queue:order_logs:dead:{partition_tag(partition)}"
 
 
@@ -323,7 +326,7 @@ def control_stream(partition: int) -> str:
     """Return `control:strategies:{tag}`."""
     # STREAM, field `event` = JSON of a ControlMessage (started/stopped/position)
     # about this partition's strategies, telling market listeners what to watch.
-    # Trimmed with MAXLEN, no TTL.
+    # Trimmed with CONTROL_MAXLEN, no TTL.
     return f"control:strategies:{partition_tag(partition)}"
 
 
@@ -333,12 +336,13 @@ ORDER_LOGS_STREAM = order_logs_stream(0)
 ORDER_LOGS_DEAD_STREAM = order_logs_dead_stream(0)
 CONTROL_STREAM = control_stream(0)
 
-# Approximate MAXLEN of CONTROL_STREAM: listeners read it live and rebuild from
+# Approximate MAXLEN of each control_stream: listeners read it live and rebuild from
 # a scan at start, so only recent entries matter; 100k covers hours of churn.
 CONTROL_MAXLEN = 100_000
 
-# Approximate MAXLEN of each dead-letter stream (ORDERS_DEAD_STREAM,
-# ORDER_LOGS_DEAD_STREAM): kept for humans, bounded so a flood cannot fill Redis.
+# Approximate MAXLEN of each dead-letter stream (orders_dead_stream,
+# order_logs_dead_stream, notify_dead_stream): kept for humans, bounded so a
+# flood cannot fill Redis.
 DEAD_MAXLEN = 100_000
 
 
@@ -436,7 +440,8 @@ INSTRUMENTS_TTL_S = 2 * 86_400
 def broker_credentials_key(user_id: Id) -> str:
     """Return `broker:<user_id>:{tag}` (tag: the user's partition)."""
     # HASH api_key, access_token (AES-GCM ciphertexts copied verbatim from
-    # Postgres), api_key_fp, is_valid ("1"/"0"): the order path's credentials,
+    # Postgres), api_key_fp, is_valid ("1"/"0"), token_state (the broker's last
+    # answer about the token: valid/expired/unknown): the order path's credentials,
     # written by the API on connect/session/start. No TTL: Postgres is the
     # source and every start rewrites it. Read together with a strategy's keys
     # only when their tags agree (always with N = 1).
