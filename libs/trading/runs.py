@@ -34,6 +34,7 @@ from libs.schema.models import (
     event_to_json,
 )
 from libs.service.logging import get_logger
+from libs.service.scripts import script_for
 from libs.trading.calendar import MarketCalendar, epoch_ms
 
 _log = get_logger("runs")
@@ -41,6 +42,12 @@ _log = get_logger("runs")
 CONTROL_MAXLEN = keys.CONTROL_MAXLEN
 
 _LOAD = """
+-- KEYS: [1] strategy:{id} (string), [2] runtime:{id} (hash), [3] symbol:{symbol}:strategies (set),
+--       [4] schedule (zset), [5] control:strategies (stream)
+-- ARGV: [1] config JSON, [2] runtime fields (JSON flat list), [3] strategy_id, [4] BUY member,
+--       [5] BUY due ms, [6] SELL member, [7] SELL due ms, [8] `started` control JSON,
+--       [9] control MAXLEN, [10] schedule wake-up channel
+-- Returns: 1. The runtime is replaced, not merged: no field of an earlier run survives.
 redis.call('SET', KEYS[1], ARGV[1])
 redis.call('DEL', KEYS[2])
 redis.call('HSET', KEYS[2], unpack(cjson.decode(ARGV[2])))
@@ -52,6 +59,11 @@ return 1
 """
 
 _UNLOAD = """
+-- KEYS: [1] strategy:{id} (string), [2] runtime:{id} (hash), [3] symbol:{symbol}:strategies (set),
+--       [4] schedule (zset), [5] control:strategies (stream)
+-- ARGV: [1] strategy_id, [2] BUY member, [3] SELL member, [4] `stopped` control JSON, [5] control MAXLEN
+-- Returns: how many of KEYS[1], KEYS[2] existed (0: the run was not loaded). The `stopped`
+--          message goes out either way (listeners drop what they may still watch).
 local existed = redis.call('DEL', KEYS[1], KEYS[2])
 redis.call('SREM', KEYS[3], ARGV[1])
 redis.call('ZREM', KEYS[4], ARGV[2], ARGV[3])
@@ -60,6 +72,9 @@ return existed
 """
 
 _SCHEDULE = """
+-- KEYS: [1] schedule (zset)
+-- ARGV: [1] event member (canonical JSON), [2] due ms, [3] schedule wake-up channel
+-- Returns: 1. Scheduling a member again only moves its due time.
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
 redis.call('PUBLISH', ARGV[3], ARGV[2])
 return 1
@@ -111,14 +126,12 @@ async def load_run(redis: Redis, config: StrategyConfig, plan: RunPlan, *, now: 
     flat: list[str] = [x for pair in state.to_redis_hash().items() for x in pair]
     sid = str(config.strategy_id)
     part = keys.partition_of(sid)
-    await redis.eval(
-        _LOAD, 5,
-        keys.strategy_key(sid), keys.runtime_key(sid), keys.symbol_strategies_key(config.symbol, part),
-        keys.schedule_key(part), keys.control_stream(part),
-        dumps(config), dumps(flat), sid,
-        event_to_json(plan.buy), plan.buy_due_ms, event_to_json(plan.sell), plan.sell_due_ms,
-        dumps(started_message(config)), CONTROL_MAXLEN, keys.SCHEDULE_WAKEUP_CHANNEL,
-    )
+    await script_for(redis, _LOAD)(
+        keys=[keys.strategy_key(sid), keys.runtime_key(sid), keys.symbol_strategies_key(config.symbol, part),
+              keys.schedule_key(part), keys.control_stream(part)],
+        args=[dumps(config), dumps(flat), sid,
+              event_to_json(plan.buy), plan.buy_due_ms, event_to_json(plan.sell), plan.sell_due_ms,
+              dumps(started_message(config)), CONTROL_MAXLEN, keys.SCHEDULE_WAKEUP_CHANNEL])
 
 
 async def commit_loaded_run(session: Any, redis: Redis, config: StrategyConfig, plan: RunPlan, *, now: datetime,
@@ -157,19 +170,17 @@ async def unload_run(redis: Redis, config: StrategyConfig, plan: RunPlan) -> boo
     msg = ControlMessage(action="stopped", strategy_id=config.strategy_id, symbol=config.symbol,
                          run_id=config.run_id)
     part = keys.partition_of(sid)
-    existed = await redis.eval(
-        _UNLOAD, 5,
-        keys.strategy_key(sid), keys.runtime_key(sid), keys.symbol_strategies_key(config.symbol, part),
-        keys.schedule_key(part), keys.control_stream(part),
-        sid, event_to_json(plan.buy), event_to_json(plan.sell), dumps(msg), CONTROL_MAXLEN,
-    )
+    existed = await script_for(redis, _UNLOAD)(
+        keys=[keys.strategy_key(sid), keys.runtime_key(sid), keys.symbol_strategies_key(config.symbol, part),
+              keys.schedule_key(part), keys.control_stream(part)],
+        args=[sid, event_to_json(plan.buy), event_to_json(plan.sell), dumps(msg), CONTROL_MAXLEN])
     return bool(existed)
 
 
 async def schedule_event(redis: Redis, event: Event, due_ms: int) -> None:
     """Add one event to its strategy's partition of `schedule` and wake sleeping schedulers."""
-    await redis.eval(_SCHEDULE, 1, keys.schedule_key(keys.partition_of(event.strategy_id)), event_to_json(event),
-                     due_ms, keys.SCHEDULE_WAKEUP_CHANNEL)
+    await script_for(redis, _SCHEDULE)(keys=[keys.schedule_key(keys.partition_of(event.strategy_id))],
+                                        args=[event_to_json(event), due_ms, keys.SCHEDULE_WAKEUP_CHANNEL])
 
 
 async def loaded_config(redis: Redis, strategy_id: str) -> StrategyConfig | None:

@@ -8,6 +8,8 @@ validity as it was. The answer lands in Postgres (`token_state`,
 `is_valid`), each only while the stored token is still the one that was
 checked, so a slow answer about an old token never overwrites a fresh login.
 Used by the API (start, with a short cache) and the scheduler (pre-open check).
+A `broker:{user_id}` lost with Redis is restored from Postgres only while it is
+still missing (the scheduler's rebuild, the executor's reconciliation).
 """
 
 from __future__ import annotations
@@ -23,9 +25,11 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from libs.broker.kite import BrokerError, BrokerErrorKind, KiteGateway
 from libs.schema import keys
+from libs.schema.codec import dumps
 from libs.schema.tables import BrokerCredential
 from libs.service.clock import Clock, SystemClock
 from libs.service.logging import get_logger, register_secret
+from libs.service.scripts import script_for
 from libs.service.secretbox import SecretBox, SecretBoxError
 from libs.trading.calendar import IST
 
@@ -36,6 +40,9 @@ log = get_logger("tokens")
 
 # Write the answer only while the hash still holds the checked token (a login may have replaced it).
 _MIRROR = """
+-- KEYS: [1] broker:{user_id} (hash)
+-- ARGV: [1] the checked access_token (ciphertext), [2] token_state, [3] is_valid '1'|'0', or '' to keep it
+-- Returns: 1 if written, 0 if the hash holds another token or none (replaced or lost: nothing written)
 if redis.call('HGET', KEYS[1], 'access_token') == ARGV[1] then
   redis.call('HSET', KEYS[1], 'token_state', ARGV[2])
   if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'is_valid', ARGV[3]) end
@@ -44,11 +51,32 @@ end
 return 0
 """
 
+# Never over a hash that exists: a login since the Postgres read may have written a newer token.
+_RESTORE_BROKER = """
+-- KEYS: [1] broker:{user_id} (hash)
+-- ARGV: [1] the hash's fields (JSON flat list: field, value, ...)
+-- Returns: 1 if restored, 0 if the hash existed (left as it is)
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], unpack(cjson.decode(ARGV[1])))
+return 1
+"""
+
+
+async def restore_broker_hash(redis: Redis, user_id: UUID | str, *, api_key: str, api_key_fp: str, is_valid: bool,
+                              access_token: str | None) -> bool:
+    """Write `broker:{user_id}` from its Postgres row (ciphertexts) if Redis lost it; return True if it did."""
+    fields = {"api_key": api_key, "api_key_fp": api_key_fp, "is_valid": "1" if is_valid else "0"}
+    if access_token:
+        fields["access_token"] = access_token
+    flat = [x for pair in fields.items() for x in pair]
+    return bool(await script_for(redis, _RESTORE_BROKER)(keys=[keys.broker_credentials_key(user_id)],
+                                                         args=[dumps(flat)]))
+
 
 async def mirror_expired(redis: Redis, user_id: UUID | str, token_ct: bytes | str) -> bool:
     """Record in `broker:{user_id}` that the broker refused this token (ciphertext), unless replaced since."""
-    return bool(await redis.eval(_MIRROR, 1, keys.broker_credentials_key(user_id), token_ct,
-                                 TokenState.expired.value, "0"))
+    return bool(await script_for(redis, _MIRROR)(keys=[keys.broker_credentials_key(user_id)],
+                                                 args=[token_ct, TokenState.expired.value, "0"]))
 
 
 class TokenState(enum.StrEnum):
@@ -129,5 +157,6 @@ class TokenChecker:
         if not result.rowcount:
             return False
         is_valid = "" if state == TokenState.unknown else ("1" if state == TokenState.valid else "0")
-        await self.redis.eval(_MIRROR, 1, keys.broker_credentials_key(user_id), token_ct, state.value, is_valid)
+        await script_for(self.redis, _MIRROR)(keys=[keys.broker_credentials_key(user_id)],
+                                              args=[token_ct, state.value, is_valid])
         return True

@@ -57,8 +57,12 @@ log = structlog.get_logger("api.notify")
 SETTINGS_CACHE_S = 5.0
 SHUTDOWN_GRACE_S = 1.0
 
-# KEYS: schedule, pending; ARGV: now ms, lease ms, max count. Returns [member, payload, ...] claimed.
+# Claiming pushes a delivery's score one lease ahead: if its sender dies, it comes due again.
 _CLAIM = """
+-- KEYS: [1] notify:schedule (zset), [2] notify:pending (hash)
+-- ARGV: [1] now ms, [2] lease ms, [3] max count
+-- Returns: the claimed deliveries, flat {member, payload, ...}; a due member without a payload
+--          (settled meanwhile) is dropped from the schedule, not returned
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
 local out = {}
 for _, member in ipairs(due) do

@@ -30,9 +30,10 @@ from redis.asyncio import Redis
 from libs.schema import keys
 from services.executor import metrics
 
-# take_slot(key, limit, window_ms, member) -> 0 if a slot was taken, else ms until one frees.
+# A Lua fragment (no KEYS/ARGV of its own): put it after a script's header.
 # Also used by the strategy-lock script (services.executor.state) for the exit fast path.
 TAKE_SLOT_FN = """
+-- take_slot(rate key, limit, window ms, member) -> 0 if a slot was taken, else ms until one frees
 local function take_slot(key, limit, window, member)
   local t = redis.call('TIME')
   local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -47,8 +48,11 @@ local function take_slot(key, limit, window, member)
 end
 """
 
-# KEYS: rate key[, marker]; ARGV: limit, window ms, member, marker ttl s
-_TAKE_SLOT = TAKE_SLOT_FN + """
+_TAKE_SLOT = """
+-- KEYS: [1] ratelimit:orders:{fp} (zset), [2] exit:attempted:{id}:{run_id} (string, optional)
+-- ARGV: [1] limit, [2] window ms, [3] slot member, [4] marker TTL s
+-- Returns: 0 if a slot was taken (and the marker set), else ms until one frees
+""" + TAKE_SLOT_FN + """
 local wait = take_slot(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3])
 if wait == 0 and KEYS[2] then redis.call('SET', KEYS[2], '1', 'EX', ARGV[4]) end
 return wait

@@ -49,6 +49,7 @@ from libs.service.outage import POSTGRES_UNAVAILABLE
 from libs.trading.calendar import MarketCalendar
 from libs.trading.runs import config_for, plan_run, unload_run
 from libs.trading.tags import order_tag
+from libs.trading.tokens import restore_broker_hash
 from services.executor import metrics
 from services.executor.credentials import CredentialStore, CredentialsUnavailable
 from services.executor.placement import COMPLETE, TERMINAL, filled_quantity
@@ -56,27 +57,30 @@ from services.executor.state import CONTROL_MAXLEN, LockTimeout, OrderState
 
 RECONCILE_STREAM = "reconcile"  # namespace of row ids written by reconciliation
 
-# Both scripts first check that `strategy:{id}` (KEYS[3]) is this run or absent (lost with
-# Redis): a stop + start during reconciliation loads a new run, which the old run's
-# book must not touch. They return 0 (left alone) if another run is loaded.
-_SAME_RUN = """
+# Both scripts first check that `strategy:{id}` is this run or absent (lost with Redis): a
+# stop + start during reconciliation loads a new run, which the old run's book must not touch.
+# The rebuild is one step with its `position` message, as on the order path: a listener that
+# loaded the run before the rebuild only learns a rebuilt `bought` from it (else its stop-loss
+# goes unwatched).
+_REBUILD = """
+-- KEYS: [1] runtime:{id} (hash), [2] control:strategies (stream), [3] strategy:{id} (string)
+-- ARGV: [1] runtime fields (JSON flat list), [2] `position` control JSON, [3] control MAXLEN, [4] run_id
+-- Returns: 1 if rebuilt, 0 if another run is loaded (left alone)
 local raw = redis.call('GET', KEYS[3])
 if raw and cjson.decode(raw)['run_id'] ~= ARGV[4] then return 0 end
-"""
-
-# KEYS: runtime, control, strategy; ARGV: runtime fields (JSON flat list), `position` message,
-# control maxlen, run_id. One step, as on the order path: a listener that loaded the run
-# before the rebuild only learns a rebuilt `bought` from this message (else its stop-loss
-# goes unwatched).
-_REBUILD = _SAME_RUN + """
 redis.call('HSET', KEYS[1], unpack(cjson.decode(ARGV[1])))
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'event', ARGV[2])
 return 1
 """
 
-# KEYS: order_logs, control, strategy; ARGV: row, `position` message, control maxlen, run_id
-# (listeners drop the run). Returns 1 if the run is loaded (to unload), 2 if not loaded.
-_EXITED = _SAME_RUN + """
+# The exited row goes to the order-log writer; the `position` message makes listeners drop the run.
+_EXITED = """
+-- KEYS: [1] queue:order_logs (stream), [2] control:strategies (stream), [3] strategy:{id} (string)
+-- ARGV: [1] order-log row JSON, [2] `position` control JSON, [3] control MAXLEN, [4] run_id
+-- Returns: 1 if this run is loaded (the caller unloads it), 2 if no run is loaded,
+--          0 if another run is loaded (nothing written)
+local raw = redis.call('GET', KEYS[3])
+if raw and cjson.decode(raw)['run_id'] ~= ARGV[4] then return 0 end
 redis.call('XADD', KEYS[1], '*', 'row', ARGV[1])
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'event', ARGV[2])
 if raw then return 1 end
@@ -150,12 +154,9 @@ class Reconciler:
         return configs
 
     async def _restore_credentials(self, cred: Any) -> None:
-        if not cred.cred_access_token:
-            return
-        key = keys.broker_credentials_key(cred.user_id)
-        if not await self.redis.exists(key):
-            await self.redis.hset(key, mapping={"api_key": cred.cred_api_key, "access_token": cred.cred_access_token,
-                                                "api_key_fp": cred.api_key_fp, "is_valid": "1" if cred.is_valid else "0"})
+        if cred.cred_access_token:
+            await restore_broker_hash(self.redis, cred.user_id, api_key=cred.cred_api_key, api_key_fp=cred.api_key_fp,
+                                      is_valid=cred.is_valid, access_token=cred.cred_access_token)
 
     async def _user(self, user_id: str, configs: list[StrategyConfig]) -> int:
         try:

@@ -14,13 +14,17 @@ import asyncio
 from dataclasses import dataclass
 
 from prometheus_client import Counter, Histogram
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import ResponseError
 
 from libs.schema import keys
 from libs.service.clock import Clock, SystemClock
 from libs.service.redis_client import AnyRedis
 
 _MOVE_DUE = """
+-- KEYS: [1] schedule (zset), [2] queue:orders (stream)
+-- ARGV: [1] now ms, [2] batch size
+-- Returns: the moved members with their due scores, flat {member, score, ...} in due order
+--          (empty if nothing is due; fewer than 2 * batch size: nothing more is due)
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[2]))
 if #due == 0 then return due end
 local members = {}
@@ -72,22 +76,14 @@ class DueMover:
         self.redis = redis
         self.batch_size = batch_size
         self.clock = clock or SystemClock()
-        self._sha: str | None = None
+        self._move = redis.register_script(_MOVE_DUE)
         self.moved_total = 0
-
-    async def _eval(self, partition: int, now_ms: int) -> list[bytes]:
-        args = (2, keys.schedule_key(partition), keys.orders_stream(partition), now_ms, self.batch_size)
-        if self._sha is not None:
-            try:
-                return await self.redis.evalsha(self._sha, *args)
-            except NoScriptError:
-                pass  # Redis restarted and lost its script cache
-        self._sha = await self.redis.script_load(_MOVE_DUE)
-        return await self.redis.evalsha(self._sha, *args)
 
     async def _move_partition(self, partition: int, replies: list[tuple[list[bytes], float]]) -> None:
         while True:
-            reply = await self._eval(partition, int(self.clock.time() * 1000))
+            # EVALSHA; after a Redis restart (NOSCRIPT) the Script loads the source and retries.
+            reply = await self._move(keys=[keys.schedule_key(partition), keys.orders_stream(partition)],
+                                     args=[int(self.clock.time() * 1000), self.batch_size])
             if reply:
                 replies.append((reply, self.clock.time() * 1000))
             if len(reply) < 2 * self.batch_size:

@@ -40,24 +40,19 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from libs.schema import keys
-from libs.schema.codec import dumps, loads
+from libs.schema.codec import loads
 from libs.schema.models import Position, RuntimeState, StrategyStatus, event_to_json
 from libs.schema.tables import BrokerCredential, Strategy
 from libs.trading.calendar import MarketCalendar
 from libs.trading.runs import RunPlan, config_for, load_run, loaded_config, plan_run, unload_run
 from libs.trading.tags import order_tag
+from libs.trading.tokens import restore_broker_hash
 
 # A lazy proxy: configure_logging() runs in main(), after this module is imported, and a
 # bound logger made now would keep structlog's default (console) configuration.
 log = structlog.get_logger("scheduler.rebuild")
 
 MISSED = Counter("scheduler_missed_events_total", "BUY events found past the grace window: strategy failed.")
-
-_RESTORE_BROKER = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], unpack(cjson.decode(ARGV[1])))
-return 1
-"""
 
 _SENT_TAGS = text(
     "SELECT DISTINCT tag FROM order_logs WHERE strategy_id = :sid AND tag IN (:entry, :exit)"
@@ -108,15 +103,6 @@ async def _sweep_partition(redis: Redis, calendar: MarketCalendar, grace_s: floa
             started_at = datetime.fromisoformat(config.run_id)
             await unload_run(redis, config, plan_run(config, calendar, started_at))
     return count
-
-
-async def _restore_broker_hash(redis: Redis, cred: BrokerCredential) -> bool:
-    fields: dict[str, str] = {"api_key": cred.api_key, "api_key_fp": cred.api_key_fp,
-                              "is_valid": "1" if cred.is_valid else "0"}
-    if cred.access_token:
-        fields["access_token"] = cred.access_token
-    flat = [x for pair in fields.items() for x in pair]
-    return bool(await redis.eval(_RESTORE_BROKER, 1, keys.broker_credentials_key(cred.user_id), dumps(flat)))
 
 
 async def fail_missed_run(conn: AsyncConnection, redis: Redis, row: Strategy, plan: RunPlan, config: Any,
@@ -182,7 +168,9 @@ async def _rebuild_one(engine: AsyncEngine, redis: Redis, calendar: MarketCalend
             log.info("run stopped or restarted since the snapshot; not rebuilt", strategy_id=str(row.id),
                      run_id=config.run_id)
             return
-        if cred is not None and await _restore_broker_hash(redis, cred):
+        if cred is not None and await restore_broker_hash(
+                redis, cred.user_id, api_key=cred.api_key, api_key_fp=cred.api_key_fp, is_valid=cred.is_valid,
+                access_token=cred.access_token):
             report.broker_restored += 1
         current = await loaded_config(redis, str(row.id))
         if current is None:

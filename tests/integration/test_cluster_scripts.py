@@ -188,3 +188,23 @@ async def test_every_script_runs_on_a_cluster(rc: RedisCluster, same_partition: 
     assert await unload_run(rc, config, plan) is True  # a square-off keeps the run loaded until the exit
     assert await trim_acked_orders(rc) >= 0
     assert "," in await server_run_id(rc)  # one run_id per primary
+
+
+async def test_scripts_reload_after_the_primaries_lost_their_script_cache(rc: RedisCluster) -> None:
+    # A restart or failover empties a primary's script cache: each Script gets NOSCRIPT,
+    # loads its source on every primary and runs again, routed by its keys' slot.
+    sid, uid = _ids(False)
+    fp = str(uid).replace("-", "")[:16]
+    config = _config(sid, uid, fp)
+    plan = plan_run(config, CAL, datetime.fromisoformat(config.run_id))
+    mover = DueMover(rc)
+    limiter = OrderRateLimiter(rc, limit=10, window_ms=1100, max_wait_s=2)
+    for _ in range(2):
+        await rc.script_flush()  # on every primary
+        assert await rc.script_exists(mover._move.sha) == [False]
+        await load_run(rc, config, plan)
+        assert await unload_run(rc, config, plan) is True
+        await schedule_event(rc, plan.sell, 1)
+        assert [m.event_type for m in await mover.move_all_due()] == ["SELL"]
+        await limiter.acquire(fp, mark=(keys.exit_attempt_key(sid, config.run_id), 60))
+    assert len(await rc.xrange(keys.orders_stream(keys.partition_of(sid)))) == 2
