@@ -14,6 +14,7 @@ from deploy.local.procs import PostgresServer
 from libs.schema import keys
 from libs.schema.codec import dumps
 from libs.schema.models import OrderLogRow, Position, StrategyStatus, order_log_id
+from libs.service.outage import POSTGRES_UNAVAILABLE
 from tests.integration.executor_support import (
     Run,
     enqueue,
@@ -104,7 +105,7 @@ async def test_rows_wait_out_a_postgres_outage_while_trading_goes_on(
 async def _logs(engine: AsyncEngine, run: Run, count: int) -> list:
     try:
         rows = await order_logs(engine, run)
-    except Exception as error:  # noqa: BLE001 - Postgres may still be recovering
+    except POSTGRES_UNAVAILABLE as error:  # Postgres may still be recovering
         raise AssertionError(str(error)) from error
     assert len(rows) == count, rows
     return rows

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from deploy.local.procs import RedisServer
@@ -178,7 +179,7 @@ async def test_one_account_stays_under_ten_orders_per_second(redis: Redis, engin
 async def _safe(check: object) -> bool:
     try:
         return await check  # type: ignore[misc]
-    except Exception as error:  # noqa: BLE001 - Redis is restarting
+    except RedisError as error:  # Redis is restarting
         raise AssertionError(str(error)) from error
 
 
