@@ -1,14 +1,13 @@
-"""The exceptions an outage raises, told apart from the ones a bug raises.
+"""The exceptions a Postgres outage raises, told apart from the ones a bug raises.
 
-A retry loop that waits out Postgres or Redis catches these and nothing wider:
+A retry loop that waits out Postgres catches these and nothing wider (for Redis,
+redis-py's RedisError plays the same part):
 anything else is a defect and is logged with its traceback (`log.exception`),
 never reported as "unavailable".
 """
 
 from __future__ import annotations
 
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
@@ -18,7 +17,3 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 # includes the builtin TimeoutError of asyncio.wait_for).
 POSTGRES_UNAVAILABLE: tuple[type[BaseException], ...] = (
     OperationalError, InterfaceError, DisconnectionError, PoolTimeoutError, OSError)
-
-# Redis down, restarting or unreachable (redis-py's BusyLoadingError, raised while a
-# restarted Redis loads its data, is a ConnectionError).
-REDIS_UNAVAILABLE: tuple[type[BaseException], ...] = (RedisConnectionError, RedisTimeoutError, OSError)

@@ -98,8 +98,11 @@ class ExecutorService:
         self.log.warning("redis lost state; reconciling before consuming again", reason=reason)
         try:
             await self.recover("state_lost")
-        except Exception as error:  # noqa: BLE001 - the next read hits NOGROUP again and retries
+        except (RedisError, OSError) as error:  # the next read hits NOGROUP again and retries
             self.log.error("reconciliation failed; will retry", error=f"{type(error).__name__}: {error}")
+            await asyncio.sleep(0.5)
+        except Exception:  # noqa: BLE001 - a bug must not end the consumer; the next read retries
+            self.log.exception("reconciliation failed; will retry")
             await asyncio.sleep(0.5)
 
     async def _watch_redis(self, stop: asyncio.Event) -> None:
@@ -116,9 +119,12 @@ class ExecutorService:
                 self._redis_run_id = run_id
                 try:
                     await self.recover("redis_restart")
-                except Exception as error:  # noqa: BLE001 - keep watching; the next poll retries
+                except (RedisError, OSError) as error:  # keep watching; the next poll retries
                     self._redis_run_id = None
                     self.log.error("reconciliation failed; will retry", error=str(error))
+                except Exception:  # noqa: BLE001 - keep watching; the next poll retries
+                    self._redis_run_id = None
+                    self.log.exception("reconciliation failed; will retry")
 
     async def _warm_redis_pool(self) -> None:
         """Open now the Redis connections a full burst needs, rather than all at once when it arrives.
