@@ -184,13 +184,13 @@ class Deliverer:
                     await self._ensure_group(partition)
                     continue
                 log.warning("notify stream read failed; retrying", error=str(exc)[:200])
-                await asyncio.sleep(1)
+                await sleep_unless_stopped(stop, 1)
             except POSTGRES_UNAVAILABLE as exc:  # entries stay pending and are claimed again
                 log.warning("postgres unavailable for notify fan-out; retrying", error=type(exc).__name__)
-                await asyncio.sleep(1)
+                await sleep_unless_stopped(stop, 1)
             except Exception:  # noqa: BLE001 - a bug in one fan-out must not stop delivery; entries stay pending
                 log.exception("notify fan-out failed; retrying", partition=partition)
-                await asyncio.sleep(1)
+                await sleep_unless_stopped(stop, 1)
 
     async def _claim_abandoned(self, partition: int) -> None:
         # Entries read by a deliverer that died before fanning them out.
