@@ -6,6 +6,7 @@ import asyncio
 from datetime import UTC, datetime
 
 import pytest
+from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -15,6 +16,9 @@ from libs.schema import keys
 from libs.schema.codec import dumps
 from libs.schema.models import OrderLogRow, Position, StrategyStatus, order_log_id
 from libs.service.outage import POSTGRES_UNAVAILABLE
+from services.executor import metrics
+from services.executor.consumer import ensure_group
+from services.executor.log_writer import OrderLogWriter
 from tests.integration.executor_support import (
     Run,
     enqueue,
@@ -124,3 +128,29 @@ async def _entries(redis: Redis, stream: str, count: int) -> list:
 
 async def _unloaded(redis: Redis, run: Run) -> bool:
     return not await redis.exists(keys.strategy_key(run.sid))
+
+
+class _BuggyWriter(OrderLogWriter):
+    """A writer whose insert has a bug (not an outage): Postgres is up the whole time."""
+
+    async def _commit(self, rows: list) -> dict[str, str]:
+        raise RuntimeError("a bug in the insert")
+
+
+async def test_a_bug_in_the_insert_is_raised_not_waited_out_and_loses_no_row(
+        redis: Redis, engine: AsyncEngine, sim: SimAdmin) -> None:
+    run = await start_run(engine, redis, await new_account(sim, engine, redis))
+    await ensure_group(redis, keys.ORDER_LOGS_STREAM, keys.LOG_WRITERS_GROUP)
+    await redis.xadd(keys.ORDER_LOGS_STREAM, {"row": dumps(row_for(run, "1700000000004-0"))})
+    writer = _BuggyWriter(redis, engine, "buggy", batch=10, block_ms=100, claim_idle_ms=1000, backoff_max_s=1.0)
+    reply = await redis.xreadgroup(keys.LOG_WRITERS_GROUP, "buggy", {keys.ORDER_LOGS_STREAM: ">"}, count=10)
+    entries = [(i.decode(), f) for _s, es in reply for i, f in es]
+    metrics.WRITER_UP.set(1)
+    # Were the bug taken for an outage, write() would retry it for ever (the test would time out)
+    # and report Postgres down; it goes up to the loop, which logs its traceback and carries on.
+    with pytest.raises(RuntimeError, match="a bug in the insert"):
+        await asyncio.wait_for(writer.write(entries, asyncio.Event()), 10)
+    assert REGISTRY.get_sample_value("order_log_writer_postgres_up") == 1  # not reported as Postgres down
+    # Nothing acked: the row is claimed again and inserted once the bug is gone.
+    assert (await redis.xpending(keys.ORDER_LOGS_STREAM, keys.LOG_WRITERS_GROUP))["pending"] == 1
+    assert await order_logs(engine, run) == []
