@@ -14,9 +14,9 @@ T = TypeVar("T")
 class _Wait:
     """One wait's deadline, and the verdict on each attempt."""
 
-    def __init__(self, timeout: float, message: str) -> None:
+    def __init__(self, timeout: float, message: str, fail: Callable[[], BaseException] | None = None) -> None:
         self.deadline = time.monotonic() + timeout
-        self.timeout, self.message = timeout, message
+        self.timeout, self.message, self.fail = timeout, message, fail
 
     def settled(self, result: Any, error: AssertionError | None) -> bool:
         """Return True if the attempt met the condition, False to try again; raise once time is up."""
@@ -24,6 +24,8 @@ class _Wait:
             return True
         if time.monotonic() < self.deadline:
             return False
+        if self.fail is not None:
+            raise self.fail() from error
         if error is not None:
             raise error
         raise AssertionError(self.message or f"condition not met within {self.timeout}s")
@@ -51,9 +53,13 @@ async def eventually(check: Callable[[], Any | Awaitable[Any]], timeout: float =
 
 
 def eventually_sync(check: Callable[[], Any], timeout: float = 5.0, interval: float = 0.02,
-                    message: str = "") -> Any:
-    """Blocking twin of `eventually` for threaded tests and process start-up."""
-    wait = _Wait(timeout, message)
+                    message: str = "", fail: Callable[[], BaseException] | None = None) -> Any:
+    """Blocking twin of `eventually` for threaded tests and process start-up.
+
+    `fail`, if given, makes the error raised on timeout (built then, so it can
+    quote a log written meanwhile) instead of an AssertionError.
+    """
+    wait = _Wait(timeout, message, fail)
     while True:
         result, error = None, None
         try:

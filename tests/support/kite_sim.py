@@ -78,10 +78,8 @@ def _wait_healthy(proc: subprocess.Popen[bytes], base_url: str, log_path: Path) 
         except OSError:
             return None
 
-    try:
-        return eventually_sync(outcome, timeout=START_TIMEOUT_S, interval=0.05) == "healthy"
-    except AssertionError:
-        raise SimError(f"kite sim not healthy within {START_TIMEOUT_S}s:\n{log_path.read_text()[-2000:]}") from None
+    return eventually_sync(outcome, timeout=START_TIMEOUT_S, interval=0.05, fail=lambda: SimError(
+        f"kite sim not healthy within {START_TIMEOUT_S}s:\n{log_path.read_text()[-2000:]}")) == "healthy"
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:

@@ -86,10 +86,8 @@ class RedisClusterProcs:
                 return None
             return now if now != old else None
 
-        try:
-            now = eventually_sync(new_master, timeout=timeout, interval=0.2)
-        except AssertionError:
-            raise RuntimeError(f"no replica took slot {slot} over within {timeout}s") from None
+        now = eventually_sync(new_master, timeout=timeout, interval=0.2,
+                              fail=lambda: RuntimeError(f"no replica took slot {slot} over within {timeout}s"))
         _wait_cluster_ok(survivors, timeout=max(1.0, deadline - time.monotonic()))
         return now
 
@@ -114,10 +112,8 @@ def _wait_cluster_ok(ports: list[int], timeout: float = 30.0) -> None:
                 pending.discard(port)
         return not pending
 
-    try:
-        eventually_sync(all_ok, timeout=timeout, interval=0.1)
-    except AssertionError:
-        raise RuntimeError(f"redis cluster nodes {sorted(pending)} never reached cluster_state:ok") from None
+    eventually_sync(all_ok, timeout=timeout, interval=0.1, fail=lambda: RuntimeError(
+        f"redis cluster nodes {sorted(pending)} never reached cluster_state:ok"))
 
 
 def _wait_replicated(port: int, timeout: float) -> None:
@@ -128,10 +124,8 @@ def _wait_replicated(port: int, timeout: float) -> None:
             offsets = [info[k]["offset"] for k in info if k.startswith("slave") and isinstance(info[k], dict)]
             return bool(offsets) and all(o >= info["master_repl_offset"] for o in offsets)
 
-        try:
-            eventually_sync(caught_up, timeout=timeout, interval=0.05)
-        except AssertionError:
-            raise RuntimeError(f"replicas of {port} did not catch up within {timeout}s") from None
+        eventually_sync(caught_up, timeout=timeout, interval=0.05,
+                        fail=lambda: RuntimeError(f"replicas of {port} did not catch up within {timeout}s"))
     finally:
         client.close()
 

@@ -80,10 +80,8 @@ def wait_ready(service: Service, *, timeout: float = 20.0, also: Callable[[], bo
             raise RuntimeError(f"exited {service.proc.returncode}:\n{service.log_text()[-3000:]}")
         return service.ready() and (also is None or also())
 
-    try:
-        eventually_sync(ready, timeout=timeout, interval=0.05)
-    except AssertionError:
-        raise RuntimeError(f"not ready within {timeout}s:\n{service.log_text()[-3000:]}") from None
+    eventually_sync(ready, timeout=timeout, interval=0.05,
+                    fail=lambda: RuntimeError(f"not ready within {timeout}s:\n{service.log_text()[-3000:]}"))
 
 
 @contextmanager

@@ -39,6 +39,17 @@ def test_the_blocking_twin_behaves_the_same() -> None:
         eventually_sync(lambda: 0, timeout=0.05)
 
 
+def test_a_timeout_can_raise_an_error_built_when_it_happens() -> None:
+    log = ["starting"]
+
+    def ready() -> bool:
+        log.append("still starting")
+        return False
+
+    with pytest.raises(RuntimeError, match="still starting"):
+        eventually_sync(ready, timeout=0.05, fail=lambda: RuntimeError(f"not ready: {log[-1]}"))
+
+
 def test_other_errors_are_not_retried() -> None:
     with pytest.raises(KeyError):
         eventually_sync(lambda: {}["missing"], timeout=5)
