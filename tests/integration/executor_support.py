@@ -163,7 +163,7 @@ async def move_due_events(redis: Redis, stop: asyncio.Event) -> None:
         for member in await redis.zrangebyscore(keys.SCHEDULE, "-inf", now_ms):
             if await redis.zrem(keys.SCHEDULE, member):
                 await redis.xadd(keys.ORDERS_STREAM, {"event": member})
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(0.02)  # the stand-in scheduler's polling period
 
 
 @contextlib.asynccontextmanager

@@ -98,7 +98,7 @@ async def test_login_keeps_its_latency_under_a_registration_flood(api_factory) -
     flood = [asyncio.create_task(register(i)) for i in range(150)]
     under_flood = []
     for _ in range(3):  # logins while the flood is being hashed; the worst one counts
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.1)  # spread the logins over the flood
         under_flood.append(await login_s())
     statuses = await asyncio.gather(*flood)
     print(f"\nlogin latency: quiet {quiet:.3f} s, under a 150-registration flood {under_flood} s (worst counts); "
