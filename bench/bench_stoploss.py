@@ -20,7 +20,17 @@ figure is from the POST to the simulator's `received_at` of the exit order
 executor's exit commit on `control:strategies`, not by polling the simulator,
 which would load the process being timed). A bare loopback Redis round trip
 and a bare HTTP round trip to the simulator are measured in the same run and
-printed with ratios.
+printed with ratios, and so is each scenario's floor, `tick_floor`: a tick
+from just before its POST to a bare WebSocket client in this process having
+it, under the same background ticks (what no listener can take away).
+`stoploss_breakdown_p50` splits the path per probe: `sim_to_listener` (POST ->
+the listener saw the crossing tick: the event's trigger_time),
+`listener_to_reader` (-> a blocked XREAD in this process has the STOPLOSS:
+the marker+XADD script and the stream's wake-up) and, with the executor,
+`reader_to_sell` (-> the simulator received the SELL: the executor's pickup,
+lock, rate slot and order call); same-host wall clocks, each leg's median.
+`listener_script` is the listener's own view (its tick-to-trigger histogram's
+sum, read after each probe): the tick -> its script's reply back on its loop.
 With BENCH_HANGING_WEBHOOKS=N set (even 0), the executor scenarios also run an
 API process (it runs the notification deliverer, as in production) and give N
 of the probed strategies' owners a webhook that never answers (a receiver in
@@ -196,7 +206,7 @@ async def follow_stoplosses(redis: Redis, arrivals: dict[str, asyncio.Future],
     last = {keys.ORDERS_STREAM: "$", keys.CONTROL_STREAM: "$"}
     while True:
         reply = await redis.xread(last, block=1000, count=100)
-        now = time.perf_counter()
+        now, epoch = time.perf_counter(), time.time()
         for stream, entries in reply or ():
             name = stream.decode()
             for msg_id, fields in entries:
@@ -206,7 +216,8 @@ async def follow_stoplosses(redis: Redis, arrivals: dict[str, asyncio.Future],
                     continue
                 fut = (arrivals if name == keys.ORDERS_STREAM else exits).get(body["strategy_id"])
                 if fut is not None and not fut.done():
-                    fut.set_result(now)
+                    seen = body.get("trigger_time")
+                    fut.set_result((now, epoch, datetime.fromisoformat(seen).timestamp() if seen else None))
 
 
 WITH_API = "BENCH_HANGING_WEBHOOKS" in os.environ
@@ -329,6 +340,62 @@ async def sell_received_at(session: aiohttp.ClientSession, sim_url: str, config:
     return None
 
 
+LEGS = ("sim_to_listener", "listener_to_reader", "reader_to_sell")
+
+
+async def trigger_seconds(session: aiohttp.ClientSession, port: int) -> float | None:
+    """Return the listener's summed tick-to-trigger seconds (its histogram's _sum) from /metrics."""
+    async with session.get(f"http://127.0.0.1:{port}/metrics") as resp:
+        text_ = await resp.text()
+    for line in text_.splitlines():
+        if line.startswith("listener_tick_to_trigger_seconds_sum "):
+            return float(line.split()[1])
+    return None
+
+
+async def tick_floor(session: aiohttp.ClientSession, sim_url: str, admin: SimAdmin, symbol: tuple[str, float],
+                     samples: int = 100) -> list[float]:
+    """Time a tick from just before its POST to a bare WebSocket client receiving it (ms), under the same load.
+
+    The part of the stop-loss path no listener can remove: the admin request, the
+    simulator's frame push, the socket; read by an aiohttp client on this loop.
+    """
+    account = admin.create_account("floor")
+    token = instrument_token(symbol[0])
+    url = f"{ws_root(sim_url)}?api_key={account['api_key']}&access_token={account['access_token']}"
+    out: list[float] = []
+    async with session.ws_connect(url) as ws:
+        await ws.send_str(orjson.dumps({"a": "subscribe", "v": [token]}).decode())
+        await ws.send_str(orjson.dumps({"a": "mode", "v": ["ltp", [token]]}).decode())
+        with contextlib.suppress(TimeoutError):
+            while True:  # the subscription snapshots
+                await asyncio.wait_for(ws.receive(), 0.3)
+        for i in range(samples):
+            price = round(symbol[1] * (1.01 if i % 2 else 1.02), 2)
+            t0 = time.perf_counter()
+            async with session.post(f"{sim_url}/sim/ticks",
+                                    data=orjson.dumps([{"symbol": symbol[0], "last_price": price}])) as resp:
+                await resp.read()
+            while True:
+                msg = await asyncio.wait_for(ws.receive(), 2.0)
+                if msg.type == aiohttp.WSMsgType.BINARY and len(msg.data) > 4:
+                    break
+            out.append((time.perf_counter() - t0) * 1000)
+            await asyncio.sleep(0.01)
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """Return the CPU seconds (user + system) a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def instrument_token(symbol: str) -> int:
+    with DATA.open() as f:
+        return next(int(r["instrument_token"]) for r in csv.DictReader(f) if r["tradingsymbol"] == symbol)
+
+
 async def round_trips(redis: Redis, session: aiohttp.ClientSession, sim_url: str) -> tuple[float, float]:
     redis_rtt, http_rtt = [], []
     for _ in range(1000):
@@ -369,8 +436,11 @@ async def scenario(redis: Redis, session: aiohttp.ClientSession, sim_url: str, a
         reader_client = Redis(port=redis.connection_pool.connection_kwargs["port"])
         reader = asyncio.create_task(follow_stoplosses(reader_client, arrivals, exits))
         await asyncio.sleep(1.0)  # background load settles
+        floor = await tick_floor(session, sim_url, admin, symbols[-1])
         latencies, missed = [], 0
-        began, sent_before = time.perf_counter(), sent[0]
+        legs: list[dict[str, Any]] = []
+        trigger_sum = await trigger_seconds(session, port) or 0.0
+        began, sent_before, cpu_before = time.perf_counter(), sent[0], cpu_seconds(proc.pid)
         order = [s for s, _ in symbols]
         for i in range(PROBES):
             symbol = order[i % len(order)]
@@ -383,23 +453,35 @@ async def scenario(redis: Redis, session: aiohttp.ClientSession, sim_url: str, a
                                     data=orjson.dumps([{"symbol": symbol, "last_price": stop_loss}])) as resp:
                 await resp.read()
             try:
-                latencies.append((await asyncio.wait_for(fut, 2.0) - t0) * 1000)
+                arrived, arrived_epoch, seen_epoch = await asyncio.wait_for(fut, 2.0)
             except TimeoutError:
                 missed += 1
                 continue
+            latencies.append((arrived - t0) * 1000)
             if executor is not None:
                 # One probe at a time; the SELL's arrival is read from the simulator afterwards.
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(exited, 3.0)
                 sent_at.append((config, t0_epoch))
+            trigger_s = await trigger_seconds(session, port)  # after the probe: outside the timed span
+            if seen_epoch is not None and trigger_s is not None:
+                legs.append({"sim_to_listener": seen_epoch - t0_epoch, "listener_to_reader": arrived_epoch - seen_epoch,
+                             "listener_script": trigger_s - trigger_sum, "arrived_epoch": arrived_epoch, "sid": sid})
+            trigger_sum = trigger_s if trigger_s is not None else trigger_sum
             await asyncio.sleep(0.01)
-        achieved = (sent[0] - sent_before) / (time.perf_counter() - began)
+        elapsed = time.perf_counter() - began
+        achieved = (sent[0] - sent_before) / elapsed
+        listener_cpu = (cpu_seconds(proc.pid) - cpu_before) / elapsed
         stop.set()
         await ticker
+        by_sid = {leg["sid"]: leg for leg in legs}
         for config, t0_epoch in sent_at:
             received = await sell_received_at(session, sim_url, config)
             if received is not None:
                 full.append((received - t0_epoch) * 1000)
+                leg = by_sid.get(str(config.strategy_id))
+                if leg is not None:
+                    leg["reader_to_sell"] = received - leg["arrived_epoch"]
         reader.cancel()
         await asyncio.gather(reader, return_exceptions=True)
         await reader_client.aclose()
@@ -409,7 +491,11 @@ async def scenario(redis: Redis, session: aiohttp.ClientSession, sim_url: str, a
             child.wait(timeout=30)
     result = {"strategies": n, "symbols": len(symbols), "ticks_per_s": rate,
               "achieved_ticks_per_s": round(achieved), "p50": pct(latencies, 0.50), "p99": pct(latencies, 0.99),
-              "samples": len(latencies), "missed": missed}
+              "samples": len(latencies), "missed": missed, "listener_cpu_share": listener_cpu, "tick_floor_p50": pct(floor, 0.5),
+              "tick_floor_p99": pct(floor, 0.99),
+              "breakdown_p50": {name: round(statistics.median(leg[name] for leg in legs if name in leg) * 1000, 3)
+                                for name in LEGS if any(name in leg for leg in legs)},
+              "listener_script_p50": statistics.median(leg["listener_script"] for leg in legs) * 1000 if legs else -1}
     if full:
         result.update(full_p50=pct(full, 0.50), full_p99=pct(full, 0.99), full_samples=len(full))
     return result
@@ -438,6 +524,7 @@ async def run() -> None:
                          ratio_to_redis_rtt=round(r["p50"] / redis_rtt, 1),
                          ratio_to_http_rtt=round(r["p50"] / http_rtt, 1))
                     emit("tick_to_stoploss_p99", r["p99"], "ms", **params)
+                    emit_floor_and_breakdown(r, params)
                 if (ROOT / "services" / "executor" / "__main__.py").exists():
                     hang = hanging_receiver() if HANGING_WEBHOOKS else None
                     with running_postgres(Path(tmp) / "pg") as db_url:
@@ -456,6 +543,7 @@ async def run() -> None:
                                  ratio_to_http_rtt=round(r.get("full_p50", 0) / http_rtt, 1))
                             emit("tick_to_sell_at_broker_p99", r.get("full_p99", -1), "ms", **params,
                                  listener_leg_p99=round(r["p99"], 3))
+                            emit_floor_and_breakdown(r, params)
                     if hang is not None:
                         hang.terminate()
                         hang.wait(timeout=15)
@@ -463,6 +551,14 @@ async def run() -> None:
             await redis.aclose()
             server.stop()
     plot(results, redis_rtt, http_rtt)
+
+
+def emit_floor_and_breakdown(r: dict[str, Any], params: dict[str, Any]) -> None:
+    """Print the same run's floor (POST -> a bare WebSocket client has the tick) and where the p50 goes."""
+    emit("tick_floor_p50", r["tick_floor_p50"], "ms", **params, p99=round(r["tick_floor_p99"], 3))
+    emit("listener_cpu_share", r["listener_cpu_share"], "cores", **params)
+    emit("stoploss_breakdown_p50", sum(r["breakdown_p50"].values()), "ms", **params, **r["breakdown_p50"],
+         listener_script=round(r["listener_script_p50"], 3))
 
 
 def hanging_receiver() -> subprocess.Popen[bytes]:
@@ -517,6 +613,8 @@ def plot(results: list[dict[str, Any]], redis_rtt: float, http_rtt: float) -> No
     ax.bar([i + 0.2 for i in x], [r[2] for r in rows], width=0.4, label="p99")
     ax.axhline(redis_rtt, color="green", linestyle=":", label=f"bare Redis RTT {redis_rtt:.2f} ms")
     ax.axhline(http_rtt, color="purple", linestyle=":", label=f"bare HTTP RTT {http_rtt:.2f} ms")
+    floor = statistics.median(r["tick_floor_p50"] for r in results)
+    ax.axhline(floor, color="orange", linestyle=":", label=f"tick floor (POST -> bare WebSocket client) {floor:.2f} ms")
     ax.axhline(2, color="grey", linestyle="--", linewidth=0.8, label="p50 target 2 ms")
     ax.axhline(10, color="black", linestyle="--", linewidth=0.8, label="p99 target 10 ms")
     ax.set_xticks(list(x), [r[0] for r in rows], fontsize=7)

@@ -36,6 +36,7 @@ from libs.schema.models import (
 from libs.service.logging import get_logger
 from libs.service.scripts import script_for
 from libs.trading.calendar import MarketCalendar, epoch_ms
+from libs.trading.lock import MIRROR_LOCK_FN
 
 _log = get_logger("runs")
 
@@ -43,14 +44,17 @@ CONTROL_MAXLEN = keys.CONTROL_MAXLEN
 
 _LOAD = """
 -- KEYS: [1] strategy:{id} (string), [2] runtime:{id} (hash), [3] symbol:{symbol}:strategies (set),
---       [4] schedule (zset), [5] control:strategies (stream)
+--       [4] schedule (zset), [5] control:strategies (stream), [6] lock_state:{id} (string)
 -- ARGV: [1] config JSON, [2] runtime fields (JSON flat list), [3] strategy_id, [4] BUY member,
 --       [5] BUY due ms, [6] SELL member, [7] SELL due ms, [8] `started` control JSON,
 --       [9] control MAXLEN, [10] schedule wake-up channel
--- Returns: 1. The runtime is replaced, not merged: no field of an earlier run survives.
+-- Returns: 1. The runtime is replaced, not merged: no field of an earlier run survives; its
+--          lock_state follows KEYS[6] (a load may run while a holder has the lock).
+""" + MIRROR_LOCK_FN + """
 redis.call('SET', KEYS[1], ARGV[1])
 redis.call('DEL', KEYS[2])
 redis.call('HSET', KEYS[2], unpack(cjson.decode(ARGV[2])))
+mirror_lock(KEYS[6], KEYS[2])
 redis.call('SADD', KEYS[3], ARGV[3])
 redis.call('ZADD', KEYS[4], ARGV[5], ARGV[4], ARGV[7], ARGV[6])
 redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[9], '*', 'event', ARGV[8])
@@ -128,7 +132,7 @@ async def load_run(redis: Redis, config: StrategyConfig, plan: RunPlan, *, now: 
     part = keys.partition_of(sid)
     await script_for(redis, _LOAD)(
         keys=[keys.strategy_key(sid), keys.runtime_key(sid), keys.symbol_strategies_key(config.symbol, part),
-              keys.schedule_key(part), keys.control_stream(part)],
+              keys.schedule_key(part), keys.control_stream(part), keys.lock_key(sid)],
         args=[dumps(config), dumps(flat), sid,
               event_to_json(plan.buy), plan.buy_due_ms, event_to_json(plan.sell), plan.sell_due_ms,
               dumps(started_message(config)), CONTROL_MAXLEN, keys.SCHEDULE_WAKEUP_CHANNEL])

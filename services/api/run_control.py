@@ -5,8 +5,10 @@ Start: in one Postgres transaction the row becomes `running` with a fresh
 Redis in one Lua script; if the commit then fails, the load is undone. If the
 load fails, the transaction rolls back. Starting a running strategy is a no-op.
 
-Stop: under the strategy's `lock_state` (so no executor is mid-order), the row
-becomes `stopped` and `unload_run` removes the run from Redis. With
+Stop: holding the strategy's lock (`libs.trading.lock`, the executor's: so no
+order is in flight; renewed for as long as the stop takes), the row becomes
+`stopped` and `unload_run` removes the run from Redis. A lock lost before the
+Redis step (not renewed for a TTL, or taken over) changes nothing: 409. With
 `square_off: true` while `bought`, one script instead removes the schedule and
 the listener watch but keeps `strategy:{id}`/`runtime:{id}` and enqueues a SELL
 (`metadata.square_off`) for the executor, which unloads the rest after the
@@ -16,9 +18,6 @@ back with the runtime state it had.
 
 from __future__ import annotations
 
-import asyncio
-import secrets
-import time
 from datetime import UTC, datetime
 from uuid import UUID
 
@@ -41,6 +40,8 @@ from libs.schema.models import (
 )
 from libs.schema.models import StrategyStatus as S
 from libs.schema.tables import BrokerCredential, Strategy
+from libs.service.scripts import script_for
+from libs.trading.lock import MIRROR_LOCK_FN, Lease, LockLost, LockTimeout, StrategyLocks
 from libs.trading.repeat import end_series
 from libs.trading.runs import (
     CONTROL_MAXLEN,
@@ -70,7 +71,6 @@ from services.api.strategies import check_stop_loss, check_times, own_strategy
 
 log = structlog.get_logger("api")
 
-LOCK_PX_MS = 10_000
 MARKER_TTL_S = 172_800  # as the executor's exit marker: longer than any run; the run_id scopes it
 
 # Square-off of a run that already ended (failed, stopped) with its position still open
@@ -79,9 +79,15 @@ MARKER_TTL_S = 172_800  # as the executor's exit marker: longer than any run; th
 # places: never a second exit) and the square-off as requested, and enqueue the SELL.
 # NX on strategy:{id}: two concurrent requests enqueue one exit.
 _SQUARE_OFF_ENDED = """
+-- KEYS: [1] strategy:{id} (string), [2] runtime:{id} (hash), [3] exit:attempted:{id}:{run_id} (string),
+--       [4] squareoff:requested:{id}:{run_id} (string), [5] queue:orders (stream), [6] lock_state:{id} (string)
+-- ARGV: [1] config JSON, [2] runtime fields as a JSON flat list, [3] SELL event JSON, [4] marker TTL s
+-- Returns: 1 if loaded and the SELL queued, 0 if strategy:{id} exists (a run or square-off is loaded)
+""" + MIRROR_LOCK_FN + """
 if not redis.call('SET', KEYS[1], ARGV[1], 'NX') then return 0 end
 redis.call('DEL', KEYS[2])
 redis.call('HSET', KEYS[2], unpack(cjson.decode(ARGV[2])))
+mirror_lock(KEYS[6], KEYS[2])
 redis.call('SET', KEYS[3], '1', 'EX', ARGV[4])
 redis.call('SET', KEYS[4], '1', 'EX', ARGV[4])
 redis.call('XADD', KEYS[5], '*', 'event', ARGV[3])
@@ -92,6 +98,12 @@ return 1
 # requested (the executor refuses one without the marker) and enqueue the exit; or,
 # if the position is not `bought` (any more), unload fully like unload_run.
 _SQUARE_OFF = """
+-- KEYS: [1] strategy:{id} (string), [2] runtime:{id} (hash), [3] symbol:{symbol}:strategies (set),
+--       [4] schedule (zset), [5] control:strategies (stream), [6] queue:orders (stream),
+--       [7] squareoff:requested:{id}:{run_id} (string)
+-- ARGV: [1] strategy_id, [2] BUY event JSON, [3] SELL event JSON, [4] `stopped` control message JSON,
+--       [5] control MAXLEN, [6] square-off SELL event JSON, [7] marker TTL s
+-- Returns: 1 if bought and the SELL queued (run kept loaded), 0 if not bought (run fully unloaded)
 local pos = redis.call('HGET', KEYS[2], 'position')
 redis.call('SREM', KEYS[3], ARGV[1])
 redis.call('ZREM', KEYS[4], ARGV[2], ARGV[3])
@@ -102,11 +114,6 @@ if pos == 'bought' then
   return 1
 end
 redis.call('DEL', KEYS[1], KEYS[2])
-return 0
-"""
-
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
 
@@ -193,16 +200,20 @@ async def stop_run(app: web.Application, user_id: UUID, strategy_id: UUID, squar
 
     409 `strategy_busy` if an order stays in flight longer than lock_wait_s.
     """
-    redis = app[REDIS]
-    owner = await _acquire_lock(redis, strategy_id, lock_wait_s)
+    settings = app[SETTINGS]
+    locks = StrategyLocks(app[REDIS], role="api", ttl_ms=settings.stop_lock_ttl_ms, wait_s=lock_wait_s)
     try:
-        return await _stop_locked(app, user_id, strategy_id, square_off)
-    finally:
-        await redis.eval(_RELEASE, 1, keys.lock_key(strategy_id), owner)
+        async with locks.hold(str(strategy_id)) as lease:
+            return await _stop_locked(app, user_id, strategy_id, square_off, lease)
+    except LockTimeout:
+        raise ApiError(409, "strategy_busy", "an order of this strategy is in flight; retry in a moment") from None
+    except LockLost:
+        raise ApiError(409, "strategy_busy", "the strategy's lock was lost before the stop took effect; "
+                       "nothing was changed: retry in a moment") from None
 
 
-async def _stop_locked(app: web.Application, user_id: UUID, strategy_id: UUID,
-                       square_off: bool) -> tuple[Strategy, bool]:
+async def _stop_locked(app: web.Application, user_id: UUID, strategy_id: UUID, square_off: bool,
+                       lease: Lease) -> tuple[Strategy, bool]:
     redis = app[REDIS]
     async with app[SESSIONS]() as session:
         row = await own_strategy(session, user_id, strategy_id, for_update=True)
@@ -219,6 +230,7 @@ async def _stop_locked(app: web.Application, user_id: UUID, strategy_id: UUID,
         saved = await redis.hgetall(keys.runtime_key(row.id))
         squared = False
         try:
+            lease.ensure_held()  # last, right before Redis changes: a lock lost meanwhile changes nothing
             if square_off:
                 squared = await _square_off(redis, config, plan, now)
             else:
@@ -290,24 +302,30 @@ async def _square_off_ended_run(app: web.Application, user_id: UUID, row: Strate
         broker_row = await session.get(BrokerCredential, user_id)
     if broker_row is not None:
         await write_broker_hash(redis, broker_row)
-    now = datetime.now(UTC)
-    runtime = RuntimeState(position=Position.bought, last_buy_order=entry.get("order_id"), last_action="BUY",
-                           updated_at=now)
-    flat = [x for pair in runtime.to_redis_hash().items() for x in pair]
-    sell = SellEvent(strategy_id=config.strategy_id, run_id=config.run_id, trading_day=plan.trading_day,
-                     trigger_time=now, metadata={"square_off": True})
     sid = str(row.id)
-    queued = await redis.eval(
-        _SQUARE_OFF_ENDED, 5, keys.strategy_key(sid), keys.runtime_key(sid),
-        keys.exit_attempt_key(sid, config.run_id), keys.square_off_marker_key(sid, config.run_id),
-        keys.orders_stream(keys.partition_of(sid)),  # every key in the strategy's partition: one hash slot
-        dumps(config), dumps(flat), event_to_json(sell), MARKER_TTL_S)
+    queued = await _load_ended_square_off(redis, config, plan, entry.get("order_id"), datetime.now(UTC))
     if not queued:
         return row, False, "a square-off of this run is already in progress"
     log.warning("square-off of an ended run queued: its position is open at the broker", strategy_id=sid,
                 run_id=config.run_id, status=row.status.value, exit_tag=exit_tag)
     return row, True, (f"square-off queued: the run ({row.status.value}) left its position open at the broker; "
                        "the exit order is being placed")
+
+
+async def _load_ended_square_off(redis: Redis, config: StrategyConfig, plan: RunPlan, entry_order_id: str | None,
+                                 now: datetime) -> bool:
+    """Load an ended run as `bought` with its exit attempted and queue its square-off SELL; False if loaded."""
+    runtime = RuntimeState(position=Position.bought, last_buy_order=entry_order_id, last_action="BUY", updated_at=now)
+    flat = [x for pair in runtime.to_redis_hash().items() for x in pair]
+    sell = SellEvent(strategy_id=config.strategy_id, run_id=config.run_id, trading_day=plan.trading_day,
+                     trigger_time=now, metadata={"square_off": True})
+    sid = str(config.strategy_id)
+    return bool(await script_for(redis, _SQUARE_OFF_ENDED)(
+        keys=[keys.strategy_key(sid), keys.runtime_key(sid), keys.exit_attempt_key(sid, config.run_id),
+              keys.square_off_marker_key(sid, config.run_id),
+              keys.orders_stream(keys.partition_of(sid)),  # every key in the strategy's partition: one hash slot
+              keys.lock_key(sid)],
+        args=[dumps(config), dumps(flat), event_to_json(sell), MARKER_TTL_S]))
 
 
 def _last_tagged(book: list[dict], tag: str) -> dict | None:
@@ -326,24 +344,11 @@ async def _square_off(redis: Redis, config: StrategyConfig, plan: RunPlan, now: 
     sell = SellEvent(strategy_id=config.strategy_id, run_id=config.run_id, trading_day=plan.trading_day,
                      trigger_time=now, metadata={"square_off": True})
     part = keys.partition_of(sid)  # every key below is in the strategy's partition: one hash slot
-    result = await redis.eval(
-        _SQUARE_OFF, 7,
-        keys.strategy_key(sid), keys.runtime_key(sid), keys.symbol_strategies_key(config.symbol, part),
-        keys.schedule_key(part), keys.control_stream(part), keys.orders_stream(part),
-        keys.square_off_marker_key(sid, config.run_id),
-        sid, event_to_json(plan.buy), event_to_json(plan.sell), dumps(stopped), CONTROL_MAXLEN,
-        event_to_json(sell), MARKER_TTL_S,
+    result = await script_for(redis, _SQUARE_OFF)(
+        keys=[keys.strategy_key(sid), keys.runtime_key(sid), keys.symbol_strategies_key(config.symbol, part),
+              keys.schedule_key(part), keys.control_stream(part), keys.orders_stream(part),
+              keys.square_off_marker_key(sid, config.run_id)],
+        args=[sid, event_to_json(plan.buy), event_to_json(plan.sell), dumps(stopped), CONTROL_MAXLEN,
+              event_to_json(sell), MARKER_TTL_S],
     )
     return bool(result)
-
-
-async def _acquire_lock(redis: Redis, strategy_id: UUID, wait_s: float) -> str:
-    """Take the strategy's executor lock, waiting out an order in flight; 409 if it stays busy."""
-    owner = "api-stop:" + secrets.token_hex(8)
-    deadline = time.monotonic() + wait_s
-    while True:
-        if await redis.set(keys.lock_key(strategy_id), owner, nx=True, px=LOCK_PX_MS):
-            return owner
-        if time.monotonic() >= deadline:
-            raise ApiError(409, "strategy_busy", "an order of this strategy is in flight; retry in a moment")
-        await asyncio.sleep(0.05)

@@ -59,6 +59,8 @@ class ApiSettings(ServiceSettings):
     """Size of the Redis connection pool."""
     stop_lock_wait_s: float = Field(5.0, ge=0)
     """How long stop waits for an executor holding the strategy's lock (an order in flight)."""
+    stop_lock_ttl_ms: int = Field(10_000, ge=100)
+    """TTL of the strategy's lock while a stop holds it; renewed while held, so a crashed API frees it this fast."""
     instruments_ttl_s: int = Field(keys.INSTRUMENTS_TTL_S, ge=60)
     """TTL of the daily instruments cache."""
     stream_interval_s: float = Field(1.0, ge=0.1, le=60)

@@ -1,38 +1,35 @@
 """Handle one `queue:orders` entry: lock, state machine, broker, one commit.
 
 Per entry: dead-letter it if malformed or delivered too often; otherwise take
-the strategy's lock, decide (skip, place/confirm, retry, fail, abort), write
-the outcome with one commit script (runtime + control + log row + ack), and
-for a run that ended, unload it before acking. See `services.executor` for
-the delivery contract this implements.
+the strategy's lock (which reads the run's snapshot), let
+`services.executor.decide` decide (refuse, skip, place/confirm, abort; on the
+rare paths it asks for the broker's entry order first), do the I/O it asks
+for, build the outcome (`services.executor.outcome`: retry, fail, abort),
+write it with one commit script (runtime + control + log row + ack), and for
+a run that ended, unload it before acking. See `services.executor` for the
+delivery contract this implements.
 """
 
 from __future__ import annotations
 
-import random
-import time
 from collections.abc import Iterable
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
 from redis.asyncio import Redis
 
-from libs.broker.kite import BrokerError, BrokerErrorKind, api_key_fingerprint
+from libs.broker.kite import BrokerError, api_key_fingerprint
 from libs.schema import keys
 from libs.schema.codec import dumps
 from libs.schema.models import (
     AbortEvent,
     BrokerOrder,
-    BuyEvent,
-    ControlMessage,
     Event,
     EventType,
     MalformedEvent,
     OrderLogStatus,
-    Position,
     RetryEvent,
-    RuntimeState,
-    SellEvent,
     StrategyConfig,
     TransactionType,
     event_to_json,
@@ -42,18 +39,30 @@ from libs.service.logging import get_logger
 from libs.trading.calendar import MarketCalendar
 from libs.trading.runs import plan_run, schedule_event, unload_run
 from libs.trading.tags import intent_of, order_tag
-from libs.trading.tokens import SESSION_EXPIRED_REASON, mirror_expired
+from libs.trading.tokens import mirror_expired
 from services.executor import metrics
+from services.executor import outcome as outcomes
 from services.executor.credentials import CredentialStore, CredentialsUnavailable, KiteCredentials
+from services.executor.decide import (
+    Action,
+    EntryOrder,
+    Failure,
+    Settlement,
+    Snapshot,
+    broker_failure,
+    decide,
+    kind_of,
+    runtime_of,
+    settle,
+)
 from services.executor.halt import OperatorHalt
 from services.executor.notices import outcome_notice
-from services.executor.outcome import Outcome, skipped
-from services.executor.placement import COMPLETE, TERMINAL, OrderPlacer, OrderResult, filled_quantity
+from services.executor.outcome import Outcome
+from services.executor.placement import OrderPlacer
 from services.executor.ratelimit import RateLimitTimeout
 from services.executor.settings import ExecutorSettings
 from services.executor.state import Held, OrderState
 
-EXIT_POSITIONS = frozenset({Position.sold, Position.exited_by_sl})
 EXIT_ATTEMPT_TTL_S = 172_800  # two days: longer than any run, and the run_id scopes it
 ACCOUNT_CHANGED = "broker account changed since start"
 
@@ -67,7 +76,8 @@ class Refused(Exception):
 
 
 CONFIG_CACHE_MAX = 100_000
-ENTRY_WAIT_S = 1.0  # an exit waiting for its run's pending entry looks again this often
+DECIDE_STEPS_MAX = 5  # decide() asks for each fact at most once: a bound, never reached
+LATE_ENTRY = "checking a late entry order"
 
 
 class OrderHandler:
@@ -131,10 +141,10 @@ class OrderHandler:
             event = None  # its run's keys are in another slot: no ABORT from here
         abort = None
         if event is not None and not isinstance(event, AbortEvent):
-            kind = event.retry_of if isinstance(event, RetryEvent) else event.event_type
+            kind = kind_of(event)
             intent = intent_of(kind.value)
             tag = order_tag(event.strategy_id, event.run_id, event.trading_day, intent)
-            abort = self._abort_event(event, f"{kind.value} event dead-lettered ({reason}); position may be open "
+            abort = outcomes.abort_event(event, f"{kind.value} event dead-lettered ({reason}); position may be open "
                                              f"(its {intent} order {tag} may be at the broker): check Kite and "
                                              f"square off by hand if a position is held")
         aborted = await self.state.dead_letter(
@@ -203,157 +213,64 @@ class OrderHandler:
                      held: Held) -> tuple[Outcome, StrategyConfig | None]:
         """Return what to do with the event and the loaded config of its run (if any).
 
-        `held` carries what was read when the lock was taken (the lock keeps it current).
+        `held` carries what was read when the lock was taken (the lock keeps it
+        current). `services.executor.decide` decides; this gathers the facts it
+        asks for (the broker's entry order, the stream's pending BUY) and does the I/O.
         """
-        sid = str(event.strategy_id)
-        config = self._config(sid, held.raw_config)
-        exit_attempted = held.exit_attempted
-        runtime = RuntimeState.from_redis_hash(held.runtime)
-        position = runtime.position
-        if isinstance(event, AbortEvent):
-            return self.abort_run(event, config, position, log, runtime.filled_quantity), config
-        kind = event.retry_of if isinstance(event, RetryEvent) else event.event_type
-        if config is not None and config.run_id != event.run_id and isinstance(event, BuyEvent | SellEvent):
-            raise Refused(f"{kind.value} names run {event.run_id}, but the loaded run is {config.run_id}")
-        if config is None or config.run_id != event.run_id:
-            if kind == EventType.STOPLOSS:
-                # Un-mark the run: if Redis lost it and it is being rebuilt, its listener must be
-                # able to fire again once it is reloaded; a run that really ended is not watched.
-                await self.redis.delete(keys.stoploss_marker_key(sid, event.run_id))
-            return skipped(event, "run not loaded", loaded_run_id=config.run_id if config else None), config
-        self._check_provenance(event, kind, config, held)
-        # An exit is looked up first whenever one may already have been sent for
-        # this run (by this event earlier, or by another exit event): SELL,
-        # STOPLOSS and square-off share the exit tag and must not both fill.
-        lookup = kind == EventType.BUY or event.attempt > 1 or deliveries > 1 or bool(exit_attempted)
-        if kind == EventType.BUY and position != Position.none:
-            return skipped(event, f"BUY needs position none, found {position.value}"), config
-        if kind == EventType.BUY and (halt := await self.halt.reason()) is not None:
-            # Nothing is held, so the run ends now rather than at a SELL with nothing to sell.
-            out = skipped(event, f"operator halt: no new entries ({halt})")
-            out.unload, out.strategy_status = config, "failed"
-            out.failure_reason = f"entry skipped: operator halt ({halt})"
-            return out, config
-        if kind == EventType.BUY:
-            late = await self._entry_after_sell_time(event, config, log, held)
-            if late is not None:
-                return late, config
-        if kind != EventType.BUY and position in EXIT_POSITIONS:
-            # Already exited; if the run is still loaded a crash came between the
-            # exit's commit and its unload, so finish that unload now.
-            out = skipped(event, f"{kind.value} needs position bought, found {position.value}")
-            out.unload = config
-            return out, config
-        if kind != EventType.BUY and position == Position.none:
-            out = await self._exit_without_position(event, kind, config, log, held)
-            if out is not None:
-                return out, config
-            lookup = True
-        return await self.place(event, kind, config, lookup, log, held, runtime.filled_quantity), config
-
-    def _check_provenance(self, event: Event, kind: EventType, config: StrategyConfig, held: Held) -> None:
-        """Raise Refused unless the event is what the run's schedule, listener or user asked for.
-
-        Anything that can write `queue:orders` could otherwise trade for any user.
-        A BUY/SELL (or its RETRY) must carry the run's time of day on a day after the
-        run's start (the scheduler's calendar picks which) and not come before it; a STOPLOSS needs the listener's fired marker,
-        a square-off the API's marker (both read with the lock: no extra round trip).
-        """
-        if kind == EventType.STOPLOSS or event.metadata.get("square_off"):
-            if not held.intent_marked:
-                what = "the listener's stop-loss marker" if kind == EventType.STOPLOSS else "the API's square-off marker"
-                raise Refused(f"{kind.value} without {what} for run {event.run_id}")
-            return
-        due = self.calendar.at(event.trading_day, config.buy_time if kind == EventType.BUY else config.sell_time)
-        if event.trigger_time is None or abs((event.trigger_time - due).total_seconds()) > 1 \
-                or due <= datetime.fromisoformat(config.run_id):
-            raise Refused(f"{kind.value} for {event.trading_day} at {event.trigger_time} is not a time of the run's "
-                          f"schedule ({config.buy_time if kind == EventType.BUY else config.sell_time} IST on a day "
-                          f"after its start {config.run_id})")
-        early_s = (due - datetime.now(UTC)).total_seconds()
-        if early_s > self.settings.event_early_tolerance_s:
-            raise Refused(f"{kind.value} arrived {early_s:.0f} s before its scheduled time {due.isoformat()}")
-
-    async def _entry_after_sell_time(self, event: Event, config: StrategyConfig, log: Any,
-                                     held: Held) -> Outcome | None:
-        """End the run without trading if its entry comes only after sell time (and was never placed)."""
-        sell_at = self.calendar.at(event.trading_day, config.sell_time)
-        if datetime.now(UTC) < sell_at:
-            return None
-        try:
-            creds = await self._credentials(config, held)
-            entry_tag = order_tag(config.strategy_id, config.run_id, event.trading_day, "entry")
-            placed = await self.placer.find_by_tag(creds, entry_tag, accept_dead=False)
-        except (BrokerError, CredentialsUnavailable) as error:
-            return self.retry_or_abort(event, EventType.BUY, {"event": event.model_dump(mode="json")},
-                                       {"error": str(error), "while": "checking a late entry order"}, None, log)
-        if placed is not None:
-            return None  # placed before a crash: the placement finds it by tag and records it
-        reason = f"entry could not be placed before sell_time ({sell_at.isoformat()}); the run ends without trading"
-        log.error("late entry not placed", reason=reason)
-        out = skipped(event, reason)
-        out.unload, out.strategy_status, out.failure_reason = config, "failed", reason
-        return out
-
-    async def _exit_without_position(self, event: Event, kind: EventType, config: StrategyConfig,
-                                     log: Any, held: Held | None = None) -> Outcome | None:
-        """Ask the broker before skipping an exit: runtime may have been lost with Redis."""
-        try:
-            creds = await self._credentials(config, held)
-            entry_tag = order_tag(config.strategy_id, config.run_id, event.trading_day, "entry")
-            entry = await self.placer.find_by_tag(creds, entry_tag, accept_dead=False)
-        except AccountChanged as error:
-            return self.account_changed(event, {"event": event.model_dump(mode="json")}, str(error), None, log)
-        except (BrokerError, CredentialsUnavailable) as error:
-            return self.retry_or_abort(event, kind, {"event": event.model_dump(mode="json")},
-                                       {"error": str(error), "while": "checking the entry order"}, None, log)
-        cancelled = None
-        if entry is not None and entry.get("status") not in TERMINAL and kind == EventType.SELL:
-            # The entry is still live (an ambiguous BUY not filled yet). Unloading now would
-            # leave a later fill with no SELL and no stop-loss: cancel it first, and exit
-            # instead if it filled meanwhile.
-            log.warning("entry order still open at sell time; cancelling it", entry_order=entry.get("order_id"),
-                        entry_status=entry.get("status"))
-            try:
-                ended = await self.placer.cancel(creds, entry)
-            except BrokerError as error:
-                return self.retry_or_abort(event, kind, {"event": event.model_dump(mode="json")},
-                                           {"error": str(error), "while": "cancelling the open entry order",
-                                            "entry_order": entry.get("order_id")}, None, log)
-            entry, cancelled = ended.broker_order, ended.order_id
-        if entry is not None and (entry.get("status") == COMPLETE
-                                  or (entry.get("status") in TERMINAL and filled_quantity(entry) > 0)):
-            # A dead entry that partly filled holds shares too: the exit sells what the book shows.
-            log.warning("runtime lost a filled entry; exiting per the broker", entry_order=entry.get("order_id"),
-                        filled_quantity=filled_quantity(entry))
-            return None
-        if entry is None and kind == EventType.SELL and await self.state.entry_pending(str(config.strategy_id),
-                                                                                     config.run_id):
-            # The run's BUY still waits in the stream (a crashed executor held it): its outcome
-            # decides, not this exit. Wait for it; the BUY itself ends the run if it is too late.
-            return self._wait_for_entry(event, kind, log)
-        extra = {"entry_cancelled": cancelled} if cancelled else {}
-        out = skipped(event, f"{kind.value} needs position bought, found none (no filled entry at the broker)",
-                      **extra)
-        if kind == EventType.SELL:
-            # Sell time came with nothing bought: the run is over. Unloading also
-            # stops a late BUY retry from opening a position with no SELL left.
-            out.unload = config
-            if not event.metadata.get("square_off"):
-                out.strategy_status, out.failure_reason = "failed", "no position at sell time (entry never filled)"
-        return out
-
-    def _wait_for_entry(self, event: Event, kind: EventType, log: Any) -> Outcome:
-        """Schedule this exit again shortly (same attempt: waiting is not a failed try)."""
-        waits = int(event.metadata.get("entry_waits", 0)) + 1
-        retry = RetryEvent(strategy_id=event.strategy_id, run_id=event.run_id, trading_day=event.trading_day,
-                           attempt=event.attempt, retry_of=kind, price=event.price, trigger_time=event.trigger_time,
-                           metadata={**event.metadata, "entry_waits": waits})
-        log.warning("exit waits for its run's pending entry", entry_waits=waits)
-        request = {"event": event.model_dump(mode="json")}
-        return Outcome(OrderLogStatus.skipped, request, {"skipped": "the run's entry is still pending in the queue; "
-                       "waiting for its outcome", "entry_waits": waits},
-                       retry=(retry, int(time.time() * 1000 + ENTRY_WAIT_S * 1000)))
+        config = self._config(str(event.strategy_id), held.raw_config)
+        position, held_quantity = runtime_of(held.runtime)
+        kind = kind_of(event)
+        snap = Snapshot(config, position, datetime.now(UTC), deliveries=deliveries,
+                        exit_attempted=held.exit_attempted, intent_marked=held.intent_marked,
+                        halt=await self.halt.reason() if kind is EventType.BUY else None)
+        creds: KiteCredentials | None = None
+        for _ in range(DECIDE_STEPS_MAX):
+            decision = decide(event, snap, early_tolerance_s=self.settings.event_early_tolerance_s)
+            action = decision.action
+            # Only the loaded run is placed for or asked about (decide() skips the rest): config is set.
+            if action is Action.PLACE_ENTRY or action is Action.PLACE_EXIT:
+                if snap.entry is not None and action is Action.PLACE_EXIT:
+                    log.warning("runtime lost a filled entry; exiting per the broker",
+                                entry_order=snap.entry.order and snap.entry.order.get("order_id"))
+                return await self.place(event, kind, config, decision.lookup, log, held, held_quantity), config
+            if action is Action.SKIP:
+                if decision.clear_stoploss_marker:
+                    await self.redis.delete(keys.stoploss_marker_key(event.strategy_id, event.run_id))
+                return outcomes.skip(event, decision, config, log), config
+            if action is Action.REFUSE:
+                raise Refused(decision.reason)
+            if action is Action.ABORT_RUN:
+                return outcomes.abort_run(event, decision, config, log, held_quantity), config
+            if action is Action.WAIT_FOR_ENTRY:
+                return outcomes.wait_for_entry(event, kind, log), config
+            request = {"event": event.model_dump(mode="json")}
+            if action is Action.CHECK_ENTRY_PENDING:
+                snap = replace(snap, entry_pending=await self.state.entry_pending(str(config.strategy_id),
+                                                                                  config.run_id))
+            elif action is Action.LOOK_UP_ENTRY:
+                entry_tag = order_tag(config.strategy_id, config.run_id, event.trading_day, "entry")
+                try:
+                    creds = await self._credentials(config, held)
+                    entry = await self.placer.find_by_tag(creds, entry_tag, accept_dead=False)
+                except (BrokerError, CredentialsUnavailable) as error:
+                    if isinstance(error, AccountChanged) and kind is not EventType.BUY:
+                        return outcomes.account_changed(event, request, str(error), None, log), config
+                    checking = LATE_ENTRY if kind is EventType.BUY else "checking the entry order"
+                    return self._retry(event, kind, request, {"error": str(error), "while": checking}, None,
+                                       log), config
+                snap = replace(snap, entry=EntryOrder(entry))
+            elif action is Action.CANCEL_ENTRY:  # asked only after LOOK_UP_ENTRY found a live entry
+                live = snap.entry.order
+                log.warning("entry order still open at sell time; cancelling it", entry_order=live.get("order_id"),
+                            entry_status=live.get("status"))
+                try:
+                    ended = await self.placer.cancel(creds, live)
+                except BrokerError as error:
+                    return self._retry(event, kind, request, {
+                        "error": str(error), "while": "cancelling the open entry order",
+                        "entry_order": live.get("order_id")}, None, log), config
+                snap = replace(snap, entry=EntryOrder(ended.broker_order, cancelled=ended.order_id))
+        raise RuntimeError(f"no decision for {event.event_type.value} after {DECIDE_STEPS_MAX} steps")
 
     async def place(self, event: Event, kind: EventType, config: StrategyConfig, lookup: bool, log: Any,
                     held: Held | None = None, held_quantity: int | None = None) -> Outcome:
@@ -363,8 +280,8 @@ class OrderHandler:
         quantity for a run from before it was kept), or what the book shows when it looks first.
         """
         tag = order_tag(config.strategy_id, config.run_id, event.trading_day, intent_of(kind.value))
-        side = TransactionType.BUY if kind == EventType.BUY else TransactionType.SELL
-        quantity = config.quantity if kind == EventType.BUY or not held_quantity else held_quantity
+        side = TransactionType.BUY if kind is EventType.BUY else TransactionType.SELL
+        quantity = config.quantity if kind is EventType.BUY or not held_quantity else held_quantity
         order = BrokerOrder(symbol=config.symbol, quantity=quantity, transaction_type=side,
                             exchange=config.exchange, product=config.product, tag=tag)
         request: dict[str, Any] = {"order": order.model_dump(mode="json"), "attempt": event.attempt}
@@ -374,11 +291,11 @@ class OrderHandler:
         try:
             creds = await self._credentials(config, held)
             # An exit marks its attempt (with its rate-limit slot, right before sending).
-            mark = None if kind == EventType.BUY else \
+            mark = None if kind is EventType.BUY else \
                 (keys.exit_attempt_key(config.strategy_id, config.run_id), EXIT_ATTEMPT_TTL_S)
             slot_taken = held is not None and held.slot_fp == creds.api_key_fp
             guard = held.ensure_held if held is not None else None
-            if kind == EventType.BUY:
+            if kind is EventType.BUY:
                 result = await self.placer.execute(creds, order, lookup_first=lookup, accept_dead=True,
                                                    slot_taken=slot_taken, guard=guard)
             else:
@@ -386,153 +303,40 @@ class OrderHandler:
                 result = await self.placer.execute_exit(creds, order, entry_tag=entry_tag, lookup_first=lookup,
                                                         mark=mark, slot_taken=slot_taken, guard=guard)
         except AccountChanged as error:
-            return self.account_changed(event, request, str(error), tag, log)
+            return outcomes.account_changed(event, request, str(error), tag, log)
         except CredentialsUnavailable as error:
-            return self.abort_now(event, request, {"error": str(error)}, tag, "credentials", log)
+            return outcomes.abort_now(event, request, {"error": str(error)}, tag, log)
         except BrokerError as error:
-            if error.kind == BrokerErrorKind.AUTH:
+            failure = broker_failure(kind, error.kind)
+            if failure is Failure.AUTH:
                 await mirror_expired(self.redis, config.user_id, creds.token_ct)
-                return self.abort_now(event, request, error.as_payload(), tag, "auth", log)
-            if error.kind == BrokerErrorKind.FINAL and kind == EventType.BUY:
-                return self.fail_run(event, config, request, error.as_payload(), tag, None,
-                                     f"entry order refused: {error.message}", log)
+                return outcomes.abort_now(event, request, error.as_payload(), tag, log, auth=True)
+            if failure is Failure.ENTRY_REFUSED:
+                return outcomes.fail_run(config, request, error.as_payload(), tag, None,
+                                         f"entry order refused: {error.message}", log)
             log.warning("order attempt failed", error_kind=error.kind.value, error=error.message)
-            return self.retry_or_abort(event, kind, request, error.as_payload(), tag, log)
+            return self._retry(event, kind, request, error.as_payload(), tag, log)
         except RateLimitTimeout as error:
-            return self.retry_or_abort(event, kind, request, {"error": str(error)}, tag, log)
+            return self._retry(event, kind, request, {"error": str(error)}, tag, log)
         log = log.bind(order_id=result.order_id)
-        if kind != EventType.BUY and result.broker_order.get("quantity"):
+        if kind is not EventType.BUY and result.broker_order.get("quantity"):
             # An exit that looked first sent what the book showed held, not runtime's count.
             request["order"]["quantity"] = int(result.broker_order["quantity"])
-        if kind == EventType.BUY and (result.filled or result.partially_filled):
-            return self.filled(event, kind, config, request, result, log)
-        if kind != EventType.BUY and result.remaining == 0:
-            return self.filled(event, kind, config, request, result, log)
-        if kind != EventType.BUY and result.filled_quantity > 0:
-            return self.exit_partly_filled(event, kind, config, request, result, log)
-        if kind == EventType.BUY:
-            return self.fail_run(event, config, request, result.payload(), tag, result.order_id,
-                                 f"entry order {result.status}: {result.status_message}", log)
+        settlement = settle(kind, result)
+        if settlement is Settlement.FILLED:
+            return outcomes.filled(event, kind, config, request, result, log)
+        if settlement is Settlement.EXIT_PARTLY_FILLED:
+            return outcomes.exit_partly_filled(event, kind, request, result, self.settings, log)
+        if settlement is Settlement.ENTRY_FAILED:
+            return outcomes.fail_run(config, request, result.payload(), tag, result.order_id,
+                                     f"entry order {result.status}: {result.status_message}", log)
         log.error("exit order not filled; position still open, retrying", status=result.status,
                   status_message=result.status_message)
-        return self.retry_or_abort(event, kind, request, result.payload(), tag, log)
+        return self._retry(event, kind, request, result.payload(), tag, log)
 
-    def filled(self, event: Event, kind: EventType, config: StrategyConfig, request: dict[str, Any],
-               result: OrderResult, log: Any) -> Outcome:
-        """Record a confirmed fill: new position, control message, and the run's end on an exit."""
-        now = datetime.now(UTC)
-        if kind == EventType.BUY:
-            # What the broker filled is held, even if the rest was cancelled or rejected.
-            position = Position.bought
-            fields = RuntimeState.hash_fields(position=position, last_buy_order=result.order_id,
-                                              last_price=result.average_price, last_action="BUY", updated_at=now,
-                                              filled_quantity=filled_quantity(result.broker_order))
-        else:
-            position = Position.exited_by_sl if kind == EventType.STOPLOSS else Position.sold
-            fields = RuntimeState.hash_fields(position=position, last_sell_order=result.order_id,
-                                              last_price=result.average_price, last_action=kind.value,
-                                              updated_at=now, filled_quantity=0)
-        control = ControlMessage(action="position", strategy_id=config.strategy_id, symbol=config.symbol,
-                                 stop_loss=config.stop_loss, position=position, run_id=config.run_id)
-        response = result.payload()
-        if kind == EventType.BUY and result.partially_filled:
-            response.update(partial_fill=True, requested_quantity=request["order"]["quantity"])
-            log.warning("entry partly filled; holding what filled", status=result.status,
-                        requested_quantity=request["order"]["quantity"], filled_quantity=result.filled_quantity)
-        out = Outcome(OrderLogStatus.success, request, response, tag=result.broker_order.get("tag")
-                      or request["order"]["tag"], order_id=result.order_id, runtime=fields, control=control)
-        if kind != EventType.BUY:
-            out.unload = config
-            # A square-off exits a strategy the user already stopped: it stays stopped.
-            out.strategy_status = None if event.metadata.get("square_off") else "exited"
-        # Logged once, with the outcome, by finish() ("event handled"): one line per event.
-        out.extra_log = {"position": position.value, "price": result.average_price,
-                         "found_by_tag": result.found_by_tag}
-        return out
-
-    def exit_partly_filled(self, event: Event, kind: EventType, config: StrategyConfig, request: dict[str, Any],
-                           result: OrderResult, log: Any) -> Outcome:
-        """Keep `bought` with the shares still held, and retry the exit for them (looked up first)."""
-        remaining = result.remaining or 0
-        log.error("exit order partly filled; retrying for the remainder", status=result.status,
-                  filled_quantity=result.filled_quantity, remaining=remaining)
-        response = {**result.payload(), "partial_fill": True, "remaining_quantity": remaining}
-        out = self.retry_or_abort(event, kind, request, response, result.broker_order.get("tag"), log)
-        out.order_id = result.order_id
-        # Same commit as the row: the count held follows the broker's fills, position stays bought.
-        out.runtime = RuntimeState.hash_fields(position=Position.bought, filled_quantity=remaining,
-                                               last_sell_order=result.order_id, updated_at=datetime.now(UTC))
-        return out
-
-    def fail_run(self, event: Event, config: StrategyConfig, request: dict[str, Any], response: dict[str, Any],
-                 tag: str | None, order_id: str | None, reason: str, log: Any) -> Outcome:
-        """End the run as failed now (a refused entry: nothing is held)."""
-        metrics.ABORTS.labels(kind="entry_rejected").inc()
-        log.error("strategy failed", reason=reason)
-        return Outcome(OrderLogStatus.failed, request, response, tag=tag, order_id=order_id,
-                       strategy_status="failed", failure_reason=reason, unload=config)
-
-    def account_changed(self, event: Event, request: dict[str, Any], reason: str, tag: str | None,
-                        log: Any) -> Outcome:
-        """Queue an ABORT, placing nothing: the run's broker account is not the one in Redis now."""
-        metrics.ABORTS.labels(kind="account_changed").inc()
-        log.error("broker account changed since the run started; nothing placed, aborting the run "
-                  "(any open position is on the old account: a human must square it off there)")
-        return Outcome(OrderLogStatus.failed, request, {"error": reason}, tag=tag,
-                       abort=self._abort_event(event, reason))
-
-    def abort_now(self, event: Event, request: dict[str, Any], response: dict[str, Any], tag: str | None,
-                  kind: str, log: Any) -> Outcome:
-        """Queue an ABORT for the run (credentials or token refused): retrying cannot help."""
-        detail = response.get('message') or response.get('error')
-        reason = f"{SESSION_EXPIRED_REASON} (broker: {detail})" if kind == "auth" else \
-            f"broker refused the credentials: {detail}"
-        log.error("broker credentials refused; aborting the run", reason=reason)
-        return Outcome(OrderLogStatus.failed, request, response, tag=tag, abort=self._abort_event(event, reason))
-
-    def retry_or_abort(self, event: Event, kind: EventType, request: dict[str, Any], response: dict[str, Any],
-                       tag: str | None, log: Any) -> Outcome:
-        """Schedule a RETRY with backoff and jitter, or past the limit queue an ABORT."""
-        attempt = event.attempt + 1
-        if attempt > self.settings.retry_max_attempts:
-            reason = f"{kind.value} failed after {event.attempt} attempts: " \
-                     f"{response.get('message') or response.get('error') or response.get('status')}"
-            log.error("retries exhausted; aborting the run", reason=reason)
-            return Outcome(OrderLogStatus.failed, request, {**response, "aborting": True}, tag=tag,
-                           abort=self._abort_event(event, reason))
-        ceiling = min(self.settings.retry_cap_s, self.settings.retry_base_s * 2 ** (event.attempt - 1))
-        delay = random.uniform(ceiling / 2, ceiling)
-        metadata = dict(event.metadata)
-        if event.event_type == EventType.STOPLOSS:
-            metadata["trigger_price"] = event.trigger_price  # type: ignore[union-attr]
-        retry = RetryEvent(strategy_id=event.strategy_id, run_id=event.run_id, trading_day=event.trading_day,
-                           attempt=attempt, retry_of=kind, price=event.price, trigger_time=event.trigger_time,
-                           metadata=metadata)
-        metrics.RETRIES.labels(event_type=kind.value).inc()
-        log.warning("retry scheduled", next_attempt=attempt, delay_s=round(delay, 3))
-        return Outcome(OrderLogStatus.failed, request, {**response, "retry_attempt": attempt,
-                       "retry_in_s": round(delay, 3)}, tag=tag,
-                       retry=(retry, int(time.time() * 1000 + delay * 1000)))
-
-    def _abort_event(self, event: Event, reason: str) -> AbortEvent:
-        metadata = {k: v for k, v in event.metadata.items() if k == "square_off"}
-        return AbortEvent(strategy_id=event.strategy_id, run_id=event.run_id, trading_day=event.trading_day,
-                          attempt=event.attempt, reason=reason[:500], metadata=metadata)
-
-    def abort_run(self, event: AbortEvent, config: StrategyConfig | None, position: Position, log: Any,
-                  held_quantity: int | None = None) -> Outcome:
-        """Fail the run: unload it (if still loaded) and record why, loudly."""
-        metrics.ABORTS.labels(kind="abort_event").inc()
-        out = Outcome(OrderLogStatus.failed, {"event": event.model_dump(mode="json")}, {"aborted": event.reason},
-                      failure_reason=event.reason,
-                      strategy_status=None if event.metadata.get("square_off") else "failed")
-        if config is not None and config.run_id == event.run_id:
-            out.unload = config
-            if position == Position.bought:
-                log.error("run aborted with the position still open: a human must square it off in Kite",
-                          symbol=config.symbol, quantity=held_quantity or config.quantity, reason=event.reason)
-        log.error("strategy run aborted", reason=event.reason)
-        return out
+    def _retry(self, event: Event, kind: EventType, request: dict[str, Any], response: dict[str, Any],
+               tag: str | None, log: Any) -> Outcome:
+        return outcomes.retry_or_abort(event, kind, request, response, tag, self.settings, log)
 
     async def finish(self, event: Event, msg_id: str, outcome: Outcome, config: StrategyConfig | None,
                      log: Any, held: Held | None = None) -> None:
@@ -568,8 +372,8 @@ class OrderHandler:
 
 def _intent_marker(event: Event) -> str | None:
     """Return the marker key that proves an exit was asked for: the listener's or the API's."""
-    kind = event.retry_of if isinstance(event, RetryEvent) else event.event_type
-    if kind == EventType.STOPLOSS:
+    kind = kind_of(event)
+    if kind is EventType.STOPLOSS:
         return keys.stoploss_marker_key(event.strategy_id, event.run_id)
     if event.metadata.get("square_off"):
         return keys.square_off_marker_key(event.strategy_id, event.run_id)

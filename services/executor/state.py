@@ -1,4 +1,4 @@
-"""Redis scripts of the order path: strategy lock, atomic commit, dead letters.
+"""Redis scripts of the order path: lock-and-read, atomic commit, dead letters.
 
 Each is one Lua script so that what must happen together does: the runtime
 update, its control message, the order-log row, a follow-up ABORT event and
@@ -10,7 +10,10 @@ Round trips are what the order path waits on, so the scripts also carry the
 reads and the release: taking the lock returns, in the same step, everything
 the state machine reads under it (config, runtime, the exit-attempt marker and,
 when the owner is known, the credential ciphertexts), and the commit that acks
-also releases the lock (compare-and-delete, as before).
+also releases the lock (compare-and-delete). The lock itself (its value,
+renewal, release and `runtime:{id}.lock_state`) is `libs.trading.lock`'s:
+these scripts compose its Lua functions, and the executor holds the lock
+through its StrategyLocks.
 
 Redis Cluster: every script touches one hash slot. A strategy's keys and the
 streams its scripts write (its partition's `queue:orders`, `queue:order_logs`,
@@ -24,48 +27,42 @@ separate round trip, as it does when it does not know the owner yet.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import itertools
-import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from libs.schema import keys
 from libs.schema.codec import dumps
-from libs.service.logging import get_logger
+from libs.trading.lock import RELEASE_LOCK_FN, TAKE_LOCK_FN, Lease, LockLost, LockTimeout, StrategyLocks
 from services.executor.ratelimit import TAKE_SLOT_FN
 
-_log = get_logger("executor.lock")
+__all__ = ["CONTROL_MAXLEN", "DEAD_MAXLEN", "Held", "LockLost", "LockTimeout", "OrderState"]
+
 CONTROL_MAXLEN = keys.CONTROL_MAXLEN
 DEAD_MAXLEN = keys.DEAD_MAXLEN
 
-_LOCK = """
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('HSET', KEYS[2], 'lock_state', 'locked') end
-  return 1
-end
-return 0
-"""
-
-# KEYS: lock, runtime, strategy, exit marker, intent marker[, credentials][, rate key]
-# ARGV: token, ttl ms, has credentials '0'|'1', run_id, [limit, window ms, member, marker ttl s]
-# Returns nil if the lock is taken, else {config or nil, runtime hash, marker 0/1,
-# credentials hash or nil, slot, intent marker 0/1} where the intent marker is the
-# listener's stop-loss marker or the API's square-off marker (the proof that such an
-# exit was asked for; see services.executor.handler), and slot is 0 if an order slot was taken, -1 if
-# none was asked for or the exit is not a plain one, else ms until a slot frees.
-# The slot is only taken for an exit of the loaded run, position bought and no
-# earlier exit attempt: the case that sends without a tag lookup; the exit marker
-# is set with it. The handler's state machine still decides; if it does not send,
-# a slot is wasted and the marker makes a later exit look the tag up (safe side).
-_LOCK_READ = TAKE_SLOT_FN + """
-if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return nil end
-if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('HSET', KEYS[2], 'lock_state', 'locked') end
+# The slot is only taken for an exit of the loaded run, position bought and no earlier
+# exit attempt: the case that sends without a tag lookup; the exit marker is set with
+# it. The handler's state machine still decides; if it does not send, a slot is wasted
+# and the marker makes a later exit look the tag up (safe side). The intent marker is
+# the listener's stop-loss marker or the API's square-off marker (the proof that such
+# an exit was asked for; see services.executor.handler).
+_LOCK_READ = """
+-- KEYS: [1] lock_state:{id} (string), [2] runtime:{id} (hash), [3] strategy:{id} (string),
+--       [4] exit:attempted:{id}:{run_id} (string), [5] stoploss:fired:{id}:{run_id} or
+--       squareoff:requested:{id}:{run_id} (string; the intent marker, or KEYS[4] again),
+--       [6] broker:{user_id} (hash; only if ARGV[3] is '1'), [6 or 7] ratelimit:orders:{fp} (zset; only with ARGV[5..8])
+-- ARGV: [1] owner token, [2] TTL ms, [3] '1' if KEYS[6] is the credentials hash else '0', [4] run_id,
+--       [5] rate limit, [6] rate window ms, [7] rate member, [8] exit marker TTL s
+-- Returns: nil if the lock is held by anyone, else {config or false, runtime HGETALL, exit marker 0/1,
+--          credentials HGETALL or false, slot, intent marker 0/1}; slot is 0 if an order slot was
+--          taken (and the exit marker set), -1 if none was asked for or the exit is not a plain one,
+--          else ms until a slot frees
+""" + TAKE_SLOT_FN + TAKE_LOCK_FN + """
+if not take_lock(KEYS[1], KEYS[2], ARGV[1], ARGV[2]) then return nil end
 local n = 5
 local creds = false
 if ARGV[3] == '1' then
@@ -83,38 +80,19 @@ end
 return {config, redis.call('HGETALL', KEYS[2]), marker, creds, slot, redis.call('EXISTS', KEYS[5])}
 """
 
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
-"""
-
-_UNLOCK = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('DEL', KEYS[1])
-  if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('HSET', KEYS[2], 'lock_state', 'free') end
-  return 1
-end
-return 0
-"""
-
-# Release (compare-and-delete) as in _UNLOCK; KEYS[n] lock, KEYS[n+1] runtime, ARGV[m] token or ''.
-_RELEASE = """
-local function release(lock, runtime, token)
-  if token ~= '' and redis.call('GET', lock) == token then
-    redis.call('DEL', lock)
-    if redis.call('EXISTS', runtime) == 1 then redis.call('HSET', runtime, 'lock_state', 'free') end
-  end
-end
-"""
-
-# KEYS: runtime, strategy, order_logs, control, orders, lock, notify
-# ARGV: run_id, runtime fields (JSON flat list or ''), control JSON or '', row JSON,
-#       control maxlen, abort event JSON or '', group, msg id to ack or '', lock token to release or '',
-#       notice JSON or '', notify maxlen'
 # Runtime is only written while the same run is loaded: a late event must not
 # resurrect the hash of an unloaded run. The lock is released only with the ack
 # (an entry acked is done; one not acked yet is still being worked on).
-_COMMIT = _RELEASE + """
+_COMMIT = """
+-- KEYS: [1] runtime:{id} (hash), [2] strategy:{id} (string), [3] queue:order_logs (stream),
+--       [4] control:strategies (stream), [5] queue:orders (stream), [6] lock_state:{id} (string),
+--       [7] notify:events (stream)
+-- ARGV: [1] run_id, [2] runtime fields as a JSON flat list or '', [3] control message JSON or '',
+--       [4] order-log row JSON, [5] control MAXLEN, [6] follow-up (ABORT) event JSON or '',
+--       [7] consumer group, [8] entry id to ack or '', [9] owner token to release with the ack or '',
+--       [10] notice JSON or '', [11] notify MAXLEN
+-- Returns: 1
+""" + RELEASE_LOCK_FN + """
 if ARGV[2] ~= '' then
   local raw = redis.call('GET', KEYS[2])
   if raw and cjson.decode(raw)['run_id'] == ARGV[1] then
@@ -129,24 +107,28 @@ if ARGV[10] ~= '' then redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[11], '*',
 if ARGV[6] ~= '' then redis.call('XADD', KEYS[5], '*', 'event', ARGV[6]) end
 if ARGV[8] ~= '' then
   redis.call('XACK', KEYS[5], ARGV[7], ARGV[8])
-  release(KEYS[6], KEYS[1], ARGV[9])
+  release_lock(KEYS[6], KEYS[1], ARGV[9])
 end
 return 1
 """
 
-# KEYS: orders, lock, runtime; ARGV: group, msg id, token
-_ACK_RELEASE = _RELEASE + """
+_ACK_RELEASE = """
+-- KEYS: [1] queue:orders (stream), [2] lock_state:{id} (string), [3] runtime:{id} (hash)
+-- ARGV: [1] consumer group, [2] entry id, [3] owner token
+-- Returns: 1 (the entry acked; the lock released if still the token's)
+""" + RELEASE_LOCK_FN + """
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-release(KEYS[2], KEYS[3], ARGV[3])
+release_lock(KEYS[2], KEYS[3], ARGV[3])
 return 1
 """
 
-# KEYS: dead stream, source stream[, strategy]; ARGV: raw, reason, msg id, deliveries, group, maxlen
-#       [, run_id, ABORT event JSON]
 # With a strategy key: if that run is the one loaded (and this call acked the entry),
 # XADD the ABORT in the same step, so a given-up event never leaves its run stuck.
-# Returns 2 if the ABORT was queued, else the XACK count.
 _DEAD_LETTER = """
+-- KEYS: [1] queue:orders:dead (stream), [2] queue:orders (stream), [3] strategy:{id} (string; optional)
+-- ARGV: [1] raw entry, [2] reason, [3] entry id, [4] deliveries, [5] consumer group, [6] dead MAXLEN,
+--       [7] run_id, [8] ABORT event JSON (both only with KEYS[3])
+-- Returns: 2 if the ABORT was queued, else the XACK count (0 or 1)
 redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[6], '*', 'event', ARGV[1], 'reason', ARGV[2],
            'msg_id', ARGV[3], 'deliveries', ARGV[4])
 local acked = redis.call('XACK', KEYS[2], ARGV[5], ARGV[3])
@@ -163,10 +145,12 @@ return acked
 
 ENTRY_SCAN_MAX = 10_000
 
-# KEYS: orders stream; ARGV: group, strategy_id, run_id, scan limit
-# 1 if an entry event (BUY, or RETRY of a BUY) of that run is pending in the group
-# (delivered, not acked: a dead consumer may hold it) or not yet delivered at all.
+# Pending: delivered, not acked (a dead consumer may hold it).
 _ENTRY_PENDING = """
+-- KEYS: [1] queue:orders (stream)
+-- ARGV: [1] consumer group, [2] strategy_id, [3] run_id, [4] scan limit
+-- Returns: 1 if an entry event (BUY, or RETRY of a BUY) of that run is pending in the group or not yet
+--          delivered, else 0
 local function is_entry(fields)
   for i = 1, #fields, 2 do
     if fields[i] == 'event' then
@@ -201,20 +185,10 @@ return 0
 """
 
 
-class LockTimeout(Exception):
-    """The strategy's lock stayed taken for longer than the wait bound."""
-
-
-class LockLost(Exception):
-    """The strategy's lock expired or was taken over while held: send nothing more under it."""
-
-
 @dataclass
-class Held:
+class Held(Lease):
     """A held strategy lock and what was read under it when it was taken."""
 
-    strategy_id: str
-    token: str
     raw_config: bytes | None = None
     runtime: dict[bytes, bytes] = field(default_factory=dict)
     exit_attempted: bool = False
@@ -222,13 +196,6 @@ class Held:
     credentials_user: str | None = None
     slot_fp: str | None = None  # an order slot of this fingerprint was taken (and the exit marked)
     intent_marked: bool = False  # the intent marker asked for existed (stop-loss fired, square-off requested)
-    released: bool = False
-    lost: bool = False  # set by the renewer once the lock is definitely no longer ours
-
-    def ensure_held(self) -> None:
-        """Raise LockLost if the lock was lost (checked right before an order is sent)."""
-        if self.lost:
-            raise LockLost(f"lock of {self.strategy_id} lost while held")
 
 
 def _pairs(flat: list[bytes] | None) -> dict[bytes, bytes]:
@@ -242,30 +209,16 @@ class OrderState:
     def __init__(self, redis: Redis, *, lock_ttl_ms: int, lock_wait_s: float) -> None:
         self.redis = redis
         self.lock_ttl_ms, self.lock_wait_s = lock_ttl_ms, lock_wait_s
-        self._lock = redis.register_script(_LOCK)
+        self.locks = StrategyLocks(redis, role="executor", ttl_ms=lock_ttl_ms, wait_s=lock_wait_s)
         self._lock_read = redis.register_script(_LOCK_READ)
-        self._renew = redis.register_script(_RENEW)
-        self._unlock = redis.register_script(_UNLOCK)
         self._commit = redis.register_script(_COMMIT)
         self._ack_release = redis.register_script(_ACK_RELEASE)
         self._dead = redis.register_script(_DEAD_LETTER)
         self._entry_pending = redis.register_script(_ENTRY_PENDING)
-        # Owner tokens: a random per-process prefix and a counter (unique across
-        # replicas without an os.urandom call per lock).
-        self._token_prefix = secrets.token_hex(8)
-        self._token_seq = itertools.count()
 
-    def _token(self) -> str:
-        return f"{self._token_prefix}{next(self._token_seq)}"
-
-    @contextlib.asynccontextmanager
-    async def strategy_lock(self, strategy_id: str) -> AsyncIterator[None]:
+    def strategy_lock(self, strategy_id: str) -> contextlib.AbstractAsyncContextManager[Lease]:
         """Hold `lock_state:{id}` (renewed while held); raise LockTimeout if it never frees."""
-        lock, runtime = keys.lock_key(strategy_id), keys.runtime_key(strategy_id)
-        token = self._token()
-        await self._acquire(strategy_id, lambda: self._lock(keys=[lock, runtime], args=[token, self.lock_ttl_ms]))
-        async with self._holding(Held(strategy_id, token)):
-            yield
+        return self.locks.hold(strategy_id)
 
     @contextlib.asynccontextmanager
     async def locked_read(self, strategy_id: str, run_id: str, credentials_user: str | None,
@@ -290,72 +243,19 @@ class OrderState:
             exit_slot = None  # another slot: the handler takes the slot on its own
         if credentials_user is not None:
             script_keys.append(keys.broker_credentials_key(credentials_user))
-        token = self._token()
-        args: list[Any] = [token, self.lock_ttl_ms, "1" if credentials_user is not None else "0", run_id]
+        held = Held(strategy_id, self.locks.new_token(), credentials_user=credentials_user)
+        args: list[Any] = [held.token, self.lock_ttl_ms, "1" if credentials_user is not None else "0", run_id]
         if exit_slot is not None:
             script_keys.append(exit_slot[1])
             args += [*exit_slot[2], exit_mark_ttl_s]
-        reply = await self._acquire(strategy_id, lambda: self._lock_read(keys=script_keys, args=args))
+        reply = await self.locks.take(held, lambda: self._lock_read(keys=script_keys, args=args))
         raw_config, runtime_flat, marker_set, creds, slot, intent_set = reply
-        held = Held(strategy_id, token, raw_config=raw_config, runtime=_pairs(runtime_flat),
-                    exit_attempted=bool(marker_set), credentials=_pairs(creds) if creds is not None else None,
-                    credentials_user=credentials_user,
-                    slot_fp=exit_slot[0] if exit_slot is not None and int(slot) == 0 else None,
-                    intent_marked=intent_marker is not None and bool(intent_set))
-        async with self._holding(held):
+        held.raw_config, held.runtime, held.exit_attempted = raw_config, _pairs(runtime_flat), bool(marker_set)
+        held.credentials = _pairs(creds) if creds is not None else None
+        held.slot_fp = exit_slot[0] if exit_slot is not None and int(slot) == 0 else None
+        held.intent_marked = intent_marker is not None and bool(intent_set)
+        async with self.locks.keep(held):
             yield held
-
-    async def _acquire(self, strategy_id: str, attempt: Any) -> Any:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.lock_wait_s
-        pause = 0.005
-        while not (reply := await attempt()):
-            if loop.time() >= deadline:
-                raise LockTimeout(f"lock of {strategy_id} still taken after {self.lock_wait_s}s")
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, 0.2)
-        return reply
-
-    @contextlib.asynccontextmanager
-    async def _holding(self, held: Held) -> AsyncIterator[None]:
-        lock, runtime = keys.lock_key(held.strategy_id), keys.runtime_key(held.strategy_id)
-        renewer = asyncio.create_task(self._keep_lock(lock, held), name=f"lock-renew-{held.strategy_id}")
-        try:
-            yield
-        finally:
-            renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await renewer
-            if not held.released:
-                # Compare-and-delete: a lock that expired and was taken by another
-                # executor is not ours to release.
-                await self._unlock(keys=[lock, runtime], args=[held.token])
-
-    async def _keep_lock(self, lock: str, held: Held) -> None:
-        # A Redis error must not end renewal silently (the lock would expire with an order
-        # in flight): retry with a short backoff. Once the lock is surely gone (the
-        # compare-and-extend says not ours, or no renewal for a whole TTL), mark `held` lost
-        # so that nothing more is sent under it.
-        loop = asyncio.get_running_loop()
-        ttl_s = self.lock_ttl_ms / 1000
-        renewed, pause, failures = loop.time(), ttl_s / 3, 0
-        while True:
-            await asyncio.sleep(pause)
-            try:
-                ours = await self._renew(keys=[lock], args=[held.token, self.lock_ttl_ms])
-            except RedisError as error:
-                if loop.time() - renewed < ttl_s:
-                    failures += 1
-                    pause = min(0.02 * 2 ** failures, ttl_s / 10)
-                    _log.warning("lock renewal failed; retrying", strategy_id=held.strategy_id, error=str(error))
-                    continue
-                ours = 0
-            if not ours:
-                held.lost = True
-                _log.error("strategy lock lost while held; no order will be sent under it",
-                           strategy_id=held.strategy_id)
-                return
-            renewed, pause, failures = loop.time(), ttl_s / 3, 0
 
     async def commit(self, *, strategy_id: str, run_id: str, row: bytes, runtime_fields: dict[str, str] | None,
                      control: bytes | None, abort_event: bytes | None, ack_msg_id: str | None,

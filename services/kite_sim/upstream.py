@@ -6,10 +6,9 @@ in quote mode, and every upstream tick sets the local last price, OHLC and
 volume; the random walk stays off. Local orders then fill, and local ticker
 clients receive ticks, at the market's real prices.
 
-The ticker is the market listener's `TickerFeed` in quote mode: KiteTicker on
-Twisted's reactor thread, reconnecting on its own, giving up (state
-`token_expired`) when the upstream refuses the token. Ticks cross to the
-asyncio loop with `call_soon_threadsafe`.
+The ticker is the market listener's `TickerFeed` in quote mode: Kite's ticker
+WebSocket read on the simulator's loop, reconnecting on its own, giving up
+(state `token_expired`) when the upstream refuses the token.
 """
 
 from __future__ import annotations
@@ -80,8 +79,8 @@ class UpstreamFeed:
         return self._feed.state if self._feed is not None else CONNECTING
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Connect (starting the reactor thread on first use); ticks are applied on `loop`."""
-        # Imported on use: Twisted and the ticker cost start-up time most simulators never need.
+        """Connect; ticks are applied on `loop`."""
+        # Imported on use: the ticker costs start-up time most simulators never need.
         from services.market_listener.feed import TickerFeed
 
         def hand_over(ticks: list[dict[str, Any]]) -> None:

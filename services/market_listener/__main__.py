@@ -5,31 +5,33 @@ stop_loss emits exactly one STOPLOSS (per strategy run, across any number of
 replicas) on `queue:orders`, carrying `trigger_price` and the run's
 `trading_day` (so it shares the SELL's exit tag at the broker).
 
-How the stop-loss index stays in sync: through the `control:strategies`
-stream, not keyspace notifications. The executor XADDs a `position` message in
-the same Lua commit script as its HSET of runtime position, and load_run/unload_run add
-`started`/`stopped` in their Lua scripts, so every change arrives once, in
-order, with the fields needed (symbol, stop_loss, run_id) and nothing to read
-back. Notifications are fire-and-forget (lost while disconnected), would need
-a server config change, and would force a read per change. At start the
-listener notes the stream's last id, scans `symbol:*:strategies`,
-`strategy:{id}` and `runtime:{id}`, then reads control messages from that id:
-a change made during the scan is applied again, which is harmless (every
-message is idempotent), and none is missed.
+How the stop-loss index stays in sync: through the partitions'
+`control:strategies` streams, not keyspace notifications. The executor's commit
+script XADDs a `position` message in the same script that HSETs the runtime
+position, and load_run/unload_run's scripts add `started`/`stopped`, so every
+change arrives once, in order, with the fields needed (symbol, stop_loss,
+run_id) and nothing to read back. Notifications are fire-and-forget (lost
+while disconnected), would need a server config change, and would force a read
+per change. At start the listener notes each stream's last id, scans
+`symbol:*:strategies`, `strategy:{id}` and `runtime:{id}`, then reads control
+messages from those ids: a change made during the scan is applied again, which
+is harmless (every message is idempotent), and none is missed. (tracker.py)
 
-Hot path: the KiteTicker thread queues each tick batch and wakes the loop
-(`call_soon_threadsafe`, once per burst); the loop updates the latest prices
-and checks each symbol's highest stop-loss (one comparison when nothing fires)
-and pops triggered watches with one bisect. Only a trigger costs a Redis round
-trip (marker + XADD in one script, triggers pipelined); `price:{SYM}` is
-written by a separate task, pipelined, at most every price_write_interval_s.
+Hot path (pump.py): the feed reads Kite's ticker WebSocket on this loop (no
+thread) and hands over each frame; the pump updates the latest prices, checks
+each symbol's highest stop-loss (one comparison when nothing fires) and pops
+triggered watches with one bisect. Only a trigger costs a Redis round trip
+(marker + XADD in one script, started at once; a frame's triggers run
+concurrently); `price:{SYM}` is written by a separate loop, one MSET, at most
+every price_write_interval_s.
 
-The feed: one market-data account's KiteTicker in LTP mode. A watchdog
-reconnects when no tick arrives for watchdog_silence_s while the market is
-open, and exits non-zero after watchdog_max_attempts reconnects in a row
-(the supervisor restarts the process). An expired token (403) is logged as
-critical and reported by /healthz as `{"ok": false, "feed": "token_expired"}`
-(503); the process stays up so the state is visible.
+The feed (feed.py): one market-data account's ticker in LTP mode, reconnecting
+on its own. The watchdog (watchdog.py) reconnects when no tick arrives for
+watchdog_silence_s while the market is open, and exits non-zero after
+watchdog_max_attempts reconnects in a row (the supervisor restarts the
+process). An expired token (403) is logged as critical and reported by /healthz
+as `{"ok": false, "feed": "token_expired"}` (503); the process stays up so the
+state is visible.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ doing nothing.
 
 from __future__ import annotations
 
+import asyncio
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -32,9 +33,10 @@ from libs.schema.models import (
 from libs.service.redis_client import connect_redis, server_run_id
 from libs.service.settings import ServiceSettings
 from libs.trading.calendar import MarketCalendar
+from libs.trading.lock import StrategyLocks
 from libs.trading.runs import load_run, plan_run, run_id_for, schedule_event, unload_run
 from libs.trading.tags import order_tag
-from services.api.run_control import _square_off
+from services.api.run_control import _load_ended_square_off, _square_off
 from services.api.security import LoginThrottle
 from services.executor.log_writer import OrderLogWriter
 from services.executor.ratelimit import OrderRateLimiter
@@ -188,6 +190,26 @@ async def test_every_script_runs_on_a_cluster(rc: RedisCluster, same_partition: 
     assert await unload_run(rc, config, plan) is True  # a square-off keeps the run loaded until the exit
     assert await trim_acked_orders(rc) >= 0
     assert "," in await server_run_id(rc)  # one run_id per primary
+
+
+async def test_strategy_lock_and_an_ended_runs_square_off_on_a_cluster(rc: RedisCluster) -> None:
+    sid, uid = _ids(True)
+    config = _config(sid, uid, "fp")
+    plan = plan_run(config, CAL, datetime.fromisoformat(config.run_id))
+    await load_run(rc, config, plan)
+    lock, runtime = keys.lock_key(sid), keys.runtime_key(sid)
+    locks = StrategyLocks(rc, role="api", ttl_ms=300, wait_s=2)
+    async with locks.hold(str(sid)) as lease:
+        assert await rc.hget(runtime, "lock_state") == b"locked"
+        await asyncio.sleep(1)  # several TTLs: kept by renewal
+        lease.ensure_held()
+        assert await rc.get(lock) == lease.token.encode()
+    assert not await rc.exists(lock) and await rc.hget(runtime, "lock_state") == b"free"
+    await unload_run(rc, config, plan)
+    assert await _load_ended_square_off(rc, config, plan, "1", datetime.now(UTC))
+    assert not await _load_ended_square_off(rc, config, plan, "1", datetime.now(UTC))  # one exit only
+    (_, last), = await rc.xrevrange(keys.orders_stream(keys.partition_of(sid)), count=1)
+    assert loads(last[b"event"])["metadata"] == {"square_off": True}
 
 
 async def test_scripts_reload_after_the_primaries_lost_their_script_cache(rc: RedisCluster) -> None:

@@ -57,17 +57,19 @@ async def test_load_replaces_the_runtime_and_schedules_buy_and_sell(redis: Redis
     args = [b'{"run_id":"r"}', dumps(["position", "none", "updated_at", "t"]), SID, "BUY-member", 1000,
             "SELL-member", 2000, b'{"action":"started"}', 100, keys.SCHEDULE_WAKEUP_CHANNEL]
     try:
-        assert await load(keys=LOAD_KEYS, args=args) == 1
+        assert await load(keys=[*LOAD_KEYS, keys.lock_key(SID)], args=args) == 1
         message = await eventually(lambda: wakeups.get_message(ignore_subscribe_messages=True, timeout=0.2))
         assert message["data"] == b"1000"  # the BUY's due time: sleeping schedulers recompute their sleep
     finally:
         await wakeups.aclose()
     assert await redis.get(keys.strategy_key(SID)) == b'{"run_id":"r"}'
-    assert await redis.hgetall(keys.runtime_key(SID)) == {b"position": b"none", b"updated_at": b"t"}
+    # lock_state follows the lock key (none here), whatever the fields say.
+    assert await redis.hgetall(keys.runtime_key(SID)) == {b"position": b"none", b"updated_at": b"t",
+                                                          b"lock_state": b"free"}
     assert await redis.smembers(LOAD_KEYS[2]) == {SID.encode()}
     assert await redis.zrange(LOAD_KEYS[3], 0, -1, withscores=True) == [(b"BUY-member", 1000), (b"SELL-member", 2000)]
     # Loading the same run again (a retried start) leaves one of each, plus one more `started`.
-    assert await load(keys=LOAD_KEYS, args=args) == 1
+    assert await load(keys=[*LOAD_KEYS, keys.lock_key(SID)], args=args) == 1
     assert await redis.scard(LOAD_KEYS[2]) == 1 and await redis.zcard(LOAD_KEYS[3]) == 2
     assert [f[b"event"] for _, f in await redis.xrange(LOAD_KEYS[4])] == [b'{"action":"started"}'] * 2
 
