@@ -90,7 +90,7 @@ async def supervise(work: Coroutine[Any, Any, Any], stop: Callable[[], None], sh
             await asyncio.wait_for(runner, grace_s)
         except TimeoutError:
             log.error(f"{name} did not stop in time; cancelled")
-        except Exception as exc:  # noqa: BLE001 - a crashed loop must end the process non-zero
+        except Exception as exc:  # a crashed loop must end the process non-zero
             leaf = _leaf(exc)
             for kind, (code, message) in (exits or {}).items():
                 if isinstance(leaf, kind):

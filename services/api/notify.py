@@ -188,7 +188,7 @@ class Deliverer:
             except POSTGRES_UNAVAILABLE as exc:  # entries stay pending and are claimed again
                 log.warning("postgres unavailable for notify fan-out; retrying", error=type(exc).__name__)
                 await sleep_unless_stopped(stop, 1)
-            except Exception:  # noqa: BLE001 - a bug in one fan-out must not stop delivery; entries stay pending
+            except Exception:  # a bug in one fan-out must not stop delivery; entries stay pending
                 log.exception("notify fan-out failed; retrying", partition=partition)
                 await sleep_unless_stopped(stop, 1)
 
@@ -254,7 +254,7 @@ class Deliverer:
                 except RedisError as exc:
                     log.warning("notify schedule read failed; retrying", error=str(exc)[:200])
                     continue
-                except Exception:  # noqa: BLE001 - what was claimed comes due again after its lease
+                except Exception:  # what was claimed comes due again after its lease
                     log.exception("notify schedule claim failed", partition=partition)
                     continue
                 found += len(claimed)
@@ -294,7 +294,7 @@ class Deliverer:
             error = f"{type(exc).__name__}: {str(exc)[:200]}"
         except RedisError as exc:
             error = f"redis: {str(exc)[:200]}"
-        except Exception as exc:  # noqa: BLE001 - settled as a failed attempt, never a lost delivery
+        except Exception as exc:  # settled as a failed attempt, never a lost delivery
             log.exception("notification attempt failed", notice_id=notice.id)
             error = f"{type(exc).__name__}"
         try:

@@ -102,7 +102,7 @@ class OrderLogWriter:
                 self.log.warning("redis unavailable; retrying", error=str(error))
                 drained = stop.is_set()
                 await sleep_unless_stopped(stop, 0.5)
-            except Exception:  # noqa: BLE001 - the writer must outlive any one bad batch
+            except Exception:  # the writer must outlive any one bad batch
                 self.log.exception("order-log writer loop failed; retrying")
                 drained = stop.is_set()
                 await sleep_unless_stopped(stop, 1.0)

@@ -125,7 +125,7 @@ class Reconciler:
                              error=f"{type(error).__name__}: {error}")
         except RedisError:
             raise  # Redis is the caller's to wait out: it retries the whole reconciliation
-        except Exception:  # noqa: BLE001 - a bug here must not leave loaded runs unreconciled
+        except Exception:  # a bug here must not leave loaded runs unreconciled
             self.log.exception("reading running strategies from postgres failed; using loaded configs")
         async for key in self.redis.scan_iter(match=keys.strategy_key_pattern(), count=1000):
             raw = await self.redis.get(key)

@@ -101,7 +101,7 @@ class ExecutorService:
         except (RedisError, OSError) as error:  # the next read hits NOGROUP again and retries
             self.log.error("reconciliation failed; will retry", error=f"{type(error).__name__}: {error}")
             await asyncio.sleep(0.5)
-        except Exception:  # noqa: BLE001 - a bug must not end the consumer; the next read retries
+        except Exception:  # a bug must not end the consumer; the next read retries
             self.log.exception("reconciliation failed; will retry")
             await asyncio.sleep(0.5)
 
@@ -122,7 +122,7 @@ class ExecutorService:
                 except (RedisError, OSError) as error:  # keep watching; the next poll retries
                     self._redis_run_id = None
                     self.log.error("reconciliation failed; will retry", error=str(error))
-                except Exception:  # noqa: BLE001 - keep watching; the next poll retries
+                except Exception:  # keep watching; the next poll retries
                     self._redis_run_id = None
                     self.log.exception("reconciliation failed; will retry")
 

@@ -197,7 +197,7 @@ def _down_and_up_again(stack: LocalStack) -> None:
     pids = [row["pid"] for row in stack.status().values()]
     stack.down()
     assert not any(pid_alive(pid) for pid in pids)
-    assert stack._sweep_orphans() == []  # noqa: SLF001 - nothing of the stack left running
+    assert stack._sweep_orphans() == []  # nothing of the stack left running
     stack.down()  # a second down is harmless
     assert (Path(stack.postgres().data_dir) / "PG_VERSION").exists(), "down must keep the data"
     try:
@@ -217,7 +217,7 @@ def test_a_port_taken_by_a_foreign_process_is_one_readable_line(tmp_path: Path) 
     squatter.listen()
     port = squatter.getsockname()[1]
     run_dir.mkdir()
-    stack._save({"ports": {"redis": port}})  # noqa: SLF001 - a stack whose Redis port someone took since
+    stack._save({"ports": {"redis": port}})  # a stack whose Redis port someone took since
     try:
         result = subprocess.run([sys.executable, "-m", "deploy.local", "up"], cwd=ROOT, capture_output=True,
                                 text=True, timeout=60, env={**os.environ, "TICKWISE_RUN_DIR": str(run_dir)})

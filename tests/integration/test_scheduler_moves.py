@@ -66,7 +66,7 @@ async def test_due_events_move_once_with_two_in_process_schedulers(redis: Redis,
     assert await redis.zcard(keys.SCHEDULE) == 0
 
 
-def _stream_len_is(redis: Redis, n: int):  # noqa: ANN202 - small check factory
+def _stream_len_is(redis: Redis, n: int):  # small check factory
     async def check() -> bool:
         return await redis.xlen(keys.ORDERS_STREAM) >= n
     return check

@@ -38,7 +38,7 @@ from tests.support.eventually import eventually
 from tests.support.runs import status_is
 
 
-async def _status(engine, strategy_id) -> tuple[StrategyStatus, str | None]:  # noqa: ANN001
+async def _status(engine, strategy_id) -> tuple[StrategyStatus, str | None]:
     async with engine.connect() as conn:
         row = (await conn.execute(select(Strategy.status, Strategy.failure_reason)
                                   .where(Strategy.id == strategy_id))).one()
@@ -110,7 +110,7 @@ async def test_stale_buy_left_in_schedule_is_not_fired_and_fails_the_strategy(
 
 
 async def test_redis_restart_triggers_a_rebuild(redis: Redis, redis_url: str, clean_db: str,
-                                                redis_server) -> None:  # noqa: ANN001
+                                                redis_server) -> None:
     engine = engine_for(clean_db)
     user = await insert_user(engine)
     run = await start_run(redis, engine, user, buy_at=datetime.now(UTC) + timedelta(seconds=60))
@@ -140,7 +140,7 @@ async def _has_event(redis: Redis, strategy_id: str, event_type: EventType) -> b
                for e in await stream_events(redis))
 
 
-async def _waiting_on_a_lock(engine) -> bool:  # noqa: ANN001
+async def _waiting_on_a_lock(engine) -> bool:
     async with engine.connect() as conn:
         waiting = await conn.scalar(text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
                                          " AND datname = current_database()"))

@@ -218,7 +218,7 @@ async def test_homoglyph_and_fullwidth_emails_do_not_make_second_accounts(api, c
 
 async def test_token_type_logout_and_password_change_revoke_sessions(api) -> None:
     user = await api.user("Tok")
-    secret = api.app[TOKENS]._secret  # noqa: SLF001 - forge with the app's own key
+    secret = api.app[TOKENS]._secret  # forge with the app's own key
     claims = jwt.decode(user.token, secret, algorithms=["HS256"])
     for forged in ({**claims, "typ": "refresh"}, {k: v for k, v in claims.items() if k != "typ"}):
         token = jwt.encode(forged, secret, algorithm="HS256")
