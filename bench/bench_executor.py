@@ -48,7 +48,7 @@ from tests.support.kite_sim import SimAdmin, run_sim
 from tests.support.postgres import start_postgres
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+import matplotlib.pyplot as plt  # the backend must be chosen first
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT_PNG = ROOT / "bench" / "out" / "executor.png"

@@ -27,7 +27,7 @@ from twisted.internet import reactor
 from tests.support.kite_sim import SimAdmin, run_sim, ws_root
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+import matplotlib.pyplot as plt  # the backend must be chosen first
 
 OUT_PNG = Path(__file__).with_name("out") / "kite_sim.png"
 PER_ACCOUNT_GAP_S = 0.11  # one order per 110 ms keeps every account under 10/s

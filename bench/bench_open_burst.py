@@ -47,7 +47,7 @@ from libs.schema import keys
 from services.scheduler.mover import DueMover
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+import matplotlib.pyplot as plt  # the backend must be chosen first
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT_PNG = ROOT / "bench" / "out" / "open_burst.png"

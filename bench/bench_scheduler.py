@@ -35,7 +35,7 @@ from libs.schema.models import BuyEvent, event_to_json
 from tests.support.postgres import running_postgres
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+import matplotlib.pyplot as plt  # the backend must be chosen first
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT_PNG = ROOT / "bench" / "out" / "scheduler.png"

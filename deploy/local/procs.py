@@ -22,6 +22,8 @@ import psycopg
 import redis
 from psycopg import sql
 
+from libs.service.lifecycle import poll
+
 
 def free_port() -> int:
     """Return a TCP port on 127.0.0.1 that is free right now."""
@@ -99,11 +101,8 @@ def stop_pid(pid: int, timeout: float = 10.0, sig: int = signal.SIGTERM) -> bool
         os.kill(pid, sig)
     except ProcessLookupError:
         return False
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not pid_alive(pid):
-            return True
-        time.sleep(0.05)
+    if poll(lambda: not pid_alive(pid), timeout=timeout, interval=0.05):
+        return True
     try:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
@@ -161,17 +160,19 @@ class RedisServer:
         self._wait_ready(pidfile)
 
     def _wait_ready(self, pidfile: Path, timeout: float = 15.0) -> None:
-        deadline = time.monotonic() + timeout
         client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
-        while time.monotonic() < deadline:
+
+        def answered() -> bool:
             try:
                 if client.ping():
                     self.pid = int(pidfile.read_text().strip())
-                    return
+                    return True
             except (redis.ConnectionError, redis.BusyLoadingError, FileNotFoundError, ValueError):
                 pass
-            time.sleep(0.05)
-        raise RuntimeError(f"redis-server on port {self.port} did not answer; see {self.data_dir}/redis.log")
+            return False
+
+        if not poll(answered, timeout=timeout, interval=0.05):
+            raise RuntimeError(f"redis-server on port {self.port} did not answer; see {self.data_dir}/redis.log")
 
     def _pid_from_file(self) -> int | None:
         try:
@@ -277,20 +278,22 @@ class PostgresServer:
 
     def wait_ready(self, timeout: float = 60.0, *, alive: Callable[[], bool] | None = None) -> None:
         """Wait until the server accepts a connection (a password is refused until then too)."""
-        deadline = time.monotonic() + timeout
-        while True:
+        def accepts() -> bool:
             try:
                 with psycopg.connect(self._dsn("postgres"), connect_timeout=2):
-                    return
+                    return True
             except psycopg.OperationalError as exc:
                 if "password authentication failed" in str(exc) or "no password supplied" in str(exc):
                     if self._adopt_password():
-                        continue
+                        return accepts()
                     raise RuntimeError("Postgres refused the stack's password: remove .run/ "
                                        "(make clean) to start over") from None
-                if time.monotonic() > deadline or (alive is not None and not alive()):
-                    raise RuntimeError(f"Postgres on port {self.port} did not accept connections") from None
-            time.sleep(0.2)
+                if alive is not None and not alive():
+                    raise RuntimeError(f"Postgres on port {self.port} exited before accepting connections") from None
+                return False
+
+        if not poll(accepts, timeout=timeout, interval=0.2):
+            raise RuntimeError(f"Postgres on port {self.port} did not accept connections")
 
     def _adopt_password(self) -> bool:
         """A cluster made before passwords (trust auth): set the password, switch pg_hba to scram."""

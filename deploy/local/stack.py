@@ -17,7 +17,6 @@ import os
 import shutil
 import stat
 import sys
-import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from deploy.local import credentials, leftovers
 from deploy.local.leftovers import STACK_VAR
 from deploy.local.procs import PostgresServer, free_port, redis_binary
 from deploy.local.supervisor import Program, Supervisor, render_config
+from libs.service.lifecycle import poll
 from libs.service.secretbox import generate_key
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -317,33 +317,32 @@ class LocalStack:
     def _wait_redis(self, state: dict, timeout: float = 30.0) -> None:
         client = redis.Redis.from_url(credentials.redis_url(state["ports"]["redis"], state["passwords"]),
                                       socket_connect_timeout=0.5)
-        deadline = time.monotonic() + timeout
-        while True:
+
+        def answers() -> bool:
             try:
-                if client.ping():
-                    return
+                return bool(client.ping())
             except redis.AuthenticationError:
                 raise StackError("redis refused the stack's password; see .run/logs/redis.log") from None
             except (redis.ConnectionError, redis.BusyLoadingError, redis.TimeoutError):
-                pass
-            if time.monotonic() > deadline:
-                raise StackError(f"redis did not answer in {timeout:.0f}s; {self._last_line('redis')}")
-            time.sleep(0.1)
+                return False
+
+        if not poll(answers, timeout=timeout, interval=0.1):
+            raise StackError(f"redis did not answer in {timeout:.0f}s; {self._last_line('redis')}")
 
     def _wait_http(self, name: str, port: int, path: str, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
         spawned = self.supervisor.spawn_counts().get(name, 0)
-        while time.monotonic() < deadline:
+
+        def ready() -> bool:
             if self.supervisor.spawn_counts().get(name, 0) > spawned + 2:
                 raise StackError(f"{name} keeps exiting at start; {self._last_line(name)}")
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as resp:
-                    if resp.status == 200:
-                        return
+                    return resp.status == 200
             except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            time.sleep(0.2)
-        raise StackError(f"{name} not ready after {timeout:.0f}s; {self._last_line(name)}")
+                return False
+
+        if not poll(ready, timeout=timeout, interval=0.2):
+            raise StackError(f"{name} not ready after {timeout:.0f}s; {self._last_line(name)}")
 
     def _last_line(self, name: str) -> str:
         log = self.logs / f"{name}.log"

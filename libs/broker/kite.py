@@ -170,7 +170,7 @@ class KiteGateway:
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(self._executor, fn)
-        except Exception as exc:  # noqa: BLE001 - classified right here, once
+        except Exception as exc:  # classified right here, once
             raise classify(exc, sent_order=sent_order) from exc
 
     async def profile(self, api_key: str, access_token: str) -> dict[str, Any]:

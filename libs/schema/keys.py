@@ -32,6 +32,7 @@ __all__ = [
     "CONTROL_STREAM",
     "DEAD_MAXLEN",
     "EXECUTORS_GROUP",
+    "INSTRUMENTS_TTL_S",
     "LOG_WRITERS_GROUP",
     "NOTIFIERS_GROUP",
     "NOTIFY_DEAD_STREAM",
@@ -44,9 +45,11 @@ __all__ = [
     "ORDERS_STREAM",
     "ORDER_LOGS_DEAD_STREAM",
     "ORDER_LOGS_STREAM",
+    "RUN_MARKER_TTL_S",
     "SCHEDULE",
     "SCHEDULE_WAKEUP_CHANNEL",
     "STATE_MARKER",
+    "TOKEN_VERSION_TTL_S",
     "MAX_PARTITIONS",
     "SLOTS",
     "broker_credentials_key",
@@ -214,10 +217,17 @@ def lock_key(strategy_id: Id) -> str:
     return _tagged(f"lock_state:{_id(strategy_id)}", strategy_id)
 
 
+# TTL of the per-run markers below (stop-loss fired, exit attempted, square-off
+# requested) and of the per-day token-check mark: two days outlives any run (one
+# trading day) and its last late event; the run_id or day in the name already
+# scopes each one, so the TTL only cleans up.
+RUN_MARKER_TTL_S = 172_800
+
+
 def stoploss_marker_key(strategy_id: Id, run_id: str) -> str:
     """Return `stoploss:fired:<id>:<run_id>:{tag}` (tag: the strategy's partition)."""
-    # STRING set NX when a listener fires STOPLOSS: one per strategy run. Given
-    # a TTL of a day or more by the writer; the run_id already scopes it.
+    # STRING set NX when a listener fires STOPLOSS: one per strategy run. EX of the
+    # listener's stoploss_marker_ttl_s (RUN_MARKER_TTL_S by default).
     return _tagged(f"stoploss:fired:{_id(strategy_id)}:{run_id}", strategy_id)
 
 
@@ -225,7 +235,7 @@ def exit_attempt_key(strategy_id: Id, run_id: str) -> str:
     """Return `exit:attempted:<id>:<run_id>:{tag}` (tag: the strategy's partition)."""
     # STRING set by the executor just before it sends a run's exit order, so any
     # later exit event (another executor, after a crash) looks the exit tag up
-    # at the broker before placing. EX of two days; the run_id scopes it.
+    # at the broker before placing. EX RUN_MARKER_TTL_S.
     return _tagged(f"exit:attempted:{_id(strategy_id)}:{run_id}", strategy_id)
 
 
@@ -233,8 +243,7 @@ def square_off_marker_key(strategy_id: Id, run_id: str) -> str:
     """Return `squareoff:requested:{id}:{run_id}`."""
     # STRING set by the API in the same step that enqueues a square-off SELL: the
     # executor refuses a square-off it cannot find this marker for (a SELL forged
-    # into the stream must not close a position early). EX of two days; the run_id
-    # scopes it.
+    # into the stream must not close a position early). EX RUN_MARKER_TTL_S.
     return _tagged(f"squareoff:requested:{_id(strategy_id)}:{run_id}", strategy_id)
 
 
@@ -274,6 +283,10 @@ SCHEDULE_WAKEUP_CHANNEL = "schedule:wakeup"
 
 
 # --- streams and consumer groups ----------------------------------------------
+# Every stream's bound is defined here once: CONTROL_MAXLEN, DEAD_MAXLEN and
+# NOTIFY_MAXLEN are approximate (XADD MAXLEN ~); queue:orders has none (the
+# scheduler trims it by MINID), queue:order_logs none (the writer deletes each
+# entry once it is in Postgres).
 
 # Each stream below exists once per partition; the constant names partition 0's.
 
@@ -288,8 +301,9 @@ def orders_stream(partition: int) -> str:
 
 def orders_dead_stream(partition: int) -> str:
     """Return `queue:orders:dead:{tag}`."""
-    # STREAM of events delivered too often: fields event, reason, msg_id,
-    # deliveries. Kept for humans to inspect; trimmed with MAXLEN, no TTL.
+    # STREAM of events malformed, refused or delivered too often: fields event,
+    # reason, msg_id, deliveries. Kept for humans to inspect; trimmed with
+    # DEAD_MAXLEN, no TTL.
     return f"queue:orders:dead:{partition_tag(partition)}"
 
 
@@ -302,7 +316,9 @@ def order_logs_stream(partition: int) -> str:
 
 def order_logs_dead_stream(partition: int) -> str:
     """Return `queue:order_logs:dead:{tag}`."""
-    # STREAM of order-log rows Postgres refused for good; kept for inspection.
+    # STREAM of order-log rows the writer could not parse or Postgres refused for
+    # good: fields row, reason, msg_id. Kept for inspection; trimmed with
+    # DEAD_MAXLEN, no TTL.
     return f"queue:order_logs:dead:{partition_tag(partition)}"
 
 
@@ -310,7 +326,7 @@ def control_stream(partition: int) -> str:
     """Return `control:strategies:{tag}`."""
     # STREAM, field `event` = JSON of a ControlMessage (started/stopped/position)
     # about this partition's strategies, telling market listeners what to watch.
-    # Trimmed with MAXLEN, no TTL.
+    # Trimmed with CONTROL_MAXLEN, no TTL.
     return f"control:strategies:{partition_tag(partition)}"
 
 
@@ -320,12 +336,13 @@ ORDER_LOGS_STREAM = order_logs_stream(0)
 ORDER_LOGS_DEAD_STREAM = order_logs_dead_stream(0)
 CONTROL_STREAM = control_stream(0)
 
-# Approximate MAXLEN of CONTROL_STREAM: listeners read it live and rebuild from
+# Approximate MAXLEN of each control_stream: listeners read it live and rebuild from
 # a scan at start, so only recent entries matter; 100k covers hours of churn.
 CONTROL_MAXLEN = 100_000
 
-# Approximate MAXLEN of each dead-letter stream (ORDERS_DEAD_STREAM,
-# ORDER_LOGS_DEAD_STREAM): kept for humans, bounded so a flood cannot fill Redis.
+# Approximate MAXLEN of each dead-letter stream (orders_dead_stream,
+# order_logs_dead_stream, notify_dead_stream): kept for humans, bounded so a
+# flood cannot fill Redis.
 DEAD_MAXLEN = 100_000
 
 
@@ -387,6 +404,8 @@ NOTIFY_STREAM = notify_stream(0)
 NOTIFY_SCHEDULE = notify_schedule(0)
 NOTIFY_PENDING = notify_pending(0)
 NOTIFY_DEAD_STREAM = notify_dead_stream(0)
+# Approximate MAXLEN of each notify_stream: entries are acked and deleted once fanned
+# out, so this only bounds a backlog while no deliverer runs.
 NOTIFY_MAXLEN = 100_000
 
 # Consumer group of notification deliverers (API processes) on each notify_stream.
@@ -409,15 +428,20 @@ def order_rate_key(api_key_fp: str) -> str:
 def instruments_key(exchange: str, day: date | str) -> str:
     """Return `instruments:{EXCHANGE}:{yyyy-mm-dd}`."""
     # HASH symbol -> instrument_token for one trading day. Tokens can change
-    # between days, so the day is in the name and the writer sets a ~2 day TTL.
+    # between days, so the day is in the name; EX INSTRUMENTS_TTL_S only cleans up.
     day_text = day.isoformat() if isinstance(day, date) else day
     return f"instruments:{exchange.strip().upper()}:{day_text}"
+
+
+# TTL of an instruments:{EXCHANGE}:{day} hash: two days, so a day's map outlives the day.
+INSTRUMENTS_TTL_S = 2 * 86_400
 
 
 def broker_credentials_key(user_id: Id) -> str:
     """Return `broker:<user_id>:{tag}` (tag: the user's partition)."""
     # HASH api_key, access_token (AES-GCM ciphertexts copied verbatim from
-    # Postgres), api_key_fp, is_valid ("1"/"0"): the order path's credentials,
+    # Postgres), api_key_fp, is_valid ("1"/"0"), token_state (the broker's last
+    # answer about the token: valid/expired/unknown): the order path's credentials,
     # written by the API on connect/session/start. No TTL: Postgres is the
     # source and every start rewrites it. Read together with a strategy's keys
     # only when their tags agree (always with N = 1).
@@ -473,9 +497,14 @@ def revoked_token_key(jti: str) -> str:
 def token_version_key(user_id: Id) -> str:
     """Return `auth:token_version:{user_id}`."""
     # STRING, cache of users.token_version (bumped by a password change or account
-    # deletion, which revokes every older token). EX of an hour; read through to
-    # Postgres when missing, so losing it only costs one query.
+    # deletion, which revokes every older token). EX TOKEN_VERSION_TTL_S; read through
+    # to Postgres when missing, so losing it only costs one query.
     return f"auth:token_version:{_id(user_id)}"
+
+
+# TTL of auth:token_version:{user_id}: an hour. A password change writes the new
+# version at once, so the TTL only bounds what another process may have cached.
+TOKEN_VERSION_TTL_S = 3_600
 
 
 # --- the Kite session's daily life --------------------------------------------
@@ -491,7 +520,7 @@ def broker_login_state_key(nonce: str) -> str:
 def token_check_key(user_id: Id, day: date | str) -> str:
     """Return `token:checked:<user_id>:<yyyy-mm-dd>` (no hash tag: a single-key SET NX)."""
     # STRING set NX by the scheduler that runs a user's pre-open token check on a
-    # trading day, so replicas neither check nor notify twice. EX of two days: the
-    # day is in the name, the TTL only cleans up.
+    # trading day, so replicas neither check nor notify twice. EX RUN_MARKER_TTL_S:
+    # the day is in the name, the TTL only cleans up.
     day_text = day.isoformat() if isinstance(day, date) else day
     return f"token:checked:{_id(user_id)}:{day_text}"

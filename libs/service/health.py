@@ -71,7 +71,7 @@ class HealthServer:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
-        sockets = site._server.sockets if site._server else []  # noqa: SLF001 - aiohttp exposes no public accessor
+        sockets = site._server.sockets if site._server else []  # aiohttp exposes no public accessor
         if sockets:
             self.port = sockets[0].getsockname()[1]
         return self.port

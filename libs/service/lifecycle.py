@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import time
 from collections.abc import Callable, Coroutine, Mapping
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 class Shutdown:
@@ -35,11 +38,32 @@ class Shutdown:
 
     async def wait(self, timeout: float | None = None) -> bool:
         """Wait for shutdown up to `timeout`; return True if it was requested."""
-        try:
-            await asyncio.wait_for(self.event.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
+        return await sleep_unless_stopped(self.event, timeout)
+
+
+def poll(check: Callable[[], T], *, timeout: float, interval: float) -> T | None:
+    """Call `check` every `interval` s until it returns a truthy value, which is returned; None after `timeout`.
+
+    For blocking start-up waits (a server accepting connections). `check` returns
+    something falsy for "not yet" and raises for "never".
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(interval)
+
+
+async def sleep_unless_stopped(stop: asyncio.Event, seconds: float | None) -> bool:
+    """Sleep `seconds` (None: for ever) or until `stop` is set; return True if it was set."""
+    try:
+        await asyncio.wait_for(stop.wait(), seconds)
+    except TimeoutError:
+        return False
+    return True
 
 
 def _leaf(exc: BaseException) -> BaseException:
@@ -66,7 +90,7 @@ async def supervise(work: Coroutine[Any, Any, Any], stop: Callable[[], None], sh
             await asyncio.wait_for(runner, grace_s)
         except TimeoutError:
             log.error(f"{name} did not stop in time; cancelled")
-        except Exception as exc:  # noqa: BLE001 - a crashed loop must end the process non-zero
+        except Exception as exc:  # a crashed loop must end the process non-zero
             leaf = _leaf(exc)
             for kind, (code, message) in (exits or {}).items():
                 if isinstance(leaf, kind):

@@ -162,7 +162,7 @@ async def commit_or_undo(session: Any, undo: Callable[[], Awaitable[Any]], actio
     except BaseException:
         try:
             await undo()
-        except Exception:
+        except Exception:  # noqa: BLE001 - the commit's own error is what the caller must see; this one is logged
             _log.exception("undo failed: Redis and Postgres disagree until the next rebuild", action=action,
                            strategy_id=str(strategy_id))
         raise

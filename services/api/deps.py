@@ -19,7 +19,6 @@ from libs.service.secretbox import SecretBox
 from libs.trading.calendar import MarketCalendar
 from services.api.errors import ApiError, field_error, not_found, validation_error
 from services.api.security import (
-    TOKEN_VERSION_CACHE_S,
     AccessClaims,
     LoginThrottle,
     Passwords,
@@ -135,13 +134,13 @@ async def _load_token_version(app: web.Application, user_id: UUID) -> int:
         raise token_error("invalid_token", "the access token's user no longer exists")
     # NX: a version read just before a bump must not overwrite the bumped one, which
     # store_token_version writes unconditionally after the bump commits.
-    await app[REDIS].set(keys.token_version_key(user_id), version, ex=TOKEN_VERSION_CACHE_S, nx=True)
+    await app[REDIS].set(keys.token_version_key(user_id), version, ex=keys.TOKEN_VERSION_TTL_S, nx=True)
     return version
 
 
 async def store_token_version(redis: Redis, user_id: UUID, version: int) -> None:
     """Publish a bumped token_version (after its commit): older tokens stop working now."""
-    await redis.set(keys.token_version_key(user_id), version, ex=TOKEN_VERSION_CACHE_S)
+    await redis.set(keys.token_version_key(user_id), version, ex=keys.TOKEN_VERSION_TTL_S)
 
 
 def current_user(request: web.Request) -> UUID:

@@ -21,7 +21,6 @@ and four indexed queries per open stream.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import hmac
 import time
@@ -38,6 +37,7 @@ from sqlalchemy import select
 from libs.schema.models import OrderLogOut
 from libs.schema.models.dashboard import StreamTicketOut
 from libs.schema.tables import BrokerCredential, OrderLog
+from libs.service.lifecycle import sleep_unless_stopped
 from services.api.broker import broker_status
 from services.api.deps import READS, SETTINGS, current_user
 from services.api.errors import ApiError, json_response
@@ -119,8 +119,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
             elif time.monotonic() - last_write >= HEARTBEAT_S:
                 await response.write(b": keep-alive\n\n")
                 last_write = time.monotonic()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(closing.wait(), settings.stream_interval_s)
+            await sleep_unless_stopped(closing, settings.stream_interval_s)
     except (ConnectionResetError, asyncio.CancelledError):
         pass
     finally:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import random
 import secrets
 import socket
 import time
@@ -44,6 +43,9 @@ from redis.exceptions import RedisError, ResponseError
 from libs.schema import keys
 from libs.schema.models.notify import Notice
 from libs.schema.tables import NotificationSettings
+from libs.service.backoff import backoff_delay
+from libs.service.lifecycle import sleep_unless_stopped
+from libs.service.outage import POSTGRES_UNAVAILABLE
 from libs.service.secretbox import SecretBox
 from libs.trading.calendar import IST
 from services.api.deps import BOX, READS, REDIS, SETTINGS
@@ -182,10 +184,13 @@ class Deliverer:
                     await self._ensure_group(partition)
                     continue
                 log.warning("notify stream read failed; retrying", error=str(exc)[:200])
-                await asyncio.sleep(1)
-            except Exception:  # noqa: BLE001 - Postgres down, say: entries stay pending and are claimed again
+                await sleep_unless_stopped(stop, 1)
+            except POSTGRES_UNAVAILABLE as exc:  # entries stay pending and are claimed again
+                log.warning("postgres unavailable for notify fan-out; retrying", error=type(exc).__name__)
+                await sleep_unless_stopped(stop, 1)
+            except Exception:  # a bug in one fan-out must not stop delivery; entries stay pending
                 log.exception("notify fan-out failed; retrying", partition=partition)
-                await asyncio.sleep(1)
+                await sleep_unless_stopped(stop, 1)
 
     async def _claim_abandoned(self, partition: int) -> None:
         # Entries read by a deliverer that died before fanning them out.
@@ -249,7 +254,7 @@ class Deliverer:
                 except RedisError as exc:
                     log.warning("notify schedule read failed; retrying", error=str(exc)[:200])
                     continue
-                except Exception:  # noqa: BLE001 - what was claimed comes due again after its lease
+                except Exception:  # what was claimed comes due again after its lease
                     log.exception("notify schedule claim failed", partition=partition)
                     continue
                 found += len(claimed)
@@ -258,8 +263,7 @@ class Deliverer:
                     self._inflight.add(task)
                     task.add_done_callback(self._inflight.discard)
             if not found:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), self.settings.notify_poll_s)
+                await sleep_unless_stopped(stop, self.settings.notify_poll_s)
 
     async def _deliver(self, partition: int, member: str, payload: bytes) -> None:
         try:
@@ -290,7 +294,7 @@ class Deliverer:
             error = f"{type(exc).__name__}: {str(exc)[:200]}"
         except RedisError as exc:
             error = f"redis: {str(exc)[:200]}"
-        except Exception as exc:  # noqa: BLE001 - settled as a failed attempt, never a lost delivery
+        except Exception as exc:  # settled as a failed attempt, never a lost delivery
             log.exception("notification attempt failed", notice_id=notice.id)
             error = f"{type(exc).__name__}"
         try:
@@ -321,8 +325,8 @@ class Deliverer:
                 pipe.hdel(pending, member)
                 await pipe.execute()
             return
-        ceiling = min(self.settings.notify_backoff_cap_s, self.settings.notify_backoff_base_s * 2 ** (attempt - 1))
-        delay = random.uniform(ceiling / 2, ceiling)
+        delay = backoff_delay(attempt, base=self.settings.notify_backoff_base_s,
+                              cap=self.settings.notify_backoff_cap_s, jitter=True)
         log.warning("notification failed; retrying", notice_id=notice.id, channel=item["channel"], attempt=attempt,
                     retry_in_s=round(delay, 2), error=error)
         async with self.redis.pipeline(transaction=True) as pipe:

@@ -168,8 +168,6 @@ class Tokens:
         return self.claims(token).user_id
 
 
-TOKEN_VERSION_CACHE_S = 3_600
-
 
 def bearer_token(header: str | None) -> str:
     """Return the token of an `Authorization: Bearer` header; raise 401 if absent."""

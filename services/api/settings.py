@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import AliasChoices, Field
 
+from libs.schema import keys
 from libs.service.settings import ServiceSettings
 
 
@@ -60,7 +61,7 @@ class ApiSettings(ServiceSettings):
     """How long stop waits for an executor holding the strategy's lock (an order in flight)."""
     stop_lock_ttl_ms: int = Field(10_000, ge=100)
     """TTL of the strategy's lock while a stop holds it; renewed while held, so a crashed API frees it this fast."""
-    instruments_ttl_s: int = Field(2 * 86400, ge=60)
+    instruments_ttl_s: int = Field(keys.INSTRUMENTS_TTL_S, ge=60)
     """TTL of the daily instruments cache."""
     stream_interval_s: float = Field(1.0, ge=0.1, le=60)
     """How often a dashboard event stream looks for changes."""

@@ -142,7 +142,7 @@ class OrderConsumer:
             self.log.error("strategy lock lost mid-event; entry left pending", msg_id=msg_id, error=str(error))
         except RedisError as error:
             self.log.error("redis failed mid-event; entry left pending", msg_id=msg_id, error=str(error))
-        except Exception:  # noqa: BLE001 - one bad event must not stop the consumer; it stays pending
+        except Exception:  # one bad event must not stop the consumer; it stays pending
             self.log.exception("event handling crashed; entry left pending", msg_id=msg_id)
         finally:
             self._inflight.pop((partition, msg_id), None)

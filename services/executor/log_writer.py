@@ -35,11 +35,13 @@ from sqlalchemy.sql import func
 from libs.schema import keys
 from libs.schema.models import OrderLogRow, StrategyStatus
 from libs.schema.tables import OrderLog, Strategy
+from libs.service.backoff import Backoff
+from libs.service.lifecycle import sleep_unless_stopped
 from libs.service.logging import get_logger
+from libs.service.outage import POSTGRES_UNAVAILABLE
 from services.executor import metrics
 from services.executor.consumer import ensure_group, is_nogroup
 
-DEAD_MAXLEN = keys.DEAD_MAXLEN
 _PERMANENT = (IntegrityError, DataError)
 # One statement per batch whatever its size: the rows go as one JSON array that
 # Postgres turns back into rows (jsonb_to_recordset), so the driver binds one
@@ -107,15 +109,15 @@ class OrderLogWriter:
                     continue
                 self.log.error("redis refused a command; retrying", error=str(error))
                 drained = stop.is_set()
-                await _sleep_unless(stop, 0.5)
+                await sleep_unless_stopped(stop, 0.5)
             except RedisError as error:
                 self.log.warning("redis unavailable; retrying", error=str(error))
                 drained = stop.is_set()
-                await _sleep_unless(stop, 0.5)
-            except Exception:  # noqa: BLE001 - the writer must outlive any one bad batch
+                await sleep_unless_stopped(stop, 0.5)
+            except Exception:  # the writer must outlive any one bad batch
                 self.log.exception("order-log writer loop failed; retrying")
                 drained = stop.is_set()
-                await _sleep_unless(stop, 1.0)
+                await sleep_unless_stopped(stop, 1.0)
 
     async def _claimed(self, stream: str) -> list[tuple[str, dict[bytes, bytes]]]:
         reply: Any = await self.redis.xautoclaim(stream, keys.LOG_WRITERS_GROUP, self.name,
@@ -135,7 +137,7 @@ class OrderLogWriter:
                 rows.append((msg_id, OrderLogRow.model_validate_json(fields[b"row"])))
             except (KeyError, ValidationError, ValueError) as error:
                 await self._dead(msg_id, fields.get(b"row", b""), f"malformed row: {error}", partition)
-        delay = 0.1
+        backoff = Backoff(base=0.1, cap=self.backoff_max_s)
         while rows:
             try:
                 refused = await self._commit(rows)
@@ -146,16 +148,18 @@ class OrderLogWriter:
                 self.log.warning("batch refused; writing rows one by one", error=str(error.orig))
                 refused = await self._commit_each(rows)
                 break
-            except Exception as error:  # noqa: BLE001 - Postgres unreachable: wait it out, lose nothing
+            except POSTGRES_UNAVAILABLE as error:
+                # Wait it out, lose nothing. Any other error is a bug: it goes up to the loop,
+                # which logs it with its traceback; the batch stays pending (nothing acked)
+                # and is claimed again, and the row ids keep a second insert out.
                 metrics.WRITER_UP.set(0)
+                delay = backoff.next()
                 self.log.warning("postgres unavailable; order-log rows wait in the stream",
                                  rows=len(rows), retry_in_s=round(delay, 2), error=f"{type(error).__name__}")
                 if stop.is_set():
                     return False
-                await _sleep_unless(stop, delay)
-                if stop.is_set():
+                if await sleep_unless_stopped(stop, delay):
                     return False
-                delay = min(delay * 2, self.backoff_max_s)
         else:
             refused = {}
         for msg_id, reason in refused.items():
@@ -208,7 +212,7 @@ class OrderLogWriter:
         stream = keys.order_logs_stream(partition)  # its dead stream shares the slot: one MULTI
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.xadd(keys.order_logs_dead_stream(partition), {"row": raw, "reason": reason, "msg_id": msg_id},
-                      maxlen=DEAD_MAXLEN, approximate=True)
+                      maxlen=keys.DEAD_MAXLEN, approximate=True)
             pipe.xack(stream, keys.LOG_WRITERS_GROUP, msg_id)
             pipe.xdel(stream, msg_id)
             await pipe.execute()
@@ -235,11 +239,6 @@ def _json(values: list[dict[str, Any]]) -> str:
         return orjson.dumps(values).decode()
     except orjson.JSONEncodeError:  # an integer beyond 64 bits, which orjson refuses: the stdlib's encoder
         return json.dumps(values, default=str)
-
-
-async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), seconds)
 
 
 def _text(value: bytes | str) -> str:

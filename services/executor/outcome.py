@@ -8,7 +8,6 @@ The builders log the loud cases (failures, aborts) where they arise.
 
 from __future__ import annotations
 
-import random
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -32,6 +31,7 @@ from libs.schema.models import (
     StrategyStatus,
     order_log_id,
 )
+from libs.service.backoff import backoff_delay
 from libs.trading.tokens import SESSION_EXPIRED_REASON
 from services.executor import metrics
 from services.executor.decide import Decision, exit_status, give_up_reason
@@ -193,8 +193,7 @@ def retry_or_abort(event: Event, kind: EventType, request: dict[str, Any], respo
         return Outcome(OrderLogStatus.failed, request, {**response, "aborting": True}, tag=tag,
                        abort=abort_event(event, reason))
     attempt = event.attempt + 1
-    ceiling = min(settings.retry_cap_s, settings.retry_base_s * 2 ** (event.attempt - 1))
-    delay = random.uniform(ceiling / 2, ceiling)
+    delay = backoff_delay(event.attempt, base=settings.retry_base_s, cap=settings.retry_cap_s, jitter=True)
     metadata = dict(event.metadata)
     if isinstance(event, StoplossEvent):
         metadata["trigger_price"] = event.trigger_price

@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -44,13 +45,13 @@ from libs.schema.models import (
 )
 from libs.schema.tables import BrokerCredential, Strategy
 from libs.service.logging import get_logger
+from libs.service.outage import POSTGRES_UNAVAILABLE
 from libs.trading.calendar import MarketCalendar
 from libs.trading.runs import config_for, plan_run, unload_run
 from libs.trading.tags import order_tag
 from libs.trading.tokens import restore_broker_hash
 from services.executor import metrics
 from services.executor.credentials import CredentialStore, CredentialsUnavailable
-from services.executor.handler import EXIT_ATTEMPT_TTL_S
 from services.executor.placement import COMPLETE, TERMINAL, filled_quantity
 from services.executor.state import CONTROL_MAXLEN, LockTimeout, OrderState
 
@@ -119,9 +120,13 @@ class Reconciler:
         configs: dict[str, StrategyConfig] = {}
         try:
             configs.update(await asyncio.wait_for(self._from_postgres(), self.pg_timeout_s))
-        except Exception as error:  # noqa: BLE001 - Postgres down: fall back to Redis
+        except POSTGRES_UNAVAILABLE as error:
             self.log.warning("postgres unavailable for reconciliation; using loaded configs",
                              error=f"{type(error).__name__}: {error}")
+        except RedisError:
+            raise  # Redis is the caller's to wait out: it retries the whole reconciliation
+        except Exception:  # a bug here must not leave loaded runs unreconciled
+            self.log.exception("reading running strategies from postgres failed; using loaded configs")
         async for key in self.redis.scan_iter(match=keys.strategy_key_pattern(), count=1000):
             raw = await self.redis.get(key)
             if raw:
@@ -189,7 +194,7 @@ class Reconciler:
         exit_ = _filled(exits) if sold and sold >= bought else None
         if exits and exit_ is None:
             # An exit was sent but has not filled: whoever exits next must look it up first.
-            await self.redis.set(keys.exit_attempt_key(sid, config.run_id), "1", ex=EXIT_ATTEMPT_TTL_S)
+            await self.redis.set(keys.exit_attempt_key(sid, config.run_id), "1", ex=keys.RUN_MARKER_TTL_S)
         current = RuntimeState.from_redis_hash(await self.redis.hgetall(keys.runtime_key(sid)))
         now = datetime.now(UTC)
         if exit_ is not None:

@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from libs.broker.kite_rest import KiteOrderClient
 from libs.schema import keys
 from libs.service.health import HealthServer
+from libs.service.lifecycle import sleep_unless_stopped
 from libs.service.logging import get_logger
 from libs.service.redis_client import connect_redis, server_run_id
 from libs.service.secretbox import SecretBox
@@ -100,16 +101,17 @@ class ExecutorService:
         self.log.warning("redis lost state; reconciling before consuming again", reason=reason)
         try:
             await self.recover("state_lost")
-        except Exception as error:  # noqa: BLE001 - the next read hits NOGROUP again and retries
+        except (RedisError, OSError) as error:  # the next read hits NOGROUP again and retries
             self.log.error("reconciliation failed; will retry", error=f"{type(error).__name__}: {error}")
+            await asyncio.sleep(0.5)
+        except Exception:  # a bug must not end the consumer; the next read retries
+            self.log.exception("reconciliation failed; will retry")
             await asyncio.sleep(0.5)
 
     async def _watch_redis(self, stop: asyncio.Event) -> None:
         """Poll `INFO server` run_id; a new one means Redis restarted and may have lost writes."""
         while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.settings.redis_watch_interval_s)
-            if stop.is_set():
+            if await sleep_unless_stopped(stop, self.settings.redis_watch_interval_s):
                 return
             try:
                 run_id = await self._server_run_id()
@@ -120,9 +122,12 @@ class ExecutorService:
                 self._redis_run_id = run_id
                 try:
                     await self.recover("redis_restart")
-                except Exception as error:  # noqa: BLE001 - keep watching; the next poll retries
+                except (RedisError, OSError) as error:  # keep watching; the next poll retries
                     self._redis_run_id = None
                     self.log.error("reconciliation failed; will retry", error=str(error))
+                except Exception:  # keep watching; the next poll retries
+                    self._redis_run_id = None
+                    self.log.exception("reconciliation failed; will retry")
 
     async def _warm_redis_pool(self) -> None:
         """Open now the Redis connections a full burst needs, rather than all at once when it arrives.
@@ -140,8 +145,7 @@ class ExecutorService:
                 return True
             except RedisError as error:
                 self.log.warning("waiting for redis", error=str(error))
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), 0.5)
+                await sleep_unless_stopped(stop, 0.5)
         return False
 
     async def run(self, stop: asyncio.Event) -> None:

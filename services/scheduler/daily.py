@@ -17,7 +17,6 @@ time (the clock, the calendar) and can run as several replicas:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from datetime import date
 from typing import Any
 
@@ -32,7 +31,9 @@ from libs.broker.kite import KiteGateway
 from libs.schema import keys
 from libs.schema.models import StrategyStatus
 from libs.schema.tables import Strategy
+from libs.service.backoff import Backoff
 from libs.service.clock import Clock
+from libs.service.lifecycle import sleep_unless_stopped
 from libs.service.logging import get_logger
 from libs.service.secretbox import SecretBox
 from libs.trading.calendar import MarketCalendar
@@ -43,7 +44,6 @@ from services.scheduler.settings import SchedulerSettings
 TOKEN_CHECKS = Counter("scheduler_token_checks_total", "Pre-open token checks, by the broker's answer.", ["state"])
 REARMED = Counter("scheduler_runs_rearmed_total", "Repeating strategies armed for their next trading day.")
 HALT = Gauge("scheduler_operator_halt", "1 while the operator halt key is set (executors place no new entries).")
-CHECK_MARK_TTL_S = 172_800
 CHECK_CONCURRENCY = 16  # profile calls in flight (each account has its own Kite rate limit)
 
 log = get_logger("scheduler")
@@ -72,8 +72,7 @@ class DailyTasks:
         return cls(settings, redis, sessions, calendar, clock, stopping, checker), gateway
 
     async def _pause(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.stopping.wait(), seconds)
+        await sleep_unless_stopped(self.stopping, seconds)
 
     async def preopen_checks_forever(self) -> None:
         """At preopen_check_time on every trading day, check the tokens of accounts with running strategies."""
@@ -113,7 +112,7 @@ class DailyTasks:
 
     async def _check_account(self, user_id: Any, running: int, day: date, counts: dict[str, int]) -> None:
         assert self.checker is not None
-        if not await self.redis.set(keys.token_check_key(user_id, day), "1", nx=True, ex=CHECK_MARK_TTL_S):
+        if not await self.redis.set(keys.token_check_key(user_id, day), "1", nx=True, ex=keys.RUN_MARKER_TTL_S):
             return  # another replica has it
         check = await self.checker.check(user_id)
         if check is not None:
@@ -128,14 +127,17 @@ class DailyTasks:
     async def rearm_forever(self) -> None:
         """Arm ended runs of repeating strategies for their next trading day; watch the halt key."""
         pause = self.settings.rearm_interval_s
+        # An outage backs off (from twice the interval, up to 30 s) instead of logging every pass.
+        outage = Backoff(base=2 * self.settings.rearm_interval_s, cap=30.0)
         while not self.stopping.is_set():
             try:
                 await self.watch_halt()
                 armed = await rearm_ended_runs(self.sessions, self.redis, self.calendar, self.clock.now())
                 REARMED.inc(len(armed))
                 pause = self.settings.rearm_interval_s
+                outage.reset()
             except (SQLAlchemyError, RedisError, OSError) as exc:
-                pause = min(pause * 2, 30.0)  # an outage: back off instead of logging every second
+                pause = outage.next()
                 log.warning("re-arm pass failed; retrying", error=str(exc), retry_in_s=pause)
             await self._pause(pause)
 

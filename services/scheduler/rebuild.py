@@ -142,7 +142,7 @@ async def rebuild_schedule(engine: AsyncEngine, redis: Redis, calendar: MarketCa
             await _rebuild_one(engine, redis, calendar, row, cred, grace_s, report)
         except (SQLAlchemyError, RedisError, OSError):
             raise  # an outage: the caller retries the whole rebuild
-        except Exception:  # noqa: BLE001 - one odd row must not stop the others from being rebuilt
+        except Exception:  # one odd row must not stop the others from being rebuilt
             log.exception("strategy not rebuilt", strategy_id=str(row.id))
     log.info("schedule rebuilt", running=report.running, loaded=report.loaded, readded=report.readded,
              failed=len(report.failed), broker_restored=report.broker_restored)

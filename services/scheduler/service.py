@@ -13,7 +13,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
 from libs.schema import keys
+from libs.service.backoff import Backoff
 from libs.service.clock import Clock, SystemClock
+from libs.service.lifecycle import sleep_unless_stopped
 from libs.service.redis_client import server_run_id
 from libs.trading.calendar import MarketCalendar
 from services.scheduler.daily import DailyTasks
@@ -64,19 +66,17 @@ class Scheduler:
             tasks.create_task(self.daily.rearm_forever(), name="rearm")
 
     async def _sweep_before_moving(self) -> None:
-        delay = 0.2
+        backoff = Backoff(base=0.2, cap=5.0)
         while not self.stopping.is_set():
             try:
                 await sweep_stale_buys(self.redis, self.calendar, self.settings.grace_s)
                 return
             except (RedisError, OSError) as exc:
                 log.warning("redis unavailable at start; retrying", error=str(exc))
-                await self._pause(delay)
-                delay = min(delay * 2, 5.0)
+                await self._pause(backoff.next())
 
     async def _pause(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.stopping.wait(), seconds)
+        await sleep_unless_stopped(self.stopping, seconds)
 
     async def move_due_forever(self) -> None:
         """Move due events, then sleep until the next is due, a publish, or max_sleep_s."""
@@ -96,8 +96,7 @@ class Scheduler:
                 wait = 0.5
             sleep = max_sleep if wait is None else min(wait, max_sleep)
             if sleep > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.wakeup.wait(), sleep)
+                await sleep_unless_stopped(self.wakeup, sleep)
 
     async def trim_orders_forever(self) -> None:
         """Trim delivered-and-acked entries from queue:orders every trim_interval_s."""
@@ -171,7 +170,7 @@ class Scheduler:
             if self.stopping.is_set():
                 return
             self.rebuild_needed.clear()
-            delay = 0.5
+            backoff = Backoff(base=0.5, cap=self.settings.rebuild_retry_max_s)
             while not self.stopping.is_set():
                 try:
                     # Marked before rebuilding: data lost during the rebuild asks for another one.
@@ -180,6 +179,6 @@ class Scheduler:
                     self.rebuilds += 1
                     break
                 except (SQLAlchemyError, RedisError, OSError) as exc:
+                    delay = backoff.next()
                     log.warning("rebuild failed; retrying", error=str(exc), retry_in_s=delay)
                     await self._pause(delay)
-                    delay = min(delay * 2, self.settings.rebuild_retry_max_s)

@@ -157,6 +157,14 @@ class Trader:
     async def strategy_row(self, sid: str) -> dict[str, Any]:
         return await self.call("GET", f"/strategies/{sid}")
 
+    async def has_position(self, sid: str, position: str) -> bool:
+        """Return whether the strategy's status shows `position` (a condition for `eventually`)."""
+        return (await self.status(sid))["position"] == position
+
+    async def has_status(self, sid: str, status: str) -> bool:
+        """Return whether the strategy is `status` (a condition for `eventually`)."""
+        return (await self.strategy_row(sid))["status"] == status
+
     async def logs(self, sid: str) -> list[dict[str, Any]]:
         data = await self.call("GET", f"/strategies/{sid}/orders")
         return data if isinstance(data, list) else data["items"]
@@ -169,3 +177,12 @@ class Trader:
 
     async def tick(self, symbol: str, price: float) -> None:
         await self.sim("POST", "ticks", {"symbol": symbol, "last_price": price})
+
+    async def tick_until_exited(self, sid: str, symbol: str, price: float) -> bool:
+        """Send a crossing tick and return whether the run has exited (a condition for `eventually`).
+
+        For a stop-loss after a restart: ticks are missed until the listener has
+        re-indexed the run, and repeats are harmless (one STOPLOSS per run).
+        """
+        await self.tick(symbol, price)
+        return await self.has_status(sid, "exited")

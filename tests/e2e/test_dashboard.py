@@ -27,7 +27,7 @@ def rupees(value: float) -> str:
     return f"{sign}₹{abs(value):,.2f}"
 
 
-def row(page: Page, symbol: str):  # noqa: ANN201 - a Playwright Locator
+def row(page: Page, symbol: str):  # a Playwright Locator
     return page.locator("#rows > tr[data-id]", has=page.locator("td.symbol", has_text=symbol))
 
 

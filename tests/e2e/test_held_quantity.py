@@ -99,7 +99,7 @@ async def test_an_exit_cancelled_after_a_partial_fill_sells_the_remainder_once(
         # Each tick brings five fresh bids, so the retry for the remainder can fill.
         while not stop_ticking.is_set():
             await trader.tick("AXISBANK", 1000)
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.1)  # ticking period: fresh liquidity ten times a second
 
     ticker = asyncio.create_task(fresh_books())
     try:

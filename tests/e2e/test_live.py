@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -36,13 +35,13 @@ class EventStream:
                 name, data = "message", []
 
     async def wait_for(self, predicate: Any, timeout: float = 20) -> tuple[str, Any]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for event in self.events:
-                if predicate(*event):
-                    return event
-            await asyncio.sleep(0.05)
-        raise AssertionError(f"no matching event in {[name for name, _ in self.events]}")
+        def matching() -> tuple[str, Any] | None:
+            return next((event for event in self.events if predicate(*event)), None)
+
+        try:
+            return await eventually(matching, timeout=timeout, interval=0.05)
+        except AssertionError:
+            raise AssertionError(f"no matching event in {[name for name, _ in self.events]}") from None
 
     def text(self) -> str:
         return json.dumps(self.events)

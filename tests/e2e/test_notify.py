@@ -72,13 +72,13 @@ async def test_fills_reach_the_webhook_once_per_event_after_it_recovers_and_a_ha
     sid = await trader.strategy("BHARTIARTL", buy_in_s=2, sell_in_s=300, stop_loss=1500, quantity=6)
     slow_sid = await slow.strategy("BHARTIARTL", buy_in_s=2, sell_in_s=300, stop_loss=1520, quantity=1)
     for who, strategy in ((trader, sid), (slow, slow_sid)):
-        await eventually(lambda who=who, strategy=strategy: _position(who, strategy, "bought"), timeout=20,
+        await eventually(lambda who=who, strategy=strategy: who.has_position(strategy, "bought"), timeout=20,
                          interval=0.1)
     # Both users' webhooks are being tried; the hanging one holds its attempt open.
     await eventually(lambda: any(k.startswith("hang:") for k in receiver.tries), timeout=15, interval=0.1)
     await trader.tick("BHARTIARTL", 1490)  # under both stops
     for who, strategy in ((trader, sid), (slow, slow_sid)):
-        await eventually(lambda who=who, strategy=strategy: _position(who, strategy, "exited_by_sl"), timeout=20,
+        await eventually(lambda who=who, strategy=strategy: who.has_position(strategy, "exited_by_sl"), timeout=20,
                          interval=0.1)
 
     status = await trader.status(sid)
@@ -100,10 +100,6 @@ async def test_fills_reach_the_webhook_once_per_event_after_it_recovers_and_a_ha
     # Only this trader's events reach this trader's webhook.
     me = await trader.call("GET", "/me")
     assert {body["user_id"] for bodies in delivered.values() for body in bodies} == {me["id"]}
-
-
-async def _position(trader: Trader, sid: str, position: str) -> bool:
-    return (await trader.status(sid))["position"] == position
 
 
 def _two_fills(receiver: Receiver) -> dict[str, list[dict]] | None:

@@ -40,7 +40,7 @@ async def _has_events(trader: Trader, sid: str, wanted: list[tuple[str, str]]) -
 async def test_stoploss_fires_once_though_the_price_keeps_falling(trader: Trader) -> None:
     await trader.tick("RELIANCE", 2500)
     sid = await trader.strategy("RELIANCE", buy_in_s=2, sell_in_s=60, stop_loss=2450, quantity=5)
-    await eventually(lambda: _position(trader, sid, "bought"), timeout=15)
+    await eventually(lambda: trader.has_position(sid, "bought"), timeout=15)
     for price in (2449, 2440, 2420, 2400, 2380):
         await trader.tick("RELIANCE", price)
     status = await _wait_status(trader, sid, "exited")
@@ -49,10 +49,6 @@ async def test_stoploss_fires_once_though_the_price_keeps_falling(trader: Trader
     sells = [o for o in await trader.broker_orders() if o["transaction_type"] == "SELL"]
     assert len(sells) == 1
     assert await _events(trader, sid) == [("BUY", "success"), ("STOPLOSS", "success")]
-
-
-async def _position(trader: Trader, sid: str, position: str) -> bool:
-    return (await trader.status(sid))["position"] == position
 
 
 async def test_user_stops_a_strategy_before_its_buy(trader: Trader) -> None:
@@ -68,7 +64,7 @@ async def test_user_stops_a_strategy_before_its_buy(trader: Trader) -> None:
 async def test_sell_after_a_stoploss_exit_is_skipped(trader: Trader) -> None:
     await trader.tick("SBIN", 800)
     sid = await trader.strategy("SBIN", buy_in_s=2, sell_in_s=7, stop_loss=790, quantity=2)
-    await eventually(lambda: _position(trader, sid, "bought"), timeout=15)
+    await eventually(lambda: trader.has_position(sid, "bought"), timeout=15)
     await trader.tick("SBIN", 780)
     await _wait_status(trader, sid, "exited")
     await asyncio.sleep(6)  # the SELL time passes
@@ -80,7 +76,7 @@ async def test_sell_after_a_stoploss_exit_is_skipped(trader: Trader) -> None:
 async def test_stop_with_square_off_sells_the_position(trader: Trader) -> None:
     await trader.tick("HDFCBANK", 1600)
     sid = await trader.strategy("HDFCBANK", buy_in_s=2, sell_in_s=120, stop_loss=1500, quantity=3)
-    await eventually(lambda: _position(trader, sid, "bought"), timeout=15)
+    await eventually(lambda: trader.has_position(sid, "bought"), timeout=15)
     await trader.call("POST", "/strategies/stop", {"strategy_id": sid, "square_off": True})
 
     async def sold() -> bool:
@@ -100,7 +96,7 @@ async def test_replicas_still_place_one_order_per_event(e2e_stack: Stack, trader
     sids = [await trader.strategy("ITC", buy_in_s=3, sell_in_s=60, stop_loss=390 - i, quantity=1)
             for i in range(8)]
     for sid in sids:
-        await eventually(lambda sid=sid: _position(trader, sid, "bought"), timeout=20)
+        await eventually(lambda sid=sid: trader.has_position(sid, "bought"), timeout=20)
     await trader.tick("ITC", 370)  # under every stop
     for sid in sids:
         await _wait_status(trader, sid, "exited")

@@ -20,14 +20,6 @@ from tests.e2e.harness import Stack, Trader
 from tests.support.eventually import eventually
 
 
-async def _position(trader: Trader, sid: str, position: str) -> bool:
-    return (await trader.status(sid))["position"] == position
-
-
-async def _status(trader: Trader, sid: str, status: str) -> bool:
-    return (await trader.strategy_row(sid))["status"] == status
-
-
 def _orders_by_side(orders: list[dict]) -> dict[str, int]:
     sides: dict[str, int] = {}
     for order in orders:
@@ -57,7 +49,7 @@ async def test_executor_killed_with_an_order_in_flight_is_finished_by_another(
     os.kill(pid, signal.SIGKILL)
     await trader.sim("POST", "faults", {})
 
-    await eventually(lambda: _position(trader, sid, "bought"), timeout=30, interval=0.2)
+    await eventually(lambda: trader.has_position(sid, "bought"), timeout=30, interval=0.2)
     await asyncio.sleep(1.5)  # room for a wrong second BUY to show up
     orders = await trader.broker_orders()
     assert _orders_by_side(orders) == {"BUY": 1}
@@ -73,9 +65,9 @@ async def test_broker_accepting_then_timing_out_gives_no_duplicate(trader: Trade
     await trader.tick("BHARTIARTL", 1200)
     sid = await trader.strategy("BHARTIARTL", buy_in_s=2, sell_in_s=8, stop_loss=1100, quantity=4)
     await eventually(lambda: _booked(trader), timeout=10)
-    await eventually(lambda: _position(trader, sid, "bought"), timeout=20, interval=0.2)
+    await eventually(lambda: trader.has_position(sid, "bought"), timeout=20, interval=0.2)
     await trader.sim("POST", "faults", {})
-    await eventually(lambda: _status(trader, sid, "exited"), timeout=25, interval=0.2)
+    await eventually(lambda: trader.has_status(sid, "exited"), timeout=25, interval=0.2)
     orders = await trader.broker_orders()
     assert _orders_by_side(orders) == {"BUY": 1, "SELL": 1}
     assert len({o["tag"] for o in orders}) == 2
@@ -97,7 +89,7 @@ async def test_postgres_outage_mid_trading_loses_no_order_log(fault_stack: Stack
     finally:
         fault_stack.local.start_program("postgres")
     await eventually(lambda: _logged(trader, sid, 2), timeout=30, interval=0.3)
-    assert await _status(trader, sid, "exited")
+    assert await trader.has_status(sid, "exited")
     with psycopg.connect(pg.dsn) as conn:
         rows = conn.execute("SELECT event_type::text, status::text FROM order_logs WHERE strategy_id = %s "
                             "ORDER BY created_at", (sid,)).fetchall()
@@ -114,15 +106,15 @@ async def _logged(trader: Trader, sid: str, count: int) -> bool:
 async def test_redis_crash_while_holding_still_exits_once(fault_stack: Stack, trader: Trader) -> None:
     await trader.tick("LT", 3500)
     sid = await trader.strategy("LT", buy_in_s=2, sell_in_s=120, stop_loss=3400, quantity=1)
-    await eventually(lambda: _position(trader, sid, "bought"), timeout=15, interval=0.2)
+    await eventually(lambda: trader.has_position(sid, "bought"), timeout=15, interval=0.2)
     await asyncio.sleep(1.5)  # past appendfsync everysec: the bought state is on disk
     fault_stack.kill("redis")  # the supervisor starts it again, at the same address, from the AOF
 
     # Every service reconnects; the stop-loss still fires, exactly once.
-    await eventually(lambda: _position(trader, sid, "bought"), timeout=20, interval=0.3)
-    await asyncio.sleep(2)  # listeners resubscribe and re-index after the restart
-    await trader.tick("LT", 3390)
-    await eventually(lambda: _status(trader, sid, "exited"), timeout=30, interval=0.3)
+    await eventually(lambda: trader.has_position(sid, "bought"), timeout=20, interval=0.3)
+    # The crossing tick is sent until the run exits: a listener still resubscribing after
+    # the restart misses the first ones, and repeats must not make a second exit.
+    await eventually(lambda: trader.tick_until_exited(sid, "LT", 3390), timeout=30, interval=0.3)
     orders = await trader.broker_orders()
     assert _orders_by_side(orders) == {"BUY": 1, "SELL": 1}
 
@@ -135,8 +127,8 @@ async def test_scheduler_killed_before_buy_time_buys_once_after_restart(fault_st
     await asyncio.sleep(3)  # the buy time passes with no scheduler running
     assert await trader.broker_orders() == []
     fault_stack.restart("scheduler")  # within the grace window: the BUY still goes out, once
-    await eventually(lambda: _position(trader, sid, "bought"), timeout=20, interval=0.2)
-    await asyncio.sleep(1)
+    await eventually(lambda: trader.has_position(sid, "bought"), timeout=20, interval=0.2)
+    await asyncio.sleep(1)  # room for a wrong second BUY to show up
     assert _orders_by_side(await trader.broker_orders()) == {"BUY": 1}
 
 
@@ -144,12 +136,11 @@ async def test_listener_killed_while_holding_still_stops_out_after_restart(fault
                                                                            trader: Trader) -> None:
     await trader.tick("SUNPHARMA", 1700)
     sid = await trader.strategy("SUNPHARMA", buy_in_s=2, sell_in_s=120, stop_loss=1650, quantity=3)
-    await eventually(lambda: _position(trader, sid, "bought"), timeout=15, interval=0.2)
+    await eventually(lambda: trader.has_position(sid, "bought"), timeout=15, interval=0.2)
     fault_stack.kill("market_listener")
     fault_stack.restart("market_listener")
-    await asyncio.sleep(1)
-    await trader.tick("SUNPHARMA", 1640)
-    await eventually(lambda: _status(trader, sid, "exited"), timeout=20, interval=0.2)
+    # Until the restarted listener has re-indexed the run, crossing ticks go unseen: repeat them.
+    await eventually(lambda: trader.tick_until_exited(sid, "SUNPHARMA", 1640), timeout=20, interval=0.2)
     assert (await trader.status(sid))["position"] == "exited_by_sl"
     assert _orders_by_side(await trader.broker_orders()) == {"BUY": 1, "SELL": 1}
 
@@ -160,15 +151,14 @@ async def test_redis_losing_everything_while_holding_still_exits_once(fault_stac
     # the broker (execution) still know the truth; the services must rebuild Redis from them.
     await trader.tick("TATASTEEL", 150)
     sid = await trader.strategy("TATASTEEL", buy_in_s=2, sell_in_s=120, stop_loss=140, quantity=9)
-    await eventually(lambda: _position(trader, sid, "bought"), timeout=15, interval=0.2)
+    await eventually(lambda: trader.has_position(sid, "bought"), timeout=15, interval=0.2)
     await stack_redis.flushall()
 
     # The run comes back loaded and bought (from the broker's order book), not as a fresh run.
-    await eventually(lambda: _position(trader, sid, "bought"), timeout=20, interval=0.3)
-    await asyncio.sleep(1)
+    await eventually(lambda: trader.has_position(sid, "bought"), timeout=20, interval=0.3)
+    await asyncio.sleep(1)  # room for a wrong second BUY to show up
     assert _orders_by_side(await trader.broker_orders()) == {"BUY": 1}, "the BUY was placed again"
-    await trader.tick("TATASTEEL", 138)
-    await eventually(lambda: _status(trader, sid, "exited"), timeout=30, interval=0.3)
+    await eventually(lambda: trader.tick_until_exited(sid, "TATASTEEL", 138), timeout=30, interval=0.3)
     assert (await trader.status(sid))["position"] == "exited_by_sl"
-    await asyncio.sleep(1)
+    await asyncio.sleep(1)  # room for a wrong second SELL to show up
     assert _orders_by_side(await trader.broker_orders()) == {"BUY": 1, "SELL": 1}

@@ -14,10 +14,6 @@ import contextlib
 import io
 import os
 import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -37,6 +33,7 @@ from libs.service.secretbox import generate_key
 from libs.trading.calendar import IST
 from services.api.app import build_app
 from services.api.settings import ApiSettings
+from tests.support.services import running_service
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SECRET_KEY = generate_key()
@@ -180,32 +177,6 @@ def run_api_process(env: dict[str, str], port: int | None = None) -> Iterator[tu
     """Run `python -m services.api` with env; yield (process, base URL, log path) once /readyz is 200."""
     port = port or free_port()
     log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"tickwise-api-{port}.log"
-    full_env = {**os.environ, **env, "TICKWISE_HEALTH_PORT": str(port),
-                "PYTHONPATH": str(REPO_ROOT)}
-    with log_path.open("wb") as log_file:
-        proc = subprocess.Popen([sys.executable, "-m", "services.api"], cwd=REPO_ROOT, env=full_env,
-                                stdout=log_file, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"api exited {proc.returncode}: {log_path.read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(base + "/readyz", timeout=1) as resp:
-                    if resp.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"api not ready: {log_path.read_text()[-2000:]}")
-            time.sleep(0.05)
-        yield proc, base, log_path
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    full_env = {**os.environ, **env, "TICKWISE_HEALTH_PORT": str(port), "PYTHONPATH": str(REPO_ROOT)}
+    with running_service("services.api", full_env, port, log_path) as service:
+        yield service.proc, service.base_url, log_path

@@ -12,42 +12,42 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
 import subprocess
-import sys
 import time
-import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from redis.asyncio import Redis
 from sqlalchemy import func, insert, select
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from deploy.local.procs import free_port
 from libs.broker.kite import api_key_fingerprint
 from libs.schema import keys
 from libs.schema.models import (
-    BuyEvent,
     Event,
-    RuntimeState,
-    SellEvent,
     StoplossEvent,
-    StrategyConfig,
     event_to_json,
 )
 from libs.schema.tables import BrokerCredential, OrderLog, Strategy, User
 from libs.service.secretbox import SecretBox, generate_key
 from libs.trading.calendar import MarketCalendar
-from libs.trading.runs import RunPlan, config_for, load_run, plan_run
-from libs.trading.tags import order_tag
+from libs.trading.runs import config_for, load_run, plan_run
 from services.executor.service import ExecutorService
 from services.executor.settings import ExecutorSettings
 from tests.support.kite_sim import SimAdmin
+
+# Re-exported (`x as x`): the executor's tests take every helper from this module.
+from tests.support.runs import Account, Run
+from tests.support.runs import engine_for as engine_for
+from tests.support.runs import position_is as position_is
+from tests.support.runs import runtime as runtime
+from tests.support.runs import status_is as status_is
+from tests.support.runs import strategy_row as strategy_row
+from tests.support.services import running_service
 
 SECRET_KEY = generate_key()
 BOX = SecretBox.from_b64(SECRET_KEY)
@@ -81,42 +81,6 @@ def executor_env(settings: ExecutorSettings, health_port: int) -> dict[str, str]
     env["TICKWISE_HEALTH_PORT"] = str(health_port)
     env.pop("TICKWISE_CONSUMER_NAME", None)
     return env
-
-
-@dataclass
-class Account:
-    user_id: uuid.UUID
-    api_key: str
-    access_token: str
-    api_key_fp: str
-
-
-@dataclass
-class Run:
-    config: StrategyConfig
-    plan: RunPlan
-    account: Account
-
-    @property
-    def sid(self) -> str:
-        return str(self.config.strategy_id)
-
-    def tag(self, intent: str) -> str:
-        return order_tag(self.config.strategy_id, self.config.run_id, self.plan.trading_day, intent)  # type: ignore[arg-type]
-
-    def buy(self, **extra: Any) -> BuyEvent:
-        return self.plan.buy.model_copy(update=extra)
-
-    def sell(self, **extra: Any) -> SellEvent:
-        return self.plan.sell.model_copy(update=extra)
-
-    def stoploss(self, price: float = 1.0) -> StoplossEvent:
-        return StoplossEvent(strategy_id=self.config.strategy_id, run_id=self.config.run_id,
-                             trading_day=self.plan.trading_day, trigger_price=price)
-
-
-def engine_for(database_url: str) -> AsyncEngine:
-    return create_async_engine(database_url, pool_size=2)
 
 
 async def write_broker_hash(redis: Redis, user_id: uuid.UUID, api_key: str, access_token: str) -> None:
@@ -177,19 +141,10 @@ async def enqueue(redis: Redis, event: Event | bytes) -> str:
     return (await redis.xadd(keys.ORDERS_STREAM, {"event": raw})).decode()
 
 
-async def runtime(redis: Redis, run: Run) -> RuntimeState:
-    return RuntimeState.from_redis_hash(await redis.hgetall(keys.runtime_key(run.sid)))
-
-
 async def order_logs(engine: AsyncEngine, run: Run) -> list[Any]:
     async with engine.connect() as conn:
         return (await conn.execute(select(OrderLog).where(OrderLog.strategy_id == run.config.strategy_id)
                                    .order_by(OrderLog.stream_msg_id))).all()
-
-
-async def strategy_row(engine: AsyncEngine, run: Run) -> Any:
-    async with engine.connect() as conn:
-        return (await conn.execute(select(Strategy).where(Strategy.id == run.config.strategy_id))).one()
 
 
 async def count_logs(engine: AsyncEngine) -> int:
@@ -208,7 +163,7 @@ async def move_due_events(redis: Redis, stop: asyncio.Event) -> None:
         for member in await redis.zrangebyscore(keys.SCHEDULE, "-inf", now_ms):
             if await redis.zrem(keys.SCHEDULE, member):
                 await redis.xadd(keys.ORDERS_STREAM, {"event": member})
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(0.02)  # the stand-in scheduler's polling period
 
 
 @contextlib.asynccontextmanager
@@ -243,32 +198,9 @@ async def running_executor(settings: ExecutorSettings) -> AsyncIterator[Executor
 
 @contextlib.contextmanager
 def executor_process(settings: ExecutorSettings, log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """Run `python -m services.executor` as a real subprocess, ready on /readyz."""
+    """Run `python -m services.executor` as a real subprocess, ready on /readyz and consuming."""
     port = free_port()
-    with log_path.open("wb") as log_file:
-        proc = subprocess.Popen([sys.executable, "-m", "services.executor"], cwd=REPO_ROOT,
-                                env=executor_env(settings, port), stdout=log_file, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"executor exited {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as resp:
-                    if resp.status == 200 and b'"ready"' in resp.read() and "executor consuming" in log_path.read_text():
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"executor not ready:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.05)
-        proc.health_port = port  # type: ignore[attr-defined]
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL if getattr(proc, "kill_on_exit", False) else signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
+    with running_service("services.executor", executor_env(settings, port), port, log_path,
+                         also=lambda: "executor consuming" in log_path.read_text(), stop_timeout=20) as service:
+        service.proc.health_port = port  # type: ignore[attr-defined]
+        yield service.proc

@@ -2,30 +2,23 @@
 
 Rows go through `libs.schema.tables`, runs through `libs.trading.runs.load_run`,
 and position changes the way the executor makes them (HSET runtime position
-plus a `position` control message in one MULTI), so the services under test
+plus a `position` control message in one step, as its commit script does), so the services under test
 see exactly what production would give them.
 """
 
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from datetime import time as clock_time
 from pathlib import Path
 from typing import Any
 
 from redis.asyncio import Redis
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from libs.schema import keys
 from libs.schema.codec import dumps, loads
@@ -39,33 +32,18 @@ from libs.schema.models import (
 )
 from libs.schema.tables import BrokerCredential, Strategy, User
 from libs.trading.calendar import IST, MarketCalendar
-from libs.trading.runs import RunPlan, config_for, load_run, plan_run
+from libs.trading.runs import config_for, load_run, plan_run
+from tests.support.runs import Run
+from tests.support.runs import engine_for as engine_for
+from tests.support.services import Service, running_service
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ALWAYS_OPEN = MarketCalendar("always_open")
 
 
-def engine_for(database_url: str) -> AsyncEngine:
-    """Return an async engine for the test database."""
-    return create_async_engine(database_url, pool_size=2)
-
-
 def ist_time(moment: datetime) -> clock_time:
     """Return the IST wall-clock time of `moment`, to the second (ClockTime precision)."""
     return moment.astimezone(IST).time().replace(microsecond=0)
-
-
-@dataclass(frozen=True)
-class Run:
-    """A started strategy: its Postgres row, Redis config and plan."""
-
-    row: Strategy
-    config: StrategyConfig
-    plan: RunPlan
-
-    @property
-    def id(self) -> str:
-        return str(self.row.id)
 
 
 async def insert_user(engine: AsyncEngine, *, api_key_fp: str = "fp-test") -> uuid.UUID:
@@ -93,7 +71,7 @@ async def insert_running_strategy(engine: AsyncEngine, user_id: uuid.UUID, *, sy
         await conn.execute(Strategy.__table__.insert().values(**values))
     row = Strategy(**values)
     config = config_for(row, api_key_fp="fp-test")
-    return Run(row, config, plan_run(config, ALWAYS_OPEN, started_at))
+    return Run(config, plan_run(config, ALWAYS_OPEN, started_at), row=row)
 
 
 async def start_run(redis: Redis, engine: AsyncEngine, user_id: uuid.UUID, **kwargs: Any) -> Run:
@@ -104,7 +82,7 @@ async def start_run(redis: Redis, engine: AsyncEngine, user_id: uuid.UUID, **kwa
 
 
 async def set_position(redis: Redis, config: StrategyConfig, position: Position) -> None:
-    """Change runtime position and tell listeners, in one MULTI, as the executor does."""
+    """Change runtime position and tell listeners in one step (a MULTI here; the executor's commit script)."""
     fields = RuntimeState.hash_fields(position=position, updated_at=datetime.now(UTC))
     msg = ControlMessage(action="position", strategy_id=config.strategy_id, symbol=config.symbol,
                          stop_loss=config.stop_loss, position=position, run_id=config.run_id)
@@ -130,43 +108,6 @@ def member_strategy(member: bytes) -> str:
 
 # --- subprocesses ------------------------------------------------------------------------------------------
 
-@dataclass
-class Service:
-    """A service subprocess with its health port and log file."""
-
-    proc: subprocess.Popen[bytes]
-    port: int
-    log_path: Path
-
-    def get(self, path: str) -> tuple[int, dict[str, Any]]:
-        """GET a health route; return (status, JSON body)."""
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=2) as resp:
-                return resp.status, loads(resp.read())
-        except urllib.error.HTTPError as exc:
-            return exc.code, loads(exc.read() or b"{}")
-
-    def ready(self) -> bool:
-        try:
-            return self.get("/readyz")[0] == 200
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            return False
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self, timeout: float = 15.0) -> int:
-        """SIGTERM and wait; return the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
-        return self.proc.returncode
-
-
 @contextmanager
 def run_service(module: str, env: dict[str, str], log_dir: Path, name: str | None = None,
                 ready_timeout: float = 20.0) -> Iterator[Service]:
@@ -177,19 +118,8 @@ def run_service(module: str, env: dict[str, str], log_dir: Path, name: str | Non
     full_env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "TICKWISE_HEALTH_PORT": str(port),
                 "TICKWISE_MARKET_CALENDAR": "always_open", **env}
     log_path = log_dir / f"{name or module.rsplit('.', 1)[-1]}-{port}.log"
-    with log_path.open("wb") as log_file:
-        proc = subprocess.Popen([sys.executable, "-m", module], cwd=REPO_ROOT, env=full_env,
-                                stdout=log_file, stderr=subprocess.STDOUT)
-    service = Service(proc, port, log_path)
-    try:
-        deadline = time.monotonic() + ready_timeout
-        while not service.ready():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{module} not ready (rc={proc.poll()}):\n{service.log_text()[-3000:]}")
-            time.sleep(0.05)
+    with running_service(module, full_env, port, log_path, ready_timeout=ready_timeout) as service:
         yield service
-    finally:
-        service.stop()
 
 
 def listener_env(redis_url: str, sim_url: str, account: dict[str, Any], **extra: str) -> dict[str, str]:

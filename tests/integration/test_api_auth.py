@@ -179,7 +179,7 @@ async def test_missing_or_bad_token_is_401(api, header) -> None:
 
 async def test_expired_token_is_401_token_expired(api) -> None:
     user = await api.user("Hal")
-    secret = api.app[TOKENS]._secret  # noqa: SLF001 - forge with the app's own key
+    secret = api.app[TOKENS]._secret  # forge with the app's own key
     now = int(time.time())
     token = jwt.encode({"sub": user.id, "iat": now - 100, "exp": now - 10}, secret, algorithm="HS256")
     assert_error(await api.v1("GET", "/me", headers={"Authorization": f"Bearer {token}"}), 401, "token_expired")

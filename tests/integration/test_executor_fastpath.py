@@ -17,11 +17,11 @@ from tests.integration.executor_support import (
     executor_settings,
     new_account,
     running_executor,
-    runtime,
     start_run,
 )
 from tests.support.eventually import eventually
 from tests.support.kite_sim import SimAdmin
+from tests.support.runs import position_is
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -69,7 +69,7 @@ async def test_stoploss_takes_one_slot_and_sends_one_exit(redis: Redis, engine: 
     async with running_executor(settings) as service:
         run = await start_run(engine, redis, await new_account(sim, engine, redis))
         await enqueue(redis, run.buy())
-        await eventually(lambda: _position(redis, run, Position.bought))
+        await eventually(lambda: position_is(redis, run, Position.bought))
         # The BUY taught the executor the owner and the fingerprint: the exit takes the fast path.
         assert service.credentials.fingerprint_hint(str(run.account.user_id)) == run.account.api_key_fp
         await enqueue(redis, run.stoploss(price=1400.0))
@@ -78,10 +78,6 @@ async def test_stoploss_takes_one_slot_and_sends_one_exit(redis: Redis, engine: 
         assert await redis.exists(keys.exit_attempt_key(run.sid, run.config.run_id))
         # One slot per order sent (entry + exit): the fast path did not take a second one.
         assert await redis.zcard(keys.order_rate_key(run.account.api_key_fp)) == 2
-
-
-async def _position(redis: Redis, run: Run, position: Position) -> bool:
-    return (await runtime(redis, run)).position == position
 
 
 async def _gone(redis: Redis, run: Run) -> bool:

@@ -31,6 +31,7 @@ from tests.integration.executor_support import (
 )
 from tests.support.eventually import eventually
 from tests.support.kite_sim import SimAdmin
+from tests.support.runs import status_is
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -152,7 +153,7 @@ async def test_expired_token_aborts_the_run(redis: Redis, engine: AsyncEngine, s
     async with running_executor(settings):
         await enqueue(redis, run.buy())
         rows = await rows_of(engine, run, 2)
-        await eventually(lambda: _status(engine, run, StrategyStatus.failed))
+        await eventually(lambda: status_is(engine, run, StrategyStatus.failed))
     assert [(r.event_type.value, r.status.value) for r in rows] == [("BUY", "failed"), ("ABORT", "failed")]
     assert "Kite session expired: log in again" in (await strategy_row(engine, run)).failure_reason
     assert not await redis.exists(keys.strategy_key(run.sid))
@@ -167,7 +168,7 @@ async def test_rejected_exit_retries_then_aborts_with_the_position_open(redis: R
         await eventually(lambda: bought(redis, run))
         sim.set_faults(reject_rate=1.0)
         await enqueue(redis, run.stoploss(1400.0))
-        await eventually(lambda: _status(engine, run, StrategyStatus.failed), timeout=15)
+        await eventually(lambda: status_is(engine, run, StrategyStatus.failed), timeout=15)
         rows = await rows_of(engine, run, 5)
     kinds = [(r.event_type.value, r.status.value) for r in rows]
     assert kinds == [("BUY", "success"), ("STOPLOSS", "failed"), ("RETRY", "failed"), ("RETRY", "failed"),
@@ -195,7 +196,7 @@ async def test_dead_lettered_event_of_the_loaded_run_aborts_it_once(redis: Redis
     async with running_executor(settings):
         await eventually(lambda: _dead(redis, 3), timeout=10)
         # A dead SELL leaves the run neither stuck `running` nor loaded (start/delete would answer 409).
-        await eventually(lambda: _status(engine, plain, StrategyStatus.failed), timeout=10)
+        await eventually(lambda: status_is(engine, plain, StrategyStatus.failed), timeout=10)
         await eventually(lambda: _gone(redis, plain))
         await eventually(lambda: _gone(redis, square))
         rows = await rows_of(engine, plain, 1)
@@ -230,7 +231,7 @@ async def test_broker_account_changed_since_start_aborts_without_placing(redis: 
         await enqueue(redis, entry_run.buy())
         await enqueue(redis, exit_run.stoploss(1400.0))
         for run in (entry_run, exit_run):
-            await eventually(lambda run=run: _status(engine, run, StrategyStatus.failed), timeout=10)
+            await eventually(lambda run=run: status_is(engine, run, StrategyStatus.failed), timeout=10)
             assert "broker account changed since start" in (await strategy_row(engine, run)).failure_reason
             assert not await redis.exists(keys.strategy_key(run.sid))
     assert sim.orders(api_key=other["api_key"]) == []
@@ -281,9 +282,3 @@ async def _dead(redis: Redis, count: int) -> list:
     entries = await redis.xrange(keys.ORDERS_DEAD_STREAM)
     assert len(entries) >= count, entries
     return entries
-
-
-async def _status(engine: AsyncEngine, run: Run, status: StrategyStatus) -> bool:
-    return (await strategy_row(engine, run)).status == status
-
-

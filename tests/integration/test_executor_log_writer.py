@@ -6,6 +6,7 @@ import asyncio
 from datetime import UTC, datetime
 
 import pytest
+from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -14,18 +15,22 @@ from deploy.local.procs import PostgresServer
 from libs.schema import keys
 from libs.schema.codec import dumps
 from libs.schema.models import OrderLogRow, OrderLogStatus, Position, StrategyStatus, order_log_id
+from libs.service.outage import POSTGRES_UNAVAILABLE
+from services.executor import metrics
+from services.executor.consumer import ensure_group
+from services.executor.log_writer import OrderLogWriter
 from tests.integration.executor_support import (
     Run,
     enqueue,
     new_account,
     order_logs,
     running_executor,
-    runtime,
     start_run,
     strategy_row,
 )
 from tests.support.eventually import eventually
 from tests.support.kite_sim import SimAdmin
+from tests.support.runs import position_is
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -89,7 +94,7 @@ async def test_rows_wait_out_a_postgres_outage_while_trading_goes_on(
         await asyncio.to_thread(pg_server.stop, mode="immediate")
         try:
             await enqueue(redis, run.buy())
-            await eventually(lambda: _position(redis, run, Position.bought), timeout=10)
+            await eventually(lambda: position_is(redis, run, Position.bought), timeout=10)
             await enqueue(redis, run.sell())
             await eventually(lambda: _unloaded(redis, run), timeout=10)
             pending = await redis.xpending(keys.ORDER_LOGS_STREAM, keys.LOG_WRITERS_GROUP)
@@ -104,7 +109,7 @@ async def test_rows_wait_out_a_postgres_outage_while_trading_goes_on(
 async def _logs(engine: AsyncEngine, run: Run, count: int) -> list:
     try:
         rows = await order_logs(engine, run)
-    except Exception as error:  # noqa: BLE001 - Postgres may still be recovering
+    except POSTGRES_UNAVAILABLE as error:  # Postgres may still be recovering
         raise AssertionError(str(error)) from error
     assert len(rows) == count, rows
     return rows
@@ -119,10 +124,6 @@ async def _entries(redis: Redis, stream: str, count: int) -> list:
     entries = await redis.xrange(stream)
     assert len(entries) >= count, entries
     return entries
-
-
-async def _position(redis: Redis, run: Run, position: Position) -> bool:
-    return (await runtime(redis, run)).position == position
 
 
 async def _unloaded(redis: Redis, run: Run) -> bool:
@@ -147,3 +148,29 @@ async def test_a_batch_keeps_every_column_and_payload(redis: Redis, engine: Asyn
              r.tag, r.stream_msg_id, r.trading_day, r.created_at, r.user_id) for r in stored] == [
         (row.id, row.status.value, "SELL", payload, {"i": i}, f"OID{i}", "TWX", row.stream_msg_id,
          row.trading_day, row.created_at, run.account.user_id) for i, row in enumerate(rows)]
+
+
+class _BuggyWriter(OrderLogWriter):
+    """A writer whose insert has a bug (not an outage): Postgres is up the whole time."""
+
+    async def _commit(self, rows: list) -> dict[str, str]:
+        raise RuntimeError("a bug in the insert")
+
+
+async def test_a_bug_in_the_insert_is_raised_not_waited_out_and_loses_no_row(
+        redis: Redis, engine: AsyncEngine, sim: SimAdmin) -> None:
+    run = await start_run(engine, redis, await new_account(sim, engine, redis))
+    await ensure_group(redis, keys.ORDER_LOGS_STREAM, keys.LOG_WRITERS_GROUP)
+    await redis.xadd(keys.ORDER_LOGS_STREAM, {"row": dumps(row_for(run, "1700000000004-0"))})
+    writer = _BuggyWriter(redis, engine, "buggy", batch=10, block_ms=100, claim_idle_ms=1000, backoff_max_s=1.0)
+    reply = await redis.xreadgroup(keys.LOG_WRITERS_GROUP, "buggy", {keys.ORDER_LOGS_STREAM: ">"}, count=10)
+    entries = [(i.decode(), f) for _s, es in reply for i, f in es]
+    metrics.WRITER_UP.set(1)
+    # Were the bug taken for an outage, write() would retry it for ever (the test would time out)
+    # and report Postgres down; it goes up to the loop, which logs its traceback and carries on.
+    with pytest.raises(RuntimeError, match="a bug in the insert"):
+        await asyncio.wait_for(writer.write(entries, asyncio.Event()), 10)
+    assert REGISTRY.get_sample_value("order_log_writer_postgres_up") == 1  # not reported as Postgres down
+    # Nothing acked: the row is claimed again and inserted once the bug is gone.
+    assert (await redis.xpending(keys.ORDER_LOGS_STREAM, keys.LOG_WRITERS_GROUP))["pending"] == 1
+    assert await order_logs(engine, run) == []

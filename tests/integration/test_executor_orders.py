@@ -28,6 +28,7 @@ from tests.integration.executor_support import (
 )
 from tests.support.eventually import eventually
 from tests.support.kite_sim import SimAdmin
+from tests.support.runs import position_is, status_is
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -55,7 +56,7 @@ async def test_buy_then_sell_places_one_order_each_and_exits(redis: Redis, engin
                                                              executor: ExecutorService) -> None:
     run = await new_run(sim, engine, redis, quantity=3)
     await enqueue(redis, run.buy())
-    await eventually(lambda: _position(redis, run, Position.bought))
+    await eventually(lambda: position_is(redis, run, Position.bought))
     state = await runtime(redis, run)
     entry = broker_orders(sim, run.tag("entry"))
     assert len(entry) == 1 and entry[0]["transaction_type"] == "BUY" and entry[0]["quantity"] == 3
@@ -68,7 +69,7 @@ async def test_buy_then_sell_places_one_order_each_and_exits(redis: Redis, engin
     rows = await logs_of(engine, run, 2)
     assert [(r.event_type.value, r.status.value) for r in rows] == [("BUY", "success"), ("SELL", "success")]
     assert rows[1].broker_order_id == exits[0]["order_id"] and rows[1].tag == run.tag("exit")
-    await eventually(lambda: _status(engine, run, StrategyStatus.exited))
+    await eventually(lambda: status_is(engine, run, StrategyStatus.exited))
     assert not await redis.sismember(keys.symbol_strategies_key("INFY"), run.sid)
     payloads = str([(r.request_payload, r.response_payload) for r in rows])
     assert run.account.api_key not in payloads and run.account.access_token not in payloads
@@ -89,7 +90,7 @@ async def test_stoploss_exit_cancels_pending_sell_and_a_late_sell_is_skipped(
         redis: Redis, engine: AsyncEngine, sim: SimAdmin, executor: ExecutorService) -> None:
     run = await new_run(sim, engine, redis)
     await enqueue(redis, run.buy())
-    await eventually(lambda: _position(redis, run, Position.bought))
+    await eventually(lambda: position_is(redis, run, Position.bought))
     assert await redis.zscore(keys.SCHEDULE, event_to_json(run.plan.sell)) is not None
     await enqueue(redis, run.stoploss(price=1400.0))
     await eventually(lambda: _unloaded(redis, run))
@@ -100,14 +101,14 @@ async def test_stoploss_exit_cancels_pending_sell_and_a_late_sell_is_skipped(
     assert [(r.event_type.value, r.status.value) for r in rows] == [
         ("BUY", "success"), ("STOPLOSS", "success"), ("SELL", "skipped")]
     assert len(broker_orders(sim, run.tag("exit"))) == 1
-    await eventually(lambda: _status(engine, run, StrategyStatus.exited))
+    await eventually(lambda: status_is(engine, run, StrategyStatus.exited))
 
 
 async def test_sell_after_stoploss_exit_reaches_the_broker_once(redis: Redis, engine: AsyncEngine, sim: SimAdmin,
                                                                 executor: ExecutorService) -> None:
     run = await new_run(sim, engine, redis)
     await enqueue(redis, run.buy())
-    await eventually(lambda: _position(redis, run, Position.bought))
+    await eventually(lambda: position_is(redis, run, Position.bought))
     await enqueue(redis, run.stoploss(price=1400.0))
     await enqueue(redis, run.sell())
     rows = await logs_of(engine, run, 3)
@@ -122,7 +123,7 @@ async def test_rejected_buy_fails_the_strategy(redis: Redis, engine: AsyncEngine
     await enqueue(redis, run.buy())
     rows = await logs_of(engine, run, 1)
     assert rows[0].status.value == "failed" and rows[0].response_payload["status"] == "REJECTED"
-    await eventually(lambda: _status(engine, run, StrategyStatus.failed))
+    await eventually(lambda: status_is(engine, run, StrategyStatus.failed))
     assert "rejected" in (await strategy_row(engine, run)).failure_reason.lower()
     assert not await redis.exists(keys.strategy_key(run.sid))
 
@@ -131,7 +132,7 @@ async def test_square_off_exits_without_changing_a_stopped_status(redis: Redis, 
                                                                   sim: SimAdmin, executor: ExecutorService) -> None:
     run = await new_run(sim, engine, redis)
     await enqueue(redis, run.buy())
-    await eventually(lambda: _position(redis, run, Position.bought))
+    await eventually(lambda: position_is(redis, run, Position.bought))
     async with engine.begin() as conn:
         from sqlalchemy import update
 
@@ -160,19 +161,11 @@ async def test_sell_cancels_an_entry_still_open_at_the_broker_before_ending_the_
     entry = broker_orders(sim, run.tag("entry"))
     assert [(o["order_id"], o["status"]) for o in entry] == [(entry_id, "CANCELLED")]
     assert broker_orders(sim, run.tag("exit")) == []
-    await eventually(lambda: _status(engine, run, StrategyStatus.failed))
-
-
-async def _position(redis: Redis, run: Run, position: Position) -> bool:
-    return (await runtime(redis, run)).position == position
+    await eventually(lambda: status_is(engine, run, StrategyStatus.failed))
 
 
 async def _unloaded(redis: Redis, run: Run) -> bool:
     return not await redis.exists(keys.strategy_key(run.sid), keys.runtime_key(run.sid))
-
-
-async def _status(engine: AsyncEngine, run: Run, status: StrategyStatus) -> bool:
-    return (await strategy_row(engine, run)).status == status
 
 
 async def test_stoploss_of_an_unloaded_run_unmarks_it_so_a_reloaded_run_can_fire_again(

@@ -23,10 +23,10 @@ from tests.integration.executor_support import (
     running_executor,
     runtime,
     start_run,
-    strategy_row,
 )
 from tests.support.eventually import eventually
 from tests.support.kite_sim import SimAdmin
+from tests.support.runs import position_is, status_is
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -44,9 +44,9 @@ async def test_subprocess_trades_reports_health_and_drains_on_sigterm(
     with executor_process(settings, log_path) as proc:
         port = proc.health_port  # type: ignore[attr-defined]
         await enqueue(redis, run.buy())
-        await eventually(lambda: _position(redis, run, Position.bought), timeout=10)
+        await eventually(lambda: position_is(redis, run, Position.bought), timeout=10)
         await enqueue(redis, run.sell())
-        await eventually(lambda: _status(engine, run, StrategyStatus.exited), timeout=10)
+        await eventually(lambda: status_is(engine, run, StrategyStatus.exited), timeout=10)
         assert '"status": "ok"' in get(port, "/healthz")
         assert '"redis": "ok"' in get(port, "/readyz")
         metrics = get(port, "/metrics")
@@ -89,7 +89,7 @@ async def test_killed_executor_mid_order_is_finished_by_another_with_one_broker_
     try:
         with executor_process(settings, tmp_path / "victim.log") as victim:
             await enqueue(redis, run.buy())
-            await eventually(lambda: _position(redis, run, Position.bought), timeout=10)
+            await eventually(lambda: position_is(redis, run, Position.bought), timeout=10)
             # A SELL goes straight to POST /orders: the broker books it and holds
             # the reply (the simulator's latency fault would hold the request
             # before reading its body, and a killed client's order then never
@@ -97,11 +97,11 @@ async def test_killed_executor_mid_order_is_finished_by_another_with_one_broker_
             sim.set_faults(timeout_after_accept_rate=1.0, routes=["orders"])
             await enqueue(redis, run.sell())
             await eventually(lambda: _pending(redis, 1), timeout=5)
-            await asyncio.sleep(0.3)
+            await eventually(lambda: len(broker_orders(sim, run.tag("exit"))) == 1, timeout=5)  # booked, reply held
             victim.kill()
             victim.wait(5)
         async with running_executor(settings):
-            await eventually(lambda: _status(engine, run, StrategyStatus.exited), timeout=15)
+            await eventually(lambda: status_is(engine, run, StrategyStatus.exited), timeout=15)
             await eventually(lambda: _pending(redis, 0), timeout=10)
             rows = await eventually(lambda: _rows(engine, run, 3), timeout=10)
     finally:
@@ -124,14 +124,6 @@ async def _pending(redis: Redis, count: int) -> bool:
     return (await redis.xpending(keys.ORDERS_STREAM, keys.EXECUTORS_GROUP))["pending"] == count
 
 
-async def _position(redis: Redis, run, position: Position) -> bool:  # type: ignore[no-untyped-def]
-    return (await runtime(redis, run)).position == position
-
-
-async def _status(engine: AsyncEngine, run, status: StrategyStatus) -> bool:  # type: ignore[no-untyped-def]
-    return (await strategy_row(engine, run)).status == status
-
-
 async def test_stoploss_after_a_crashed_sell_does_not_send_a_second_exit(
         redis: Redis, engine: AsyncEngine, sim: SimAdmin, redis_url: str, clean_db: str, tmp_path: Path) -> None:
     run = await start_run(engine, redis, await new_account(sim, engine, redis))
@@ -143,7 +135,7 @@ async def test_stoploss_after_a_crashed_sell_does_not_send_a_second_exit(
         with executor_process(settings.model_copy(update={"broker_timeout_s": 15.0}),
                               tmp_path / "victim.log") as victim:
             await enqueue(redis, run.buy())
-            await eventually(lambda: _position(redis, run, Position.bought), timeout=10)
+            await eventually(lambda: position_is(redis, run, Position.bought), timeout=10)
             sim.set_faults(timeout_after_accept_rate=1.0, routes=["orders"])
             await enqueue(redis, run.sell())
             await eventually(lambda: len(broker_orders(sim, run.tag("exit"))) == 1, timeout=5)
@@ -154,7 +146,7 @@ async def test_stoploss_after_a_crashed_sell_does_not_send_a_second_exit(
                 # The listener fires before anyone reclaims the SELL: the runtime still says bought.
                 assert (await runtime(redis, run)).position == Position.bought
                 await enqueue(redis, run.stoploss(1400.0))
-                await eventually(lambda: _status(engine, run, StrategyStatus.exited), timeout=15)
+                await eventually(lambda: status_is(engine, run, StrategyStatus.exited), timeout=15)
                 await eventually(lambda: _pending(redis, 0), timeout=10)
     finally:
         sim.set_faults()

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from deploy.local.procs import RedisServer
@@ -29,10 +30,10 @@ from tests.integration.executor_support import (
     running_executor,
     runtime,
     start_run,
-    strategy_row,
 )
 from tests.support.eventually import eventually
 from tests.support.kite_sim import SimAdmin
+from tests.support.runs import status_is
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -64,7 +65,7 @@ async def test_start_rebuilds_runtime_and_ends_runs_already_exited(redis: Redis,
         state = await runtime(redis, holding)
         assert state.position == Position.bought and state.last_buy_order == entry_id
         assert not await redis.exists(keys.strategy_key(exited.sid))
-        await eventually(lambda: _status(engine, exited, StrategyStatus.exited))
+        await eventually(lambda: status_is(engine, exited, StrategyStatus.exited))
         await enqueue(redis, holding.buy())
         await eventually(lambda: _logs(engine, holding, 1))
     assert len(broker_orders(sim, holding.tag("entry"))) == 1
@@ -136,7 +137,7 @@ async def test_flushall_rebuilds_runtime_from_the_broker_without_a_second_buy(
         rows = await eventually(lambda: _logs(engine, run, 2))
         assert rows[1].response_payload["found_by_tag"] is True
         await enqueue(redis, run.sell())
-        await eventually(lambda: _status(engine, run, StrategyStatus.exited))
+        await eventually(lambda: status_is(engine, run, StrategyStatus.exited))
     assert len(broker_orders(sim, run.tag("entry"))) == 1
     assert len(broker_orders(sim, run.tag("exit"))) == 1
 
@@ -153,7 +154,7 @@ async def test_redis_restart_triggers_reconciliation(redis: Redis, engine: Async
         await eventually(lambda: _safe(position_is(redis, run, Position.bought)), timeout=15)
         await load_run(redis, run.config, run.plan, runtime=await runtime(redis, run))
         await enqueue(redis, run.sell())
-        await eventually(lambda: _status(engine, run, StrategyStatus.exited), timeout=10)
+        await eventually(lambda: status_is(engine, run, StrategyStatus.exited), timeout=10)
     assert len(broker_orders(sim, run.tag("entry"))) == 1
     assert len(broker_orders(sim, run.tag("exit"))) == 1
 
@@ -178,7 +179,7 @@ async def test_one_account_stays_under_ten_orders_per_second(redis: Redis, engin
 async def _safe(check: object) -> bool:
     try:
         return await check  # type: ignore[misc]
-    except Exception as error:  # noqa: BLE001 - Redis is restarting
+    except RedisError as error:  # Redis is restarting
         raise AssertionError(str(error)) from error
 
 
@@ -186,10 +187,6 @@ async def _logs(engine: AsyncEngine, run: Run, count: int) -> list:
     rows = await order_logs(engine, run)
     assert len(rows) == count, rows
     return rows
-
-
-async def _status(engine: AsyncEngine, run: Run, status: StrategyStatus) -> bool:
-    return (await strategy_row(engine, run)).status == status
 
 
 async def test_reconciled_positions_are_announced_to_the_listeners(redis: Redis, engine: AsyncEngine,

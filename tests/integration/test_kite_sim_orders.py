@@ -401,7 +401,7 @@ class PostbackSink(http.server.ThreadingHTTPServer):
         sink = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+            def do_POST(self) -> None:  # http.server's naming
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 time.sleep(sink.delay_s)
                 sink.bodies.append(json.loads(body))

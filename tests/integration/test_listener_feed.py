@@ -26,7 +26,7 @@ from tests.support.kite_sim import SimAdmin
 LISTENER = "services.market_listener"
 
 
-async def _bought_run(redis: Redis, clean_db: str, stop_loss: float = 1400.0):  # noqa: ANN202
+async def _bought_run(redis: Redis, clean_db: str, stop_loss: float = 1400.0):
     engine = engine_for(clean_db)
     user = await insert_user(engine)
     run = await start_run(redis, engine, user, buy_at=datetime.now(UTC) + timedelta(minutes=10),
@@ -68,7 +68,7 @@ async def test_expired_market_data_token_makes_healthz_503(
     assert "market data token expired" in listener.log_text()
 
 
-def _unhealthy(listener) -> tuple[int, dict] | None:  # noqa: ANN001
+def _unhealthy(listener) -> tuple[int, dict] | None:
     status, body = listener.get("/healthz")
     return (status, body) if status != 200 else None
 

@@ -139,7 +139,7 @@ async def _tcs_ignored(sim: SimAdmin, redis: Redis, infy_price: float) -> bool:
     return await _price_is(redis, "TCS", 3800.0)
 
 
-def _metrics(service) -> str:  # noqa: ANN001
+def _metrics(service) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{service.port}/metrics", timeout=2) as resp:
         return resp.read().decode()
 

@@ -29,6 +29,7 @@ import redis
 from deploy.local.__main__ import print_status
 from deploy.local.procs import pid_alive
 from deploy.local.stack import DEFAULT_REPLICAS, ROOT, LocalStack, StackError, parse_replicas
+from tests.support.eventually import eventually_sync
 
 READY_WITHIN_S = 10  # the issue's promise: /readyz back to 200 this soon after a dependency returns
 
@@ -44,9 +45,7 @@ def _ready(port: int) -> bool:
 def _wait(predicate, timeout: float, message: str) -> float:
     """Poll `predicate` until true; return the seconds it took."""
     started = time.monotonic()
-    while not predicate():
-        assert time.monotonic() - started < timeout, message
-        time.sleep(0.1)
+    eventually_sync(predicate, timeout=timeout, interval=0.1, message=message)
     return time.monotonic() - started
 
 
@@ -133,7 +132,7 @@ def test_every_service_recovers_from_a_postgres_restart(stack: LocalStack) -> No
     api_port = stack.status()["api"]["port"]
     stack.crash_postgres()  # pg_ctl stop -m immediate: stays down until started
     _wait(lambda: not _ready(api_port), 10, "the API stayed ready without Postgres")
-    time.sleep(2)
+    time.sleep(2)  # a real outage, not a blip: services notice Postgres is gone before it returns
     stack.start_program("postgres")
     stack.postgres().wait_ready()
     took = _wait(lambda: _all_ready(stack), READY_WITHIN_S, "a service stayed not-ready after Postgres came back")
@@ -198,7 +197,7 @@ def _down_and_up_again(stack: LocalStack) -> None:
     pids = [row["pid"] for row in stack.status().values()]
     stack.down()
     assert not any(pid_alive(pid) for pid in pids)
-    assert stack._sweep_orphans() == []  # noqa: SLF001 - nothing of the stack left running
+    assert stack._sweep_orphans() == []  # nothing of the stack left running
     stack.down()  # a second down is harmless
     assert (Path(stack.postgres().data_dir) / "PG_VERSION").exists(), "down must keep the data"
     try:
@@ -218,7 +217,7 @@ def test_a_port_taken_by_a_foreign_process_is_one_readable_line(tmp_path: Path) 
     squatter.listen()
     port = squatter.getsockname()[1]
     run_dir.mkdir()
-    stack._save({"ports": {"redis": port}})  # noqa: SLF001 - a stack whose Redis port someone took since
+    stack._save({"ports": {"redis": port}})  # a stack whose Redis port someone took since
     try:
         result = subprocess.run([sys.executable, "-m", "deploy.local", "up"], cwd=ROOT, capture_output=True,
                                 text=True, timeout=60, env={**os.environ, "TICKWISE_RUN_DIR": str(run_dir)})

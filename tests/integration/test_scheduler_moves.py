@@ -66,7 +66,7 @@ async def test_due_events_move_once_with_two_in_process_schedulers(redis: Redis,
     assert await redis.zcard(keys.SCHEDULE) == 0
 
 
-def _stream_len_is(redis: Redis, n: int):  # noqa: ANN202 - small check factory
+def _stream_len_is(redis: Redis, n: int):  # small check factory
     async def check() -> bool:
         return await redis.xlen(keys.ORDERS_STREAM) >= n
     return check
@@ -90,10 +90,15 @@ async def test_due_events_move_once_with_two_scheduler_processes(redis: Redis, r
         assert '"scheduler stopped"' in service.log_text()
 
 
+async def _listening_for_wakeups(redis: Redis) -> bool:
+    # The scheduler is up and subscribed: a publish now reaches it.
+    return (await redis.pubsub_numsub(keys.SCHEDULE_WAKEUP_CHANNEL))[0][1] >= 1
+
+
 async def test_event_is_enqueued_within_100ms_of_due_and_lateness_recorded(redis: Redis, redis_url: str,
                                                                            clean_db: str) -> None:
     async with running_scheduler(redis_url, clean_db):
-        await asyncio.sleep(0.05)  # the first (empty) check is done; the scheduler now sleeps
+        await eventually(lambda: _listening_for_wakeups(redis), timeout=5)
         before = lateness_count()
         due_ms = int(time.time() * 1000) + 300
         await schedule_event(redis, buy_event(due_ms), due_ms)
@@ -109,7 +114,7 @@ async def test_event_is_enqueued_within_100ms_of_due_and_lateness_recorded(redis
 async def test_event_added_without_publish_is_still_moved_within_max_sleep(redis: Redis, redis_url: str,
                                                                            clean_db: str) -> None:
     async with running_scheduler(redis_url, clean_db):
-        await asyncio.sleep(0.05)
+        await eventually(lambda: _listening_for_wakeups(redis), timeout=5)
         due_ms = int(time.time() * 1000) + 50
         await redis.zadd(keys.SCHEDULE, {event_to_json(buy_event(due_ms)): due_ms})
         await eventually(_stream_len_is(redis, 1), timeout=2, interval=0.001)

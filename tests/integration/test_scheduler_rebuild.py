@@ -35,9 +35,10 @@ from tests.integration.pipeline_support import (
 )
 from tests.integration.test_scheduler_moves import running_scheduler
 from tests.support.eventually import eventually
+from tests.support.runs import status_is
 
 
-async def _status(engine, strategy_id) -> tuple[StrategyStatus, str | None]:  # noqa: ANN001
+async def _status(engine, strategy_id) -> tuple[StrategyStatus, str | None]:
     async with engine.connect() as conn:
         row = (await conn.execute(select(Strategy.status, Strategy.failure_reason)
                                   .where(Strategy.id == strategy_id))).one()
@@ -56,7 +57,7 @@ async def test_rebuild_after_flushall_reloads_fires_within_grace_and_fails_misse
 
     async with running_scheduler(redis_url, clean_db, grace_s=30):
         await eventually(lambda: _has_event(redis, within.id, EventType.BUY), timeout=5)
-        await eventually(lambda: _status_is(engine, missed.row.id, StrategyStatus.failed), timeout=5)
+        await eventually(lambda: status_is(engine, missed, StrategyStatus.failed), timeout=5)
 
     members = await redis.zrange(keys.SCHEDULE, 0, -1)
     assert sorted(members) == sorted([event_to_json(ahead.plan.buy), event_to_json(ahead.plan.sell),
@@ -100,7 +101,7 @@ async def test_stale_buy_left_in_schedule_is_not_fired_and_fails_the_strategy(
     stale = await start_run(redis, engine, user, buy_at=datetime.now(UTC) - timedelta(seconds=120))
 
     async with running_scheduler(redis_url, clean_db, grace_s=30):
-        await eventually(lambda: _status_is(engine, stale.row.id, StrategyStatus.failed), timeout=5)
+        await eventually(lambda: status_is(engine, stale, StrategyStatus.failed), timeout=5)
 
     assert await redis.xlen(keys.ORDERS_STREAM) == 0
     assert await redis.zcard(keys.SCHEDULE) == 0
@@ -109,7 +110,7 @@ async def test_stale_buy_left_in_schedule_is_not_fired_and_fails_the_strategy(
 
 
 async def test_redis_restart_triggers_a_rebuild(redis: Redis, redis_url: str, clean_db: str,
-                                                redis_server) -> None:  # noqa: ANN001
+                                                redis_server) -> None:
     engine = engine_for(clean_db)
     user = await insert_user(engine)
     run = await start_run(redis, engine, user, buy_at=datetime.now(UTC) + timedelta(seconds=60))
@@ -139,11 +140,7 @@ async def _has_event(redis: Redis, strategy_id: str, event_type: EventType) -> b
                for e in await stream_events(redis))
 
 
-async def _status_is(engine, strategy_id, status: StrategyStatus) -> bool:  # noqa: ANN001
-    return (await _status(engine, strategy_id))[0] == status
-
-
-async def _waiting_on_a_lock(engine) -> bool:  # noqa: ANN001
+async def _waiting_on_a_lock(engine) -> bool:
     async with engine.connect() as conn:
         waiting = await conn.scalar(text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
                                          " AND datname = current_database()"))

@@ -98,7 +98,7 @@ async def test_login_keeps_its_latency_under_a_registration_flood(api_factory) -
     flood = [asyncio.create_task(register(i)) for i in range(150)]
     under_flood = []
     for _ in range(3):  # logins while the flood is being hashed; the worst one counts
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.1)  # spread the logins over the flood
         under_flood.append(await login_s())
     statuses = await asyncio.gather(*flood)
     print(f"\nlogin latency: quiet {quiet:.3f} s, under a 150-registration flood {under_flood} s (worst counts); "
@@ -218,7 +218,7 @@ async def test_homoglyph_and_fullwidth_emails_do_not_make_second_accounts(api, c
 
 async def test_token_type_logout_and_password_change_revoke_sessions(api) -> None:
     user = await api.user("Tok")
-    secret = api.app[TOKENS]._secret  # noqa: SLF001 - forge with the app's own key
+    secret = api.app[TOKENS]._secret  # forge with the app's own key
     claims = jwt.decode(user.token, secret, algorithms=["HS256"])
     for forged in ({**claims, "typ": "refresh"}, {k: v for k, v in claims.items() if k != "typ"}):
         token = jwt.encode(forged, secret, algorithm="HS256")

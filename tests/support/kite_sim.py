@@ -25,7 +25,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -34,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+
+from tests.support.eventually import eventually_sync
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 15.0
@@ -67,18 +68,18 @@ def ws_root(base_url: str) -> str:
 
 
 def _wait_healthy(proc: subprocess.Popen[bytes], base_url: str, log_path: Path) -> bool:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
+    """Return True once /healthz answers 200, False if the process exited first."""
+    def outcome() -> str | None:
         if proc.poll() is not None:
-            return False
+            return "exited"
         try:
             with urllib.request.urlopen(base_url + "/healthz", timeout=1) as resp:
-                if resp.status == 200:
-                    return True
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.05)
-    raise SimError(f"kite sim not healthy within {START_TIMEOUT_S}s:\n{log_path.read_text()[-2000:]}")
+                return "healthy" if resp.status == 200 else None
+        except OSError:
+            return None
+
+    return eventually_sync(outcome, timeout=START_TIMEOUT_S, interval=0.05, fail=lambda: SimError(
+        f"kite sim not healthy within {START_TIMEOUT_S}s:\n{log_path.read_text()[-2000:]}")) == "healthy"
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:

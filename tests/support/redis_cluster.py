@@ -33,6 +33,7 @@ from pathlib import Path
 import redis
 
 from deploy.local.procs import RedisServer, free_port
+from tests.support.eventually import eventually_sync
 
 __all__ = ["RedisClusterProcs", "running_redis_cluster"]
 
@@ -77,16 +78,18 @@ class RedisClusterProcs:
         victim.stop(kill=True)
         survivors = [node.port for node in self.nodes if node.port != old]
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+
+        def new_master() -> int | None:
             try:
                 now = next(port for (lo, hi), port in self.master_ports().items() if lo <= slot <= hi)
-                if now != old:
-                    _wait_cluster_ok(survivors, timeout=max(1.0, deadline - time.monotonic()))
-                    return now
             except (redis.RedisError, StopIteration):
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"no replica took slot {slot} over within {timeout}s")
+                return None
+            return now if now != old else None
+
+        now = eventually_sync(new_master, timeout=timeout, interval=0.2,
+                              fail=lambda: RuntimeError(f"no replica took slot {slot} over within {timeout}s"))
+        _wait_cluster_ok(survivors, timeout=max(1.0, deadline - time.monotonic()))
+        return now
 
     def stop(self) -> None:
         for node in self.nodes:
@@ -95,9 +98,9 @@ class RedisClusterProcs:
 
 
 def _wait_cluster_ok(ports: list[int], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
     pending = set(ports)
-    while pending and time.monotonic() < deadline:
+
+    def all_ok() -> bool:
         for port in list(pending):
             client = redis.Redis(port=port, socket_connect_timeout=0.5)
             try:
@@ -107,22 +110,22 @@ def _wait_cluster_ok(ports: list[int], timeout: float = 30.0) -> None:
             text = info.decode() if isinstance(info, bytes) else str(info)
             if "cluster_state:ok" in text or (isinstance(info, dict) and info.get("cluster_state") == "ok"):
                 pending.discard(port)
-        time.sleep(0.1)
-    if pending:
-        raise RuntimeError(f"redis cluster nodes {sorted(pending)} never reached cluster_state:ok")
+        return not pending
+
+    eventually_sync(all_ok, timeout=timeout, interval=0.1, fail=lambda: RuntimeError(
+        f"redis cluster nodes {sorted(pending)} never reached cluster_state:ok"))
 
 
 def _wait_replicated(port: int, timeout: float) -> None:
     client = redis.Redis(port=port, socket_connect_timeout=0.5)
     try:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def caught_up() -> bool:
             info = client.info("replication")
             offsets = [info[k]["offset"] for k in info if k.startswith("slave") and isinstance(info[k], dict)]
-            if offsets and all(o >= info["master_repl_offset"] for o in offsets):
-                return
-            time.sleep(0.05)
-        raise RuntimeError(f"replicas of {port} did not catch up within {timeout}s")
+            return bool(offsets) and all(o >= info["master_repl_offset"] for o in offsets)
+
+        eventually_sync(caught_up, timeout=timeout, interval=0.05,
+                        fail=lambda: RuntimeError(f"replicas of {port} did not catch up within {timeout}s"))
     finally:
         client.close()
 
