@@ -45,6 +45,7 @@ from redis.exceptions import RedisError
 
 from libs.schema import keys
 from libs.schema.models import LockState
+from libs.service.backoff import Backoff, backoff_delay
 from libs.service.logging import get_logger
 from libs.service.scripts import script_for
 
@@ -167,7 +168,7 @@ class StrategyLocks:
                 return await self._acquire(keys=[lock, runtime], args=[lease.token, self.ttl_ms])
         wait = self.wait_s if wait_s is None else wait_s
         deadline = loop.time() + wait
-        pause = 0.005
+        backoff = Backoff(base=0.005, cap=0.2)
         while True:
             sent = loop.time()
             if reply := await attempt():
@@ -175,8 +176,7 @@ class StrategyLocks:
                 return reply
             if loop.time() >= deadline:
                 raise LockTimeout(f"lock of {lease.strategy_id} still taken after {wait}s")
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, 0.2)
+            await asyncio.sleep(backoff.next())
 
     @contextlib.asynccontextmanager
     async def hold(self, strategy_id: str, *, wait_s: float | None = None) -> AsyncIterator[Lease]:
@@ -234,7 +234,7 @@ class StrategyLocks:
             except RedisError as error:
                 if sent < lease.valid_until:
                     failures += 1
-                    pause = min(0.02 * 2 ** failures, ttl_s / 10)
+                    pause = backoff_delay(failures, base=0.04, cap=ttl_s / 10)
                     _log.warning("lock renewal failed; retrying", strategy_id=lease.strategy_id, holder=self.role,
                                  error=str(error))
                     continue

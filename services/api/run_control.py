@@ -71,7 +71,7 @@ from services.api.strategies import check_stop_loss, check_times, own_strategy
 
 log = structlog.get_logger("api")
 
-MARKER_TTL_S = 172_800  # as the executor's exit marker: longer than any run; the run_id scopes it
+MARKER_TTL_S = keys.RUN_MARKER_TTL_S  # as the executor's exit marker: longer than any run; the run_id scopes it
 
 # Square-off of a run that already ended (failed, stopped) with its position still open
 # at the broker: load the run's config and a `bought` runtime (no schedule, no stop-loss

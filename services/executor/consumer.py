@@ -31,6 +31,7 @@ from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from libs.schema import keys
+from libs.service.lifecycle import sleep_unless_stopped
 from libs.service.logging import get_logger
 from services.executor import metrics
 from services.executor.handler import OrderHandler
@@ -112,11 +113,11 @@ class OrderConsumer:
                     await self.on_state_lost("consumer group missing")
                 else:
                     self.log.error("redis refused XREADGROUP; retrying", error=str(error))
-                    await _sleep_unless(stop, 0.5)
+                    await sleep_unless_stopped(stop, 0.5)
                 continue
             except (RedisConnectionError, RedisTimeoutError) as error:
                 self.log.warning("redis unavailable; retrying", error=str(error))
-                await _sleep_unless(stop, 0.5)
+                await sleep_unless_stopped(stop, 0.5)
                 continue
             finally:
                 self._reading -= free
@@ -167,7 +168,7 @@ class OrderConsumer:
                     self.log.error("claim failed", error=str(error))
             except RedisError as error:
                 self.log.warning("claim failed; redis unavailable", error=str(error))
-            await _sleep_unless(stop, min(heartbeat_s, self.settings.claim_interval_s))
+            await sleep_unless_stopped(stop, min(heartbeat_s, self.settings.claim_interval_s))
 
     async def _beat(self) -> None:
         await self.redis.set(keys.consumer_alive_key(self.name), "1", px=self.settings.heartbeat_ttl_ms)
@@ -287,11 +288,6 @@ async def _wait_any(*aws: Awaitable[Any]) -> None:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), seconds)
 
 
 def _stream_order(msg_id: str) -> tuple[int, int]:

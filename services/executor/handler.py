@@ -63,7 +63,7 @@ from services.executor.ratelimit import RateLimitTimeout
 from services.executor.settings import ExecutorSettings
 from services.executor.state import Held, OrderState
 
-EXIT_ATTEMPT_TTL_S = 172_800  # two days: longer than any run, and the run_id scopes it
+EXIT_ATTEMPT_TTL_S = keys.RUN_MARKER_TTL_S  # longer than any run, and the run_id scopes it
 ACCOUNT_CHANGED = "broker account changed since start"
 
 

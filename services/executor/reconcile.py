@@ -53,7 +53,7 @@ from libs.trading.tokens import restore_broker_hash
 from services.executor import metrics
 from services.executor.credentials import CredentialStore, CredentialsUnavailable
 from services.executor.placement import COMPLETE, TERMINAL, filled_quantity
-from services.executor.state import CONTROL_MAXLEN, LockTimeout, OrderState
+from services.executor.state import LockTimeout, OrderState
 
 RECONCILE_STREAM = "reconcile"  # namespace of row ids written by reconciliation
 
@@ -220,7 +220,7 @@ class Reconciler:
         control = keys.control_stream(keys.partition_of(sid))  # the strategy's partition: one slot
         if not await self._rebuild(keys=[keys.runtime_key(sid), control, keys.strategy_key(sid)],
                                    args=[dumps(flat), dumps(_position_message(config, Position(fields["position"]))),
-                                         CONTROL_MAXLEN, config.run_id]):
+                                         keys.CONTROL_MAXLEN, config.run_id]):
             self.log.warning("another run of the strategy was loaded meanwhile; not reconciled", strategy_id=sid,
                              run_id=config.run_id)
             return 0
@@ -243,7 +243,7 @@ class Reconciler:
         loaded = await self._exited_script(
             keys=[keys.order_logs_stream(keys.partition_of(sid)), keys.control_stream(keys.partition_of(sid)),
                   keys.strategy_key(sid)],
-            args=[dumps(row), dumps(_position_message(config, position)), CONTROL_MAXLEN, config.run_id])
+            args=[dumps(row), dumps(_position_message(config, position)), keys.CONTROL_MAXLEN, config.run_id])
         if not loaded:
             self.log.warning("another run of the strategy was loaded meanwhile; not reconciled", strategy_id=sid,
                              run_id=config.run_id)

@@ -29,6 +29,8 @@ import orjson
 import structlog
 from kiteconnect import KiteTicker
 
+from libs.service.backoff import Backoff
+
 # A lazy proxy: configure_logging() runs in main(), after this module is imported, and a
 # bound logger made now would keep structlog's default (console) configuration.
 log = structlog.get_logger("market_listener.feed")
@@ -87,7 +89,7 @@ class TickerFeed:
 
     async def run(self) -> None:
         """Connect, read and reconnect until close() or an expired token."""
-        delay = RECONNECT_FIRST_S
+        backoff = Backoff(base=RECONNECT_FIRST_S, cap=RECONNECT_MAX_S)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S)
         async with aiohttp.ClientSession(timeout=timeout, cookie_jar=aiohttp.DummyCookieJar()) as session:
             while self.state not in (CLOSED, TOKEN_EXPIRED):
@@ -101,15 +103,14 @@ class TickerFeed:
                         with contextlib.suppress(asyncio.CancelledError):
                             await connection
                 if connection.cancelled():
-                    delay = RECONNECT_FIRST_S  # reconnect() asked for a fresh socket now
+                    backoff.reset()  # reconnect() asked for a fresh socket now
                     continue
                 connection.result()  # a bug in the feed propagates to the owner
                 if self.connects != connects:
-                    delay = RECONNECT_FIRST_S  # it was up: start the back-off afresh
+                    backoff.reset()  # it was up: start the back-off afresh
                 if self.state in (CLOSED, TOKEN_EXPIRED):
                     return
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RECONNECT_MAX_S)
+                await asyncio.sleep(backoff.next())
 
     # --- one connection ---------------------------------------------------------------------------------
 

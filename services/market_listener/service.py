@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 from redis.asyncio import Redis
 
 from libs.broker.kite import KiteGateway
+from libs.service.lifecycle import sleep_unless_stopped
 from libs.trading.calendar import MarketCalendar
 from services.market_listener.feed import TOKEN_EXPIRED, TickerFeed
 from services.market_listener.index import StopLossIndex
@@ -53,8 +53,7 @@ class MarketListener:
 
     async def pause(self, seconds: float) -> None:
         """Sleep, but wake at once on stop()."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.stopping.wait(), seconds)
+        await sleep_unless_stopped(self.stopping, seconds)
 
     def health(self) -> dict[str, object]:
         state = self.feed.state

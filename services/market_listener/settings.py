@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from libs.schema import keys
 from libs.service.settings import ServiceSettings
 
 
@@ -28,7 +29,7 @@ class ListenerSettings(ServiceSettings):
     """Reconnects in a row without a tick before the process exits non-zero."""
     control_block_ms: int = 1000
     """XREAD BLOCK on control:strategies; bounds how long shutdown waits for the reader."""
-    stoploss_marker_ttl_s: int = 172_800
+    stoploss_marker_ttl_s: int = keys.RUN_MARKER_TTL_S
     """TTL of the one-STOPLOSS-per-run marker (two days: outlives any trading day)."""
     trigger_retry_s: float = 0.5
     """After a STOPLOSS could not be written to Redis, retry at the last price this soon."""

@@ -21,6 +21,7 @@ from redis.exceptions import RedisError
 from libs.broker.kite import BrokerError, KiteGateway
 from libs.schema import keys
 from libs.schema.models import ControlMessage, Position, StrategyConfig
+from libs.service.backoff import Backoff
 from libs.trading.calendar import IST, MarketCalendar
 from libs.trading.runs import plan_run
 from services.market_listener.index import StopLossIndex, Watch
@@ -29,7 +30,6 @@ from services.market_listener.settings import ListenerSettings
 
 log = structlog.get_logger("market_listener")
 
-INSTRUMENTS_TTL_S = 2 * 24 * 3600
 _BOUGHT = Position.bought.value.encode()
 
 
@@ -143,7 +143,7 @@ class RunTracker:
             self.publish_tokens()
 
     async def _load_state(self) -> dict[str, bytes | str]:
-        delay = 0.2
+        backoff = Backoff(base=0.2, cap=5.0)
         while True:
             try:
                 last_ids: dict[str, bytes | str] = {}
@@ -155,8 +155,7 @@ class RunTracker:
                 return last_ids
             except (RedisError, OSError) as exc:
                 log.warning("state not loaded; retrying", error=str(exc))
-                await self.pause(delay)
-                delay = min(delay * 2, 5.0)
+                await self.pause(backoff.next())
 
     async def _scan_running(self) -> None:
         ids: list[str] = []
@@ -255,7 +254,7 @@ class RunTracker:
         if mapping:
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.hset(cache_key, mapping=mapping)
-                pipe.expire(cache_key, INSTRUMENTS_TTL_S)
+                pipe.expire(cache_key, keys.INSTRUMENTS_TTL_S)
                 await pipe.execute()
         log.info("instruments cached", count=len(mapping), key=cache_key)
 
