@@ -7,6 +7,8 @@ each step, as Kite's does.
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -38,7 +40,17 @@ HistoryEntry = tuple[str, float, str | None, int, int, int, int, int, str, int]
 
 def kite_time(epoch: float) -> str:
     """Format an epoch as Kite does: IST wall clock, second precision."""
-    return datetime.fromtimestamp(epoch, IST).strftime("%Y-%m-%d %H:%M:%S")
+    second = math.floor(epoch)
+    if round((epoch - second) * 1e6) >= 1_000_000:  # datetime rounds to the microsecond first
+        second += 1
+    return _kite_second(second)
+
+
+@functools.lru_cache(maxsize=4096)
+def _kite_second(second: int) -> str:
+    # Every order renders its times on every GET (three per history entry): a cache per second
+    # turns ~2.5 us of datetime formatting into a dict lookup.
+    return datetime.fromtimestamp(second, IST).strftime("%Y-%m-%d %H:%M:%S")
 
 
 @dataclass(slots=True)
