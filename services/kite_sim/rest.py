@@ -56,6 +56,53 @@ def success(data: Any) -> web.Response:
     return web.Response(body=orjson.dumps({"status": "success", "data": data}), content_type="application/json")
 
 
+def success_json(data_json: bytes) -> web.Response:
+    """Render already encoded data in Kite's success envelope (byte for byte what `success` gives)."""
+    return web.Response(body=b'{"status":"success","data":' + data_json + b"}", content_type="application/json")
+
+
+class RenderedOrders:
+    """Each order's Kite JSON, encoded once per state of the order.
+
+    The tag lookup (GET /orders) and the history read (GET /orders/{id}) come
+    with every order an executor places and render the same unchanged orders
+    again and again. An entry is kept with its order (so a reset's reused order
+    ids never match an old one) and the state it was rendered at: the snapshot,
+    or the history's length, with what a modification changes besides.
+    """
+
+    def __init__(self, book: Book) -> None:
+        self.book = book
+        self.current: dict[str, tuple[Order, tuple[Any, ...], bytes]] = {}
+        self.histories: dict[str, tuple[Order, tuple[Any, ...], bytes]] = {}
+
+    def _trim(self, cache: dict[str, tuple[Order, tuple[Any, ...], bytes]]) -> None:
+        if len(cache) > 2 * len(self.book.orders) + 1024:  # orders dropped by a reset
+            cache.clear()
+
+    def order(self, order: Order) -> bytes:
+        """Return `order.as_kite()` encoded."""
+        state = (order.snapshot(), order.modifications, order.market_protection)
+        hit = self.current.get(order.order_id)
+        if hit is not None and hit[0] is order and hit[1] == state:
+            return hit[2]
+        self._trim(self.current)
+        encoded = orjson.dumps(order.as_kite())
+        self.current[order.order_id] = (order, state, encoded)
+        return encoded
+
+    def history(self, order: Order) -> bytes:
+        """Return the order's history (a list of `order.as_kite(entry)`) encoded."""
+        state = (len(order.history), order.modifications, order.market_protection)
+        hit = self.histories.get(order.order_id)
+        if hit is not None and hit[0] is order and hit[1] == state:
+            return hit[2]
+        self._trim(self.histories)
+        encoded = orjson.dumps([order.as_kite(entry) for entry in order.history])
+        self.histories[order.order_id] = (order, state, encoded)
+        return encoded
+
+
 def kite_endpoint(group: str, auth: bool = True) -> Callable[[Handler], Callable[[KiteRest, web.Request], Any]]:
     """Wrap a handler with fault injection, token auth and the envelope."""
 
@@ -100,6 +147,7 @@ class KiteRest:
         self.book = book
         self.faults = faults
         self.rules = rules or OrderRules(market, book)
+        self.rendered = RenderedOrders(book)
 
     def routes(self) -> list[web.RouteDef]:
         """Return the Kite routes."""
@@ -188,7 +236,8 @@ class KiteRest:
     async def orders(self, request: web.Request, account: Account | None) -> Any:
         """List the account's orders of the day."""
         assert account is not None
-        return [o.as_kite() for o in account.orders.values()]
+        render = self.rendered.order
+        return success_json(b"[" + b",".join([render(o) for o in account.orders.values()]) + b"]")
 
     @kite_endpoint("orders")
     async def place_order(self, request: web.Request, account: Account | None) -> Any:
@@ -227,7 +276,7 @@ class KiteRest:
         """Return every state the order went through, oldest first."""
         assert account is not None
         order = self._own_order(account, request.match_info["order_id"])
-        return [order.as_kite(entry) for entry in order.history]
+        return success_json(self.rendered.history(order))
 
     @kite_endpoint("orders")
     async def order_trades(self, request: web.Request, account: Account | None) -> Any:
