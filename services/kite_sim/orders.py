@@ -129,6 +129,7 @@ class Order:
             entry or self.snapshot()
         ins = self.instrument
         on_exchange = status not in BEFORE_EXCHANGE
+        at_time = kite_time(at)
         return {
             "placed_by": self.account.user_id,
             "order_id": self.order_id,
@@ -137,8 +138,8 @@ class Order:
             "status": status,
             "status_message": message,
             "status_message_raw": message,
-            "order_timestamp": kite_time(at),
-            "exchange_update_timestamp": kite_time(at) if on_exchange else None,
+            "order_timestamp": at_time,
+            "exchange_update_timestamp": at_time if on_exchange else None,
             "exchange_timestamp": kite_time(self.received_at) if on_exchange else None,
             "variety": self.variety,
             "modified": self.modifications > 0,

@@ -68,39 +68,52 @@ class RenderedOrders:
     with every order an executor places and render the same unchanged orders
     again and again. An entry is kept with its order (so a reset's reused order
     ids never match an old one) and the state it was rendered at: the snapshot,
-    or the history's length, with what a modification changes besides.
+    or the history's length, with what a modification changes besides. The
+    order as it stands is usually its last history entry: rendered once for both.
     """
 
     def __init__(self, book: Book) -> None:
         self.book = book
         self.current: dict[str, tuple[Order, tuple[Any, ...], bytes]] = {}
-        self.histories: dict[str, tuple[Order, tuple[Any, ...], bytes]] = {}
+        self.histories: dict[str, tuple[Order, tuple[Any, ...], list[bytes], bytes]] = {}
 
-    def _trim(self, cache: dict[str, tuple[Order, tuple[Any, ...], bytes]]) -> None:
+    def _trim(self, cache: dict[str, Any]) -> None:
         if len(cache) > 2 * len(self.book.orders) + 1024:  # orders dropped by a reset
             cache.clear()
 
     def order(self, order: Order) -> bytes:
         """Return `order.as_kite()` encoded."""
-        state = (order.snapshot(), order.modifications, order.market_protection)
+        snapshot = order.snapshot()
+        state = (snapshot, order.modifications, order.market_protection)
         hit = self.current.get(order.order_id)
         if hit is not None and hit[0] is order and hit[1] == state:
             return hit[2]
         self._trim(self.current)
-        encoded = orjson.dumps(order.as_kite())
+        history = order.history
+        if history and history[-1] == snapshot:
+            encoded = self._entries(order)[-1]
+        else:
+            encoded = orjson.dumps(order.as_kite())
         self.current[order.order_id] = (order, state, encoded)
         return encoded
 
     def history(self, order: Order) -> bytes:
         """Return the order's history (a list of `order.as_kite(entry)`) encoded."""
+        self._entries(order)
+        return self.histories[order.order_id][3]
+
+    def _entries(self, order: Order) -> list[bytes]:
         state = (len(order.history), order.modifications, order.market_protection)
         hit = self.histories.get(order.order_id)
         if hit is not None and hit[0] is order and hit[1] == state:
             return hit[2]
         self._trim(self.histories)
-        encoded = orjson.dumps([order.as_kite(entry) for entry in order.history])
-        self.histories[order.order_id] = (order, state, encoded)
-        return encoded
+        done = 0
+        if hit is not None and hit[0] is order and hit[1][1:] == state[1:]:
+            done = hit[1][0]  # entries never change: encode only the new ones
+        entries = [*(hit[2] if done else ()), *(orjson.dumps(order.as_kite(e)) for e in order.history[done:])]
+        self.histories[order.order_id] = (order, state, entries, b"[" + b",".join(entries) + b"]")
+        return entries
 
 
 def kite_endpoint(group: str, auth: bool = True) -> Callable[[Handler], Callable[[KiteRest, web.Request], Any]]:

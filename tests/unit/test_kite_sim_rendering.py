@@ -19,6 +19,8 @@ def assert_rendered(rendered: RenderedOrders, order: Order) -> None:
     for _ in range(2):  # the miss, then the hit
         assert rendered.order(order) == current
         assert rendered.history(order) == history
+    rendered.current.clear()  # the order as it stands, taken from its encoded history
+    assert rendered.order(order) == current
 
 
 def test_cached_rendering_follows_fills_modifications_cancels_and_resets() -> None:
