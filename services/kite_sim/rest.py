@@ -61,6 +61,10 @@ def success_json(data_json: bytes) -> web.Response:
     return web.Response(body=b'{"status":"success","data":' + data_json + b"}", content_type="application/json")
 
 
+RENDERED_ORDERS = 20_000
+"""Orders whose encoded JSON is kept (a few KB each, the history's entries)."""
+
+
 class RenderedOrders:
     """Each order's Kite JSON, encoded once per state of the order.
 
@@ -70,16 +74,20 @@ class RenderedOrders:
     ids never match an old one) and the state it was rendered at: the snapshot,
     or the history's length, with what a modification changes besides. The
     order as it stands is usually its last history entry: rendered once for both.
+    At most RENDERED_ORDERS orders are kept (the least recently rendered go first).
     """
 
     def __init__(self, book: Book) -> None:
         self.book = book
         self.current: dict[str, tuple[Order, tuple[Any, ...], bytes]] = {}
-        self.histories: dict[str, tuple[Order, tuple[Any, ...], list[bytes], bytes]] = {}
+        self.histories: dict[str, tuple[Order, tuple[Any, ...], list[bytes]]] = {}
 
-    def _trim(self, cache: dict[str, Any]) -> None:
+    def _trim(self, cache: dict[str, Any], order_id: str) -> None:
+        cache.pop(order_id, None)  # re-inserted last: the dict's order is the rendering order
         if len(cache) > 2 * len(self.book.orders) + 1024:  # orders dropped by a reset
             cache.clear()
+        while len(cache) >= RENDERED_ORDERS:
+            del cache[next(iter(cache))]
 
     def order(self, order: Order) -> bytes:
         """Return `order.as_kite()` encoded."""
@@ -88,7 +96,7 @@ class RenderedOrders:
         hit = self.current.get(order.order_id)
         if hit is not None and hit[0] is order and hit[1] == state:
             return hit[2]
-        self._trim(self.current)
+        self._trim(self.current, order.order_id)
         history = order.history
         if history and history[-1] == snapshot:
             encoded = self._entries(order)[-1]
@@ -99,20 +107,19 @@ class RenderedOrders:
 
     def history(self, order: Order) -> bytes:
         """Return the order's history (a list of `order.as_kite(entry)`) encoded."""
-        self._entries(order)
-        return self.histories[order.order_id][3]
+        return b"[" + b",".join(self._entries(order)) + b"]"
 
     def _entries(self, order: Order) -> list[bytes]:
         state = (len(order.history), order.modifications, order.market_protection)
         hit = self.histories.get(order.order_id)
         if hit is not None and hit[0] is order and hit[1] == state:
             return hit[2]
-        self._trim(self.histories)
+        self._trim(self.histories, order.order_id)
         done = 0
         if hit is not None and hit[0] is order and hit[1][1:] == state[1:]:
             done = hit[1][0]  # entries never change: encode only the new ones
         entries = [*(hit[2] if done else ()), *(orjson.dumps(order.as_kite(e)) for e in order.history[done:])]
-        self.histories[order.order_id] = (order, state, entries, b"[" + b",".join(entries) + b"]")
+        self.histories[order.order_id] = (order, state, entries)
         return entries
 
 

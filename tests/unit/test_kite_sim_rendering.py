@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import orjson
+import pytest
 
+from services.kite_sim import rest
 from services.kite_sim.book import Book, Modification
 from services.kite_sim.market import DATA_FILE, Market, load_instruments
 from services.kite_sim.orders import Order
@@ -49,3 +51,23 @@ def test_cached_rendering_follows_fills_modifications_cancels_and_resets() -> No
                            order_type="MARKET", validity="DAY", price_paise=0, market_protection=-1, tag=None)
     other.order_id = order.order_id  # a reused id must not serve the old order's JSON
     assert_rendered(rendered, other)
+
+
+def test_rendered_orders_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(rest, "RENDERED_ORDERS", 3)
+    market = Market(load_instruments(DATA_FILE), seed=1)
+    book = Book(market)
+    rendered = RenderedOrders(book)
+    account = book.create_account()
+    ins = next(iter(market.by_token.values()))
+    orders = []
+    for i in range(6):
+        order = book.new_order(account, ins, variety="regular", transaction_type="BUY", quantity=1, product="MIS",
+                               order_type="MARKET", validity="DAY", price_paise=0, market_protection=-1, tag=f"t{i}")
+        book.execute(order)
+        orders.append(order)
+        assert_rendered(rendered, order)
+    assert len(rendered.current) <= 3 and len(rendered.histories) <= 3
+    assert list(rendered.histories) == [o.order_id for o in orders[-3:]]
+    for order in orders:  # evicted ones render again, the same
+        assert_rendered(rendered, order)
