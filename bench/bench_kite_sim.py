@@ -24,6 +24,7 @@ from kiteconnect import KiteConnect, KiteTicker
 from kiteconnect.exceptions import KiteException, NetworkException
 from twisted.internet import reactor
 
+from bench.bench_executor import cpu_seconds, sim_pid
 from tests.support.kite_sim import SimAdmin, run_sim, ws_root
 
 matplotlib.use("Agg")
@@ -198,8 +199,12 @@ def main(argv: list[str] | None = None) -> None:
         acct = admin.create_account()
         instruments = KiteConnect(acct["api_key"], access_token=acct["access_token"], root=url).instruments("NSE")
         symbols = [i["tradingsymbol"] for i in instruments]
+        spid = sim_pid(url)
+        cpu_before = cpu_seconds(spid) if spid else 0.0
         orders = bench_orders(url, admin, symbols, args.threads, args.accounts, args.order_seconds)
+        sim_cpu = (cpu_seconds(spid) if spid else 0.0) - cpu_before
         emit("orders_per_s", orders["ok"] / orders["elapsed"], "1/s")
+        emit("sim_cpu_us_per_order", 1e6 * sim_cpu / max(1, orders["ok"] + orders["429"] + orders["error"]), "us")
         emit("orders_placed", orders["ok"], "orders")
         emit("orders_429", orders["429"], "orders")
         emit("orders_other_errors", orders["error"], "orders")

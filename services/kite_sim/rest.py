@@ -56,6 +56,73 @@ def success(data: Any) -> web.Response:
     return web.Response(body=orjson.dumps({"status": "success", "data": data}), content_type="application/json")
 
 
+def success_json(data_json: bytes) -> web.Response:
+    """Render already encoded data in Kite's success envelope (byte for byte what `success` gives)."""
+    return web.Response(body=b'{"status":"success","data":' + data_json + b"}", content_type="application/json")
+
+
+RENDERED_ORDERS = 20_000
+"""Orders whose encoded JSON is kept (a few KB each, the history's entries)."""
+
+
+class RenderedOrders:
+    """Each order's Kite JSON, encoded once per state of the order.
+
+    The tag lookup (GET /orders) and the history read (GET /orders/{id}) come
+    with every order an executor places and render the same unchanged orders
+    again and again. An entry is kept with its order (so a reset's reused order
+    ids never match an old one) and the state it was rendered at: the snapshot,
+    or the history's length, with what a modification changes besides. The
+    order as it stands is usually its last history entry: rendered once for both.
+    At most RENDERED_ORDERS orders are kept (the least recently rendered go first).
+    """
+
+    def __init__(self, book: Book) -> None:
+        self.book = book
+        self.current: dict[str, tuple[Order, tuple[Any, ...], bytes]] = {}
+        self.histories: dict[str, tuple[Order, tuple[Any, ...], list[bytes]]] = {}
+
+    def _trim(self, cache: dict[str, Any], order_id: str) -> None:
+        cache.pop(order_id, None)  # re-inserted last: the dict's order is the rendering order
+        if len(cache) > 2 * len(self.book.orders) + 1024:  # orders dropped by a reset
+            cache.clear()
+        while len(cache) >= RENDERED_ORDERS:
+            del cache[next(iter(cache))]
+
+    def order(self, order: Order) -> bytes:
+        """Return `order.as_kite()` encoded."""
+        snapshot = order.snapshot()
+        state = (snapshot, order.modifications, order.market_protection)
+        hit = self.current.get(order.order_id)
+        if hit is not None and hit[0] is order and hit[1] == state:
+            return hit[2]
+        self._trim(self.current, order.order_id)
+        history = order.history
+        if history and history[-1] == snapshot:
+            encoded = self._entries(order)[-1]
+        else:
+            encoded = orjson.dumps(order.as_kite())
+        self.current[order.order_id] = (order, state, encoded)
+        return encoded
+
+    def history(self, order: Order) -> bytes:
+        """Return the order's history (a list of `order.as_kite(entry)`) encoded."""
+        return b"[" + b",".join(self._entries(order)) + b"]"
+
+    def _entries(self, order: Order) -> list[bytes]:
+        state = (len(order.history), order.modifications, order.market_protection)
+        hit = self.histories.get(order.order_id)
+        if hit is not None and hit[0] is order and hit[1] == state:
+            return hit[2]
+        self._trim(self.histories, order.order_id)
+        done = 0
+        if hit is not None and hit[0] is order and hit[1][1:] == state[1:]:
+            done = hit[1][0]  # entries never change: encode only the new ones
+        entries = [*(hit[2] if done else ()), *(orjson.dumps(order.as_kite(e)) for e in order.history[done:])]
+        self.histories[order.order_id] = (order, state, entries)
+        return entries
+
+
 def kite_endpoint(group: str, auth: bool = True) -> Callable[[Handler], Callable[[KiteRest, web.Request], Any]]:
     """Wrap a handler with fault injection, token auth and the envelope."""
 
@@ -100,6 +167,7 @@ class KiteRest:
         self.book = book
         self.faults = faults
         self.rules = rules or OrderRules(market, book)
+        self.rendered = RenderedOrders(book)
 
     def routes(self) -> list[web.RouteDef]:
         """Return the Kite routes."""
@@ -188,7 +256,8 @@ class KiteRest:
     async def orders(self, request: web.Request, account: Account | None) -> Any:
         """List the account's orders of the day."""
         assert account is not None
-        return [o.as_kite() for o in account.orders.values()]
+        render = self.rendered.order
+        return success_json(b"[" + b",".join([render(o) for o in account.orders.values()]) + b"]")
 
     @kite_endpoint("orders")
     async def place_order(self, request: web.Request, account: Account | None) -> Any:
@@ -227,7 +296,7 @@ class KiteRest:
         """Return every state the order went through, oldest first."""
         assert account is not None
         order = self._own_order(account, request.match_info["order_id"])
-        return [order.as_kite(entry) for entry in order.history]
+        return success_json(self.rendered.history(order))
 
     @kite_endpoint("orders")
     async def order_trades(self, request: web.Request, account: Account | None) -> Any:
