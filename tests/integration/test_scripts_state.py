@@ -206,8 +206,9 @@ async def test_a_run_loaded_while_the_lock_is_held_reads_locked(redis: Redis, s:
 
 # --- services.executor.state ---------------------------------------------------------------------
 
-def _lock_read_args(s: Strategy, token: str = "me", creds: bool = False, slot: list[Any] | None = None) -> list:
-    return [token, 5000, "1" if creds else "0", s.run_id, *(slot or [])]
+def _lock_read_args(s: Strategy, token: str = "me", creds: bool = False, slot: list[Any] | None = None,
+                    entry: bool = False) -> list:
+    return [token, 5000, "1" if creds else "0", s.run_id, "1" if entry else "0", *(slot or [])]
 
 
 def _lock_read_keys(s: Strategy, intent: str | None = None, creds: bool = False, rate: bool = False) -> list[str]:
@@ -276,6 +277,19 @@ async def test_lock_read_takes_an_order_slot_only_for_a_plain_exit(redis: Redis,
     assert await slot() == 0  # bought, this run, no earlier attempt: slot taken and the exit marked
     assert await redis.exists(marker) and await redis.zcard(keys.order_rate_key("fp")) == 1
     assert await slot() == -1  # an earlier exit attempt: the exit looks its tag up first
+
+
+async def test_lock_read_of_an_entry_reads_no_marker_and_takes_no_slot(redis: Redis, s: Strategy) -> None:
+    lock_read = redis.register_script(state_module._LOCK_READ)
+    marker, intent = keys.exit_attempt_key(s.sid, s.run_id), keys.stoploss_marker_key(s.sid, s.run_id)
+    await s.load(redis, Position.bought)
+    await redis.set(intent, "1")
+    reply = await lock_read(keys=_lock_read_keys(s, intent, rate=True),
+                            args=_lock_read_args(s, slot=[10, 1000, "m", 60], entry=True))
+    # Bought, no exit attempt, a slot asked for: as an exit it would take one; an entry does not.
+    assert (reply[2], reply[4], reply[5]) == (0, -1, 0)
+    assert not await redis.exists(marker, keys.order_rate_key("fp"))
+    assert await redis.get(s.lock) == b"me"
 
 
 async def test_lock_read_answers_the_wait_when_the_rate_is_used_up(redis: Redis, s: Strategy) -> None:
