@@ -67,7 +67,14 @@ _LOCK_READ = """
 --          taken (and the exit marker set), -1 if none was asked for or the exit is not a plain one
 --          (or the event is an entry), else ms until a slot frees; an entry answers 0 for both markers
 """ + TAKE_SLOT_FN + TAKE_LOCK_FN + """
-if not take_lock(KEYS[1], KEYS[2], ARGV[1], ARGV[2]) then return nil end
+local runtime = take_lock(KEYS[1], KEYS[2], ARGV[1], ARGV[2])
+if not runtime then return nil end
+local function runtime_field(name)
+  for i = 1, #runtime, 2 do
+    if runtime[i] == name then return runtime[i + 1] end
+  end
+  return false
+end
 local n = 5
 local creds = false
 if ARGV[3] == '1' then
@@ -79,14 +86,14 @@ local config = redis.call('GET', KEYS[3])
 local marker = 0
 if not entry then marker = redis.call('EXISTS', KEYS[4]) end
 local slot = -1
-if KEYS[n + 1] and not entry and config and marker == 0 and redis.call('HGET', KEYS[2], 'position') == 'bought'
+if KEYS[n + 1] and not entry and config and marker == 0 and runtime_field('position') == 'bought'
    and cjson.decode(config)['run_id'] == ARGV[4] then
   slot = take_slot(KEYS[n + 1], tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8])
   if slot == 0 then redis.call('SET', KEYS[4], '1', 'EX', ARGV[9]) end
 end
 local intent = 0
 if not entry then intent = redis.call('EXISTS', KEYS[5]) end
-return {config, redis.call('HGETALL', KEYS[2]), marker, creds, slot, intent}
+return {config, runtime, marker, creds, slot, intent}
 """
 
 # Runtime is only written while the same run is loaded: a late event must not
@@ -102,10 +109,11 @@ _COMMIT = """
 --       [10] notice JSON or '', [11] notify MAXLEN
 -- Returns: 1
 """ + RELEASE_LOCK_FN + """
+local fields = nil
 if ARGV[2] ~= '' then
   local raw = redis.call('GET', KEYS[2])
   if raw and cjson.decode(raw)['run_id'] == ARGV[1] then
-    redis.call('HSET', KEYS[1], unpack(cjson.decode(ARGV[2])))
+    fields = cjson.decode(ARGV[2])
     if ARGV[3] ~= '' then
       redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[5], '*', 'event', ARGV[3])
     end
@@ -116,7 +124,10 @@ if ARGV[10] ~= '' then redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[11], '*',
 if ARGV[6] ~= '' then redis.call('XADD', KEYS[5], '*', 'event', ARGV[6]) end
 if ARGV[8] ~= '' then
   redis.call('XACK', KEYS[5], ARGV[7], ARGV[8])
-  release_lock(KEYS[6], KEYS[1], ARGV[9])
+  -- The runtime fields and the released lock's lock_state: one HSET.
+  release_lock(KEYS[6], KEYS[1], ARGV[9], fields)
+elseif fields then
+  redis.call('HSET', KEYS[1], unpack(fields))
 end
 return 1
 """

@@ -364,6 +364,34 @@ async def test_commit_after_the_lock_was_lost_leaves_the_new_holders_lock(redis:
     await commit(keys=_commit_keys(s), args=_commit_args(s, runtime={"position": "bought"}, ack=msg_id, token="me"))
     assert (await redis.xpending(s.orders, GROUP))["pending"] == 0  # the entry is done
     assert await redis.get(s.lock) == b"new-holder" and await s.lock_state(redis) == b"locked"
+    assert await redis.hget(s.runtime, "position") == b"bought"  # the outcome is written all the same
+
+
+async def test_commit_releasing_for_another_run_frees_the_lock_and_writes_no_runtime(redis: Redis,
+                                                                                    s: Strategy) -> None:
+    commit = redis.register_script(state_module._COMMIT)
+    await s.load(redis)
+    msg_id = await s.delivered(redis, s.buy())
+    await s.held_by(redis, "me")
+    await commit(keys=_commit_keys(s), args=_commit_args(s, runtime={"position": "bought"}, ack=msg_id, token="me",
+                                                         run_id="an-ended-run"))
+    assert not await redis.exists(s.lock) and await s.lock_state(redis) == b"free"
+    assert await redis.hget(s.runtime, "position") == b"none"
+    await redis.set(s.lock, "me", px=5000)
+    await redis.delete(keys.strategy_key(s.sid), s.runtime)  # unloaded: the release creates no runtime
+    await commit(keys=_commit_keys(s), args=_commit_args(s, runtime={"position": "bought"}, ack=msg_id, token="me"))
+    assert not await redis.exists(s.lock, s.runtime)
+
+
+async def test_lock_read_returns_the_runtime_as_locked_even_without_a_lock_state_field(redis: Redis,
+                                                                                      s: Strategy) -> None:
+    lock_read = redis.register_script(state_module._LOCK_READ)
+    await s.load(redis, Position.bought)
+    await redis.hdel(s.runtime, "lock_state")
+    reply = await lock_read(keys=_lock_read_keys(s), args=_lock_read_args(s))
+    runtime = dict(zip(reply[1][::2], reply[1][1::2], strict=True))
+    assert runtime[b"lock_state"] == b"locked" and runtime[b"position"] == b"bought"
+    assert await s.lock_state(redis) == b"locked"
 
 
 async def test_ack_release_acks_and_releases_only_its_own_lock(redis: Redis, s: Strategy) -> None:
