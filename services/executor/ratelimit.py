@@ -46,12 +46,17 @@ from services.executor import metrics
 # A Lua fragment (no KEYS/ARGV of its own): put it after a script's header.
 # Also used by the strategy-lock script (services.executor.state) for the exit fast path.
 TAKE_SLOT_FN = """
--- take_slot(rate key, limit, window ms, member) -> 0 if a slot was taken, else ms until one frees
+-- take_slot(rate key, limit, window ms, member) -> 0 if a slot was taken, else ms until one frees.
+-- Times that left the window are trimmed only when the log looks full: fewer than `limit` times in
+-- all means fewer than `limit` in the window, so an account below its limit costs no trim.
 local function take_slot(key, limit, window, member)
   local t = redis.call('TIME')
   local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
-  if redis.call('ZCARD', key) < limit then
+  local count = redis.call('ZCARD', key)
+  if count >= limit then
+    count = count - redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
+  end
+  if count < limit then
     redis.call('ZADD', key, now, now .. ':' .. member)
     redis.call('PEXPIRE', key, window)
     return 0

@@ -241,6 +241,18 @@ async def test_exit_marker_is_set_only_with_a_granted_slot(redis: Redis) -> None
 
 
 
+async def test_the_rate_log_is_trimmed_only_when_it_looks_full(redis: Redis) -> None:
+    take = redis.register_script(ratelimit._TAKE_SLOT)
+    old = (await redis.time())[0] * 1000 - 120_000  # two minutes ago: out of any window here
+    await redis.zadd(RATE, {"1:a": old, "2:b": old})
+    assert await take(keys=[RATE], args=[3, 60_000, "c", 0]) == 0
+    assert await redis.zcard(RATE) == 3  # below the limit in all: granted, nothing trimmed
+    # Full in all, but two are out of the window: trimmed, granted.
+    assert await take(keys=[RATE], args=[3, 60_000, "d", 0]) == 0
+    assert sorted(m.decode().split(":", 1)[1] for m in await redis.zrange(RATE, 0, -1)) == ["c", "d"]
+    assert await take(keys=[RATE], args=[2, 60_000, "e", 0]) > 0  # full within the window: refused
+
+
 async def test_a_stale_slot_is_given_back_in_the_step_that_takes_the_new_one(redis: Redis) -> None:
     take = redis.register_script(ratelimit._TAKE_SLOT)
     assert await take(keys=[RATE], args=[2, 60_000, "other", 0]) == 0
