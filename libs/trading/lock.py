@@ -53,22 +53,44 @@ _log = get_logger("lock")
 
 # Lua fragments (no KEYS/ARGV of their own): put them after a script's header.
 TAKE_LOCK_FN = f"""
--- take_lock(lock, runtime, token, ttl ms) -> true if taken (and the runtime, if loaded, marked locked)
+-- take_lock(lock, runtime, token, ttl ms) -> false if held by anyone, else the runtime's HGETALL as it reads
+-- once taken (empty if not loaded; if loaded, marked locked): the read that tells whether it exists is
+-- the caller's read of it too
 local function take_lock(lock, runtime, token, ttl)
   if not redis.call('SET', lock, token, 'NX', 'PX', ttl) then return false end
-  if redis.call('EXISTS', runtime) == 1 then redis.call('HSET', runtime, 'lock_state', '{LockState.locked.value}') end
-  return true
+  local flat = redis.call('HGETALL', runtime)
+  if #flat == 0 then return flat end
+  redis.call('HSET', runtime, 'lock_state', '{LockState.locked.value}')
+  for i = 1, #flat, 2 do
+    if flat[i] == 'lock_state' then
+      flat[i + 1] = '{LockState.locked.value}'
+      return flat
+    end
+  end
+  flat[#flat + 1] = 'lock_state'
+  flat[#flat + 1] = '{LockState.locked.value}'
+  return flat
 end
 """
 
 RELEASE_LOCK_FN = f"""
--- release_lock(lock, runtime, token) -> 1 if released (runtime, if loaded, marked free), 0 if not the
--- token's (expired or taken over: left to its holder); token '' releases nothing
-local function release_lock(lock, runtime, token)
-  if token == '' or redis.call('GET', lock) ~= token then return 0 end
-  redis.call('DEL', lock)
-  if redis.call('EXISTS', runtime) == 1 then redis.call('HSET', runtime, 'lock_state', '{LockState.free.value}') end
-  return 1
+-- release_lock(lock, runtime, token, fields) -> 1 if released (runtime, if loaded, marked free), 0 if not the
+-- token's (expired or taken over: left to its holder); token '' releases nothing. `fields` (optional): a
+-- flat list of runtime fields the caller writes in the same step; they are written here, in one HSET
+-- with the lock_state (so the runtime needs no existence check: the caller writes it anyway)
+local function release_lock(lock, runtime, token, fields)
+  local released = token ~= '' and redis.call('GET', lock) == token
+  if released then redis.call('DEL', lock) end
+  if fields then
+    if released then
+      fields[#fields + 1] = 'lock_state'
+      fields[#fields + 1] = '{LockState.free.value}'
+    end
+    redis.call('HSET', runtime, unpack(fields))
+  elseif released and redis.call('EXISTS', runtime) == 1 then
+    redis.call('HSET', runtime, 'lock_state', '{LockState.free.value}')
+  end
+  return released and 1 or 0
 end
 """
 

@@ -119,8 +119,9 @@ class OrderHandler:
         # One round trip takes the lock and reads all the state machine needs,
         # the owner's credentials included when an earlier event named the owner.
         owner = self._owners.get(sid)
+        entry = kind_of(event) is EventType.BUY
         async with self.state.locked_read(sid, event.run_id, owner, self._exit_slot(event, deliveries, owner),
-                                          EXIT_ATTEMPT_TTL_S, _intent_marker(event)) as held:
+                                          EXIT_ATTEMPT_TTL_S, _intent_marker(event), entry=entry) as held:
             try:
                 outcome, config = await self.decide(event, deliveries, log, held)
             except Refused as refusal:
@@ -169,7 +170,7 @@ class OrderHandler:
 
         The stop-loss path then sends right after the one round trip that locks
         and reads; the script takes the slot only in the case that sends without
-        a tag lookup (see services.executor.state).
+        a tag lookup (see services.executor.state), the placement uses it only while fresh.
         """
         if event.event_type not in (EventType.SELL, EventType.STOPLOSS) or event.attempt > 1 or deliveries > 1:
             return None
@@ -293,15 +294,14 @@ class OrderHandler:
             # An exit marks its attempt (with its rate-limit slot, right before sending).
             mark = None if kind is EventType.BUY else \
                 (keys.exit_attempt_key(config.strategy_id, config.run_id), EXIT_ATTEMPT_TTL_S)
-            slot_taken = held is not None and held.slot_fp == creds.api_key_fp
+            slot = held.slot if held is not None and held.slot_fp == creds.api_key_fp else None
             guard = held.ensure_held if held is not None else None
             if kind is EventType.BUY:
-                result = await self.placer.execute(creds, order, lookup_first=lookup, accept_dead=True,
-                                                   slot_taken=slot_taken, guard=guard)
+                result = await self.placer.execute(creds, order, lookup_first=lookup, accept_dead=True, guard=guard)
             else:
                 entry_tag = order_tag(config.strategy_id, config.run_id, event.trading_day, "entry")
                 result = await self.placer.execute_exit(creds, order, entry_tag=entry_tag, lookup_first=lookup,
-                                                        mark=mark, slot_taken=slot_taken, guard=guard)
+                                                        mark=mark, slot=slot, guard=guard)
         except AccountChanged as error:
             return outcomes.account_changed(event, request, str(error), tag, log)
         except CredentialsUnavailable as error:

@@ -33,7 +33,7 @@ from libs.broker.kite_rest import KiteOrderClient
 from libs.schema.models import BrokerOrder
 from services.executor import metrics
 from services.executor.credentials import KiteCredentials
-from services.executor.ratelimit import OrderRateLimiter
+from services.executor.ratelimit import OrderRateLimiter, TakenSlot
 
 COMPLETE, REJECTED, CANCELLED = "COMPLETE", "REJECTED", "CANCELLED"
 DEAD = frozenset({REJECTED, CANCELLED})
@@ -132,7 +132,7 @@ class OrderPlacer:
                         known=frozenset(str(o["order_id"]) for o in exits))
 
     async def execute_exit(self, creds: KiteCredentials, order: BrokerOrder, *, entry_tag: str,
-                           lookup_first: bool, mark: tuple[str, int] | None = None, slot_taken: bool = False,
+                           lookup_first: bool, mark: tuple[str, int] | None = None, slot: TakenSlot | None = None,
                            guard: Callable[[], None] | None = None) -> OrderResult:
         """Sell what is held (`order.quantity` is runtime's count) and return the result with `remaining`.
 
@@ -153,24 +153,26 @@ class OrderPlacer:
                 result = result_of(str(book.last_filled["order_id"]), book.last_filled, found_by_tag=True)
                 return replace(result, remaining=0)
             order = order.model_copy(update={"quantity": held})
-        order_id, found = await self._send(creds, order, mark=mark, slot_taken=slot_taken and not lookup_first,
+        order_id, found = await self._send(creds, order, mark=mark, slot=None if lookup_first else slot,
                                            guard=guard, known=known)
         result = await self.confirm(creds, order_id, found_by_tag=found)
         metrics.ORDER_LATENCY.observe(time.perf_counter() - started)
         return replace(result, remaining=max(0, held - result.filled_quantity))
 
     async def _send(self, creds: KiteCredentials, order: BrokerOrder, *, mark: tuple[str, int] | None,
-                    slot_taken: bool, guard: Callable[[], None] | None, accept_dead: bool = False,
+                    slot: TakenSlot | None, guard: Callable[[], None] | None, accept_dead: bool = False,
                     known: frozenset[str] | None = None) -> tuple[str, bool]:
         """Place the order; after an ambiguous failure find it by tag. Return (order id, found by tag).
 
         `known`: ids already under the tag before sending (an exit's earlier legs),
-        which the search after a failure must not mistake for this order.
+        which the search after a failure must not mistake for this order. `slot`: one
+        taken with the lock (and the mark set with it), used if still fresh, else
+        given back for a new one.
         """
-        if slot_taken:
+        if slot is not None and self.limiter.fresh(slot):
             metrics.RATE_WAIT.observe(0.0)
         else:
-            await self.limiter.acquire(creds.api_key_fp, mark=mark)
+            await self.limiter.acquire(creds.api_key_fp, mark=mark, replace=slot)
         if guard is not None:
             guard()
         try:
@@ -194,12 +196,10 @@ class OrderPlacer:
 
     async def execute(self, creds: KiteCredentials, order: BrokerOrder, *, lookup_first: bool,
                       accept_dead: bool, mark: tuple[str, int] | None = None,
-                      slot_taken: bool = False, guard: Callable[[], None] | None = None) -> OrderResult:
+                      guard: Callable[[], None] | None = None) -> OrderResult:
         """Return the confirmed result of the order intent, placing it only if the book lacks it.
 
         `mark` = (key, ttl_s) is SET right before the order is sent (with its rate-limit slot).
-        `slot_taken`: the slot was already taken and the mark set (with the strategy
-        lock); it is used only if the order is sent without a tag lookup first.
         `guard` is called right before the order is sent and raises to stop it (lock lost).
         """
         started = time.perf_counter()
@@ -207,8 +207,8 @@ class OrderPlacer:
         if existing is not None:
             order_id, found = str(existing["order_id"]), True
         else:
-            order_id, found = await self._send(creds, order, mark=mark, slot_taken=slot_taken and not lookup_first,
-                                               guard=guard, accept_dead=accept_dead)
+            order_id, found = await self._send(creds, order, mark=mark, slot=None, guard=guard,
+                                               accept_dead=accept_dead)
         result = await self.confirm(creds, order_id, found_by_tag=found)
         metrics.ORDER_LATENCY.observe(time.perf_counter() - started)
         return result

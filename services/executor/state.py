@@ -37,7 +37,7 @@ from redis.asyncio import Redis
 from libs.schema import keys
 from libs.schema.codec import dumps
 from libs.trading.lock import RELEASE_LOCK_FN, TAKE_LOCK_FN, Lease, LockLost, LockTimeout, StrategyLocks
-from services.executor.ratelimit import TAKE_SLOT_FN
+from services.executor.ratelimit import TAKE_SLOT_FN, TakenSlot
 
 __all__ = ["CONTROL_MAXLEN", "DEAD_MAXLEN", "Held", "LockLost", "LockTimeout", "OrderState"]
 
@@ -45,39 +45,55 @@ CONTROL_MAXLEN = keys.CONTROL_MAXLEN
 DEAD_MAXLEN = keys.DEAD_MAXLEN
 
 # The slot is only taken for an exit of the loaded run, position bought and no earlier
-# exit attempt: the case that sends without a tag lookup; the exit marker is set with
-# it. The handler's state machine still decides; if it does not send, a slot is wasted
-# and the marker makes a later exit look the tag up (safe side). The intent marker is
-# the listener's stop-loss marker or the API's square-off marker (the proof that such
-# an exit was asked for; see services.executor.handler).
+# exit attempt: the case that sends without a tag lookup; the exit marker is set with it.
+# The handler's state machine still decides; if it does not send, a slot is wasted (one
+# order less in that window, never one more) and the marker makes a later exit look the
+# tag up (safe side). The slot is used only while fresh (services.executor.ratelimit).
+# An entry's slot is not taken here: its tag lookup comes between, and under load that
+# outlasts the freshness bound (measured: two in three went stale; docs/design.md).
+# The intent marker is the listener's stop-loss marker or the API's square-off marker
+# (the proof that such an exit was asked for; see services.executor.handler); an entry
+# (BUY or its retry) reads neither marker nor the exit marker: nothing decides on them.
 _LOCK_READ = """
 -- KEYS: [1] lock_state:{id} (string), [2] runtime:{id} (hash), [3] strategy:{id} (string),
 --       [4] exit:attempted:{id}:{run_id} (string), [5] stoploss:fired:{id}:{run_id} or
 --       squareoff:requested:{id}:{run_id} (string; the intent marker, or KEYS[4] again),
---       [6] broker:{user_id} (hash; only if ARGV[3] is '1'), [6 or 7] ratelimit:orders:{fp} (zset; only with ARGV[5..8])
+--       [6] broker:{user_id} (hash; only if ARGV[3] is '1'), [6 or 7] ratelimit:orders:{fp} (zset; only with ARGV[6..9])
 -- ARGV: [1] owner token, [2] TTL ms, [3] '1' if KEYS[6] is the credentials hash else '0', [4] run_id,
---       [5] rate limit, [6] rate window ms, [7] rate member, [8] exit marker TTL s
+--       [5] '1' if the event is an entry (BUY or its retry) else '0', [6] rate limit, [7] rate window ms,
+--       [8] rate member, [9] exit marker TTL s
 -- Returns: nil if the lock is held by anyone, else {config or false, runtime HGETALL, exit marker 0/1,
 --          credentials HGETALL or false, slot, intent marker 0/1}; slot is 0 if an order slot was
---          taken (and the exit marker set), -1 if none was asked for or the exit is not a plain one,
---          else ms until a slot frees
+--          taken (and the exit marker set), -1 if none was asked for or the exit is not a plain one
+--          (or the event is an entry), else ms until a slot frees; an entry answers 0 for both markers
 """ + TAKE_SLOT_FN + TAKE_LOCK_FN + """
-if not take_lock(KEYS[1], KEYS[2], ARGV[1], ARGV[2]) then return nil end
+local runtime = take_lock(KEYS[1], KEYS[2], ARGV[1], ARGV[2])
+if not runtime then return nil end
+local function runtime_field(name)
+  for i = 1, #runtime, 2 do
+    if runtime[i] == name then return runtime[i + 1] end
+  end
+  return false
+end
 local n = 5
 local creds = false
 if ARGV[3] == '1' then
   n = 6
   creds = redis.call('HGETALL', KEYS[6])
 end
+local entry = ARGV[5] == '1'
 local config = redis.call('GET', KEYS[3])
-local marker = redis.call('EXISTS', KEYS[4])
+local marker = 0
+if not entry then marker = redis.call('EXISTS', KEYS[4]) end
 local slot = -1
-if KEYS[n + 1] and config and marker == 0 and redis.call('HGET', KEYS[2], 'position') == 'bought'
+if KEYS[n + 1] and not entry and config and marker == 0 and runtime_field('position') == 'bought'
    and cjson.decode(config)['run_id'] == ARGV[4] then
-  slot = take_slot(KEYS[n + 1], tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7])
-  if slot == 0 then redis.call('SET', KEYS[4], '1', 'EX', ARGV[8]) end
+  slot = take_slot(KEYS[n + 1], tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8])
+  if slot == 0 then redis.call('SET', KEYS[4], '1', 'EX', ARGV[9]) end
 end
-return {config, redis.call('HGETALL', KEYS[2]), marker, creds, slot, redis.call('EXISTS', KEYS[5])}
+local intent = 0
+if not entry then intent = redis.call('EXISTS', KEYS[5]) end
+return {config, runtime, marker, creds, slot, intent}
 """
 
 # Runtime is only written while the same run is loaded: a late event must not
@@ -93,10 +109,11 @@ _COMMIT = """
 --       [10] notice JSON or '', [11] notify MAXLEN
 -- Returns: 1
 """ + RELEASE_LOCK_FN + """
+local fields = nil
 if ARGV[2] ~= '' then
   local raw = redis.call('GET', KEYS[2])
   if raw and cjson.decode(raw)['run_id'] == ARGV[1] then
-    redis.call('HSET', KEYS[1], unpack(cjson.decode(ARGV[2])))
+    fields = cjson.decode(ARGV[2])
     if ARGV[3] ~= '' then
       redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[5], '*', 'event', ARGV[3])
     end
@@ -107,7 +124,10 @@ if ARGV[10] ~= '' then redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[11], '*',
 if ARGV[6] ~= '' then redis.call('XADD', KEYS[5], '*', 'event', ARGV[6]) end
 if ARGV[8] ~= '' then
   redis.call('XACK', KEYS[5], ARGV[7], ARGV[8])
-  release_lock(KEYS[6], KEYS[1], ARGV[9])
+  -- The runtime fields and the released lock's lock_state: one HSET.
+  release_lock(KEYS[6], KEYS[1], ARGV[9], fields)
+elseif fields then
+  redis.call('HSET', KEYS[1], unpack(fields))
 end
 return 1
 """
@@ -194,7 +214,8 @@ class Held(Lease):
     exit_attempted: bool = False
     credentials: dict[bytes, bytes] | None = None
     credentials_user: str | None = None
-    slot_fp: str | None = None  # an order slot of this fingerprint was taken (and the exit marked)
+    slot_fp: str | None = None  # an order slot of this fingerprint was taken (and an exit marked)
+    slot: TakenSlot | None = None  # that slot, to use while fresh
     intent_marked: bool = False  # the intent marker asked for existed (stop-loss fired, square-off requested)
 
 
@@ -223,14 +244,16 @@ class OrderState:
     @contextlib.asynccontextmanager
     async def locked_read(self, strategy_id: str, run_id: str, credentials_user: str | None,
                           exit_slot: tuple[str, str, list[Any]] | None = None,
-                          exit_mark_ttl_s: int = 0, intent_marker: str | None = None) -> AsyncIterator[Held]:
+                          exit_mark_ttl_s: int = 0, intent_marker: str | None = None,
+                          *, entry: bool = False) -> AsyncIterator[Held]:
         """Hold the strategy's lock; the Held carries config, runtime, exit marker and credentials read with it.
 
         `credentials_user` is a guess (the owner seen before); the caller checks it
         against the config's user_id before using the hash. `exit_slot` = (fp,
         rate key, slot args): for a plain exit, take the order slot and set the
         exit marker in the same step (see _LOCK_READ). `intent_marker`: a key whose
-        existence is read in the same step (Held.intent_marked).
+        existence is read in the same step (Held.intent_marked). An `entry` (BUY or
+        its retry) reads neither marker and takes no slot.
         """
         lock, runtime = keys.lock_key(strategy_id), keys.runtime_key(strategy_id)
         marker = keys.exit_attempt_key(strategy_id, run_id)
@@ -244,7 +267,8 @@ class OrderState:
         if credentials_user is not None:
             script_keys.append(keys.broker_credentials_key(credentials_user))
         held = Held(strategy_id, self.locks.new_token(), credentials_user=credentials_user)
-        args: list[Any] = [held.token, self.lock_ttl_ms, "1" if credentials_user is not None else "0", run_id]
+        args: list[Any] = [held.token, self.lock_ttl_ms, "1" if credentials_user is not None else "0", run_id,
+                           "1" if entry else "0"]
         if exit_slot is not None:
             script_keys.append(exit_slot[1])
             args += [*exit_slot[2], exit_mark_ttl_s]
@@ -252,7 +276,10 @@ class OrderState:
         raw_config, runtime_flat, marker_set, creds, slot, intent_set = reply
         held.raw_config, held.runtime, held.exit_attempted = raw_config, _pairs(runtime_flat), bool(marker_set)
         held.credentials = _pairs(creds) if creds is not None else None
-        held.slot_fp = exit_slot[0] if exit_slot is not None and int(slot) == 0 else None
+        if exit_slot is not None and int(slot) == 0:
+            # The successful attempt was sent at valid_until - TTL; the slot was granted after that.
+            held.slot_fp = exit_slot[0]
+            held.slot = TakenSlot(str(exit_slot[2][2]), held.valid_until - self.lock_ttl_ms / 1000)
         held.intent_marked = intent_marker is not None and bool(intent_set)
         async with self.locks.keep(held):
             yield held

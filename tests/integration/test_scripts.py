@@ -240,6 +240,50 @@ async def test_exit_marker_is_set_only_with_a_granted_slot(redis: Redis) -> None
     assert not await redis.exists(other)  # refused: no order goes out, so no marker either
 
 
+
+async def test_the_rate_log_is_trimmed_only_when_it_looks_full(redis: Redis) -> None:
+    take = redis.register_script(ratelimit._TAKE_SLOT)
+    old = (await redis.time())[0] * 1000 - 120_000  # two minutes ago: out of any window here
+    await redis.zadd(RATE, {"1:a": old, "2:b": old})
+    assert await take(keys=[RATE], args=[3, 60_000, "c", 0]) == 0
+    assert await redis.zcard(RATE) == 3  # below the limit in all: granted, nothing trimmed
+    # Full in all, but two are out of the window: trimmed, granted.
+    assert await take(keys=[RATE], args=[3, 60_000, "d", 0]) == 0
+    assert sorted(m.decode().split(":", 1)[1] for m in await redis.zrange(RATE, 0, -1)) == ["c", "d"]
+    assert await take(keys=[RATE], args=[2, 60_000, "e", 0]) > 0  # full within the window: refused
+
+
+async def test_a_stale_slot_is_given_back_in_the_step_that_takes_the_new_one(redis: Redis) -> None:
+    take = redis.register_script(ratelimit._TAKE_SLOT)
+    assert await take(keys=[RATE], args=[2, 60_000, "other", 0]) == 0
+    assert await take(keys=[RATE], args=[2, 60_000, "stale", 0]) == 0
+    # Full, yet the stale slot (never used) comes back: the new one takes its place.
+    assert await take(keys=[RATE], args=[2, 60_000, "new", 0, "stale"]) == 0
+    members = sorted(m.decode().split(":", 1)[1] for m in await redis.zrange(RATE, 0, -1))
+    assert members == ["new", "other"]
+    # Only the caller's own member is given back, matched whole: no other slot is freed.
+    assert await take(keys=[RATE], args=[2, 60_000, "next", 0, "ew"]) > 0
+    assert await redis.zcard(RATE) == 2
+
+
+async def test_the_limiter_uses_a_slot_taken_with_the_lock_only_while_fresh(redis: Redis) -> None:
+    limiter = ratelimit.OrderRateLimiter(redis, limit=1, window_ms=1100, max_wait_s=0.05)
+    assert limiter.fresh_s == 0.05  # half the margin over Kite's second
+    key, args = limiter.slot_request("fp-test")
+    take = redis.register_script(ratelimit._TAKE_SLOT)
+    now = asyncio.get_running_loop().time()
+    assert await take(keys=[key], args=[*args, 0]) == 0
+    slot = ratelimit.TakenSlot(str(args[2]), now)
+    assert limiter.fresh(slot)
+    stale = ratelimit.TakenSlot(slot.member, now - 1)
+    assert not limiter.fresh(stale)
+    # Limit 1 and the window full with the stale slot: replacing it needs no wait, holds one slot.
+    assert await limiter.acquire("fp-test", replace=stale) < 0.05
+    assert await redis.zcard(key) == 1
+    with pytest.raises(ratelimit.RateLimitTimeout):
+        await limiter.acquire("fp-test")
+
+
 # --- services.api.notify ----------------------------------------------------------------------------
 
 NOTIFY_KEYS = [keys.notify_schedule(0), keys.notify_pending(0)]

@@ -206,8 +206,9 @@ async def test_a_run_loaded_while_the_lock_is_held_reads_locked(redis: Redis, s:
 
 # --- services.executor.state ---------------------------------------------------------------------
 
-def _lock_read_args(s: Strategy, token: str = "me", creds: bool = False, slot: list[Any] | None = None) -> list:
-    return [token, 5000, "1" if creds else "0", s.run_id, *(slot or [])]
+def _lock_read_args(s: Strategy, token: str = "me", creds: bool = False, slot: list[Any] | None = None,
+                    entry: bool = False) -> list:
+    return [token, 5000, "1" if creds else "0", s.run_id, "1" if entry else "0", *(slot or [])]
 
 
 def _lock_read_keys(s: Strategy, intent: str | None = None, creds: bool = False, rate: bool = False) -> list[str]:
@@ -276,6 +277,19 @@ async def test_lock_read_takes_an_order_slot_only_for_a_plain_exit(redis: Redis,
     assert await slot() == 0  # bought, this run, no earlier attempt: slot taken and the exit marked
     assert await redis.exists(marker) and await redis.zcard(keys.order_rate_key("fp")) == 1
     assert await slot() == -1  # an earlier exit attempt: the exit looks its tag up first
+
+
+async def test_lock_read_of_an_entry_reads_no_marker_and_takes_no_slot(redis: Redis, s: Strategy) -> None:
+    lock_read = redis.register_script(state_module._LOCK_READ)
+    marker, intent = keys.exit_attempt_key(s.sid, s.run_id), keys.stoploss_marker_key(s.sid, s.run_id)
+    await s.load(redis, Position.bought)
+    await redis.set(intent, "1")
+    reply = await lock_read(keys=_lock_read_keys(s, intent, rate=True),
+                            args=_lock_read_args(s, slot=[10, 1000, "m", 60], entry=True))
+    # Bought, no exit attempt, a slot asked for: as an exit it would take one; an entry does not.
+    assert (reply[2], reply[4], reply[5]) == (0, -1, 0)
+    assert not await redis.exists(marker, keys.order_rate_key("fp"))
+    assert await redis.get(s.lock) == b"me"
 
 
 async def test_lock_read_answers_the_wait_when_the_rate_is_used_up(redis: Redis, s: Strategy) -> None:
@@ -350,6 +364,34 @@ async def test_commit_after_the_lock_was_lost_leaves_the_new_holders_lock(redis:
     await commit(keys=_commit_keys(s), args=_commit_args(s, runtime={"position": "bought"}, ack=msg_id, token="me"))
     assert (await redis.xpending(s.orders, GROUP))["pending"] == 0  # the entry is done
     assert await redis.get(s.lock) == b"new-holder" and await s.lock_state(redis) == b"locked"
+    assert await redis.hget(s.runtime, "position") == b"bought"  # the outcome is written all the same
+
+
+async def test_commit_releasing_for_another_run_frees_the_lock_and_writes_no_runtime(redis: Redis,
+                                                                                    s: Strategy) -> None:
+    commit = redis.register_script(state_module._COMMIT)
+    await s.load(redis)
+    msg_id = await s.delivered(redis, s.buy())
+    await s.held_by(redis, "me")
+    await commit(keys=_commit_keys(s), args=_commit_args(s, runtime={"position": "bought"}, ack=msg_id, token="me",
+                                                         run_id="an-ended-run"))
+    assert not await redis.exists(s.lock) and await s.lock_state(redis) == b"free"
+    assert await redis.hget(s.runtime, "position") == b"none"
+    await redis.set(s.lock, "me", px=5000)
+    await redis.delete(keys.strategy_key(s.sid), s.runtime)  # unloaded: the release creates no runtime
+    await commit(keys=_commit_keys(s), args=_commit_args(s, runtime={"position": "bought"}, ack=msg_id, token="me"))
+    assert not await redis.exists(s.lock, s.runtime)
+
+
+async def test_lock_read_returns_the_runtime_as_locked_even_without_a_lock_state_field(redis: Redis,
+                                                                                      s: Strategy) -> None:
+    lock_read = redis.register_script(state_module._LOCK_READ)
+    await s.load(redis, Position.bought)
+    await redis.hdel(s.runtime, "lock_state")
+    reply = await lock_read(keys=_lock_read_keys(s), args=_lock_read_args(s))
+    runtime = dict(zip(reply[1][::2], reply[1][1::2], strict=True))
+    assert runtime[b"lock_state"] == b"locked" and runtime[b"position"] == b"bought"
+    assert await s.lock_state(redis) == b"locked"
 
 
 async def test_ack_release_acks_and_releases_only_its_own_lock(redis: Redis, s: Strategy) -> None:
