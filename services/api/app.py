@@ -7,6 +7,9 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 
@@ -87,8 +90,13 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     engine = create_async_engine(sync_database_url(settings.database_url), pool_size=settings.db_pool_size,
                                  max_overflow=settings.db_pool_size, pool_pre_ping=True, pool_timeout=5)
+    # After a Redis restart every pooled connection is dead; without a retry each one would fail
+    # one request with 503 before being replaced. One immediate retry on a fresh connection, for
+    # a refused or closed connection only (not a timeout: the command may be running), is what a
+    # client told "retry shortly" would do, so every API path is already safe against it.
     redis = connect_redis(settings, max_connections=settings.redis_max_connections, blocking_timeout_s=5,
-                          socket_connect_timeout=2, socket_timeout=5)
+                          socket_connect_timeout=2, socket_timeout=5,
+                          retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)))
     gateway = KiteGateway(root=settings.kite_root, timeout_s=settings.kite_timeout_s)
     passwords = Passwords(settings)
     app[ENGINE], app[SESSIONS], app[REDIS] = engine, async_sessionmaker(engine, expire_on_commit=False), redis
