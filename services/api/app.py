@@ -93,10 +93,12 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     # After a Redis restart every pooled connection is dead; without a retry each one would fail
     # one request with 503 before being replaced. One immediate retry on a fresh connection, for
     # a refused or closed connection only (not a timeout: the command may be running), is what a
-    # client told "retry shortly" would do, so every API path is already safe against it.
+    # client told "retry shortly" would do, so every API path is already safe against it. A
+    # cluster client keeps its own retry policy, which also drives its failover handling.
+    retry = {} if settings.redis_cluster else {
+        "retry": Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))}
     redis = connect_redis(settings, max_connections=settings.redis_max_connections, blocking_timeout_s=5,
-                          socket_connect_timeout=2, socket_timeout=5,
-                          retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)))
+                          socket_connect_timeout=2, socket_timeout=5, **retry)
     gateway = KiteGateway(root=settings.kite_root, timeout_s=settings.kite_timeout_s)
     passwords = Passwords(settings)
     app[ENGINE], app[SESSIONS], app[REDIS] = engine, async_sessionmaker(engine, expire_on_commit=False), redis
