@@ -18,7 +18,7 @@ from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from libs.schema import keys
 from libs.service.settings import ServiceSettings
 
-__all__ = ["AnyRedis", "connect_redis"]
+__all__ = ["AnyRedis", "as_text", "connect_redis"]
 
 AnyRedis = Redis | RedisCluster
 
@@ -43,6 +43,11 @@ def connect_redis(settings: ServiceSettings, *, max_connections: int | None = No
     if max_connections is not None:
         options["max_connections"] = max_connections
     return Redis.from_url(settings.redis_url, **options)
+
+
+def as_text(value: bytes | str) -> str:
+    """Return a Redis reply value as text (clients without decode_responses answer bytes)."""
+    return value.decode() if isinstance(value, bytes) else value
 
 
 async def server_run_id(redis: AnyRedis) -> str:

@@ -33,6 +33,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from libs.schema import keys
 from libs.service.lifecycle import sleep_unless_stopped
 from libs.service.logging import get_logger
+from libs.service.redis_client import as_text
 from services.executor import metrics
 from services.executor.handler import OrderHandler
 from services.executor.settings import ExecutorSettings
@@ -124,7 +125,7 @@ class OrderConsumer:
                 self._slot_freed.set()  # another partition's reader may now have room
             for _stream, entries in reply or []:
                 for msg_id, fields in entries:
-                    self._start(_text(msg_id), fields, 1, partition)
+                    self._start(as_text(msg_id), fields, 1, partition)
 
     def _start(self, msg_id: str, fields: dict[bytes, bytes], deliveries: int, partition: int = 0) -> None:
         if (partition, msg_id) in self._inflight:
@@ -190,24 +191,24 @@ class OrderConsumer:
         if free <= 0:
             return 0
         holders = [c for c in await self.redis.xinfo_consumers(stream, keys.EXECUTORS_GROUP)
-                   if int(c["pending"]) > 0 and _text(c["name"]) != self.name]
+                   if int(c["pending"]) > 0 and as_text(c["name"]) != self.name]
         if not holders:
             return 0
-        alive = [await self.redis.exists(keys.consumer_alive_key(_text(c["name"]))) for c in holders]
+        alive = [await self.redis.exists(keys.consumer_alive_key(as_text(c["name"]))) for c in holders]
         started = 0
         for consumer, is_alive in zip(holders, alive, strict=True):
             if is_alive or free - started <= 0:
                 continue
-            dead = _text(consumer["name"])
+            dead = as_text(consumer["name"])
             pending = await self.redis.xpending_range(stream, keys.EXECUTORS_GROUP, min="-", max="+",
                                                       count=free - started, consumername=dead)
-            ids = [_text(p["message_id"]) for p in pending]
+            ids = [as_text(p["message_id"]) for p in pending]
             if not ids:
                 continue
             # min idle: not an entry the (dead) holder was handed this very instant by a read
             # still in flight; XCLAIM only moves entries still pending under the group.
             claimed = await self.redis.xclaim(stream, keys.EXECUTORS_GROUP, self.name, DEAD_CLAIM_MIN_IDLE_MS, ids)
-            entries = [(_text(i), f) for i, f in claimed if f is not None]
+            entries = [(as_text(i), f) for i, f in claimed if f is not None]
             if not entries:
                 continue
             counts = await self._delivery_counts(stream, sorted((i for i, _ in entries), key=_stream_order))
@@ -246,7 +247,7 @@ class OrderConsumer:
             reply: Any = await self.redis.xautoclaim(stream, keys.EXECUTORS_GROUP, self.name,
                                                      min_idle_time=self.settings.claim_idle_ms,
                                                      start_id=cursor, count=free)
-            cursor, entries = _text(reply[0]), [(_text(i), f) for i, f in reply[1] if f is not None]
+            cursor, entries = as_text(reply[0]), [(as_text(i), f) for i, f in reply[1] if f is not None]
             if entries:
                 counts = await self._delivery_counts(stream, [i for i, _ in entries])
                 for msg_id, fields in entries:
@@ -259,7 +260,7 @@ class OrderConsumer:
     async def _delivery_counts(self, stream: str, ids: list[str]) -> dict[str, int]:
         pending = await self.redis.xpending_range(stream, keys.EXECUTORS_GROUP, min=ids[0],
                                                   max=ids[-1], count=len(ids) * 4 + 10, consumername=self.name)
-        return {_text(p["message_id"]): int(p["times_delivered"]) for p in pending}
+        return {as_text(p["message_id"]): int(p["times_delivered"]) for p in pending}
 
     async def _drain(self) -> None:
         if not self._inflight:
@@ -293,7 +294,3 @@ async def _wait_any(*aws: Awaitable[Any]) -> None:
 def _stream_order(msg_id: str) -> tuple[int, int]:
     ms, _, seq = msg_id.partition("-")
     return int(ms), int(seq or 0)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

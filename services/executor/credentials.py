@@ -17,6 +17,7 @@ from redis.asyncio import Redis
 from libs.broker.kite import api_key_fingerprint
 from libs.schema import keys
 from libs.service.logging import register_secret
+from libs.service.redis_client import as_text
 from libs.service.secretbox import SecretBox, SecretBoxError
 
 
@@ -68,7 +69,7 @@ class CredentialStore:
             token = self._box.decrypt(token_ct.decode(), f"broker_credentials:{user_id}:access_token")
         except (SecretBoxError, UnicodeDecodeError) as exc:
             raise CredentialsUnavailable(f"broker credentials do not decrypt: {type(exc).__name__}") from exc
-        api_key, token = _text(api_key), _text(token)
+        api_key, token = as_text(api_key), as_text(token)
         register_secret(api_key)
         register_secret(token)
         fp = fields.get(b"api_key_fp")
@@ -79,7 +80,3 @@ class CredentialStore:
         self._cache[ident] = (now + self._ttl_s, creds)
         self._fps[user_id] = creds.api_key_fp
         return creds
-
-
-def _text(value: str | bytes) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -39,6 +39,7 @@ from libs.service.backoff import Backoff
 from libs.service.lifecycle import sleep_unless_stopped
 from libs.service.logging import get_logger
 from libs.service.outage import POSTGRES_UNAVAILABLE
+from libs.service.redis_client import as_text
 from services.executor import metrics
 from services.executor.consumer import ensure_group, is_nogroup
 
@@ -96,7 +97,7 @@ class OrderLogWriter:
                     reply = await self.redis.xreadgroup(keys.LOG_WRITERS_GROUP, self.name,
                                                         {stream: ">"}, count=self.batch,
                                                         block=self.block_ms)
-                    entries = [(_text(i), f) for _s, es in reply or [] for i, f in es]
+                    entries = [(as_text(i), f) for _s, es in reply or [] for i, f in es]
                 if entries and not await self.write(entries, stop, partition):
                     return  # stopping while Postgres is down: the rows wait in the stream for the next writer
                 drained = not entries
@@ -122,7 +123,7 @@ class OrderLogWriter:
     async def _claimed(self, stream: str) -> list[tuple[str, dict[bytes, bytes]]]:
         reply: Any = await self.redis.xautoclaim(stream, keys.LOG_WRITERS_GROUP, self.name,
                                                  min_idle_time=self.claim_idle_ms, start_id="0-0", count=self.batch)
-        return [(_text(i), f) for i, f in reply[1] if f is not None]
+        return [(as_text(i), f) for i, f in reply[1] if f is not None]
 
     async def write(self, entries: list[tuple[str, dict[bytes, bytes]]], stop: asyncio.Event,
                     partition: int = 0) -> bool:
@@ -222,7 +223,7 @@ class OrderLogWriter:
     async def _update_lag(self, stream: str) -> None:
         with contextlib.suppress(RedisError):
             for group in await self.redis.xinfo_groups(stream):
-                if _text(group["name"]) == keys.LOG_WRITERS_GROUP:
+                if as_text(group["name"]) == keys.LOG_WRITERS_GROUP:
                     metrics.WRITER_LAG.set(int(group.get("pending") or 0) + int(group.get("lag") or 0))
 
 
@@ -239,7 +240,3 @@ def _json(values: list[dict[str, Any]]) -> str:
         return orjson.dumps(values).decode()
     except orjson.JSONEncodeError:  # an integer beyond 64 bits, which orjson refuses: the stdlib's encoder
         return json.dumps(values, default=str)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

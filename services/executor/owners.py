@@ -29,6 +29,7 @@ from redis.exceptions import RedisError
 from libs.schema import keys
 from libs.schema.models import StrategyConfig
 from libs.service.logging import get_logger
+from libs.service.redis_client import as_text
 from services.executor.credentials import CredentialStore, CredentialsUnavailable
 
 READ_COUNT = 1000
@@ -49,7 +50,7 @@ class OwnerWatch:
         for partition in range(keys.partition_count()):
             with contextlib.suppress(RedisError):
                 last = await self.redis.xrevrange(keys.control_stream(partition), count=1)
-                self._last[partition] = _text(last[0][0]) if last else "0-0"
+                self._last[partition] = as_text(last[0][0]) if last else "0-0"
 
     async def run(self, stop: asyncio.Event) -> None:
         async with asyncio.TaskGroup() as loops:
@@ -64,7 +65,7 @@ class OwnerWatch:
                                                block=self.block_ms)
                 for _stream, entries in reply or []:
                     if entries:
-                        self._last[partition] = _text(entries[-1][0])
+                        self._last[partition] = as_text(entries[-1][0])
                     await self.learn(_started_ids(entries))
             except RedisError as error:
                 self.log.debug("owner watch: redis unavailable; retrying", error=str(error))
@@ -103,7 +104,3 @@ def _started_ids(entries: list[tuple[bytes, dict[bytes, bytes]]]) -> list[str]:
         if isinstance(message, dict) and message.get("action") == "started" and message.get("strategy_id"):
             ids.append(str(message["strategy_id"]))
     return ids
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
