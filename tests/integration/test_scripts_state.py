@@ -10,10 +10,8 @@ takes, renews or releases the lock.
 
 from __future__ import annotations
 
-import re
 import uuid
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -39,10 +37,8 @@ from services.api import run_control
 from services.executor import state as state_module
 from tests.support.eventually import eventually
 
-REPO = Path(__file__).resolve().parents[2]
 CAL = MarketCalendar("always_open")
 GROUP = keys.EXECUTORS_GROUP
-SCRIPT_MODULES = [lock_module, state_module, run_control]
 
 
 class Strategy:
@@ -91,30 +87,6 @@ def s() -> Strategy:
 
 async def _gone(redis: Redis, key: str) -> bool:
     return not await redis.exists(key)
-
-
-# --- the convention: one header, one calling style ---------------------------------------------
-
-def _scripts() -> list[tuple[str, str]]:
-    return [(f"{m.__name__}.{name}", value) for m in SCRIPT_MODULES for name, value in vars(m).items()
-            if isinstance(value, str) and "redis.call(" in value and not name.endswith("_FN")]
-
-
-def test_every_script_starts_with_its_keys_argv_and_returns_header() -> None:
-    scripts = _scripts()
-    assert len(scripts) == 10, [name for name, _ in scripts]
-    for name, source in scripts:
-        lines = source.strip().splitlines()
-        assert lines[0].startswith("-- KEYS: [1] "), name
-        header = [line for line in lines if line.startswith("--")]
-        assert any(line.startswith("-- ARGV: ") for line in header), name
-        assert any(line.startswith("-- Returns: ") for line in header), name
-
-
-def test_scripts_are_only_called_through_register_script() -> None:
-    for path in ("libs/trading/lock.py", "services/executor/state.py", "services/api/run_control.py"):
-        source = (REPO / path).read_text()
-        assert not re.search(r"\.eval(sha)?\(|script_load", source), path
 
 
 # --- libs.trading.lock ---------------------------------------------------------------------------

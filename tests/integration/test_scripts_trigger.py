@@ -34,11 +34,6 @@ async def _stoplosses(redis: Redis) -> list[StoplossEvent]:
     return events
 
 
-def test_the_script_states_its_keys_args_and_return() -> None:
-    header = FIRE_STOPLOSS.splitlines()[:3]
-    assert [line.split(":")[0] for line in header] == ["-- KEYS", "-- ARGV", "-- Returns"]
-
-
 async def test_first_fire_sets_the_marker_with_its_ttl_and_queues_the_event(redis: Redis) -> None:
     script = redis.register_script(FIRE_STOPLOSS)
     marker, stream = "stoploss:fired:test:run", keys.orders_stream(0)
