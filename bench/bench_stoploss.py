@@ -88,7 +88,7 @@ import matplotlib.pyplot as plt  # the backend must be chosen first
 ROOT = Path(__file__).resolve().parents[1]
 OUT_PNG = ROOT / "bench" / "out" / "stoploss.png"
 DATA = ROOT / "services" / "kite_sim" / "data" / "nse_equities.csv"
-PROBES = 150
+PROBES = int(os.environ.get("BENCH_PROBES", "150"))
 SYMBOLS = 500
 SCENARIOS = tuple((int(a), int(b)) for a, b in (s.split(":") for s in os.environ.get("BENCH_SCENARIOS", "1000:1000,1000:5000,10000:1000,10000:5000").split(",")))
 CALENDAR = MarketCalendar("always_open")
@@ -370,17 +370,23 @@ async def tick_floor(session: aiohttp.ClientSession, sim_url: str, admin: SimAdm
         with contextlib.suppress(TimeoutError):
             while True:  # the subscription snapshots
                 await asyncio.wait_for(ws.receive(), 0.3)
+
+        async def next_tick() -> float:
+            while True:
+                msg = await ws.receive()
+                if msg.type == aiohttp.WSMsgType.BINARY and len(msg.data) > 4:
+                    return time.perf_counter()
+
         for i in range(samples):
             price = round(symbol[1] * (1.01 if i % 2 else 1.02), 2)
+            # Already waiting before the POST: the frame is timed when it arrives, not after
+            # the POST's reply (which the simulator sends after the frame) has been read.
+            arrival = asyncio.ensure_future(next_tick())
             t0 = time.perf_counter()
             async with session.post(f"{sim_url}/sim/ticks",
                                     data=orjson.dumps([{"symbol": symbol[0], "last_price": price}])) as resp:
                 await resp.read()
-            while True:
-                msg = await asyncio.wait_for(ws.receive(), 2.0)
-                if msg.type == aiohttp.WSMsgType.BINARY and len(msg.data) > 4:
-                    break
-            out.append((time.perf_counter() - t0) * 1000)
+            out.append((await asyncio.wait_for(arrival, 2.0) - t0) * 1000)
             await asyncio.sleep(0.01)
     return out
 

@@ -123,9 +123,15 @@ class OrderConsumer:
             finally:
                 self._reading -= free
                 self._slot_freed.set()  # another partition's reader may now have room
+            started = False
             for _stream, entries in reply or []:
                 for msg_id, fields in entries:
                     self._start(as_text(msg_id), fields, 1, partition)
+                    started = True
+            if started:
+                # Let the new handlers run up to their first round trip (a stop-loss's lock-read
+                # leaves now) before this loop builds and sends its next XREADGROUP.
+                await asyncio.sleep(0)
 
     def _start(self, msg_id: str, fields: dict[bytes, bytes], deliveries: int, partition: int = 0) -> None:
         if (partition, msg_id) in self._inflight:

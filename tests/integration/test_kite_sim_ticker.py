@@ -6,11 +6,14 @@ call into it from the test thread goes through `reactor.callFromThread`.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
+import aiohttp
+import orjson
 import pytest
 from kiteconnect import KiteConnect, KiteTicker
 from twisted.internet import reactor
@@ -213,3 +216,38 @@ def test_random_walk_moves_subscribed_prices() -> None:
             assert time.monotonic() - started < 5
         finally:
             probe.stop()
+
+
+async def test_uncompressed_client_gets_every_frame_size_and_ticks_in_order(
+        sim_url: str, admin: SimAdmin, account: dict[str, Any], tokens: dict[str, int]) -> None:
+    # An aiohttp client offers no permessage-deflate, so frames take the direct socket write
+    # (RFC 6455 framing done by the simulator): the 500-token quote snapshot (22 kB) needs the
+    # 16-bit length form, the full one (92 kB) the 64-bit form, an LTP tick the short one.
+    url = f"{ws_root(sim_url)}?api_key={account['api_key']}&access_token={account['access_token']}"
+    parse = KiteTicker(account["api_key"], account["access_token"])._parse_binary
+    wanted = sorted(tokens.values())[:500]
+    async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
+        await ws.send_str(orjson.dumps({"a": "subscribe", "v": wanted}).decode())
+        await ws.send_str(orjson.dumps({"a": "mode", "v": ["full", wanted]}).decode())
+        snapshot: dict[int, dict[str, Any]] = {}
+        while len(snapshot) < len(wanted):
+            msg = await asyncio.wait_for(ws.receive(), 5)
+            if msg.type == aiohttp.WSMsgType.BINARY and len(msg.data) > 1:
+                snapshot.update({t["instrument_token"]: t for t in parse(msg.data) if t["mode"] == "full"})
+        assert set(snapshot) == set(wanted)
+        assert all(t["last_price"] > 0 and len(t["depth"]["sell"]) == 5 for t in snapshot.values())
+        await ws.send_str(orjson.dumps({"a": "mode", "v": ["ltp", [tokens["INFY"]]]}).decode())
+        while True:  # the mode change's LTP snapshot comes first
+            msg = await asyncio.wait_for(ws.receive(), 5)
+            if msg.type == aiohttp.WSMsgType.BINARY and any(t["mode"] == "ltp" for t in parse(msg.data)):
+                break
+        prices = [1500.05 + i / 20 for i in range(50)]
+        for price in prices:  # one request per tick: each frame is sent on its own
+            admin.ticks(("INFY", round(price, 2)))
+        seen: list[float] = []
+        while len(seen) < len(prices):
+            msg = await asyncio.wait_for(ws.receive(), 5)
+            if msg.type == aiohttp.WSMsgType.BINARY and len(msg.data) > 1:
+                seen += [t["last_price"] for t in parse(msg.data)
+                         if t["instrument_token"] == tokens["INFY"] and t["mode"] == "ltp"]
+        assert seen == [round(p, 2) for p in prices]
