@@ -18,6 +18,7 @@ import asyncio
 import struct
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import orjson
 from aiohttp import WSMsgType, web
@@ -99,7 +100,9 @@ class TickConnection:
 
     ws: web.WebSocketResponse
     api_key: str
-    transport: asyncio.BaseTransport | None = None
+    # asyncio's or uvloop's transport: uvloop's are not asyncio.Transport subclasses, so
+    # it is used by what it does (write, abort), never checked with isinstance.
+    transport: Any = None
     modes: dict[int, str] = field(default_factory=dict)
     queue: asyncio.Queue[bytes | str] = field(default_factory=lambda: asyncio.Queue(MAX_QUEUED_FRAMES))
     dropped: int = 0
@@ -124,8 +127,8 @@ class TickConnection:
         frames never interleave.
         """
         transport = self.transport
-        if self.ws.closed or self.ws.compress or not isinstance(transport, asyncio.Transport) \
-                or transport.is_closing() or transport.get_write_buffer_size():
+        if transport is None or self.ws.closed or self.ws.compress or transport.is_closing() \
+                or transport.get_write_buffer_size():
             return False
         transport.write(ws_binary_frame(data))
         return True
@@ -246,7 +249,7 @@ class TickHub:
         targets = [c for c in self.connections if api_key is None or c.api_key == api_key]
         for conn in targets:
             self.detach(conn)
-            if abort and isinstance(conn.transport, asyncio.Transport):
+            if abort and conn.transport is not None:
                 # Abort mimics a dropped network link: no close handshake at all.
                 conn.transport.abort()
             else:

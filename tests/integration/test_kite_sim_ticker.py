@@ -227,27 +227,29 @@ async def test_uncompressed_client_gets_every_frame_size_and_ticks_in_order(
     parse = KiteTicker(account["api_key"], account["access_token"])._parse_binary
     wanted = sorted(tokens.values())[:500]
     async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
+
+        async def ticks() -> list[dict[str, Any]]:
+            """Return the ticks of the next data frame (a bad frame closes the socket: fail)."""
+            while True:
+                msg = await asyncio.wait_for(ws.receive(), 5)
+                assert msg.type in (aiohttp.WSMsgType.BINARY, aiohttp.WSMsgType.TEXT), msg
+                if msg.type == aiohttp.WSMsgType.BINARY and len(msg.data) > 1:
+                    return parse(msg.data)
+
         await ws.send_str(orjson.dumps({"a": "subscribe", "v": wanted}).decode())
         await ws.send_str(orjson.dumps({"a": "mode", "v": ["full", wanted]}).decode())
         snapshot: dict[int, dict[str, Any]] = {}
         while len(snapshot) < len(wanted):
-            msg = await asyncio.wait_for(ws.receive(), 5)
-            if msg.type == aiohttp.WSMsgType.BINARY and len(msg.data) > 1:
-                snapshot.update({t["instrument_token"]: t for t in parse(msg.data) if t["mode"] == "full"})
+            snapshot.update({t["instrument_token"]: t for t in await ticks() if t["mode"] == "full"})
         assert set(snapshot) == set(wanted)
         assert all(t["last_price"] > 0 and len(t["depth"]["sell"]) == 5 for t in snapshot.values())
         await ws.send_str(orjson.dumps({"a": "mode", "v": ["ltp", [tokens["INFY"]]]}).decode())
-        while True:  # the mode change's LTP snapshot comes first
-            msg = await asyncio.wait_for(ws.receive(), 5)
-            if msg.type == aiohttp.WSMsgType.BINARY and any(t["mode"] == "ltp" for t in parse(msg.data)):
-                break
-        prices = [1500.05 + i / 20 for i in range(50)]
+        while not any(t["mode"] == "ltp" for t in await ticks()):
+            pass  # the mode change's LTP snapshot comes first
+        prices = [round(1500.05 + i / 20, 2) for i in range(50)]
         for price in prices:  # one request per tick: each frame is sent on its own
-            admin.ticks(("INFY", round(price, 2)))
+            admin.ticks(("INFY", price))
         seen: list[float] = []
         while len(seen) < len(prices):
-            msg = await asyncio.wait_for(ws.receive(), 5)
-            if msg.type == aiohttp.WSMsgType.BINARY and len(msg.data) > 1:
-                seen += [t["last_price"] for t in parse(msg.data)
-                         if t["instrument_token"] == tokens["INFY"] and t["mode"] == "ltp"]
-        assert seen == [round(p, 2) for p in prices]
+            seen += [t["last_price"] for t in await ticks() if t["instrument_token"] == tokens["INFY"]]
+        assert seen == prices
