@@ -22,7 +22,12 @@ which would load the process being timed). A bare loopback Redis round trip
 and a bare HTTP round trip to the simulator are measured in the same run and
 printed with ratios, and so is each scenario's floor, `tick_floor`: a tick
 from just before its POST to a bare WebSocket client in this process having
-it, under the same background ticks (what no listener can take away).
+it (timed on arrival), under the same background ticks (what no listener can
+take away), and `tick_floor_process`: the same for a bare client in a process
+of its own that does nothing else, as the listener's: on a shared VM that
+process is asleep when the tick comes, and waking it costs more than the
+whole in-process floor (~0.7 ms measured); every hop of the stop-loss path
+(listener, Redis, executor, Redis, executor, simulator) can pay that wake-up.
 `stoploss_breakdown_p50` splits the path per probe: `sim_to_listener` (POST ->
 the listener saw the crossing tick: the event's trigger_time),
 `listener_to_reader` (-> a blocked XREAD in this process has the STOPLOSS:
@@ -354,41 +359,103 @@ async def trigger_seconds(session: aiohttp.ClientSession, port: int) -> float | 
 
 
 async def tick_floor(session: aiohttp.ClientSession, sim_url: str, admin: SimAdmin, symbol: tuple[str, float],
-                     samples: int = 100) -> list[float]:
-    """Time a tick from just before its POST to a bare WebSocket client receiving it (ms), under the same load.
+                     samples: int = 100) -> tuple[list[float], list[float]]:
+    """Time ticks from just before their POST to a bare WebSocket client having them (ms), under the same load.
 
     The part of the stop-loss path no listener can remove: the admin request, the
-    simulator's frame push, the socket; read by an aiohttp client on this loop.
+    simulator's frame push, the socket. Measured twice, one client at a time: on
+    this loop, then in a process of its own that does nothing else, as the
+    listener does (it pays the machine's wake-up of an idle process). Returns
+    (this process, own process).
     """
     account = admin.create_account("floor")
     token = instrument_token(symbol[0])
     url = f"{ws_root(sim_url)}?api_key={account['api_key']}&access_token={account['access_token']}"
-    out: list[float] = []
-    async with session.ws_connect(url) as ws:
-        await ws.send_str(orjson.dumps({"a": "subscribe", "v": [token]}).decode())
-        await ws.send_str(orjson.dumps({"a": "mode", "v": ["ltp", [token]]}).decode())
-        with contextlib.suppress(TimeoutError):
-            while True:  # the subscription snapshots
-                await asyncio.wait_for(ws.receive(), 0.3)
+    # Outside the background ticks' +-3 %: a frame is the probe's by its price, not by its timing.
+    prices = (round(symbol[1] * 1.05, 2), round(symbol[1] * 1.06, 2))
 
-        async def next_tick() -> float:
+    async def post(i: int) -> float:
+        """POST the i-th floor tick; return its price."""
+        async with session.post(f"{sim_url}/sim/ticks",
+                                data=orjson.dumps([{"symbol": symbol[0], "last_price": prices[i % 2]}])) as resp:
+            await resp.read()
+        return prices[i % 2]
+
+    here: list[float] = []
+    async with session.ws_connect(url) as ws:
+        await subscribe_ltp(ws, token)
+
+        async def next_tick(paise: int) -> float:
             while True:
                 msg = await ws.receive()
-                if msg.type == aiohttp.WSMsgType.BINARY and len(msg.data) > 4:
+                if msg.type == aiohttp.WSMsgType.BINARY and ltp_paise(msg.data) == paise:
                     return time.perf_counter()
 
         for i in range(samples):
-            price = round(symbol[1] * (1.01 if i % 2 else 1.02), 2)
             # Already waiting before the POST: the frame is timed when it arrives, not after
-            # the POST's reply (which the simulator sends after the frame) has been read.
-            arrival = asyncio.ensure_future(next_tick())
+            # the POST's reply has been read.
+            arrival = asyncio.ensure_future(next_tick(round(prices[i % 2] * 100)))
             t0 = time.perf_counter()
-            async with session.post(f"{sim_url}/sim/ticks",
-                                    data=orjson.dumps([{"symbol": symbol[0], "last_price": price}])) as resp:
-                await resp.read()
-            out.append((await asyncio.wait_for(arrival, 2.0) - t0) * 1000)
+            await post(i)
+            here.append((await asyncio.wait_for(arrival, 2.0) - t0) * 1000)
             await asyncio.sleep(0.01)
-    return out
+    child = start_floor_client(url, token, samples, prices)
+    posted: list[float] = []
+    try:
+        ready = await asyncio.to_thread(child.stdout.readline)  # type: ignore[union-attr]
+        if ready.strip() != "ready":
+            raise RuntimeError("floor client did not start")
+        for i in range(samples):
+            posted.append(time.time())
+            await post(i)
+            await asyncio.sleep(0.01)
+        arrived = orjson.loads(await asyncio.wait_for(asyncio.to_thread(child.stdout.readline), 10))  # type: ignore[union-attr]
+    finally:
+        stop_child(child)
+    return here, [(a - t) * 1000 for a, t in zip(arrived, posted, strict=True)]
+
+
+def start_floor_client(url: str, token: int, samples: int, prices: tuple[float, float]) -> subprocess.Popen[str]:
+    """Start `floor_client` in a process of its own."""
+    return subprocess.Popen([sys.executable, "-m", "bench.bench_stoploss", "--floor-client", url, str(token),
+                             str(samples), *(str(round(p * 100)) for p in prices)],
+                            cwd=ROOT, stdout=subprocess.PIPE, text=True)
+
+
+def ltp_paise(data: bytes) -> int | None:
+    """Return the price (paise) of a one-packet LTP frame, else None."""
+    if len(data) != 12:  # count, length, then token and price
+        return None
+    return int.from_bytes(data[8:12], "big")
+
+
+def stop_child(child: subprocess.Popen[str]) -> None:
+    child.kill()
+    child.wait(timeout=10)
+
+
+async def subscribe_ltp(ws: aiohttp.ClientWebSocketResponse, token: int) -> None:
+    """Subscribe one token in LTP mode and swallow the subscription snapshots."""
+    await ws.send_str(orjson.dumps({"a": "subscribe", "v": [token]}).decode())
+    await ws.send_str(orjson.dumps({"a": "mode", "v": ["ltp", [token]]}).decode())
+    with contextlib.suppress(TimeoutError):
+        while True:
+            await asyncio.wait_for(ws.receive(), 0.3)
+
+
+async def floor_client(url: str, token: int, samples: int, paise: set[int]) -> None:
+    """Print "ready", then the arrival time (epoch s) of each of `samples` ticks at `paise`, as one JSON list."""
+    async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
+        await subscribe_ltp(ws, token)
+        print("ready", flush=True)
+        arrived: list[float] = []
+        while len(arrived) < samples:
+            msg = await ws.receive()
+            if msg.type == aiohttp.WSMsgType.BINARY and ltp_paise(msg.data) in paise:
+                arrived.append(time.time())
+            elif msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                return
+        print(orjson.dumps(arrived).decode(), flush=True)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -442,7 +509,7 @@ async def scenario(redis: Redis, session: aiohttp.ClientSession, sim_url: str, a
         reader_client = Redis(port=redis.connection_pool.connection_kwargs["port"])
         reader = asyncio.create_task(follow_stoplosses(reader_client, arrivals, exits))
         await asyncio.sleep(1.0)  # background load settles
-        floor = await tick_floor(session, sim_url, admin, symbols[-1])
+        floor, floor_process = await tick_floor(session, sim_url, admin, symbols[-1])
         latencies, missed = [], 0
         legs: list[dict[str, Any]] = []
         trigger_sum = await trigger_seconds(session, port) or 0.0
@@ -498,7 +565,8 @@ async def scenario(redis: Redis, session: aiohttp.ClientSession, sim_url: str, a
     result = {"strategies": n, "symbols": len(symbols), "ticks_per_s": rate,
               "achieved_ticks_per_s": round(achieved), "p50": pct(latencies, 0.50), "p99": pct(latencies, 0.99),
               "samples": len(latencies), "missed": missed, "listener_cpu_share": listener_cpu, "tick_floor_p50": pct(floor, 0.5),
-              "tick_floor_p99": pct(floor, 0.99),
+              "tick_floor_p99": pct(floor, 0.99), "tick_floor_process_p50": pct(floor_process, 0.5),
+              "tick_floor_process_p99": pct(floor_process, 0.99),
               "breakdown_p50": {name: round(statistics.median(leg[name] for leg in legs if name in leg) * 1000, 3)
                                 for name in LEGS if any(name in leg for leg in legs)},
               "listener_script_p50": statistics.median(leg["listener_script"] for leg in legs) * 1000 if legs else -1}
@@ -562,6 +630,8 @@ async def run() -> None:
 def emit_floor_and_breakdown(r: dict[str, Any], params: dict[str, Any]) -> None:
     """Print the same run's floor (POST -> a bare WebSocket client has the tick) and where the p50 goes."""
     emit("tick_floor_p50", r["tick_floor_p50"], "ms", **params, p99=round(r["tick_floor_p99"], 3))
+    emit("tick_floor_process_p50", r["tick_floor_process_p50"], "ms", **params,
+         p99=round(r["tick_floor_process_p99"], 3))
     emit("listener_cpu_share", r["listener_cpu_share"], "cores", **params)
     emit("stoploss_breakdown_p50", sum(r["breakdown_p50"].values()), "ms", **params, **r["breakdown_p50"],
          listener_script=round(r["listener_script_p50"], 3))
@@ -621,6 +691,8 @@ def plot(results: list[dict[str, Any]], redis_rtt: float, http_rtt: float) -> No
     ax.axhline(http_rtt, color="purple", linestyle=":", label=f"bare HTTP RTT {http_rtt:.2f} ms")
     floor = statistics.median(r["tick_floor_p50"] for r in results)
     ax.axhline(floor, color="orange", linestyle=":", label=f"tick floor (POST -> bare WebSocket client) {floor:.2f} ms")
+    own = statistics.median(r["tick_floor_process_p50"] for r in results)
+    ax.axhline(own, color="red", linestyle=":", label=f"tick floor, client in its own process {own:.2f} ms")
     ax.axhline(2, color="grey", linestyle="--", linewidth=0.8, label="p50 target 2 ms")
     ax.axhline(10, color="black", linestyle="--", linewidth=0.8, label="p99 target 10 ms")
     ax.set_xticks(list(x), [r[0] for r in rows], fontsize=7)
@@ -633,5 +705,7 @@ def plot(results: list[dict[str, Any]], redis_rtt: float, http_rtt: float) -> No
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--hanging-receiver"]:
         serve_hanging_receiver(int(sys.argv[2]))
+    elif sys.argv[1:2] == ["--floor-client"]:
+        asyncio.run(floor_client(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), {int(a) for a in sys.argv[5:]}))
     else:
         asyncio.run(run())

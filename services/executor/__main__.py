@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import uvloop
+import asyncio
 
 from libs.service.lifecycle import Shutdown
 from libs.service.logging import configure_logging
@@ -20,7 +20,7 @@ def main() -> None:
     """Read settings once, configure logging, run until SIGTERM, exit 0."""
     settings = ExecutorSettings()
     configure_logging(settings.log_level, settings.log_format)
-    uvloop.run(run(settings))  # libuv's loop: less CPU per event, and the stop-loss path waits on a few
+    asyncio.run(run(settings))
 
 
 if __name__ == "__main__":

@@ -36,9 +36,8 @@ state is visible.
 
 from __future__ import annotations
 
+import asyncio
 import sys
-
-import uvloop
 
 from libs.broker.kite import KiteGateway
 from libs.service.health import HealthServer
@@ -84,9 +83,7 @@ def main() -> None:
     """Read settings once, configure logging, run."""
     settings = ListenerSettings()
     configure_logging(settings.log_level, settings.log_format)
-    # uvloop: libuv's loop and transports in C; the tick -> STOPLOSS path is a WebSocket read, a few
-    # dict lookups and one Redis round trip, so the loop's own per-event cost is much of it.
-    sys.exit(uvloop.run(serve(settings)))
+    sys.exit(asyncio.run(serve(settings)))
 
 
 if __name__ == "__main__":
