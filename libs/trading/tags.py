@@ -28,3 +28,8 @@ def order_tag(strategy_id: UUID | str, run_id: str, trading_day: date, intent: O
 def intent_of(event_type: str) -> OrderIntent:
     """Return which order an event places: BUY enters, everything else exits."""
     return "entry" if event_type == "BUY" else "exit"
+
+
+def intent_of_tag(tag: str) -> OrderIntent:
+    """Return the intent a tag of `order_tag` was made for."""
+    return "entry" if tag[2:3] == _INTENT_CODE["entry"] else "exit"

@@ -222,7 +222,8 @@ class OrderHandler:
         position, held_quantity = runtime_of(held.runtime)
         kind = kind_of(event)
         snap = Snapshot(config, position, datetime.now(UTC), deliveries=deliveries,
-                        exit_attempted=held.exit_attempted, intent_marked=held.intent_marked,
+                        exit_attempted=held.exit_attempted, entry_unsent=held.entry_unsent,
+                        intent_marked=held.intent_marked,
                         halt=await self.halt.reason() if kind is EventType.BUY else None)
         creds: KiteCredentials | None = None
         for _ in range(DECIDE_STEPS_MAX):
