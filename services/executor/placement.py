@@ -198,11 +198,12 @@ class OrderPlacer:
             return str(existing["order_id"]), True
 
     async def execute(self, creds: KiteCredentials, order: BrokerOrder, *, lookup_first: bool,
-                      accept_dead: bool, mark: tuple[str, int] | None = None,
+                      accept_dead: bool, mark: tuple[str, int] | None = None, slot: TakenSlot | None = None,
                       guard: Callable[[], None] | None = None) -> OrderResult:
         """Return the confirmed result of the order intent, placing it only if the book lacks it.
 
         `mark` = (key, ttl_s) is SET right before the order is sent (with its rate-limit slot).
+        `slot`: one taken with the lock, used if still fresh (else given back for a new one).
         `guard` is called right before the order is sent and raises to stop it (lock lost).
         """
         started = time.perf_counter()
@@ -210,7 +211,7 @@ class OrderPlacer:
         if existing is not None:
             order_id, found = str(existing["order_id"]), True
         else:
-            order_id, found = await self._send(creds, order, mark=mark, slot=None, guard=guard,
+            order_id, found = await self._send(creds, order, mark=mark, slot=slot, guard=guard,
                                                accept_dead=accept_dead)
         result = await self.confirm(creds, order_id, found_by_tag=found)
         metrics.ORDER_LATENCY.observe(time.perf_counter() - started)

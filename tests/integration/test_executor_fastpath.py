@@ -90,6 +90,28 @@ async def _gone(redis: Redis, run: Run) -> bool:
     return not await redis.exists(keys.strategy_key(run.sid), keys.runtime_key(run.sid))
 
 
+async def test_a_new_runs_entry_takes_its_slot_with_the_lock_only_while_it_is_unsent(
+        redis: Redis, engine: AsyncEngine, sim: SimAdmin) -> None:
+    run = await start_run(engine, redis, await new_account(sim, engine, redis), new_run=True)
+    state = OrderState(redis, lock_ttl_ms=2000, lock_wait_s=1.0)
+    limiter = OrderRateLimiter(redis, limit=5, window_ms=60_000, max_wait_s=1.0)
+    fp, rate = run.account.api_key_fp, keys.order_rate_key(run.account.api_key_fp)
+
+    async def entry_read() -> tuple:
+        async with state.locked_read(run.sid, run.config.run_id, str(run.account.user_id),
+                                     (fp, *limiter.slot_request(fp)), entry=True) as held:
+            return held.entry_unsent, held.slot_fp
+
+    # Not reconciled yet (no trusted server): the key is deleted but does not count, and no slot.
+    assert (await entry_read(), await redis.zcard(rate)) == ((False, None), 0)
+    await redis.set(keys.entry_unsent_key(run.sid, run.config.run_id), "1")
+    state.trusted_identity = await server_run_id(redis)
+    # The first entry: unsent, and its slot comes with the lock.
+    assert (await entry_read(), await redis.zcard(rate)) == ((True, fp), 1)
+    # Any later one looks its tag up first: no slot here (the limiter gives it one after the lookup).
+    assert (await entry_read(), await redis.zcard(rate)) == ((False, None), 1)
+
+
 def _book_reads() -> float:
     return metrics.BOOK_READS.labels(intent="entry")._value.get()
 
