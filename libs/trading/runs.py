@@ -66,11 +66,12 @@ return 1
 
 _UNLOAD = """
 -- KEYS: [1] strategy:{id} (string), [2] runtime:{id} (hash), [3] symbol:{symbol}:strategies (set),
---       [4] schedule (zset), [5] control:strategies (stream)
+--       [4] schedule (zset), [5] control:strategies (stream), [6] entry:unsent:{id}:{run_id} (string)
 -- ARGV: [1] strategy_id, [2] BUY member, [3] SELL member, [4] `stopped` control JSON, [5] control MAXLEN
 -- Returns: how many of KEYS[1], KEYS[2] existed (0: the run was not loaded). The `stopped`
 --          message goes out either way (listeners drop what they may still watch).
 local existed = redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('DEL', KEYS[6])
 redis.call('SREM', KEYS[3], ARGV[1])
 redis.call('ZREM', KEYS[4], ARGV[2], ARGV[3])
 redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[5], '*', 'event', ARGV[4])
@@ -186,7 +187,7 @@ async def unload_run(redis: Redis, config: StrategyConfig, plan: RunPlan) -> boo
     part = keys.partition_of(sid)
     existed = await script_for(redis, _UNLOAD)(
         keys=[keys.strategy_key(sid), keys.runtime_key(sid), keys.symbol_strategies_key(config.symbol, part),
-              keys.schedule_key(part), keys.control_stream(part)],
+              keys.schedule_key(part), keys.control_stream(part), keys.entry_unsent_key(sid, config.run_id)],
         args=[sid, event_to_json(plan.buy), event_to_json(plan.sell), dumps(msg), CONTROL_MAXLEN])
     return bool(existed)
 
