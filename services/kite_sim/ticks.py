@@ -4,12 +4,8 @@ Frame: 2-byte packet count, then per packet a 2-byte length and the packet,
 all big-endian. Packets: LTP 8 bytes, quote 44, full 184; prices in paise.
 A 1-byte frame is a heartbeat. Each changed quote is encoded once per mode
 per tick and the bytes are shared by every connection that wants them.
-A tick leaves at once: while a connection has nothing queued and its socket
-takes writes, the frame is written to the socket inside `publish` itself,
-before the request that moved the price is even answered (going through the
-writer task cost a loop turn after that reply: ~0.2-0.4 ms per tick under load).
-Otherwise every connection has its own send queue and writer task, so a slow
-client delays nobody else; if it falls far behind, its oldest frames are dropped.
+Every connection has its own send queue and writer task, so a slow client
+delays nobody else; if it falls far behind, its oldest frames are dropped.
 """
 
 from __future__ import annotations
@@ -37,8 +33,6 @@ _QUOTE = struct.Struct(">11I")
 _FULL_HEAD = struct.Struct(">16I")
 _DEPTH10 = struct.Struct(">" + "IIHxx" * 10)  # quantity, price, orders; five bids then five asks
 _U16 = struct.Struct(">H")
-_WS_SHORT, _WS_MEDIUM, _WS_LONG = struct.Struct(">BB"), struct.Struct(">BBH"), struct.Struct(">BBQ")
-_WS_BINARY_FIN = 0x82  # RFC 6455: FIN, opcode 2 (binary); a server's frames are not masked
 
 
 def encode_ltp(q: Quote, _liquidity: Liquidity | None = None) -> bytes:
@@ -75,16 +69,6 @@ def encode_full(q: Quote, liquidity: Liquidity) -> bytes:
 ENCODERS = {MODE_LTP: encode_ltp, MODE_QUOTE: encode_quote, MODE_FULL: encode_full}
 
 
-def ws_binary_frame(payload: bytes) -> bytes:
-    """Return an unmasked, uncompressed RFC 6455 binary frame (a server's) carrying `payload`."""
-    n = len(payload)
-    if n < 126:
-        return _WS_SHORT.pack(_WS_BINARY_FIN, n) + payload
-    if n < 65536:
-        return _WS_MEDIUM.pack(_WS_BINARY_FIN, 126, n) + payload
-    return _WS_LONG.pack(_WS_BINARY_FIN, 127, n) + payload
-
-
 def frame(packets: list[bytes]) -> bytes:
     """Join packets into one Kite binary frame."""
     parts = [_U16.pack(len(packets))]
@@ -106,32 +90,13 @@ class TickConnection:
     modes: dict[int, str] = field(default_factory=dict)
     queue: asyncio.Queue[bytes | str] = field(default_factory=lambda: asyncio.Queue(MAX_QUEUED_FRAMES))
     dropped: int = 0
-    sending: bool = False  # the writer task is inside a send: a direct write could overtake it
 
     def enqueue(self, data: bytes) -> None:
-        """Send a frame now if nothing is ahead of it, else queue it; drop the oldest if the client is far behind."""
-        if not self.sending and self.queue.empty() and self._write_now(data):
-            return
+        """Queue a frame; drop the oldest one if the client is far behind."""
         if self.queue.full():
             self.queue.get_nowait()
             self.dropped += 1
         self.queue.put_nowait(data)
-
-    def _write_now(self, data: bytes) -> bool:
-        """Write a binary frame straight to the socket if it takes it without buffering; return whether it did.
-
-        Only for an uncompressed socket (permessage-deflate frames need aiohttp's
-        compressor) with an empty write buffer: a client that is not keeping up
-        gets the queue, its back-pressure and its drop-oldest rule instead.
-        aiohttp's own writes (pong, close) are whole frames on this loop too, so
-        frames never interleave.
-        """
-        transport = self.transport
-        if transport is None or self.ws.closed or self.ws.compress or transport.is_closing() \
-                or transport.get_write_buffer_size():
-            return False
-        transport.write(ws_binary_frame(data))
-        return True
 
     def enqueue_text(self, text: str) -> None:
         """Queue a text message (errors, as Kite sends them)."""
@@ -144,14 +109,10 @@ class TickConnection:
             data = await self.queue.get()
             if self.ws.closed:
                 return
-            self.sending = True
-            try:
-                if isinstance(data, str):
-                    await self.ws.send_str(data)
-                else:
-                    await self.ws.send_bytes(data)
-            finally:
-                self.sending = False
+            if isinstance(data, str):
+                await self.ws.send_str(data)
+            else:
+                await self.ws.send_bytes(data)
 
 
 class TickHub:
