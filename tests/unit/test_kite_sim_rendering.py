@@ -13,14 +13,15 @@ from services.kite_sim.rest import RenderedOrders
 
 
 def fresh(order: Order) -> tuple[bytes, bytes]:
-    return orjson.dumps(order.as_kite()), orjson.dumps([order.as_kite(e) for e in order.history])
+    history = orjson.dumps({"status": "success", "data": [order.as_kite(e) for e in order.history]})
+    return orjson.dumps(order.as_kite()), history
 
 
 def assert_rendered(rendered: RenderedOrders, order: Order) -> None:
     current, history = fresh(order)
     for _ in range(2):  # the miss, then the hit
         assert rendered.order(order) == current
-        assert rendered.history(order) == history
+        assert rendered.history_body(order) == history
     rendered.current.clear()  # the order as it stands, taken from its encoded history
     assert rendered.order(order) == current
 
