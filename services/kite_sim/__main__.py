@@ -72,7 +72,7 @@ def configure_logging(level: str) -> None:
     )
 
 
-GC_THRESHOLDS = (50_000, 50, 100)
+GC_THRESHOLDS = (50_000, 20, 10)
 """Young-generation size and collection ratios of the cyclic garbage collector (CPython's are 700, 10, 10)."""
 
 
