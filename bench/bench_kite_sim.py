@@ -42,13 +42,18 @@ def emit(metric: str, value: float, unit: str) -> None:
           flush=True)
 
 
-def bench_orders(base_url: str, admin: SimAdmin, symbols: list[str], threads: int, accounts: int,
-                 seconds: float, history: bool = False) -> dict[str, Any]:
-    """Place MARKET orders from `threads` threads for `seconds`; return counts and completion times."""
+def open_accounts(base_url: str, admin: SimAdmin, accounts: int) -> list[KiteConnect]:
+    """Open paper accounts and return an official client logged in to each."""
     clients = []
     for _ in range(accounts):
         acct = admin.create_account()
         clients.append(KiteConnect(acct["api_key"], access_token=acct["access_token"], root=base_url, timeout=10))
+    return clients
+
+
+def bench_orders(clients: list[KiteConnect], symbols: list[str], threads: int, seconds: float,
+                 history: bool = False) -> dict[str, Any]:
+    """Place MARKET orders from `threads` threads for `seconds`; return counts and completion times."""
     done: list[float] = []
     counts = {"ok": 0, "429": 0, "error": 0}
     lock = threading.Lock()
@@ -205,8 +210,9 @@ def main(argv: list[str] | None = None) -> None:
         instruments = KiteConnect(acct["api_key"], access_token=acct["access_token"], root=url).instruments("NSE")
         symbols = [i["tradingsymbol"] for i in instruments]
         spid = sim_pid(url)
-        cpu_before = cpu_seconds(spid) if spid else 0.0
-        orders = bench_orders(url, admin, symbols, args.threads, args.accounts, args.order_seconds, args.history)
+        clients = open_accounts(url, admin, args.accounts)
+        cpu_before = cpu_seconds(spid) if spid else 0.0  # orders only: opening the accounts is not counted
+        orders = bench_orders(clients, symbols, args.threads, args.order_seconds, args.history)
         sim_cpu = (cpu_seconds(spid) if spid else 0.0) - cpu_before
         emit("orders_per_s", orders["ok"] / orders["elapsed"], "1/s")
         emit("sim_cpu_us_per_order", 1e6 * sim_cpu / max(1, orders["ok"] + orders["429"] + orders["error"]), "us")
