@@ -101,8 +101,9 @@ def load_runs(dsn: str, r: redis.Redis, accounts: list[dict[str, Any]], count: i
                                 sell_time="23:59:58", stop_loss=1.0, quantity=1, status="running",
                                 run_id=run_id_for(started_at), api_key_fp=account["fp"])
         plan = plan_run(config, calendar, started_at)
-        # What libs.trading.runs.load_run writes, pipelined for a fast setup.
+        # What libs.trading.runs.load_run writes for a start (new_run), pipelined for a fast setup.
         pipe.set(keys.strategy_key(sid), dumps(config))
+        pipe.set(keys.entry_unsent_key(sid, config.run_id), "1", ex=keys.RUN_MARKER_TTL_S)
         pipe.hset(keys.runtime_key(sid), mapping=RuntimeState(position=Position.none).to_redis_hash())
         pipe.sadd(keys.symbol_strategies_key(symbol), str(sid))
         pipe.xadd(keys.CONTROL_STREAM, {"event": dumps(started_message(config))})

@@ -6,8 +6,9 @@ per-account limit of 10 orders/s lets all of them through in the first
 second), and puts every BUY in `schedule` due at the same whole second T0.
 At T0 the scheduler's own move script (`services.scheduler.mover.DueMover`,
 in this process) moves them to `queue:orders`, and executor subprocesses do
-the rest, each BUY at the cost the delivery contract demands (tag lookup,
-place, order history). The simulator answers every REST call after the
+the rest, each BUY at the cost the delivery contract demands (a new run's
+first BUY: place and order history, its order slot taken with the lock; the
+runs are loaded as a start loads them). The simulator answers every REST call after the
 latency set through `/sim/faults` (0 and 20 ms by default).
 
 Prints one JSON line per figure: seconds from T0 to the last BUY accepted at

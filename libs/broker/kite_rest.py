@@ -1,7 +1,7 @@
 """Kite REST order calls on the event loop: aiohttp, keep-alive, orjson.
 
-The order path makes three broker calls per order (tag lookup, place, order
-history). Through the official client each one is a `requests` call on a
+The order path makes two or three broker calls per order (place and order
+history, after a tag lookup whenever the order may have been sent before). Through the official client each one is a `requests` call on a
 pool thread, and the threads fight the event loop for the GIL. This client
 sends the same requests from the event loop over one keep-alive connection
 pool shared by every account (the Authorization header is per request).
@@ -78,6 +78,7 @@ class KiteOrderClient:
         proxies, self._ca_bundle = broker_environment(self.root)
         self._proxy = proxies.get(self.root.split(":", 1)[0]) or proxies.get("all")
         self._session: aiohttp.ClientSession | None = None
+        self._urls: dict[str, str] = {}  # route name -> root joined with its template
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -100,14 +101,19 @@ class KiteOrderClient:
                       url_args: dict[str, str] | None = None, form: dict[str, Any] | None = None,
                       sent_order: bool = False) -> Any:
         """Send one Kite REST call; return its `data` or raise a classified BrokerError."""
-        uri = KiteConnect._routes[route].format(**url_args) if url_args else KiteConnect._routes[route]
+        url = self._urls.get(route)
+        if url is None:
+            # Joined once per route: the ids and varieties filled in below are plain words and digits.
+            url = self._urls[route] = urljoin(self.root, KiteConnect._routes[route])
+        if url_args:
+            url = url.format(**url_args)
         headers = self._headers(api_key, access_token)
         body = None
         if form is not None:
             body = encode_form(form)
             headers["Content-Type"] = _FORM
         try:
-            async with self._client().request(method, urljoin(self.root, uri), data=body, headers=headers,
+            async with self._client().request(method, url, data=body, headers=headers,
                                               proxy=self._proxy, allow_redirects=True) as resp:
                 raw = await resp.read()
                 return parse_reply(resp.status, resp.headers.get("Content-Type", ""), raw)

@@ -45,6 +45,7 @@ __all__ = [
     "ORDERS_STREAM",
     "ORDER_LOGS_DEAD_STREAM",
     "ORDER_LOGS_STREAM",
+    "REDIS_EPOCH",
     "RUN_MARKER_TTL_S",
     "SCHEDULE",
     "SCHEDULE_WAKEUP_CHANNEL",
@@ -57,6 +58,8 @@ __all__ = [
     "configure_partitions",
     "consumer_alive_key",
     "control_stream",
+    "entry_unsent_key",
+    "entry_unsent_pattern",
     "exit_attempt_key",
     "hash_slot",
     "instruments_key",
@@ -239,6 +242,21 @@ def exit_attempt_key(strategy_id: Id, run_id: str) -> str:
     return _tagged(f"exit:attempted:{_id(strategy_id)}:{run_id}", strategy_id)
 
 
+def entry_unsent_key(strategy_id: Id, run_id: str) -> str:
+    """Return `entry:unsent:<id>:<run_id>:{tag}` (tag: the strategy's partition)."""
+    # STRING set when a start loads a new run (its run_id is new: no order of it can
+    # be at the broker) and deleted by the first entry event that takes the lock. Only
+    # the event that deletes it may send the entry without searching the order book
+    # for its tag first. Executors delete every one (SCAN entry_unsent_pattern) when
+    # Redis may have lost writes, since a lost DEL would bring one back. EX RUN_MARKER_TTL_S.
+    return _tagged(f"entry:unsent:{_id(strategy_id)}:{run_id}", strategy_id)
+
+
+def entry_unsent_pattern() -> str:
+    """Return the SCAN pattern of every `entry:unsent:` key of every partition."""
+    return "entry:unsent:*"
+
+
 def square_off_marker_key(strategy_id: Id, run_id: str) -> str:
     """Return `squareoff:requested:{id}:{run_id}`."""
     # STRING set by the API in the same step that enqueues a square-off SELL: the
@@ -344,6 +362,13 @@ CONTROL_MAXLEN = 100_000
 # order_logs_dead_stream, notify_dead_stream): kept for humans, bounded so a
 # flood cannot fill Redis.
 DEAD_MAXLEN = 100_000
+
+
+# STRING: the Redis server identity (`libs.service.redis_client.server_run_id`) the
+# executors last reconciled against, no TTL. An executor starting against another
+# (restarted, failed over, flushed) cannot trust the per-run attempt markers and
+# reconciles as after a loss (services.executor.reconcile). Read alone: no tag.
+REDIS_EPOCH = "executor:redis_epoch"
 
 
 def consumer_alive_key(consumer: str) -> str:

@@ -44,14 +44,16 @@ CONTROL_MAXLEN = keys.CONTROL_MAXLEN
 
 _LOAD = """
 -- KEYS: [1] strategy:{id} (string), [2] runtime:{id} (hash), [3] symbol:{symbol}:strategies (set),
---       [4] schedule (zset), [5] control:strategies (stream), [6] lock_state:{id} (string)
+--       [4] schedule (zset), [5] control:strategies (stream), [6] lock_state:{id} (string),
+--       [7] entry:unsent:{id}:{run_id} (string; only when a start loads a new run)
 -- ARGV: [1] config JSON, [2] runtime fields (JSON flat list), [3] strategy_id, [4] BUY member,
 --       [5] BUY due ms, [6] SELL member, [7] SELL due ms, [8] `started` control JSON,
---       [9] control MAXLEN, [10] schedule wake-up channel
+--       [9] control MAXLEN, [10] schedule wake-up channel, [11] KEYS[7]'s TTL s (with KEYS[7])
 -- Returns: 1. The runtime is replaced, not merged: no field of an earlier run survives; its
 --          lock_state follows KEYS[6] (a load may run while a holder has the lock).
 """ + MIRROR_LOCK_FN + """
 redis.call('SET', KEYS[1], ARGV[1])
+if KEYS[7] then redis.call('SET', KEYS[7], '1', 'EX', ARGV[11]) end
 redis.call('DEL', KEYS[2])
 redis.call('HSET', KEYS[2], unpack(cjson.decode(ARGV[2])))
 mirror_lock(KEYS[6], KEYS[2])
@@ -64,11 +66,12 @@ return 1
 
 _UNLOAD = """
 -- KEYS: [1] strategy:{id} (string), [2] runtime:{id} (hash), [3] symbol:{symbol}:strategies (set),
---       [4] schedule (zset), [5] control:strategies (stream)
+--       [4] schedule (zset), [5] control:strategies (stream), [6] entry:unsent:{id}:{run_id} (string)
 -- ARGV: [1] strategy_id, [2] BUY member, [3] SELL member, [4] `stopped` control JSON, [5] control MAXLEN
 -- Returns: how many of KEYS[1], KEYS[2] existed (0: the run was not loaded). The `stopped`
 --          message goes out either way (listeners drop what they may still watch).
 local existed = redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('DEL', KEYS[6])
 redis.call('SREM', KEYS[3], ARGV[1])
 redis.call('ZREM', KEYS[4], ARGV[2], ARGV[3])
 redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[5], '*', 'event', ARGV[4])
@@ -124,30 +127,38 @@ def started_message(config: StrategyConfig) -> ControlMessage:
 
 
 async def load_run(redis: Redis, config: StrategyConfig, plan: RunPlan, *, now: datetime | None = None,
-                   runtime: RuntimeState | None = None) -> None:
-    """Atomically load a running strategy and schedule its BUY and SELL."""
+                   runtime: RuntimeState | None = None, new_run: bool = False) -> None:
+    """Atomically load a running strategy and schedule its BUY and SELL.
+
+    `new_run`: a start that just made this run_id, so nothing of it can be at the
+    broker: its first entry may skip the tag lookup (`keys.entry_unsent_key`). A
+    reload of an existing run (a rebuild after Redis lost it) must never say so.
+    """
     state = runtime or RuntimeState(position=Position.none, updated_at=now or datetime.now(UTC))
     flat: list[str] = [x for pair in state.to_redis_hash().items() for x in pair]
     sid = str(config.strategy_id)
     part = keys.partition_of(sid)
-    await script_for(redis, _LOAD)(
-        keys=[keys.strategy_key(sid), keys.runtime_key(sid), keys.symbol_strategies_key(config.symbol, part),
-              keys.schedule_key(part), keys.control_stream(part), keys.lock_key(sid)],
-        args=[dumps(config), dumps(flat), sid,
-              event_to_json(plan.buy), plan.buy_due_ms, event_to_json(plan.sell), plan.sell_due_ms,
-              dumps(started_message(config)), CONTROL_MAXLEN, keys.SCHEDULE_WAKEUP_CHANNEL])
+    script_keys = [keys.strategy_key(sid), keys.runtime_key(sid), keys.symbol_strategies_key(config.symbol, part),
+                   keys.schedule_key(part), keys.control_stream(part), keys.lock_key(sid)]
+    args: list[Any] = [dumps(config), dumps(flat), sid, event_to_json(plan.buy), plan.buy_due_ms,
+                       event_to_json(plan.sell), plan.sell_due_ms, dumps(started_message(config)), CONTROL_MAXLEN,
+                       keys.SCHEDULE_WAKEUP_CHANNEL]
+    if new_run:
+        script_keys.append(keys.entry_unsent_key(sid, config.run_id))
+        args.append(keys.RUN_MARKER_TTL_S)
+    await script_for(redis, _LOAD)(keys=script_keys, args=args)
 
 
 async def commit_loaded_run(session: Any, redis: Redis, config: StrategyConfig, plan: RunPlan, *, now: datetime,
                             before_load: Callable[[], Awaitable[None]] | None = None) -> None:
-    """Load a started run into Redis, then commit `session` (which marked it running); never half of it.
+    """Load a newly started run into Redis, then commit `session` (which marked it running); never half of it.
 
     If the load fails the transaction rolls back; if the commit fails the load is undone.
     """
     try:
         if before_load is not None:
             await before_load()
-        await load_run(redis, config, plan, now=now)
+        await load_run(redis, config, plan, now=now, new_run=True)
     except BaseException:
         await session.rollback()
         raise
@@ -176,7 +187,7 @@ async def unload_run(redis: Redis, config: StrategyConfig, plan: RunPlan) -> boo
     part = keys.partition_of(sid)
     existed = await script_for(redis, _UNLOAD)(
         keys=[keys.strategy_key(sid), keys.runtime_key(sid), keys.symbol_strategies_key(config.symbol, part),
-              keys.schedule_key(part), keys.control_stream(part)],
+              keys.schedule_key(part), keys.control_stream(part), keys.entry_unsent_key(sid, config.run_id)],
         args=[sid, event_to_json(plan.buy), event_to_json(plan.sell), dumps(msg), CONTROL_MAXLEN])
     return bool(existed)
 

@@ -15,10 +15,15 @@ most once, because:
 3. Deterministic tags: every order carries `order_tag(strategy, run, day,
    entry|exit)`; SELL, STOPLOSS and square-off share the exit tag, so one run
    has at most one live exit order (see 6 for exits that partly fill).
-4. Tag lookup when in doubt: before any entry order, on every retry or
+4. Tag lookup when in doubt: before an entry order, on every retry or
    redelivered entry, and after any ambiguous failure (timeout, 5xx, reset)
    the day's order book is searched for the tag; a live or filled order found
-   there is confirmed instead of placing another. An exit that finds position
+   there is confirmed instead of placing another. The one entry sent without
+   looking is the first delivery of a run's first entry event that deletes
+   the run's `entry:unsent` key, written when the start made the run (a new
+   run_id has nothing at the broker); a rebuild never writes it, and after
+   Redis may have lost writes (a new server identity, a lost group) every such
+   key is deleted before consuming again, since a lost DEL would bring one back. An exit that finds position
    `none` asks the broker for a filled entry before skipping (runtime may have
    been lost with Redis); a SELL that finds the entry still live cancels it
    and ends the run only once the broker shows it cancelled (or exits it, if

@@ -84,6 +84,7 @@ class Snapshot:
     now: datetime
     deliveries: int = 1
     exit_attempted: bool = False  # an exit of this run was attempted before (its marker is set)
+    entry_unsent: bool = False  # this entry event deleted the run's unsent-entry key: nothing was sent yet
     intent_marked: bool = False  # the event's intent marker exists (stop-loss fired, square-off asked)
     halt: str | None = None  # the operator halt's reason while halted (read for an entry only)
     entry: EntryOrder | None = None  # None: the broker was not asked yet
@@ -91,7 +92,8 @@ class Snapshot:
 
 
 # The decisions that carry nothing but their action, made once (a frozen Decision is shared safely).
-PLACE_ENTRY = Decision(Action.PLACE_ENTRY, lookup=True)
+PLACE_ENTRY = Decision(Action.PLACE_ENTRY)
+PLACE_ENTRY_LOOKUP = Decision(Action.PLACE_ENTRY, lookup=True)
 PLACE_EXIT = Decision(Action.PLACE_EXIT)
 PLACE_EXIT_LOOKUP = Decision(Action.PLACE_EXIT, lookup=True)
 LOOK_UP_ENTRY = Decision(Action.LOOK_UP_ENTRY)
@@ -191,7 +193,13 @@ def _decide_entry(event: Event, config: StrategyConfig, snap: Snapshot) -> Decis
                       "the run ends without trading")
             return Decision(Action.SKIP, reason, unload=True, strategy_status=StrategyStatus.failed,
                             failure_reason=reason)
-    return PLACE_ENTRY
+    # The book is searched for the entry tag first unless this is the run's first entry
+    # event on its first delivery and it deleted the unsent-entry key the start wrote
+    # (see libs.schema.keys.entry_unsent_key); always once the book was read already
+    # (a late entry found there is confirmed, never placed beside).
+    lookup = event.attempt > 1 or snap.deliveries > 1 or not snap.entry_unsent or snap.entry is not None
+    return PLACE_ENTRY_LOOKUP if lookup else PLACE_ENTRY
+
 
 
 def _decide_exit(event: Event, kind: EventType, snap: Snapshot) -> Decision:

@@ -120,7 +120,7 @@ class OrderHandler:
         # the owner's credentials included when an earlier event named the owner.
         owner = self._owners.get(sid)
         entry = kind_of(event) is EventType.BUY
-        async with self.state.locked_read(sid, event.run_id, owner, self._exit_slot(event, deliveries, owner),
+        async with self.state.locked_read(sid, event.run_id, owner, self._order_slot(event, deliveries, owner),
                                           EXIT_ATTEMPT_TTL_S, _intent_marker(event), entry=entry) as held:
             try:
                 outcome, config = await self.decide(event, deliveries, log, held)
@@ -165,14 +165,16 @@ class OrderHandler:
                            strategy_id=str(event.strategy_id), reason=event.reason)
         return True
 
-    def _exit_slot(self, event: Event, deliveries: int, owner: str | None) -> tuple[str, str, list[Any]] | None:
-        """For a plain exit (first attempt, first delivery), ask for its order slot with the lock.
+    def _order_slot(self, event: Event, deliveries: int, owner: str | None) -> tuple[str, str, list[Any]] | None:
+        """For a plain order (first attempt, first delivery), ask for its order slot with the lock.
 
-        The stop-loss path then sends right after the one round trip that locks
-        and reads; the script takes the slot only in the case that sends without
-        a tag lookup (see services.executor.state), the placement uses it only while fresh.
+        The stop-loss path and a new run's entry then send right after the one
+        round trip that locks and reads; the script takes the slot only in the
+        cases that send without a tag lookup (see services.executor.state), the
+        placement uses it only while fresh.
         """
-        if event.event_type not in (EventType.SELL, EventType.STOPLOSS) or event.attempt > 1 or deliveries > 1:
+        if event.event_type not in (EventType.BUY, EventType.SELL, EventType.STOPLOSS) or event.attempt > 1 \
+                or deliveries > 1:
             return None
         fp = self.credentials.fingerprint_hint(owner) if owner is not None else None
         if fp is None:
@@ -222,7 +224,8 @@ class OrderHandler:
         position, held_quantity = runtime_of(held.runtime)
         kind = kind_of(event)
         snap = Snapshot(config, position, datetime.now(UTC), deliveries=deliveries,
-                        exit_attempted=held.exit_attempted, intent_marked=held.intent_marked,
+                        exit_attempted=held.exit_attempted, entry_unsent=held.entry_unsent,
+                        intent_marked=held.intent_marked,
                         halt=await self.halt.reason() if kind is EventType.BUY else None)
         creds: KiteCredentials | None = None
         for _ in range(DECIDE_STEPS_MAX):
@@ -297,7 +300,8 @@ class OrderHandler:
             slot = held.slot if held is not None and held.slot_fp == creds.api_key_fp else None
             guard = held.ensure_held if held is not None else None
             if kind is EventType.BUY:
-                result = await self.placer.execute(creds, order, lookup_first=lookup, accept_dead=True, guard=guard)
+                result = await self.placer.execute(creds, order, lookup_first=lookup, accept_dead=True, slot=slot,
+                                                   guard=guard)
             else:
                 entry_tag = order_tag(config.strategy_id, config.run_id, event.trading_day, "entry")
                 result = await self.placer.execute_exit(creds, order, entry_tag=entry_tag, lookup_first=lookup,

@@ -14,6 +14,8 @@ ABORTS = Counter("executor_aborts_total", "Strategy runs aborted (failed), by re
 DEAD_LETTERS = Counter("executor_dead_letters_total", "Entries moved to a dead-letter stream.", ["stream"])
 RATE_WAIT = Histogram("executor_rate_limit_wait_seconds", "Time spent waiting for an order slot.",
                       buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5))
+BOOK_READS = Counter("executor_order_book_reads_total",
+                     "Order-book reads to search a tag before placing, confirming or cancelling.", ["intent"])
 IN_FLIGHT = Gauge("executor_in_flight", "Events being handled now.")
 RECONCILES = Counter("executor_reconciles_total", "Reconciliations run, by trigger.", ["trigger"])
 WRITER_ROWS = Counter("order_log_writer_rows_total", "Order-log rows committed to Postgres.")

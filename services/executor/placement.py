@@ -31,6 +31,7 @@ from typing import Any
 from libs.broker.kite import TERMINAL, BrokerError, BrokerErrorKind, carries_tag, filled_quantity
 from libs.broker.kite_rest import KiteOrderClient
 from libs.schema.models import BrokerOrder
+from libs.trading.tags import intent_of_tag
 from services.executor import metrics
 from services.executor.credentials import KiteCredentials
 from services.executor.ratelimit import OrderRateLimiter, TakenSlot
@@ -113,6 +114,7 @@ class OrderPlacer:
         entry: its rejection is the answer); such an exit may be placed again
         under the same tag.
         """
+        metrics.BOOK_READS.labels(intent=intent_of_tag(tag)).inc()
         tagged = [o for o in await self.broker.orders(creds.api_key, creds.access_token) if carries_tag(o, tag)]
         live = [o for o in tagged if o.get("status") not in DEAD or int(o.get("filled_quantity") or 0) > 0]
         if live:
@@ -121,6 +123,7 @@ class OrderPlacer:
 
     async def exit_book(self, creds: KiteCredentials, entry_tag: str, exit_tag: str) -> ExitBook:
         """Read the run's entry and exit orders from one order book."""
+        metrics.BOOK_READS.labels(intent="exit").inc()
         book = await self.broker.orders(creds.api_key, creds.access_token)
         exits = [o for o in book if carries_tag(o, exit_tag)]
         ended = [o for o in exits if o.get("status") in TERMINAL]
@@ -195,11 +198,12 @@ class OrderPlacer:
             return str(existing["order_id"]), True
 
     async def execute(self, creds: KiteCredentials, order: BrokerOrder, *, lookup_first: bool,
-                      accept_dead: bool, mark: tuple[str, int] | None = None,
+                      accept_dead: bool, mark: tuple[str, int] | None = None, slot: TakenSlot | None = None,
                       guard: Callable[[], None] | None = None) -> OrderResult:
         """Return the confirmed result of the order intent, placing it only if the book lacks it.
 
         `mark` = (key, ttl_s) is SET right before the order is sent (with its rate-limit slot).
+        `slot`: one taken with the lock, used if still fresh (else given back for a new one).
         `guard` is called right before the order is sent and raises to stop it (lock lost).
         """
         started = time.perf_counter()
@@ -207,7 +211,7 @@ class OrderPlacer:
         if existing is not None:
             order_id, found = str(existing["order_id"]), True
         else:
-            order_id, found = await self._send(creds, order, mark=mark, slot=None, guard=guard,
+            order_id, found = await self._send(creds, order, mark=mark, slot=slot, guard=guard,
                                                accept_dead=accept_dead)
         result = await self.confirm(creds, order_id, found_by_tag=found)
         metrics.ORDER_LATENCY.observe(time.perf_counter() - started)

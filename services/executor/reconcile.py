@@ -46,6 +46,7 @@ from libs.schema.models import (
 from libs.schema.tables import BrokerCredential, Strategy
 from libs.service.logging import get_logger
 from libs.service.outage import POSTGRES_UNAVAILABLE
+from libs.service.redis_client import as_text, server_run_id
 from libs.trading.calendar import MarketCalendar
 from libs.trading.runs import config_for, plan_run, unload_run
 from libs.trading.tags import order_tag
@@ -56,6 +57,8 @@ from services.executor.placement import COMPLETE, TERMINAL, filled_quantity
 from services.executor.state import LockTimeout, OrderState
 
 RECONCILE_STREAM = "reconcile"  # namespace of row ids written by reconciliation
+START = "start"  # the trigger of the reconciliation an executor runs before it first consumes
+FORGET_BATCH = 1000
 
 # Both scripts first check that `strategy:{id}` is this run or absent (lost with Redis): a
 # stop + start during reconciliation loads a new run, which the old run's book must not touch.
@@ -104,6 +107,15 @@ class Reconciler:
     async def run(self, trigger: str) -> int:
         """Reconcile every running strategy; return how many were rebuilt."""
         metrics.RECONCILES.labels(trigger=trigger).inc()
+        # The server's identity before the rebuild: a Redis that restarted, failed over or
+        # was flushed since the executors last reconciled may have lost writes, and with
+        # a lost DEL an unsent-entry key would tell a BUY that was sent it never was.
+        epoch = await server_run_id(self.redis)
+        if trigger != START or as_text(await self.redis.get(keys.REDIS_EPOCH) or b"") != epoch:
+            forgotten = await self._forget_unsent_entries()
+            (self.log.warning if forgotten else self.log.info)(
+                "redis may have lost writes: every entry not yet handled looks its tag up first", trigger=trigger,
+                unsent_entries_forgotten=forgotten)
         configs = await self._running_configs()
         if self.on_configs is not None:
             self.on_configs(configs.values())
@@ -114,7 +126,19 @@ class Reconciler:
         rebuilt = sum(results)
         self.log.info("runtime reconciled from the broker", trigger=trigger, strategies=len(configs),
                       rebuilt=rebuilt)
+        await self.redis.set(keys.REDIS_EPOCH, epoch)
+        self.state.trusted_identity = epoch
         return rebuilt
+
+    async def _forget_unsent_entries(self) -> int:
+        """Delete every `entry:unsent:*` key (each alone: a cluster spreads them over slots); return how many."""
+        found = [key async for key in self.redis.scan_iter(match=keys.entry_unsent_pattern(), count=1000)]
+        for start in range(0, len(found), FORGET_BATCH):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for key in found[start:start + FORGET_BATCH]:
+                    pipe.delete(key)
+                await pipe.execute()
+        return len(found)
 
     async def _running_configs(self) -> dict[str, StrategyConfig]:
         configs: dict[str, StrategyConfig] = {}

@@ -26,7 +26,7 @@ from services.executor.log_writer import OrderLogWriter
 from services.executor.owners import OwnerWatch
 from services.executor.placement import OrderPlacer
 from services.executor.ratelimit import OrderRateLimiter
-from services.executor.reconcile import Reconciler
+from services.executor.reconcile import START, Reconciler
 from services.executor.settings import ExecutorSettings
 from services.executor.state import OrderState
 
@@ -155,7 +155,7 @@ class ExecutorService:
             if not await self._wait_for_redis(stop):
                 return
             await self.owners.mark()  # before reconciling: a run started meanwhile is learned after it
-            await self.recover("start")
+            await self.recover(START)
             await self._warm_redis_pool()
             self.ready.set()
             self.log.info("executor consuming", stream=keys.ORDERS_STREAM, partitions=keys.partition_count(),

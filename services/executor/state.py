@@ -44,28 +44,37 @@ __all__ = ["CONTROL_MAXLEN", "DEAD_MAXLEN", "Held", "LockLost", "LockTimeout", "
 CONTROL_MAXLEN = keys.CONTROL_MAXLEN
 DEAD_MAXLEN = keys.DEAD_MAXLEN
 
-# The slot is only taken for an exit of the loaded run, position bought and no earlier
-# exit attempt: the case that sends without a tag lookup; the exit marker is set with it.
-# The handler's state machine still decides; if it does not send, a slot is wasted (one
-# order less in that window, never one more) and the marker makes a later exit look the
-# tag up (safe side). The slot is used only while fresh (services.executor.ratelimit).
-# An entry's slot is not taken here: its tag lookup comes between, and under load that
-# outlasts the freshness bound (measured: two in three went stale; docs/design.md).
+# The slot is only taken for an order sent without a tag lookup: an exit of the loaded
+# run with position bought and no earlier exit attempt (the exit marker is set with it),
+# or the entry that deleted the run's unsent-entry key (position none). The handler's
+# state machine still decides; if it does not send, a slot is wasted (one order less in
+# that window, never one more) and an exit's marker makes a later exit look the tag up
+# (safe side). The slot is used only while fresh (services.executor.ratelimit). An entry
+# that must look first takes none here: under load its lookup outlasted the freshness
+# bound (measured: two in three went stale; docs/design.md).
 # The intent marker is the listener's stop-loss marker or the API's square-off marker
 # (the proof that such an exit was asked for; see services.executor.handler); an entry
-# (BUY or its retry) reads neither marker nor the exit marker: nothing decides on them.
+# (BUY or its retry) deletes the run's unsent-entry key in KEYS[4] instead of reading
+# the exit's marker (only the event that deletes it may send without a tag lookup),
+# and reads no intent marker: nothing decides on it. A deleted key counts only on the
+# server the executor last reconciled against (its run_id, read here from INFO in the
+# same step): a server that restarted or was promoted since may have brought back a
+# key whose DEL it lost, and the executor's run_id poll notices that only later.
 _LOCK_READ = """
 -- KEYS: [1] lock_state:{id} (string), [2] runtime:{id} (hash), [3] strategy:{id} (string),
---       [4] exit:attempted:{id}:{run_id} (string), [5] stoploss:fired:{id}:{run_id} or
+--       [4] exit:attempted:{id}:{run_id} (string; entry:unsent:{id}:{run_id} for an entry),
+--       [5] stoploss:fired:{id}:{run_id} or
 --       squareoff:requested:{id}:{run_id} (string; the intent marker, or KEYS[4] again),
 --       [6] broker:{user_id} (hash; only if ARGV[3] is '1'), [6 or 7] ratelimit:orders:{fp} (zset; only with ARGV[6..9])
 -- ARGV: [1] owner token, [2] TTL ms, [3] '1' if KEYS[6] is the credentials hash else '0', [4] run_id,
---       [5] '1' if the event is an entry (BUY or its retry) else '0', [6] rate limit, [7] rate window ms,
---       [8] rate member, [9] exit marker TTL s
--- Returns: nil if the lock is held by anyone, else {config or false, runtime HGETALL, exit marker 0/1,
---          credentials HGETALL or false, slot, intent marker 0/1}; slot is 0 if an order slot was
---          taken (and the exit marker set), -1 if none was asked for or the exit is not a plain one
---          (or the event is an entry), else ms until a slot frees; an entry answers 0 for both markers
+--       [5] '1' if the event is an entry (BUY or its retry) else '0', [6] an entry's trusted server
+--       identity (the run_ids of the server(s) last reconciled against) or '', [7] rate limit,
+--       [8] rate window ms, [9] rate member, [10] exit marker TTL s (7-10 only with the rate key)
+-- Returns: nil if the lock is held by anyone, else {config or false, runtime HGETALL, KEYS[4] existed 0/1
+--          (an entry deleted it; 2 if it did on a server whose run_id is not in ARGV[6]),
+--          credentials HGETALL or false, slot, intent marker 0/1}; slot is 0 if an order slot
+--          was taken (and an exit's marker set), -1 if none was asked for or the order is not one
+--          sent without a tag lookup, else ms until a slot frees; an entry answers 0 for the intent marker
 """ + TAKE_SLOT_FN + TAKE_LOCK_FN + """
 local runtime = take_lock(KEYS[1], KEYS[2], ARGV[1], ARGV[2])
 if not runtime then return nil end
@@ -83,13 +92,25 @@ if ARGV[3] == '1' then
 end
 local entry = ARGV[5] == '1'
 local config = redis.call('GET', KEYS[3])
-local marker = 0
-if not entry then marker = redis.call('EXISTS', KEYS[4]) end
+local marker
+if entry then
+  marker = redis.call('DEL', KEYS[4])
+  if marker == 1 then
+    local id = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
+    if not id or not string.find(ARGV[6], id, 1, true) then marker = 2 end
+  end
+else
+  marker = redis.call('EXISTS', KEYS[4])
+end
 local slot = -1
-if KEYS[n + 1] and not entry and config and marker == 0 and runtime_field('position') == 'bought'
-   and cjson.decode(config)['run_id'] == ARGV[4] then
-  slot = take_slot(KEYS[n + 1], tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8])
-  if slot == 0 then redis.call('SET', KEYS[4], '1', 'EX', ARGV[9]) end
+if KEYS[n + 1] and config and cjson.decode(config)['run_id'] == ARGV[4] then
+  local position = runtime_field('position')
+  if entry and marker == 1 and (position == 'none' or not position) then
+    slot = take_slot(KEYS[n + 1], tonumber(ARGV[7]), tonumber(ARGV[8]), ARGV[9])
+  elseif not entry and marker == 0 and position == 'bought' then
+    slot = take_slot(KEYS[n + 1], tonumber(ARGV[7]), tonumber(ARGV[8]), ARGV[9])
+    if slot == 0 then redis.call('SET', KEYS[4], '1', 'EX', ARGV[10]) end
+  end
 end
 local intent = 0
 if not entry then intent = redis.call('EXISTS', KEYS[5]) end
@@ -211,10 +232,11 @@ class Held(Lease):
 
     raw_config: bytes | None = None
     runtime: dict[bytes, bytes] = field(default_factory=dict)
-    exit_attempted: bool = False
+    exit_attempted: bool = False  # an exit's: the exit marker was set
+    entry_unsent: bool = False  # an entry's: it deleted the run's unsent-entry key (nothing was sent yet)
     credentials: dict[bytes, bytes] | None = None
     credentials_user: str | None = None
-    slot_fp: str | None = None  # an order slot of this fingerprint was taken (and an exit marked)
+    slot_fp: str | None = None  # an order slot of this fingerprint was taken (and an exit's marker set)
     slot: TakenSlot | None = None  # that slot, to use while fresh
     intent_marked: bool = False  # the intent marker asked for existed (stop-loss fired, square-off requested)
 
@@ -229,6 +251,10 @@ class OrderState:
 
     def __init__(self, redis: Redis, *, lock_ttl_ms: int, lock_wait_s: float) -> None:
         self.redis = redis
+        # The server identity (libs.service.redis_client.server_run_id) of the last
+        # reconciliation, which forgot every unsent-entry key a lost write could have
+        # brought back; set by the reconciler. None: no entry skips its tag lookup.
+        self.trusted_identity: str | None = None
         self.lock_ttl_ms, self.lock_wait_s = lock_ttl_ms, lock_wait_s
         self.locks = StrategyLocks(redis, role="executor", ttl_ms=lock_ttl_ms, wait_s=lock_wait_s)
         self._lock_read = redis.register_script(_LOCK_READ)
@@ -243,43 +269,48 @@ class OrderState:
 
     @contextlib.asynccontextmanager
     async def locked_read(self, strategy_id: str, run_id: str, credentials_user: str | None,
-                          exit_slot: tuple[str, str, list[Any]] | None = None,
+                          order_slot: tuple[str, str, list[Any]] | None = None,
                           exit_mark_ttl_s: int = 0, intent_marker: str | None = None,
                           *, entry: bool = False) -> AsyncIterator[Held]:
         """Hold the strategy's lock; the Held carries config, runtime, exit marker and credentials read with it.
 
         `credentials_user` is a guess (the owner seen before); the caller checks it
-        against the config's user_id before using the hash. `exit_slot` = (fp,
-        rate key, slot args): for a plain exit, take the order slot and set the
-        exit marker in the same step (see _LOCK_READ). `intent_marker`: a key whose
+        against the config's user_id before using the hash. `order_slot` = (fp,
+        rate key, slot args): for an order sent without a lookup, take its slot
+        (and for an exit set the exit marker) in the same step (see _LOCK_READ). `intent_marker`: a key whose
         existence is read in the same step (Held.intent_marked). An `entry` (BUY or
-        its retry) reads neither marker and takes no slot.
+        its retry) deletes the run's unsent-entry key instead (Held.entry_unsent: it
+        existed), and reads no intent marker.
         """
         lock, runtime = keys.lock_key(strategy_id), keys.runtime_key(strategy_id)
-        marker = keys.exit_attempt_key(strategy_id, run_id)
+        marker = (keys.entry_unsent_key if entry else keys.exit_attempt_key)(strategy_id, run_id)
         # The intent marker is the strategy's own key (same partition tag): always in the lock's slot.
         script_keys = [lock, runtime, keys.strategy_key(strategy_id), marker, intent_marker or marker]
         slot = keys.hash_slot(lock)
         if credentials_user is not None and keys.hash_slot(keys.broker_credentials_key(credentials_user)) != slot:
             credentials_user = None  # another slot: the handler reads them on their own
-        if exit_slot is not None and keys.hash_slot(exit_slot[1]) != slot:
-            exit_slot = None  # another slot: the handler takes the slot on its own
+        if order_slot is not None and keys.hash_slot(order_slot[1]) != slot:
+            order_slot = None  # another slot: the handler takes the slot on its own
         if credentials_user is not None:
             script_keys.append(keys.broker_credentials_key(credentials_user))
         held = Held(strategy_id, self.locks.new_token(), credentials_user=credentials_user)
         args: list[Any] = [held.token, self.lock_ttl_ms, "1" if credentials_user is not None else "0", run_id,
-                           "1" if entry else "0"]
-        if exit_slot is not None:
-            script_keys.append(exit_slot[1])
-            args += [*exit_slot[2], exit_mark_ttl_s]
+                           "1" if entry else "0", (self.trusted_identity or "") if entry else ""]
+        if order_slot is not None:
+            script_keys.append(order_slot[1])
+            args += [*order_slot[2], exit_mark_ttl_s]
         reply = await self.locks.take(held, lambda: self._lock_read(keys=script_keys, args=args))
         raw_config, runtime_flat, marker_set, creds, slot, intent_set = reply
-        held.raw_config, held.runtime, held.exit_attempted = raw_config, _pairs(runtime_flat), bool(marker_set)
+        held.raw_config, held.runtime = raw_config, _pairs(runtime_flat)
+        if entry:
+            held.entry_unsent = int(marker_set) == 1
+        else:
+            held.exit_attempted = bool(marker_set)
         held.credentials = _pairs(creds) if creds is not None else None
-        if exit_slot is not None and int(slot) == 0:
+        if order_slot is not None and int(slot) == 0:
             # The successful attempt was sent at valid_until - TTL; the slot was granted after that.
-            held.slot_fp = exit_slot[0]
-            held.slot = TakenSlot(str(exit_slot[2][2]), held.valid_until - self.lock_ttl_ms / 1000)
+            held.slot_fp = order_slot[0]
+            held.slot = TakenSlot(str(order_slot[2][2]), held.valid_until - self.lock_ttl_ms / 1000)
         held.intent_marked = intent_marker is not None and bool(intent_set)
         async with self.locks.keep(held):
             yield held

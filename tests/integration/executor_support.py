@@ -110,8 +110,13 @@ async def new_account(sim: SimAdmin, engine: AsyncEngine, redis: Redis) -> Accou
 
 
 async def start_run(engine: AsyncEngine, redis: Redis, account: Account, *, symbol: str = "INFY",
-                    quantity: int = 1, stop_loss: float = 1.0, square_off: bool = False) -> Run:
-    """Insert a running strategy and load its run into Redis, as the API's start does."""
+                    quantity: int = 1, stop_loss: float = 1.0, square_off: bool = False,
+                    new_run: bool = False) -> Run:
+    """Insert a running strategy and load its run into Redis, as the API's start does.
+
+    `new_run`: load it as a start does (its first BUY may skip the tag lookup); by
+    default as a rebuild reloads a run, so every BUY looks its tag up first.
+    """
     # Far in the (IST) day, so the run's trading day is today and no scheduler would fire it.
     started_at = datetime.now(UTC)
     sid = uuid.uuid4()
@@ -123,7 +128,7 @@ async def start_run(engine: AsyncEngine, redis: Redis, account: Account, *, symb
         row = (await conn.execute(select(Strategy).where(Strategy.id == sid))).one()
     config = config_for(row, api_key_fp=account.api_key_fp)
     plan = plan_run(config, CALENDAR, started_at)
-    await load_run(redis, config, plan)
+    await load_run(redis, config, plan, new_run=new_run)
     return Run(config, plan, account)
 
 

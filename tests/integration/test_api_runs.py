@@ -60,6 +60,7 @@ async def test_start_loads_exactly_the_promised_keys(api, redis, clean_db) -> No
     assert await redis_keys(redis) == {
         keys.strategy_key(sid), keys.runtime_key(sid), keys.symbol_strategies_key("INFY"), keys.SCHEDULE,
         keys.CONTROL_STREAM, keys.broker_credentials_key(user.id), keys.instruments_key("NSE", _ist_today()),
+        keys.entry_unsent_key(sid, run_id),  # a new run: its first BUY may go out without a tag lookup
     }
     config = StrategyConfig.model_validate_json(await redis.get(keys.strategy_key(sid)))
     assert config.run_id == run_id and config.user_id == uuid.UUID(user.id) and config.status == "running"

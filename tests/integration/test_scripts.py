@@ -72,6 +72,11 @@ async def test_load_replaces_the_runtime_and_schedules_buy_and_sell(redis: Redis
     assert await load(keys=[*LOAD_KEYS, keys.lock_key(SID)], args=args) == 1
     assert await redis.scard(LOAD_KEYS[2]) == 1 and await redis.zcard(LOAD_KEYS[3]) == 2
     assert [f[b"event"] for _, f in await redis.xrange(LOAD_KEYS[4])] == [b'{"action":"started"}'] * 2
+    # Only a start's load of a new run writes the unsent-entry key (with its TTL); a reload never does.
+    unsent = keys.entry_unsent_key(SID, "r")
+    assert not await redis.exists(unsent)
+    assert await load(keys=[*LOAD_KEYS, keys.lock_key(SID), unsent], args=[*args, 60]) == 1
+    assert 0 < await redis.ttl(unsent) <= 60
 
 
 @pytest.mark.parametrize("loaded", [True, False])
@@ -81,10 +86,12 @@ async def test_unload_removes_the_run_and_always_tells_the_listeners(redis: Redi
         await redis.hset(keys.runtime_key(SID), "position", "none")
         await redis.sadd(LOAD_KEYS[2], SID, "another-strategy")
         await redis.zadd(LOAD_KEYS[3], {"BUY-member": 1, "SELL-member": 2, "RETRY-member": 3})
+        await redis.set(keys.entry_unsent_key(SID, RUN), "1")
     unload = redis.register_script(runs._UNLOAD)
-    existed = await unload(keys=LOAD_KEYS, args=[SID, "BUY-member", "SELL-member", b'{"action":"stopped"}', 100])
+    existed = await unload(keys=[*LOAD_KEYS, keys.entry_unsent_key(SID, RUN)],
+                           args=[SID, "BUY-member", "SELL-member", b'{"action":"stopped"}', 100])
     assert existed == (2 if loaded else 0)
-    assert not await redis.exists(keys.strategy_key(SID), keys.runtime_key(SID))
+    assert not await redis.exists(keys.strategy_key(SID), keys.runtime_key(SID), keys.entry_unsent_key(SID, RUN))
     assert await redis.smembers(LOAD_KEYS[2]) == ({b"another-strategy"} if loaded else set())
     assert await redis.zrange(LOAD_KEYS[3], 0, -1) == ([b"RETRY-member"] if loaded else [])  # RETRYs stay
     assert [f[b"event"] for _, f in await redis.xrange(LOAD_KEYS[4])] == [b'{"action":"stopped"}']

@@ -179,12 +179,13 @@ async def test_a_run_loaded_while_the_lock_is_held_reads_locked(redis: Redis, s:
 # --- services.executor.state ---------------------------------------------------------------------
 
 def _lock_read_args(s: Strategy, token: str = "me", creds: bool = False, slot: list[Any] | None = None,
-                    entry: bool = False) -> list:
-    return [token, 5000, "1" if creds else "0", s.run_id, "1" if entry else "0", *(slot or [])]
+                    entry: bool = False, identity: str = "") -> list:
+    return [token, 5000, "1" if creds else "0", s.run_id, "1" if entry else "0", identity, *(slot or [])]
 
 
-def _lock_read_keys(s: Strategy, intent: str | None = None, creds: bool = False, rate: bool = False) -> list[str]:
-    marker = keys.exit_attempt_key(s.sid, s.run_id)
+def _lock_read_keys(s: Strategy, intent: str | None = None, creds: bool = False, rate: bool = False,
+                    entry: bool = False) -> list[str]:
+    marker = (keys.entry_unsent_key if entry else keys.exit_attempt_key)(s.sid, s.run_id)
     out = [s.lock, s.runtime, keys.strategy_key(s.sid), marker, intent or marker]
     if creds:
         out.append(keys.broker_credentials_key(s.uid))
@@ -251,17 +252,35 @@ async def test_lock_read_takes_an_order_slot_only_for_a_plain_exit(redis: Redis,
     assert await slot() == -1  # an earlier exit attempt: the exit looks its tag up first
 
 
-async def test_lock_read_of_an_entry_reads_no_marker_and_takes_no_slot(redis: Redis, s: Strategy) -> None:
+async def test_lock_read_of_an_entry_reads_no_exit_marker_and_takes_no_slot_unless_unsent(
+        redis: Redis, s: Strategy) -> None:
     lock_read = redis.register_script(state_module._LOCK_READ)
+    release = redis.register_script(lock_module.RELEASE)
     marker, intent = keys.exit_attempt_key(s.sid, s.run_id), keys.stoploss_marker_key(s.sid, s.run_id)
+    unsent = keys.entry_unsent_key(s.sid, s.run_id)
+    server = str((await redis.info("server"))["run_id"])
+
+    async def entry_read(identity: str) -> tuple[int, int, int]:
+        reply = await lock_read(keys=_lock_read_keys(s, intent, rate=True, entry=True),
+                                args=_lock_read_args(s, slot=[10, 1000, "m", 60], entry=True, identity=identity))
+        await release(keys=[s.lock, s.runtime], args=["me"])
+        return reply[2], reply[4], reply[5]
+
     await s.load(redis, Position.bought)
     await redis.set(intent, "1")
-    reply = await lock_read(keys=_lock_read_keys(s, intent, rate=True),
-                            args=_lock_read_args(s, slot=[10, 1000, "m", 60], entry=True))
     # Bought, no exit attempt, a slot asked for: as an exit it would take one; an entry does not.
-    assert (reply[2], reply[4], reply[5]) == (0, -1, 0)
+    assert await entry_read(server) == (0, -1, 0)
     assert not await redis.exists(marker, keys.order_rate_key("fp"))
-    assert await redis.get(s.lock) == b"me"
+    # Unsent, but on a server other than the trusted one: deleted, answered 2, no slot.
+    await s.load(redis, Position.none)
+    await redis.set(unsent, "1")
+    assert await entry_read("run_id of another server") == (2, -1, 0)
+    assert not await redis.exists(unsent, keys.order_rate_key("fp"))
+    # Unsent on the trusted server (one of a cluster's primaries listed): deleted, slot taken.
+    await redis.set(unsent, "1")
+    assert await entry_read(f"a:1=other,b:2={server}") == (1, 0, 0)
+    assert (await redis.exists(unsent), await redis.zcard(keys.order_rate_key("fp"))) == (0, 1)
+    assert await entry_read(server) == (0, -1, 0)  # gone: a later entry looks its tag up first
 
 
 async def test_lock_read_answers_the_wait_when_the_rate_is_used_up(redis: Redis, s: Strategy) -> None:

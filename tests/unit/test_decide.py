@@ -284,6 +284,19 @@ def test_an_exit_looks_its_tag_up_first_whenever_one_may_have_been_sent(name: st
     assert decided(name, Position.bought, **facts) == place_exit(lookup=lookup)
 
 
+@pytest.mark.parametrize(("name", "facts", "lookup"), [
+    ("BUY", {"entry_unsent": True}, False),  # the open's fast case: nothing can be at the broker yet
+    ("BUY", {}, True),  # the key was gone: consumed by an earlier event, or deleted after a Redis loss
+    ("BUY", {"entry_unsent": True, "deliveries": 2}, True),  # redelivered: it may have been sent
+    ("RETRY_BUY", {"entry_unsent": True}, True),
+    # Too late, but the book already showed an entry: it is confirmed, never placed beside.
+    ("BUY", {"entry_unsent": True, "now": SELL_AT, "entry": entry("OPEN")}, True),
+])
+def test_an_entry_looks_its_tag_up_first_whenever_one_may_have_been_sent(name: str, facts: dict[str, Any],
+                                                                          lookup: bool) -> None:
+    assert decided(name, Position.none, **facts) == Decision(Action.PLACE_ENTRY, lookup=lookup)
+
+
 # --- events of another run, and events the run's producers did not write -------------------
 
 LOADED = {"extra": {"loaded_run_id": RUN}}
