@@ -40,6 +40,8 @@ class Faults:
     config: FaultConfig = field(default_factory=FaultConfig)
     rng: random.Random = field(init=False)
     released: asyncio.Event = field(init=False)
+    before_request: bool = field(init=False, default=False)
+    """False while no latency, 5xx or 429 is set: requests then skip the per-request checks."""
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed ^ 0x5EED)
@@ -68,12 +70,14 @@ class Faults:
             raise FaultConfigError("latency_ms, burst_429 and burst_500 must not be negative")
         self.release_held()
         self.config = cfg
+        self.before_request = bool(cfg.latency_ms or cfg.error_rate or cfg.burst_429 or cfg.burst_500)
         return cfg
 
     def reset(self) -> None:
         """Turn every fault off and let held requests go."""
         self.release_held()
         self.config = FaultConfig()
+        self.before_request = False
         self.rng = random.Random(self.seed ^ 0x5EED)
 
     def release_held(self) -> None:

@@ -245,3 +245,63 @@ def test_unknown_route_and_checksum_formula_match_kite(sim_url: str, admin: SimA
     assert resp.status_code == 200 and resp.json()["status"] == "success"
     missing = requests.get(sim_url + "/no/such/route", timeout=5)
     assert missing.status_code == 404 and missing.json()["error_type"] == "GeneralException"
+
+
+def test_faults_set_and_cleared_through_the_admin_reach_the_order_routes(
+        kite: KiteConnect, admin: SimAdmin, account: dict[str, Any]) -> None:
+    # The order routes skip the per-request fault checks while no fault is set: setting one
+    # (and clearing it) through /sim/faults must still reach place and history at once.
+    order_id = market_order(kite, "INFY", "BUY")
+    admin.set_faults(latency_ms=150, routes=["orders"])
+    started = time.monotonic()
+    kite.order_history(order_id)
+    market_order(kite, "INFY", "BUY")
+    assert time.monotonic() - started >= 0.3
+    admin.set_faults(burst_500=1, routes=["orders"])
+    with pytest.raises(GeneralException) as info:
+        kite.order_history(order_id)
+    assert info.value.code == 500
+    assert kite.order_history(order_id)[-1]["status"] == "COMPLETE"
+    admin.set_faults(burst_429=1, routes=["orders"])
+    with pytest.raises(NetworkException) as info:
+        market_order(kite, "TCS", "BUY")
+    assert info.value.code == 429
+    assert [o["tradingsymbol"] for o in admin.orders(api_key=account["api_key"])] == ["INFY", "INFY"]
+    admin.set_faults(error_rate=1.0, routes=["orders"])
+    with pytest.raises(GeneralException):
+        market_order(kite, "TCS", "BUY")
+    admin.set_faults()
+    market_order(kite, "TCS", "BUY")
+    assert len(admin.orders(api_key=account["api_key"])) == 3
+
+
+def test_order_routes_answer_errors_in_kites_envelope_with_kites_status(
+        sim_url: str, kite: KiteConnect, account: dict[str, Any]) -> None:
+    def error(status: int, error_type: str, message: str) -> dict[str, Any]:
+        return {"status": "error", "error_type": error_type, "message": message, "data": None}
+
+    form = {"exchange": "NSE", "tradingsymbol": "INFY", "transaction_type": "BUY", "quantity": "1",
+            "product": "MIS", "order_type": "MARKET", "market_protection": "-1"}
+    auth = {"X-Kite-Version": "3", "Authorization": f"token {account['api_key']}:{account['access_token']}"}
+    wrong = auth | {"Authorization": f"token {account['api_key']}:not-the-token"}
+    cases = [
+        ("POST", "/orders/regular", wrong, form, 403,
+         error(403, "TokenException", "Incorrect `api_key` or `access_token`.")),
+        ("GET", "/orders/999", wrong, None, 403, error(403, "TokenException", "Incorrect `api_key` or `access_token`.")),
+        ("GET", "/orders/999", auth, None, 400, error(400, "InputException", "Couldn't find that `order_id`.")),
+        ("POST", "/orders/regular", auth, form | {"tradingsymbol": "NOPE"}, 400,
+         error(400, "InputException", "Invalid `tradingsymbol` or `exchange`: NSE:NOPE.")),
+        ("POST", "/orders/nope", auth, form, 400, error(400, "InputException", "Invalid or unsupported `variety`: nope.")),
+    ]
+    for method, path, headers, data, status, body in cases:
+        resp = requests.request(method, sim_url + path, headers=headers, data=data, timeout=5)
+        assert (resp.status_code, resp.headers["Content-Type"], resp.json()) == (status, "application/json", body), path
+    placed = requests.post(sim_url + "/orders/regular", headers=auth, data=form, timeout=5)
+    assert placed.status_code == 200 and placed.headers["Content-Type"] == "application/json"
+    order_id = placed.json()["data"]["order_id"]
+    assert placed.content == b'{"status":"success","data":{"order_id":"' + order_id.encode() + b'"}}'
+    history = requests.get(f"{sim_url}/orders/{order_id}", headers=auth, timeout=5)
+    assert history.status_code == 200 and history.headers["Content-Type"] == "application/json"
+    assert history.content.startswith(b'{"status":"success","data":[{"placed_by":')
+    statuses = [h["status"] for h in history.json()["data"]]
+    assert statuses == [h["status"] for h in kite.order_history(order_id)] and statuses[-1] == "COMPLETE"
