@@ -187,6 +187,11 @@ class OrderHandler:
         for config in configs:
             self._owners[str(config.strategy_id)] = str(config.user_id)
 
+    def prime(self, parsed: Iterable[tuple[bytes, StrategyConfig]]) -> None:
+        """Keep configs parsed ahead of their run's first event (from `started` messages), with their owners."""
+        for raw, config in parsed:
+            self._keep(str(config.strategy_id), raw, config)
+
     def _config(self, sid: str, raw: bytes | None) -> StrategyConfig | None:
         """Parse `strategy:{id}`, reusing the last parse while the stored bytes are unchanged."""
         if not raw:
@@ -195,12 +200,15 @@ class OrderHandler:
         if hit is not None and hit[0] == raw:
             return hit[1]
         config = StrategyConfig.model_validate_json(raw)
+        self._keep(sid, raw, config)
+        return config
+
+    def _keep(self, sid: str, raw: bytes, config: StrategyConfig) -> None:
         if len(self._configs) >= CONFIG_CACHE_MAX:
             self._configs.clear()
             self._owners.clear()
         self._configs[sid] = (raw, config)
         self._owners[sid] = str(config.user_id)
-        return config
 
     async def _credentials(self, config: StrategyConfig, held: Held | None) -> KiteCredentials:
         user_id = str(config.user_id)

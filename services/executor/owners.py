@@ -7,8 +7,9 @@ to read `broker:{user}` and a decrypt. The start-up reconciliation tells the
 handler the owners of the runs loaded then; this watcher follows each
 partition's `control:strategies` stream for `started` messages (written by
 the same step that loads a run), reads the started strategies' configs in one
-pipeline, hands them to the handler and warms the credential cache, so that a
-run's BUY costs the same round trips as any later event.
+pipeline, hands them to the handler (parsed: the first event of the run finds
+its config already parsed while the stored bytes are the same) and warms the
+credential cache, so that a run's BUY costs the same round trips as any later event.
 
 Only a hint: the handler checks the owner against the config it reads under
 the lock, and a run this watcher missed (a Redis outage, a trimmed stream)
@@ -39,7 +40,7 @@ class OwnerWatch:
     """Follow `started` control messages and pre-learn each new run's owner and credentials."""
 
     def __init__(self, redis: Redis, credentials: CredentialStore,
-                 remember: Callable[[Iterable[StrategyConfig]], None], *, block_ms: int) -> None:
+                 remember: Callable[[Iterable[tuple[bytes, StrategyConfig]]], None], *, block_ms: int) -> None:
         self.redis, self.credentials, self.remember, self.block_ms = redis, credentials, remember, block_ms
         self.log = get_logger("executor.owners")
         self._last: dict[int, str] = {}
@@ -80,14 +81,14 @@ class OwnerWatch:
             for sid in strategy_ids:
                 pipe.get(keys.strategy_key(sid))
             raws = await pipe.execute()
-        configs = []
+        parsed = []
         for raw in raws:
             if raw:
                 with contextlib.suppress(ValidationError):
-                    configs.append(StrategyConfig.model_validate_json(raw))
-        self.remember(configs)
-        self.learned += len(configs)
-        for user_id in {str(c.user_id) for c in configs}:
+                    parsed.append((raw, StrategyConfig.model_validate_json(raw)))
+        self.remember(parsed)
+        self.learned += len(parsed)
+        for user_id in {str(c.user_id) for _raw, c in parsed}:
             # Decrypted into the cache now, keyed by the ciphertexts: a reconnect before the
             # run's first event changes them and that event decrypts afresh.
             with contextlib.suppress(CredentialsUnavailable):

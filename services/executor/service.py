@@ -61,7 +61,7 @@ class ExecutorService:
         self.handler = OrderHandler(settings, self.redis, self.state, self.credentials, placer, calendar)
         self.reconciler = Reconciler(self.redis, self.engine, self.credentials, self.broker, self.state, calendar,
                                      pg_timeout_s=settings.reconcile_pg_timeout_s, on_configs=self.handler.remember)
-        self.owners = OwnerWatch(self.redis, self.credentials, self.handler.remember,
+        self.owners = OwnerWatch(self.redis, self.credentials, self.handler.prime,
                                  block_ms=settings.read_block_ms)
         self.consumer = OrderConsumer(settings, self.redis, self.handler, self.name, self.on_state_lost)
         self.writer = OrderLogWriter(self.redis, self.engine, self.name, batch=settings.writer_batch,

@@ -33,6 +33,8 @@ async def test_started_run_owner_is_learned_from_the_control_stream(redis: Redis
         await eventually(lambda: service.credentials.fingerprint_hint(user) == account.api_key_fp, timeout=10,
                          message="the started run's credentials were not read ahead of its first event")
         assert service.owners.learned >= 1
+        # Its config was parsed ahead too, from the same bytes the lock-read will return.
+        assert service.handler._configs[run.sid] == (await redis.get(keys.strategy_key(run.sid)), run.config)
         # Only a hint: a stale owner never stands in for the config read under the lock.
         service.handler.remember([run.config.model_copy(update={"user_id": "00000000-0000-0000-0000-000000000001"})])
         await enqueue(redis, run.buy())
