@@ -1,8 +1,9 @@
 """Kite REST order calls on the event loop: aiohttp, keep-alive, orjson.
 
 The order path makes two or three broker calls per order (place and order
-history, after a tag lookup whenever the order may have been sent before). Through the official client each one is a `requests` call on a
-pool thread, and the threads fight the event loop for the GIL. This client
+history, after a tag lookup whenever the order may have been sent before).
+Through the official client each one is a `requests` call on a pool thread,
+and the threads fight the event loop for the GIL. This client
 sends the same requests from the event loop over one keep-alive connection
 pool shared by every account (the Authorization header is per request).
 

@@ -201,7 +201,6 @@ def _decide_entry(event: Event, config: StrategyConfig, snap: Snapshot) -> Decis
     return PLACE_ENTRY_LOOKUP if lookup else PLACE_ENTRY
 
 
-
 def _decide_exit(event: Event, kind: EventType, snap: Snapshot) -> Decision:
     position = snap.position
     if position in EXIT_POSITIONS:

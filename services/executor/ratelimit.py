@@ -17,16 +17,17 @@ account's) may be in different slots: then the marker is SET right after the
 slot is granted, still before the order is sent; a crash in between wastes a
 slot and sends nothing, so the marker still precedes every exit order.
 
-A slot may also be taken inside the strategy's lock-and-read script (an entry
-before its tag lookup, a plain exit), saving a round trip. The window only
+A slot may also be taken inside the strategy's lock-and-read script (a new
+run's first entry, a plain exit: the orders sent without a tag lookup), saving
+a round trip. The window only
 bounds orders at the broker if each order is sent soon after its grant: with
 grant-to-send delays in [0, D], any second at the broker sees orders granted
 within 1000 ms + D (+ network skew), so D must stay inside the window's margin
 over Kite's second. Such a slot is therefore used only while fresh (sent within
 half the margin, `fresh_s`, 50 ms with the default 1100 ms window); a stale one
 is given back and a new one taken in one step (`acquire(replace=...)`), so a
-slow tag lookup costs the separate round trip it would have cost anyway and
-never a slot. A slot taken for an event that then sends nothing (a halt, an
+late send costs the separate round trip it would have cost anyway and never a
+slot. A slot taken for an event that then sends nothing (a halt, an
 order found by its tag) is wasted: one order fewer in that window, never more.
 """
 

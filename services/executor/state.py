@@ -65,7 +65,7 @@ _LOCK_READ = """
 --       [4] exit:attempted:{id}:{run_id} (string; entry:unsent:{id}:{run_id} for an entry),
 --       [5] stoploss:fired:{id}:{run_id} or
 --       squareoff:requested:{id}:{run_id} (string; the intent marker, or KEYS[4] again),
---       [6] broker:{user_id} (hash; only if ARGV[3] is '1'), [6 or 7] ratelimit:orders:{fp} (zset; only with ARGV[6..9])
+--       [6] broker:{user_id} (hash; only if ARGV[3] is '1'), [6 or 7] ratelimit:orders:{fp} (zset; only with ARGV[7..10])
 -- ARGV: [1] owner token, [2] TTL ms, [3] '1' if KEYS[6] is the credentials hash else '0', [4] run_id,
 --       [5] '1' if the event is an entry (BUY or its retry) else '0', [6] an entry's trusted server
 --       identity (the run_ids of the server(s) last reconciled against) or '', [7] rate limit,
@@ -105,11 +105,12 @@ end
 local slot = -1
 if KEYS[n + 1] and config and cjson.decode(config)['run_id'] == ARGV[4] then
   local position = runtime_field('position')
-  if entry and marker == 1 and (position == 'none' or not position) then
+  local unlooked
+  if entry then unlooked = marker == 1 and (position == 'none' or not position)
+  else unlooked = marker == 0 and position == 'bought' end
+  if unlooked then
     slot = take_slot(KEYS[n + 1], tonumber(ARGV[7]), tonumber(ARGV[8]), ARGV[9])
-  elseif not entry and marker == 0 and position == 'bought' then
-    slot = take_slot(KEYS[n + 1], tonumber(ARGV[7]), tonumber(ARGV[8]), ARGV[9])
-    if slot == 0 then redis.call('SET', KEYS[4], '1', 'EX', ARGV[10]) end
+    if slot == 0 and not entry then redis.call('SET', KEYS[4], '1', 'EX', ARGV[10]) end
   end
 end
 local intent = 0
